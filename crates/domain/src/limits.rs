@@ -1,0 +1,37 @@
+//! Platform-wide limits, in one place so documentation and code cannot drift apart.
+
+/// Largest accepted invocation request body and largest returned output (6 MB, as Lambda).
+pub const MAX_PAYLOAD_BYTES: usize = 6 * 1024 * 1024;
+
+/// Input and output are stored with an execution record up to this many bytes; the
+/// rest is cut and the record says it was truncated.
+pub const RECORDED_PAYLOAD_BYTES: usize = 64 * 1024;
+
+/// Logs (stdout + stderr) kept per execution; later bytes are dropped with a marker.
+pub const RECORDED_LOG_BYTES: usize = 256 * 1024;
+
+/// Largest source file of one block.
+pub const MAX_SOURCE_BYTES: usize = 5 * 1024 * 1024;
+
+/// Block memory bounds in MB (Refinery's: 128–3008).
+pub const MIN_MEMORY_MB: u32 = 128;
+pub const MAX_MEMORY_MB: u32 = 3008;
+pub const DEFAULT_MEMORY_MB: u32 = 128;
+
+/// Block timeout bounds in seconds (Refinery's: up to 900).
+pub const MAX_TIMEOUT_S: u32 = 900;
+pub const DEFAULT_TIMEOUT_S: u32 = 30;
+
+/// Per-block concurrency bounds.
+pub const MAX_CONCURRENCY: u32 = 1000;
+pub const DEFAULT_MAX_CONCURRENCY: u32 = 100;
+
+/// Size of each instance's private `/tmp`, in MB (counted against its memory).
+pub const DEFAULT_TMP_MB: u32 = 64;
+pub const MAX_TMP_MB: u32 = 512;
+
+/// Processes (and threads) one instance may hold at once.
+pub const INSTANCE_PIDS_MAX: u32 = 64;
+
+/// Longest per-block keep-alive an author may ask for.
+pub const MAX_KEEP_ALIVE_S: u32 = 3600;

@@ -1,0 +1,1 @@
+pub struct Manifest; pub struct ManifestError;
