@@ -1,1 +1,9 @@
-//! placeholder
+//! Refinery's command-line client: every subcommand but `serve` talks to a running
+//! server over its HTTP API (`REFINERY_URL`, `REFINERY_API_KEY`), prints a human
+//! summary or, with `--json`, the API's JSON. It holds no platform logic of its own
+//! beyond reading the manifest and its source files from disk.
+
+mod client;
+mod commands;
+
+pub use commands::{run, ClientArgs, ClientCommand};

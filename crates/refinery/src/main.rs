@@ -1,1 +1,130 @@
-fn main() {}
+//! `refinery`: one binary for the server (`serve`), the client subcommands, and the
+//! in-sandbox init every instance starts as. `main` only parses arguments and wires the
+//! library crates together.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use refinery_cli::{ClientArgs, ClientCommand};
+use refinery_server::ServeConfig;
+
+/// The hidden first argument that turns this process into a sandbox's init.
+const SANDBOX_INIT_ARG: &str = "__sandbox-init";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "refinery",
+    version,
+    about = "Refinery: a self-hosted serverless platform"
+)]
+struct Cli {
+    #[command(flatten)]
+    client: ClientArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the platform: API server, instance pool and reaper.
+    Serve(ServeArgs),
+    #[command(flatten)]
+    Client(ClientCommand),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8710")]
+    listen: SocketAddr,
+    /// Where the database, keys, code and runtimes live.
+    #[arg(long, default_value = "./refinery-data")]
+    data_dir: PathBuf,
+    /// How long an idle warm instance is kept before it is reaped (e.g. 5m, 30s).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    keep_alive: Duration,
+    /// After SIGTERM/SIGINT, how long running invocations may take to finish.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+}
+
+fn main() -> ExitCode {
+    // Before anything else (no threads, no runtime): a sandbox's init.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == SANDBOX_INIT_ARG)
+    {
+        let code = refinery_sandbox::init_main(refinery_runtimes::run_builtin);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    match cli.command {
+        Command::Serve(args) => {
+            init_tracing();
+            runtime.block_on(serve(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Client(command) => runtime.block_on(refinery_cli::run(cli.client, command)),
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<()> {
+    let init_exe = std::env::current_exe().context("locating the refinery executable")?;
+    let config = ServeConfig {
+        listen: args.listen,
+        data_dir: args.data_dir,
+        keep_alive: args.keep_alive,
+        shutdown_grace: args.shutdown_grace,
+        init_exe,
+    };
+    refinery_server::serve(config, shutdown_signal(), |addr| {
+        // A stable line scripts and tests wait for.
+        println!("Refinery listening on http://{addr}");
+    })
+    .await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM; stop the server with Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REFINERY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,1 +1,322 @@
-//! placeholder
+//! Refinery's language runtimes.
+//!
+//! This crate owns the *inside* of an instance and the protocol to it:
+//!
+//! - the shims — `python_shim.py`, `node_shim.mjs` ([`install`]ed under `/runtime`) and the
+//!   shell runtime (Rust, [`run_builtin`]) — which load a block's code once, report
+//!   `ready` or `init_error`, then serve invocations one at a time, capturing logs;
+//! - what an instance executes for a block ([`entry`]) and the files its code dir holds
+//!   ([`code_files`]);
+//! - the framed protocol ([`protocol`]) and its async host-side driver ([`InstanceChannel`]).
+//!
+//! It must never isolate anything (namespaces, cgroups, mounts and limits are the sandbox
+//! crate's), never decide an instance's fate (the pool discards instances on errors and
+//! timeouts), and never trust a peer's frame lengths: both sides refuse frames over
+//! [`protocol::MAX_FRAME_BYTES`] before allocating for them.
+//!
+//! After an `init_error` every shim exits, so the host sees `InitFailed` once and then a
+//! closed instance.
+
+pub mod client;
+pub mod protocol;
+pub mod shell;
+
+use std::fs;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use refinery_domain::Language;
+
+pub use client::{ChannelError, InstanceChannel, Output, Ready, Reply};
+
+/// Where the sandbox mounts [`install`]'s directory inside an instance.
+pub const RUNTIME_DIR: &str = "/runtime";
+/// Where the sandbox mounts the block's code dir inside an instance.
+pub const CODE_DIR: &str = "/code";
+
+const PYTHON: &str = "/usr/bin/python3";
+const NODE: &str = "/usr/bin/node";
+const PYTHON_SHIM: &str = "python_shim.py";
+const NODE_SHIM: &str = "node_shim.mjs";
+
+const PYTHON_SHIM_SOURCE: &str = include_str!("shims/python_shim.py");
+const NODE_SHIM_SOURCE: &str = include_str!("shims/node_shim.mjs");
+
+/// The protocol's descriptors inside an instance (set up by the sandbox).
+const REQUESTS_FD: RawFd = 3;
+const RESPONSES_FD: RawFd = 4;
+
+/// What the sandbox should run for a block. Mirrors the sandbox crate's entry type, so
+/// this crate does not depend on the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuntimeEntry {
+    /// Execute this program (argv[0] is its absolute path).
+    Exec { argv: Vec<String> },
+    /// Re-enter the Refinery binary and call [`run_builtin`]`(name, args)`.
+    Builtin { name: String, args: Vec<String> },
+}
+
+/// Writes the shim files into `dir` (created if missing), world-readable so instances
+/// running as unprivileged uids can read them. The protocol bounds are written into the
+/// shims here, so they cannot drift from [`protocol`]'s.
+pub fn install(dir: &Path) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+    for (name, source) in [
+        (PYTHON_SHIM, PYTHON_SHIM_SOURCE),
+        (NODE_SHIM, NODE_SHIM_SOURCE),
+    ] {
+        let path = dir.join(name);
+        fs::write(&path, fill_bounds(source))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644))?;
+    }
+    Ok(())
+}
+
+fn fill_bounds(source: &str) -> String {
+    source
+        .replace(
+            "__MAX_FRAME_BYTES__",
+            &protocol::MAX_FRAME_BYTES.to_string(),
+        )
+        .replace("__LOG_CAP_BYTES__", &protocol::LOG_CAP_BYTES.to_string())
+}
+
+/// What the sandbox runs for a block whose source is `/code/<source_name>`.
+pub fn entry(language: Language, source_name: &str) -> RuntimeEntry {
+    entry_in(language, source_name, RUNTIME_DIR, CODE_DIR)
+}
+
+/// [`entry`] with the runtime and code directories given explicitly: for running shims
+/// outside a sandbox (tests, development), where they are not at `/runtime` and `/code`.
+pub fn entry_in(
+    language: Language,
+    source_name: &str,
+    runtime_dir: &str,
+    code_dir: &str,
+) -> RuntimeEntry {
+    let runtime_dir = runtime_dir.trim_end_matches('/');
+    let code_dir = code_dir.trim_end_matches('/');
+    let source = format!("{code_dir}/{source_name}");
+    match language {
+        Language::Python => RuntimeEntry::Exec {
+            // -I: ignore PYTHON* variables and the user site dir; -B: /code is read-only.
+            argv: vec![
+                PYTHON.into(),
+                "-I".into(),
+                "-B".into(),
+                format!("{runtime_dir}/{PYTHON_SHIM}"),
+                source,
+            ],
+        },
+        Language::Node => RuntimeEntry::Exec {
+            // Warnings would land in the instance's stray output, not the user's logs.
+            argv: vec![
+                NODE.into(),
+                "--disable-warning=ExperimentalWarning".into(),
+                format!("{runtime_dir}/{NODE_SHIM}"),
+                source,
+            ],
+        },
+        Language::Shell => RuntimeEntry::Builtin {
+            name: "shell".into(),
+            args: vec![source],
+        },
+    }
+}
+
+/// The files of a block's code dir: the source itself, plus a `package.json` declaring
+/// `"type": "module"` for a Node `.js` file that uses ES module syntax (without it Node
+/// would load the file as CommonJS and fail on `export`).
+pub fn code_files(language: Language, source_name: &str, code: &str) -> Vec<(String, Vec<u8>)> {
+    let mut files = vec![(source_name.to_string(), code.as_bytes().to_vec())];
+    if language == Language::Node
+        && source_name.ends_with(".js")
+        && source_name != "package.json"
+        && uses_esm_syntax(code)
+    {
+        files.push((
+            "package.json".to_string(),
+            b"{\"type\": \"module\"}\n".to_vec(),
+        ));
+    }
+    files
+}
+
+/// A line-based guess at whether JavaScript source is an ES module: a top-level-looking
+/// `import ... from`/`import '...'`/`export ...` statement, or `import.meta`. Dynamic
+/// `import(...)` is valid CommonJS and does not count.
+fn uses_esm_syntax(code: &str) -> bool {
+    code.lines().any(|line| {
+        let line = line.trim_start();
+        if line.starts_with("//") || line.starts_with('*') || line.starts_with("/*") {
+            return false;
+        }
+        if line.contains("import.meta") {
+            return true;
+        }
+        if let Some(rest) = line.strip_prefix("export") {
+            return rest.starts_with([' ', '{', '*', '\t']);
+        }
+        if let Some(rest) = line.strip_prefix("import") {
+            let spaced = rest.starts_with(char::is_whitespace);
+            let rest = rest.trim_start();
+            return (spaced && !rest.starts_with('(')) || rest.starts_with(['{', '*', '"', '\'']);
+        }
+        false
+    })
+}
+
+/// Runs a builtin runtime inside the sandbox (the Refinery binary calls this for
+/// [`RuntimeEntry::Builtin`]); returns the process exit code. `"shell"` serves the
+/// protocol on fds 3 and 4 for the script `args[0]`.
+pub fn run_builtin(name: &str, args: &[String]) -> i32 {
+    match name {
+        "shell" => {
+            let [script] = args else {
+                eprintln!("refinery shell runtime: expected one argument, the script path");
+                return 2;
+            };
+            let (requests, responses) = match protocol_fds() {
+                Ok(fds) => fds,
+                Err(e) => {
+                    eprintln!("refinery shell runtime: protocol fds 3 and 4 unusable: {e}");
+                    return 2;
+                }
+            };
+            match shell::serve(
+                fs::File::from(requests),
+                fs::File::from(responses),
+                Path::new(script),
+            ) {
+                Ok(()) => 0,
+                Err(shell::ShellError::InitFailed(_)) => 1,
+                Err(e) => {
+                    eprintln!("refinery shell runtime: {e}");
+                    1
+                }
+            }
+        }
+        other => {
+            eprintln!("refinery: unknown builtin runtime `{other}`");
+            2
+        }
+    }
+}
+
+/// Takes ownership of fds 3 and 4, marking them close-on-exec so scripts cannot see the
+/// protocol pipes.
+fn protocol_fds() -> io::Result<(OwnedFd, OwnedFd)> {
+    for fd in [REQUESTS_FD, RESPONSES_FD] {
+        // SAFETY: fcntl on an integer fd touches no memory; an unopened fd yields EBADF.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+        if flags < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: as above; only the descriptor flags change.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    // SAFETY: both fds were just checked to be open, and by the sandbox's contract they are
+    // the protocol pipes, which nothing else in this process owns or closes.
+    let owned = unsafe {
+        (
+            OwnedFd::from_raw_fd(REQUESTS_FD),
+            OwnedFd::from_raw_fd(RESPONSES_FD),
+        )
+    };
+    Ok(owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_match_the_contract() {
+        assert_eq!(
+            entry(Language::Python, "main.py"),
+            RuntimeEntry::Exec {
+                argv: vec![
+                    "/usr/bin/python3".into(),
+                    "-I".into(),
+                    "-B".into(),
+                    "/runtime/python_shim.py".into(),
+                    "/code/main.py".into()
+                ]
+            }
+        );
+        assert_eq!(
+            entry(Language::Shell, "x.sh"),
+            RuntimeEntry::Builtin {
+                name: "shell".into(),
+                args: vec!["/code/x.sh".into()]
+            }
+        );
+        let RuntimeEntry::Exec { argv } = entry(Language::Node, "h.js") else {
+            panic!("node is an exec entry");
+        };
+        assert_eq!(argv.first().map(String::as_str), Some("/usr/bin/node"));
+        assert_eq!(
+            argv[argv.len() - 2..],
+            ["/runtime/node_shim.mjs", "/code/h.js"]
+        );
+    }
+
+    #[test]
+    fn detects_esm_syntax() {
+        assert!(uses_esm_syntax("export function main() {}"));
+        assert!(uses_esm_syntax("export default async (x) => x"));
+        assert!(uses_esm_syntax(
+            "import fs from 'node:fs';\nmodule.exports = 1"
+        ));
+        assert!(uses_esm_syntax("import {a} from './a.js'"));
+        assert!(uses_esm_syntax("import './side.js'"));
+        assert!(uses_esm_syntax("const u = import.meta.url"));
+        assert!(!uses_esm_syntax("module.exports.main = async () => 1"));
+        assert!(!uses_esm_syntax("const m = await import('./x.mjs')"));
+        assert!(!uses_esm_syntax("// export function main() {}"));
+        assert!(!uses_esm_syntax("exports.main = () => 1"));
+    }
+
+    #[test]
+    fn package_json_only_for_esm_js() {
+        let esm = code_files(Language::Node, "h.js", "export const main = () => 1");
+        assert_eq!(esm.len(), 2);
+        assert_eq!(esm[1].0, "package.json");
+        assert_eq!(
+            code_files(Language::Node, "h.mjs", "export const main = () => 1").len(),
+            1
+        );
+        assert_eq!(
+            code_files(Language::Node, "h.js", "exports.main = () => 1").len(),
+            1
+        );
+        assert_eq!(
+            code_files(Language::Python, "h.py", "def main(a, b): pass"),
+            vec![("h.py".to_string(), b"def main(a, b): pass".to_vec())]
+        );
+    }
+
+    #[test]
+    fn installed_shims_have_their_bounds_filled_in() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        install(dir.path())?;
+        for name in [PYTHON_SHIM, NODE_SHIM] {
+            let text = fs::read_to_string(dir.path().join(name))?;
+            assert!(!text.contains("__MAX_FRAME_BYTES__"), "{name}");
+            assert!(!text.contains("__LOG_CAP_BYTES__"), "{name}");
+            assert!(text.contains(&protocol::MAX_FRAME_BYTES.to_string()));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_builtin_is_exit_2() {
+        assert_eq!(run_builtin("cobol", &[]), 2);
+        assert_eq!(run_builtin("shell", &[]), 2);
+    }
+}

@@ -1,1 +1,401 @@
-//! placeholder
+//! Refinery's process-tier sandbox: every function instance runs as pid 1 of its own pid, mount,
+//! network, IPC, UTS and cgroup namespaces, on a minimal read-only root, as its own unprivileged
+//! uid, inside cgroups that cap its memory, pids and CPU and can freeze it.
+//!
+//! What this crate owns:
+//! - host checks ([`SandboxHost::detect`]) and the cgroup subtree `<cgroup_root_name>` in every
+//!   cgroup hierarchy it uses (`<root>/<group>/<instance_id>`), including cleaning up after a
+//!   crashed run ([`SandboxHost::cleanup_stale`]);
+//! - the sandbox uid range (100000..=165535), one uid per live instance;
+//! - creating instances ([`SandboxHost::spawn`]) from one dedicated spawner thread, and their
+//!   whole life up to [`SandboxedInstance::destroy`];
+//! - the in-sandbox init ([`init_main`]) that builds the sandbox around itself.
+//!
+//! What it must never do:
+//! - leak a process, a cgroup or a uid: every instance is destroyed at the latest on drop;
+//! - expose anything of the host beyond the mount table in `mounts.rs` (no /sys, no host /tmp,
+//!   no data dirs), or let the entry keep any capability, supplementary group or root uid;
+//! - touch cgroups outside `<cgroup_root_name>`, or run anything but async-signal-safe code
+//!   between clone(2) and execve(2);
+//! - interpret the runtime protocol on fds 3/4 beyond the single setup frame.
+
+mod cgroup;
+mod error;
+mod init;
+mod instance;
+mod mounts;
+mod spawn;
+mod spec;
+mod uid;
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use cgroup::{CgroupLayout, FreezerState};
+pub use error::SandboxError;
+pub use init::init_main;
+pub use instance::{ExitReport, SandboxedInstance};
+pub use uid::{FIRST_UID, LAST_UID};
+
+use cgroup::{CgroupHost, Limits};
+use mounts::{HostRootfs, InstanceFs};
+use spec::{InitSpec, Rlimit, RlimitKind};
+use uid::UidLease;
+
+/// Hostname every instance sees.
+pub const HOSTNAME: &str = "refinery";
+/// Variables every instance gets besides the block's own.
+pub const BASE_ENV: &[(&str, &str)] = &[
+    ("PATH", "/usr/local/bin:/usr/bin:/bin"),
+    ("HOME", "/tmp"),
+    ("TMPDIR", "/tmp"),
+    ("LANG", "C.UTF-8"),
+];
+/// Working directory of the entry.
+const WORKDIR: &str = "/tmp";
+
+/// How the sandbox host is set up.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// Executable re-exec'd as the in-sandbox init, e.g. /proc/self/exe of `refinery`.
+    pub init_exe: PathBuf,
+    /// Arguments before anything else, e.g. `vec!["__sandbox-init".into()]`.
+    pub init_args: Vec<String>,
+    /// A directory the sandbox owns for its state (mount staging dir etc.); created if missing.
+    pub state_dir: PathBuf,
+    /// Name of the cgroup subtree Refinery owns, e.g. "refinery".
+    pub cgroup_root_name: String,
+}
+
+/// What an instance runs once the sandbox is set up.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Entry {
+    /// execve this argv inside the sandbox (argv[0] is an absolute path inside the sandbox).
+    Exec { argv: Vec<String> },
+    /// Don't exec: the init itself calls the builtin runner passed to [`init_main`] after the
+    /// sandbox is set up and privileges dropped.
+    Builtin { name: String, args: Vec<String> },
+}
+
+/// One instance to start.
+#[derive(Clone, Debug)]
+pub struct InstanceSpec {
+    /// Unique, `[a-z0-9-]`; used in cgroup names.
+    pub instance_id: String,
+    /// The owning account's id (`[a-z0-9-]`); cgroups live at `<root>/<group>/<instance_id>`.
+    pub group: String,
+    /// Host dir, bind-mounted read-only at /code.
+    pub code_dir: PathBuf,
+    /// Host dir, bind-mounted read-only at /runtime.
+    pub runtime_dir: PathBuf,
+    pub entry: Entry,
+    /// The block's variables: the only environment besides [`BASE_ENV`].
+    pub env: BTreeMap<String, String>,
+    pub memory_mb: u32,
+    /// Size of the private tmpfs /tmp.
+    pub tmp_mb: u32,
+    pub pids_max: u32,
+    /// 100 = one core (cfs quota / cpu.max); 0 = unlimited.
+    pub cpu_percent: u32,
+}
+
+/// The host ends of an instance's pipes.
+#[derive(Debug)]
+pub struct Channels {
+    /// Host writes here; the instance reads it as its fd 3.
+    pub requests: OwnedFd,
+    /// The instance writes its fd 4; host reads here.
+    pub responses: OwnedFd,
+    /// The instance's fd 1 and 2 (stray output, sandbox setup errors); host drains it.
+    pub logs: OwnedFd,
+}
+
+/// A started instance and its channels.
+#[derive(Debug)]
+pub struct Spawned {
+    pub instance: SandboxedInstance,
+    pub channels: Channels,
+}
+
+/// A host checked for sandboxing; shared (`Arc`) by everything that spawns instances.
+#[derive(Debug)]
+pub struct SandboxHost {
+    config: HostConfig,
+    init_exe: CString,
+    cgroups: CgroupHost,
+    rootfs: HostRootfs,
+    staging_dir: PathBuf,
+}
+
+fn detect_err(what: impl Into<String>, fix: impl Into<String>) -> SandboxError {
+    SandboxError::Detect {
+        what: what.into(),
+        fix: fix.into(),
+    }
+}
+
+/// `[a-z0-9-]{1,64}`.
+fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+impl SandboxHost {
+    /// Checks root, namespaces, the cgroup layout and the controllers needed (memory, pids, cpu,
+    /// freezer or v2 cgroup.freeze). An error names the missing feature and how to fix it.
+    pub fn detect(config: HostConfig) -> Result<SandboxHost, SandboxError> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err(detect_err(
+                "not running as root",
+                "run the Refinery server as root (it needs namespaces, cgroups and uid switching)",
+            ));
+        }
+        for ns in ["pid", "mnt", "net", "ipc", "uts", "cgroup"] {
+            if !Path::new("/proc/self/ns").join(ns).exists() {
+                return Err(detect_err(
+                    format!("the kernel has no {ns} namespaces (/proc/self/ns/{ns} missing)"),
+                    format!("use a kernel built with CONFIG_{}_NS", ns.to_uppercase()),
+                ));
+            }
+        }
+        let name = &config.cgroup_root_name;
+        if name.is_empty()
+            || name.starts_with('.')
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        {
+            return Err(SandboxError::InvalidSpec(format!(
+                "cgroup_root_name {name:?} must be a single [A-Za-z0-9._-] path component"
+            )));
+        }
+        let init_exe = CString::new(config.init_exe.as_os_str().as_bytes()).map_err(|_| {
+            SandboxError::InvalidSpec(format!(
+                "init_exe {} contains a NUL byte",
+                config.init_exe.display()
+            ))
+        })?;
+        // SAFETY: access(2) with a valid NUL-terminated path.
+        if unsafe { libc::access(init_exe.as_ptr(), libc::X_OK) } != 0 {
+            return Err(detect_err(
+                format!(
+                    "init_exe {} is not an executable file",
+                    config.init_exe.display()
+                ),
+                "point HostConfig::init_exe at the refinery binary (/proc/self/exe)",
+            ));
+        }
+        let staging_dir = config.state_dir.join("rootfs");
+        std::fs::create_dir_all(&staging_dir).map_err(|e| {
+            detect_err(
+                format!(
+                    "cannot create the sandbox staging dir {}: {e}",
+                    staging_dir.display()
+                ),
+                "make state_dir a writable local directory",
+            )
+        })?;
+        let cgroups = CgroupHost::detect(name)?;
+        Ok(SandboxHost {
+            config,
+            init_exe,
+            cgroups,
+            rootfs: HostRootfs::probe(),
+            staging_dir,
+        })
+    }
+
+    pub fn cgroup_layout(&self) -> CgroupLayout {
+        self.cgroups.layout()
+    }
+
+    /// The `<hierarchy>/<cgroup_root_name>` directories this host owns.
+    pub fn cgroup_root_paths(&self) -> Vec<PathBuf> {
+        self.cgroups.root_dirs()
+    }
+
+    /// Kills processes and removes cgroups left under `cgroup_root_name` by a previous (crashed)
+    /// run; returns how many instances it removed. Call it at start-up, before any spawn: it
+    /// would also kill this host's live instances.
+    pub fn cleanup_stale(&self) -> Result<usize, SandboxError> {
+        self.cgroups.cleanup_stale()
+    }
+
+    fn validate(&self, spec: &InstanceSpec) -> Result<(), SandboxError> {
+        let bad = |m: String| Err(SandboxError::InvalidSpec(m));
+        if !valid_id(&spec.instance_id) {
+            return bad(format!(
+                "instance_id {:?} must match [a-z0-9-]{{1,64}}",
+                spec.instance_id
+            ));
+        }
+        if !valid_id(&spec.group) {
+            return bad(format!(
+                "group {:?} must match [a-z0-9-]{{1,64}}",
+                spec.group
+            ));
+        }
+        for (what, dir) in [
+            ("code_dir", &spec.code_dir),
+            ("runtime_dir", &spec.runtime_dir),
+        ] {
+            if !dir.is_absolute() || !dir.is_dir() {
+                return bad(format!(
+                    "{what} {} is not an existing absolute directory",
+                    dir.display()
+                ));
+            }
+        }
+        if let Entry::Exec { argv } = &spec.entry {
+            if !argv.first().is_some_and(|a| a.starts_with('/')) {
+                return bad(format!(
+                    "Exec argv {argv:?} must start with an absolute path"
+                ));
+            }
+        }
+        if spec.memory_mb == 0 || spec.tmp_mb == 0 || spec.pids_max == 0 {
+            return bad("memory_mb, tmp_mb and pids_max must be positive".into());
+        }
+        for k in spec.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return bad(format!("environment variable name {k:?} is invalid"));
+            }
+        }
+        Ok(())
+    }
+
+    fn init_spec(&self, spec: &InstanceSpec, uid: u32, procs: Vec<PathBuf>) -> InitSpec {
+        let fs = InstanceFs {
+            code_dir: &spec.code_dir,
+            runtime_dir: &spec.runtime_dir,
+            tmp_mb: spec.tmp_mb,
+            uid,
+            gid: uid,
+            hostname: HOSTNAME,
+        };
+        let mut env: Vec<(String, String)> = BASE_ENV
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        for (k, v) in &spec.env {
+            env.retain(|(have, _)| have != k);
+            env.push((k.clone(), v.clone()));
+        }
+        InitSpec {
+            instance_id: spec.instance_id.clone(),
+            cgroup_procs: procs,
+            staging_dir: self.staging_dir.clone(),
+            mounts: mounts::layout(&self.rootfs, &fs),
+            hostname: HOSTNAME.into(),
+            workdir: WORKDIR.into(),
+            uid,
+            gid: uid,
+            rlimits: vec![
+                Rlimit {
+                    kind: RlimitKind::Core,
+                    limit: 0,
+                },
+                Rlimit {
+                    kind: RlimitKind::NoFile,
+                    limit: 1024,
+                },
+                Rlimit {
+                    kind: RlimitKind::FSize,
+                    limit: u64::from(spec.tmp_mb) * 1024 * 1024,
+                },
+            ],
+            env,
+            entry: spec.entry.clone(),
+        }
+    }
+
+    /// Starts an instance. Synchronous and fast (a few ms); callers run it in spawn_blocking.
+    pub fn spawn(&self, spec: &InstanceSpec) -> Result<Spawned, SandboxError> {
+        self.validate(spec)?;
+        let uid = UidLease::allocate()?;
+        let limits = Limits {
+            memory_mb: spec.memory_mb,
+            pids_max: spec.pids_max,
+            cpu_percent: spec.cpu_percent,
+        };
+        let cgroups = self
+            .cgroups
+            .create_instance(&spec.group, &spec.instance_id, &limits)?;
+        let init = self.init_spec(spec, uid.uid(), cgroups.procs_files());
+        let remove = |cg: &cgroup::InstanceCgroups| {
+            let _ = cg.remove(std::time::Duration::from_millis(500));
+        };
+        let frame = match spec::encode(&init) {
+            Ok(f) => f,
+            Err(e) => {
+                remove(&cgroups);
+                return Err(SandboxError::InvalidSpec(format!(
+                    "encoding the setup spec: {e}"
+                )));
+            }
+        };
+        let (host_fds, child_fds) = match spawn::channels() {
+            Ok(c) => c,
+            Err(source) => {
+                remove(&cgroups);
+                return Err(SandboxError::Channels {
+                    instance: spec.instance_id.clone(),
+                    source,
+                });
+            }
+        };
+        let mut argv = vec![self.init_exe.clone()];
+        for a in &self.config.init_args {
+            match CString::new(a.as_bytes()) {
+                Ok(c) => argv.push(c),
+                Err(_) => {
+                    remove(&cgroups);
+                    return Err(SandboxError::InvalidSpec(format!(
+                        "init arg {a:?} contains a NUL byte"
+                    )));
+                }
+            }
+        }
+        let pid = match spawn::clone_on_spawner(self.init_exe.clone(), argv, &child_fds) {
+            Ok(Ok(pid)) => pid,
+            Ok(Err(source)) => {
+                remove(&cgroups);
+                return Err(SandboxError::Clone {
+                    instance: spec.instance_id.clone(),
+                    source,
+                });
+            }
+            Err(e) => {
+                remove(&cgroups);
+                return Err(e);
+            }
+        };
+        drop(child_fds);
+        // From here on the instance owns the process: dropping it on error destroys everything.
+        let instance = SandboxedInstance::new(spec.instance_id.clone(), pid, cgroups, uid);
+        if let Err(source) = spawn::write_frame(&host_fds.requests, &frame) {
+            let _ = instance.destroy();
+            return Err(SandboxError::SendSpec {
+                instance: spec.instance_id.clone(),
+                log: spawn::drain_log(&host_fds.logs),
+                source,
+            });
+        }
+        Ok(Spawned {
+            instance,
+            channels: Channels {
+                requests: host_fds.requests,
+                responses: host_fds.responses,
+                logs: host_fds.logs,
+            },
+        })
+    }
+}

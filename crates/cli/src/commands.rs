@@ -1,0 +1,368 @@
+//! The client subcommands: arguments, the request each makes, and how each prints.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use refinery_domain::Manifest;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use crate::client::Client;
+
+/// Options shared by every client command.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The server's URL.
+    #[arg(
+        long,
+        global = true,
+        env = "REFINERY_URL",
+        default_value = "http://127.0.0.1:8710"
+    )]
+    pub url: String,
+    /// An account's API key (or, for `accounts`, the operator key).
+    #[arg(long, global = true, env = "REFINERY_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Print the API's JSON instead of a summary.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Manage accounts (operator key required).
+    #[command(subcommand)]
+    Accounts(AccountsCommand),
+    /// Deploy a project from its refinery.toml; the new deployment goes live.
+    Deploy {
+        /// The manifest, or the directory holding refinery.toml.
+        #[arg(default_value = "refinery.toml")]
+        path: PathBuf,
+    },
+    /// List a project's deployments.
+    Deployments { project: String },
+    /// Make an earlier deployment of a project live again.
+    Rollback { project: String, deployment: i64 },
+    /// List the account's projects.
+    Projects,
+    /// Invoke a block of a project's live deployment.
+    Invoke {
+        project: String,
+        block: String,
+        /// The block's input, as JSON.
+        #[arg(long, default_value = "null")]
+        input: String,
+        /// The initial backpack, a JSON object.
+        #[arg(long)]
+        backpack: Option<String>,
+    },
+    /// List a project's recent executions.
+    Executions {
+        project: String,
+        #[arg(long)]
+        block: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Show one execution with its logs.
+    Logs { execution_id: String },
+    /// List running and warm instances.
+    Instances,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountsCommand {
+    /// Create an account; prints its API key once.
+    Create { name: String },
+    /// List accounts.
+    List,
+}
+
+/// Runs one client command; the exit code is non-zero when the server said no or the
+/// invoked block failed.
+pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
+    let key = match (&args.api_key, &command) {
+        (Some(key), _) => Some(key.clone()),
+        // Quick start: the operator on the server's machine, default data dir.
+        (None, ClientCommand::Accounts(_)) => fs::read_to_string("refinery-data/operator.key")
+            .ok()
+            .map(|k| k.trim().to_string()),
+        (None, _) => None,
+    };
+    let client = Client::new(&args.url, key);
+    let json = args.json;
+    match command {
+        ClientCommand::Accounts(AccountsCommand::Create { name }) => {
+            let reply = client
+                .post("/v1/accounts", &json!({ "name": name }))
+                .await?;
+            print(json, &reply, || {
+                format!(
+                    "Created account {} ({}).\nAPI key (shown once, keep it safe): {}",
+                    reply["name"].as_str().unwrap_or_default(),
+                    reply["id"].as_str().unwrap_or_default(),
+                    reply["api_key"].as_str().unwrap_or_default()
+                )
+            });
+        }
+        ClientCommand::Accounts(AccountsCommand::List) => {
+            let reply = client.get("/v1/accounts").await?;
+            print(json, &reply, || {
+                lines(&reply["accounts"], |a| {
+                    format!(
+                        "{}  {}  {}",
+                        a["id"].as_str().unwrap_or_default(),
+                        a["name"].as_str().unwrap_or_default(),
+                        a["created_at"].as_str().unwrap_or_default()
+                    )
+                })
+            });
+        }
+        ClientCommand::Deploy { path } => {
+            let body = deploy_request(&path)?;
+            let reply = client.post("/v1/deployments", &body).await?;
+            print(json, &reply, || {
+                let blocks: Vec<&str> = reply["blocks"]
+                    .as_array()
+                    .map(|b| b.iter().filter_map(|b| b["name"].as_str()).collect())
+                    .unwrap_or_default();
+                format!(
+                    "Deployed {}: deployment {} is live (blocks: {}).",
+                    reply["project"].as_str().unwrap_or_default(),
+                    reply["deployment"],
+                    blocks.join(", ")
+                )
+            });
+        }
+        ClientCommand::Deployments { project } => {
+            let reply = client
+                .get(&format!("/v1/projects/{project}/deployments"))
+                .await?;
+            print(json, &reply, || {
+                lines(&reply["deployments"], |d| {
+                    format!(
+                        "{:>4}  {}  {}{}",
+                        d["deployment"],
+                        d["created_at"].as_str().unwrap_or_default(),
+                        d["blocks"]
+                            .as_array()
+                            .map(|b| b
+                                .iter()
+                                .filter_map(Value::as_str)
+                                .collect::<Vec<_>>()
+                                .join(","))
+                            .unwrap_or_default(),
+                        if d["live"].as_bool() == Some(true) {
+                            "  (live)"
+                        } else {
+                            ""
+                        }
+                    )
+                })
+            });
+        }
+        ClientCommand::Rollback {
+            project,
+            deployment,
+        } => {
+            let reply = client
+                .post(
+                    &format!("/v1/projects/{project}/rollback"),
+                    &json!({ "deployment": deployment }),
+                )
+                .await?;
+            print(json, &reply, || {
+                format!("{project}: deployment {} is live.", reply["deployment"])
+            });
+        }
+        ClientCommand::Projects => {
+            let reply = client.get("/v1/projects").await?;
+            print(json, &reply, || {
+                lines(&reply["projects"], |p| {
+                    format!(
+                        "{}  live deployment {}",
+                        p["project"].as_str().unwrap_or_default(),
+                        p["live_deployment"]
+                    )
+                })
+            });
+        }
+        ClientCommand::Invoke {
+            project,
+            block,
+            input,
+            backpack,
+        } => {
+            let input: Value = serde_json::from_str(&input)
+                .with_context(|| format!("--input is not valid JSON: {input}"))?;
+            let mut headers = Vec::new();
+            if let Some(backpack) = backpack {
+                let parsed: Value = serde_json::from_str(&backpack)
+                    .with_context(|| format!("--backpack is not valid JSON: {backpack}"))?;
+                headers.push(("refinery-backpack", parsed.to_string()));
+            }
+            let reply = client
+                .send(
+                    Method::POST,
+                    &format!("/v1/projects/{project}/blocks/{block}/invoke"),
+                    Some(&input),
+                    &headers,
+                )
+                .await?;
+            let ok = reply["status"] == "ok";
+            if json {
+                println!("{}", pretty(&reply));
+            } else {
+                if let Some(logs) = reply["logs"].as_str().filter(|l| !l.is_empty()) {
+                    eprint!("{logs}");
+                    if !logs.ends_with('\n') {
+                        eprintln!();
+                    }
+                }
+                if ok {
+                    println!("{}", pretty(&reply["output"]));
+                } else {
+                    let error = &reply["error"];
+                    eprintln!(
+                        "{} ({}): {}: {}",
+                        reply["status"].as_str().unwrap_or_default(),
+                        reply["execution_id"].as_str().unwrap_or_default(),
+                        error["type"].as_str().unwrap_or("Error"),
+                        error["message"].as_str().unwrap_or_default()
+                    );
+                    if let Some(traceback) = error["traceback"].as_str() {
+                        eprintln!("{traceback}");
+                    }
+                }
+            }
+            return Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            });
+        }
+        ClientCommand::Executions {
+            project,
+            block,
+            limit,
+        } => {
+            let mut path = format!("/v1/projects/{project}/executions?limit={limit}");
+            if let Some(block) = block {
+                path.push_str(&format!("&block={block}"));
+            }
+            let reply = client.get(&path).await?;
+            print(json, &reply, || {
+                lines(&reply["executions"], |e| {
+                    format!(
+                        "{}  {}  {:<10} {:<4} {:>9.2} ms  {}",
+                        e["execution_id"].as_str().unwrap_or_default(),
+                        e["started_at"].as_str().unwrap_or_default(),
+                        e["status"].as_str().unwrap_or_default(),
+                        if e["cold"].as_bool() == Some(true) {
+                            "cold"
+                        } else {
+                            "warm"
+                        },
+                        e["duration_ms"].as_f64().unwrap_or_default(),
+                        e["block"].as_str().unwrap_or_default()
+                    )
+                })
+            });
+        }
+        ClientCommand::Logs { execution_id } => {
+            let reply = client
+                .get(&format!("/v1/executions/{execution_id}"))
+                .await?;
+            print(json, &reply, || {
+                let mut text = format!(
+                    "{} {}/{} deployment {} {} {} in {:.2} ms\n",
+                    reply["execution_id"].as_str().unwrap_or_default(),
+                    reply["project"].as_str().unwrap_or_default(),
+                    reply["block"].as_str().unwrap_or_default(),
+                    reply["deployment"],
+                    reply["status"].as_str().unwrap_or_default(),
+                    if reply["cold"].as_bool() == Some(true) {
+                        "cold"
+                    } else {
+                        "warm"
+                    },
+                    reply["duration_ms"].as_f64().unwrap_or_default()
+                );
+                text.push_str(&format!("input:  {}\n", reply["input"]));
+                text.push_str(&format!("output: {}\n", reply["output"]));
+                if !reply["error"].is_null() {
+                    text.push_str(&format!("error:  {}\n", reply["error"]));
+                }
+                text.push_str("--- logs ---\n");
+                text.push_str(reply["logs"].as_str().unwrap_or_default());
+                text
+            });
+        }
+        ClientCommand::Instances => {
+            let reply = client.get("/v1/instances").await?;
+            print(json, &reply, || {
+                lines(&reply["instances"], |i| {
+                    format!(
+                        "{}  {}/{}  deployment {}  {}  {} invocations",
+                        i["id"].as_str().unwrap_or_default(),
+                        i["project"].as_str().unwrap_or_default(),
+                        i["block"].as_str().unwrap_or_default(),
+                        i["deployment"],
+                        i["state"].as_str().unwrap_or_default(),
+                        i["invocations"]
+                    )
+                })
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads the manifest and the source files it names, checking it locally first so
+/// errors name the real path on disk.
+fn deploy_request(path: &Path) -> Result<Value> {
+    let manifest_path = if path.is_dir() {
+        path.join("refinery.toml")
+    } else {
+        path.to_path_buf()
+    };
+    let text = fs::read_to_string(&manifest_path)
+        .with_context(|| format!("reading the manifest {}", manifest_path.display()))?;
+    let base = manifest_path
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let read = |source: &str| fs::read_to_string(base.join(source)).map_err(|e| e.to_string());
+    let shown = manifest_path.display().to_string();
+    if let Err(error) = Manifest::parse(&text, &shown, &read) {
+        bail!("invalid manifest: {error}");
+    }
+    let mut files = serde_json::Map::new();
+    for source in Manifest::referenced_sources(&text) {
+        let contents = read(&source).map_err(anyhow::Error::msg)?;
+        files.insert(source, Value::String(contents));
+    }
+    Ok(json!({ "manifest": text, "manifest_path": shown, "files": files }))
+}
+
+fn print(json: bool, reply: &Value, human: impl FnOnce() -> String) {
+    if json {
+        println!("{}", pretty(reply));
+    } else {
+        println!("{}", human().trim_end());
+    }
+}
+
+fn lines(list: &Value, line: impl Fn(&Value) -> String) -> String {
+    match list.as_array() {
+        Some(items) if !items.is_empty() => items.iter().map(line).collect::<Vec<_>>().join("\n"),
+        _ => "(none)".to_string(),
+    }
+}
+
+fn pretty(value: &Value) -> String {
+    serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
+}

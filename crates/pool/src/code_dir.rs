@@ -1,0 +1,45 @@
+//! Lays a block's code out on disk once per (deployment, block), for instances to mount
+//! read-only at `/code`.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use refinery_domain::BlockSpec;
+
+/// Writes the block's files under `root/<deployment_id>/<block>` unless already there and
+/// returns that directory. Written to a temporary sibling first and renamed, so a crash
+/// never leaves a half-written code dir that later instances would trust.
+pub fn materialize(root: &Path, deployment_id: i64, block: &BlockSpec) -> io::Result<PathBuf> {
+    let dir = root.join(deployment_id.to_string()).join(&block.name);
+    if dir.is_dir() {
+        return Ok(dir);
+    }
+    let parent = root.join(deployment_id.to_string());
+    fs::create_dir_all(&parent)?;
+    fs::set_permissions(&parent, fs::Permissions::from_mode(0o755))?;
+    let staging = parent.join(format!(".{}.{}", block.name, std::process::id()));
+    if staging.exists() {
+        fs::remove_dir_all(&staging)?;
+    }
+    fs::create_dir(&staging)?;
+    // World-readable: instances run as unprivileged uids and must read their own code.
+    fs::set_permissions(&staging, fs::Permissions::from_mode(0o755))?;
+    for (name, contents) in
+        refinery_runtimes::code_files(block.language, &block.source_name, &block.code)
+    {
+        let path = staging.join(&name);
+        fs::write(&path, contents)?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644))?;
+    }
+    match fs::rename(&staging, &dir) {
+        Ok(()) => Ok(dir),
+        // Another task laid it out first: theirs is identical.
+        Err(_) if dir.is_dir() => {
+            let _ = fs::remove_dir_all(&staging);
+            Ok(dir)
+        }
+        Err(e) => Err(e),
+    }
+}

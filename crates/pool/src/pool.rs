@@ -1,0 +1,580 @@
+//! The pool itself: admission per block, warm-or-cold instance choice, one invocation,
+//! release (freeze) or discard, reaping, retirement and shutdown.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use refinery_domain::{BlockSpec, ExecutionStatus, UserError};
+use refinery_runtimes::{ChannelError, InstanceChannel, RuntimeEntry};
+use refinery_sandbox::{Entry, InstanceSpec, SandboxHost, SandboxedInstance};
+use serde_json::Value;
+use tokio::time::timeout;
+
+use crate::block_pool::BlockPool;
+use crate::code_dir;
+use crate::error::PoolError;
+use crate::instance::{now_ms, Instance, InstanceInfo, InstanceState};
+
+/// Operator settings of the pool.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Where blocks' code is laid out for instances (`<code_root>/<deployment>/<block>`).
+    pub code_root: PathBuf,
+    /// The installed language shims, mounted at `/runtime` in every instance.
+    pub runtime_dir: PathBuf,
+    /// Idle time before a warm instance is reaped, unless the block sets its own.
+    pub default_keep_alive: Duration,
+    /// How long an invocation may wait for a free slot under `max_concurrency`.
+    pub queue_timeout: Duration,
+    /// How often the reaper looks for expired idle instances.
+    pub reap_interval: Duration,
+}
+
+/// What to invoke: one block of one deployment, and whose it is.
+#[derive(Debug, Clone)]
+pub struct BlockTarget {
+    pub account_id: String,
+    pub project: String,
+    /// Globally unique deployment id (the pool keys instances on it).
+    pub deployment_id: i64,
+    /// The deployment's number within its project, for display.
+    pub deployment_number: i64,
+    pub block: BlockSpec,
+}
+
+/// The outcome of one invocation, whatever the user code did.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub status: ExecutionStatus,
+    pub output: Option<Value>,
+    pub backpack: Value,
+    pub error: Option<UserError>,
+    pub logs: String,
+    pub logs_truncated: bool,
+    pub cold: bool,
+    pub instance_id: String,
+    /// Cold starts only: from asking the sandbox for an instance to the block's code loaded.
+    pub init_ms: Option<f64>,
+    /// The handler's run time (request sent to reply received).
+    pub duration_ms: f64,
+    pub started_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct BlockKey {
+    deployment_id: i64,
+    block: String,
+}
+
+/// Shared handle to the pool; cheap to clone.
+#[derive(Clone)]
+pub struct InstancePool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    host: Arc<SandboxHost>,
+    config: PoolConfig,
+    blocks: Mutex<HashMap<BlockKey, Arc<BlockPool>>>,
+    /// Every live instance, for listing and for killing stragglers at shutdown.
+    registry: Mutex<HashMap<String, Registered>>,
+    shutting_down: AtomicBool,
+}
+
+struct Registered {
+    info: InstanceInfo,
+    sandbox: Option<Arc<SandboxedInstance>>,
+}
+
+/// Why a cold start produced no usable instance.
+enum StartFailure {
+    /// The block's own code failed to load (or the instance died or hung loading it).
+    Init {
+        status: ExecutionStatus,
+        error: UserError,
+        elapsed: Duration,
+    },
+    /// The platform could not start the instance.
+    Host(PoolError),
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves the data consistent; a poisoned lock is still usable.
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+impl InstancePool {
+    /// Creates the pool and starts its reaper (must run inside a tokio runtime).
+    pub fn new(host: Arc<SandboxHost>, config: PoolConfig) -> InstancePool {
+        let pool = InstancePool {
+            inner: Arc::new(Inner {
+                host,
+                config,
+                blocks: Mutex::new(HashMap::new()),
+                registry: Mutex::new(HashMap::new()),
+                shutting_down: AtomicBool::new(false),
+            }),
+        };
+        let weak = Arc::downgrade(&pool.inner);
+        let interval = pool.inner.config.reap_interval;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                let Some(inner) = weak.upgrade() else { break };
+                if inner.shutting_down.load(Ordering::Acquire) {
+                    break;
+                }
+                InstancePool { inner }.reap_expired();
+            }
+        });
+        pool
+    }
+
+    /// Runs one invocation of `target` in an instance of its own.
+    pub async fn invoke(
+        &self,
+        target: &BlockTarget,
+        input: Value,
+        backpack: Value,
+    ) -> Result<Invocation, PoolError> {
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            return Err(PoolError::ShuttingDown);
+        }
+        let block_pool = self.block_pool(target).await?;
+        let queue_timeout = self.inner.config.queue_timeout;
+        let _permit = match timeout(queue_timeout, block_pool.permits.acquire()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => return Err(PoolError::ShuttingDown),
+            Err(_) => {
+                return Err(PoolError::ConcurrencyLimit {
+                    block: target.block.name.clone(),
+                    limit: target.block.max_concurrency,
+                    waited: queue_timeout,
+                })
+            }
+        };
+        let started_at_ms = now_ms();
+
+        let (mut instance, cold, init_ms) = match self.take_warm(&block_pool).await {
+            Some(instance) => (instance, false, None),
+            None => match self.start_instance(&block_pool).await {
+                Ok((instance, init)) => (instance, true, Some(millis(init))),
+                Err(StartFailure::Host(e)) => return Err(e),
+                Err(StartFailure::Init {
+                    status,
+                    error,
+                    elapsed,
+                }) => {
+                    return Ok(Invocation {
+                        status,
+                        output: None,
+                        backpack,
+                        error: Some(error),
+                        logs: String::new(),
+                        logs_truncated: false,
+                        cold: true,
+                        instance_id: String::new(),
+                        init_ms: Some(millis(elapsed)),
+                        duration_ms: 0.0,
+                        started_at_ms,
+                    })
+                }
+            },
+        };
+        let instance_id = instance.id().to_string();
+        self.set_state(&instance_id, InstanceState::Busy);
+
+        let run_limit = Duration::from_secs(u64::from(target.block.timeout_s));
+        let run_started = Instant::now();
+        let result = timeout(run_limit, instance.channel.invoke(&input, &backpack)).await;
+        let duration_ms = millis(run_started.elapsed());
+
+        let mut invocation = Invocation {
+            status: ExecutionStatus::Ok,
+            output: None,
+            backpack,
+            error: None,
+            logs: String::new(),
+            logs_truncated: false,
+            cold,
+            instance_id,
+            init_ms,
+            duration_ms,
+            started_at_ms,
+        };
+        match result {
+            Ok(Ok(reply)) => {
+                instance.invocations += 1;
+                invocation.logs = reply.logs;
+                invocation.logs_truncated = reply.logs_truncated;
+                match reply.outcome {
+                    Ok(output) => {
+                        invocation.output = Some(output.output);
+                        invocation.backpack = output.backpack;
+                    }
+                    Err(error) => {
+                        invocation.status = ExecutionStatus::Error;
+                        invocation.error = Some(error);
+                    }
+                }
+                self.release(&block_pool, instance).await;
+            }
+            Ok(Err(channel_error)) => {
+                let (oom, tail) = self.discard(instance).await;
+                invocation.status = if oom {
+                    ExecutionStatus::Oom
+                } else {
+                    ExecutionStatus::Crashed
+                };
+                invocation.error = Some(if oom {
+                    UserError::new(
+                        "OutOfMemory",
+                        format!(
+                            "the instance used more than its memory_mb of {} MB and was killed; raise memory_mb in refinery.toml or use less memory",
+                            target.block.memory_mb
+                        ),
+                    )
+                } else {
+                    crash_error(&channel_error, &tail)
+                });
+            }
+            Err(_elapsed) => {
+                self.discard(instance).await;
+                invocation.status = ExecutionStatus::Timeout;
+                invocation.error = Some(UserError::new(
+                    "Timeout",
+                    format!(
+                        "the block ran longer than its timeout_s of {} s and its instance was killed",
+                        target.block.timeout_s
+                    ),
+                ));
+            }
+        }
+        Ok(invocation)
+    }
+
+    /// Stops keeping a deployment's instances warm: idle ones are destroyed now, busy
+    /// ones when their invocation ends.
+    pub async fn retire_deployment(&self, deployment_id: i64) {
+        let retired: Vec<Arc<BlockPool>> = {
+            let mut blocks = lock(&self.inner.blocks);
+            let keys: Vec<BlockKey> = blocks
+                .keys()
+                .filter(|k| k.deployment_id == deployment_id)
+                .cloned()
+                .collect();
+            keys.iter().filter_map(|k| blocks.remove(k)).collect()
+        };
+        for block_pool in retired {
+            for instance in block_pool.retire() {
+                self.discard(instance).await;
+            }
+        }
+    }
+
+    /// Every live instance, for operators (and, filtered, for their owners).
+    pub fn instances(&self) -> Vec<InstanceInfo> {
+        let mut list: Vec<InstanceInfo> = lock(&self.inner.registry)
+            .values()
+            .map(|r| r.info.clone())
+            .collect();
+        list.sort_by(|a, b| a.started_at_ms.cmp(&b.started_at_ms).then(a.id.cmp(&b.id)));
+        list
+    }
+
+    /// Refuses new invocations, lets running ones finish for up to `grace`, then kills
+    /// every instance and removes its cgroups.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.shutting_down.store(true, Ordering::Release);
+        let block_pools: Vec<Arc<BlockPool>> =
+            lock(&self.inner.blocks).drain().map(|(_, v)| v).collect();
+        for block_pool in block_pools {
+            for instance in block_pool.retire() {
+                self.discard(instance).await;
+            }
+        }
+        let deadline = Instant::now() + grace;
+        while !lock(&self.inner.registry).is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stragglers: Vec<Arc<SandboxedInstance>> = lock(&self.inner.registry)
+            .drain()
+            .filter_map(|(_, r)| r.sandbox)
+            .collect();
+        for sandbox in stragglers {
+            destroy(sandbox).await;
+        }
+    }
+
+    async fn block_pool(&self, target: &BlockTarget) -> Result<Arc<BlockPool>, PoolError> {
+        let key = BlockKey {
+            deployment_id: target.deployment_id,
+            block: target.block.name.clone(),
+        };
+        if let Some(existing) = lock(&self.inner.blocks).get(&key) {
+            return Ok(existing.clone());
+        }
+        let code_root = self.inner.config.code_root.clone();
+        let (deployment_id, block) = (target.deployment_id, target.block.clone());
+        let code_dir = tokio::task::spawn_blocking(move || {
+            code_dir::materialize(&code_root, deployment_id, &block)
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|r| r)
+        .map_err(|source| PoolError::PrepareCode {
+            block: target.block.name.clone(),
+            path: self.inner.config.code_root.display().to_string(),
+            source,
+        })?;
+        let keep_alive = target
+            .block
+            .keep_alive_s
+            .map_or(self.inner.config.default_keep_alive, |s| {
+                Duration::from_secs(u64::from(s))
+            });
+        let mut blocks = lock(&self.inner.blocks);
+        let entry = blocks
+            .entry(key)
+            .or_insert_with(|| Arc::new(BlockPool::new(target.clone(), code_dir, keep_alive)));
+        Ok(entry.clone())
+    }
+
+    /// A warm instance, thawed, if the block has one.
+    async fn take_warm(&self, block_pool: &BlockPool) -> Option<Instance> {
+        while let Some(instance) = block_pool.pop_idle() {
+            match instance.sandbox.thaw() {
+                Ok(()) => return Some(instance),
+                Err(e) => {
+                    tracing::warn!(instance = instance.id(), error = %e, "cannot thaw instance; discarding it");
+                    self.discard(instance).await;
+                }
+            }
+        }
+        None
+    }
+
+    async fn start_instance(
+        &self,
+        block_pool: &BlockPool,
+    ) -> Result<(Instance, Duration), StartFailure> {
+        let started = Instant::now();
+        let target = &block_pool.target;
+        let block = &target.block;
+        let spec = InstanceSpec {
+            instance_id: new_instance_id(),
+            group: cgroup_safe(&target.account_id),
+            code_dir: block_pool.code_dir.clone(),
+            runtime_dir: self.inner.config.runtime_dir.clone(),
+            entry: match refinery_runtimes::entry(block.language, &block.source_name) {
+                RuntimeEntry::Exec { argv } => Entry::Exec { argv },
+                RuntimeEntry::Builtin { name, args } => Entry::Builtin { name, args },
+            },
+            env: block.env.clone(),
+            memory_mb: block.memory_mb,
+            tmp_mb: block.tmp_mb,
+            pids_max: refinery_domain::limits::INSTANCE_PIDS_MAX,
+            cpu_percent: 100,
+        };
+        let host_error = |message: String| {
+            StartFailure::Host(PoolError::StartInstance {
+                block: block.name.clone(),
+                message,
+            })
+        };
+        let host = self.inner.host.clone();
+        let spawned = tokio::task::spawn_blocking(move || host.spawn(&spec))
+            .await
+            .map_err(|e| host_error(e.to_string()))?
+            .map_err(|e| host_error(e.to_string()))?;
+        let channels = spawned.channels;
+        let sandbox = spawned.instance;
+        let channel = InstanceChannel::new(channels.requests, channels.responses)
+            .map_err(|e| host_error(e.to_string()))?;
+        let mut instance = Instance::new(sandbox, channel, channels.logs);
+        self.register(&instance, target, InstanceState::Starting);
+
+        let init_limit = Duration::from_secs(u64::from(block.timeout_s));
+        let ready = timeout(init_limit, instance.channel.ready()).await;
+        let failure = |status, error| StartFailure::Init {
+            status,
+            error,
+            elapsed: started.elapsed(),
+        };
+        match ready {
+            Ok(Ok(_ready)) => Ok((instance, started.elapsed())),
+            Ok(Err(ChannelError::InitFailed(error))) => {
+                self.discard(instance).await;
+                Err(failure(ExecutionStatus::InitError, error))
+            }
+            Ok(Err(other)) => {
+                let (oom, tail) = self.discard(instance).await;
+                if oom {
+                    return Err(failure(
+                        ExecutionStatus::Oom,
+                        UserError::new(
+                            "OutOfMemory",
+                            format!(
+                                "loading the block used more than its memory_mb of {} MB",
+                                block.memory_mb
+                            ),
+                        ),
+                    ));
+                }
+                let mut error = crash_error(&other, &tail);
+                error.message = format!(
+                    "the instance died while loading the block: {}",
+                    error.message
+                );
+                Err(failure(ExecutionStatus::InitError, error))
+            }
+            Err(_elapsed) => {
+                self.discard(instance).await;
+                Err(failure(
+                    ExecutionStatus::Timeout,
+                    UserError::new(
+                        "InitTimeout",
+                        format!(
+                            "loading the block took longer than its timeout_s of {} s",
+                            block.timeout_s
+                        ),
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// Freezes the instance and keeps it warm, or discards it if it may not be kept.
+    async fn release(&self, block_pool: &BlockPool, instance: Instance) {
+        if block_pool.is_retired() || self.inner.shutting_down.load(Ordering::Acquire) {
+            self.discard(instance).await;
+            return;
+        }
+        if let Err(e) = instance.sandbox.freeze() {
+            tracing::warn!(instance = instance.id(), error = %e, "cannot freeze instance; discarding it");
+            self.discard(instance).await;
+            return;
+        }
+        {
+            let mut registry = lock(&self.inner.registry);
+            if let Some(entry) = registry.get_mut(instance.id()) {
+                entry.info.state = InstanceState::Frozen;
+                entry.info.last_used_at_ms = now_ms();
+                entry.info.invocations = instance.invocations;
+            }
+        }
+        block_pool.push_idle(instance);
+    }
+
+    /// Destroys an instance; returns whether the kernel OOM-killed it and its last output.
+    async fn discard(&self, instance: Instance) -> (bool, String) {
+        lock(&self.inner.registry).remove(instance.id());
+        let sandbox = instance.sandbox.clone();
+        let oom = destroy(sandbox).await;
+        // Let the log drain read what the instance wrote before it died.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        (oom, instance.log_tail())
+    }
+
+    fn reap_expired(&self) {
+        let now = Instant::now();
+        let block_pools: Vec<Arc<BlockPool>> = lock(&self.inner.blocks).values().cloned().collect();
+        for block_pool in block_pools {
+            for instance in block_pool.take_expired(now) {
+                tracing::debug!(instance = instance.id(), "reaping idle instance");
+                let pool = self.clone();
+                tokio::spawn(async move {
+                    pool.discard(instance).await;
+                });
+            }
+        }
+    }
+
+    fn register(&self, instance: &Instance, target: &BlockTarget, state: InstanceState) {
+        let now = now_ms();
+        let info = InstanceInfo {
+            id: instance.id().to_string(),
+            account_id: target.account_id.clone(),
+            project: target.project.clone(),
+            deployment: target.deployment_number,
+            block: target.block.name.clone(),
+            state,
+            pid: instance.sandbox.pid(),
+            cgroups: instance.sandbox.cgroup_paths(),
+            started_at_ms: now,
+            last_used_at_ms: now,
+            invocations: 0,
+        };
+        lock(&self.inner.registry).insert(
+            info.id.clone(),
+            Registered {
+                info,
+                sandbox: Some(instance.sandbox.clone()),
+            },
+        );
+    }
+
+    fn set_state(&self, instance_id: &str, state: InstanceState) {
+        if let Some(entry) = lock(&self.inner.registry).get_mut(instance_id) {
+            entry.info.state = state;
+        }
+    }
+}
+
+/// Kills and cleans up a sandbox off the async threads; returns whether it was OOM-killed.
+async fn destroy(sandbox: Arc<SandboxedInstance>) -> bool {
+    let id = sandbox.id().to_string();
+    match tokio::task::spawn_blocking(move || sandbox.destroy()).await {
+        Ok(Ok(report)) => report.oom_killed,
+        Ok(Err(e)) => {
+            tracing::warn!(instance = %id, error = %e, "destroying instance");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(instance = %id, error = %e, "destroy task failed");
+            false
+        }
+    }
+}
+
+fn crash_error(error: &ChannelError, log_tail: &str) -> UserError {
+    let mut user_error = UserError::new(
+        "InstanceCrashed",
+        match error {
+            ChannelError::Closed => "the instance exited unexpectedly".to_string(),
+            other => format!("the instance broke the runtime protocol: {other}"),
+        },
+    );
+    if !log_tail.is_empty() {
+        user_error.traceback = Some(log_tail.to_string());
+    }
+    user_error
+}
+
+fn new_instance_id() -> String {
+    let uuid = uuid::Uuid::new_v4().simple().to_string();
+    format!("i-{}", &uuid[..20])
+}
+
+/// Cgroup names allow only `[a-z0-9-]` here.
+fn cgroup_safe(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}

@@ -1,0 +1,248 @@
+//! Test harness: starts the real `refinery serve` on a loopback port with a private data
+//! dir, and talks to it over HTTP (and through the CLI binary).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_refinery");
+
+pub struct Server {
+    child: Option<Child>,
+    pub url: String,
+    pub data_dir: PathBuf,
+    _data_root: Option<tempfile::TempDir>,
+    pub operator_key: String,
+    pub http: reqwest::Client,
+}
+
+impl Server {
+    /// A server with a fresh data dir and default settings.
+    pub async fn start() -> Server {
+        Server::start_with(&[]).await
+    }
+
+    pub async fn start_with(args: &[&str]) -> Server {
+        let root = tempfile::tempdir().expect("tempdir");
+        let data_dir = root.path().join("data");
+        let mut server = Server::start_in(&data_dir, args).await;
+        server._data_root = Some(root);
+        server
+    }
+
+    /// A server on an existing data dir (for restart tests).
+    pub async fn start_in(data_dir: &Path, args: &[&str]) -> Server {
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(args)
+            .env("REFINERY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start refinery serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(url) = line.strip_prefix("Refinery listening on ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server did not print its listening line");
+        let operator_key = std::fs::read_to_string(data_dir.join("operator.key"))
+            .expect("operator.key")
+            .trim()
+            .to_string();
+        Server {
+            child: Some(child),
+            url,
+            data_dir: data_dir.to_path_buf(),
+            _data_root: None,
+            operator_key,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        child.wait().expect("wait")
+    }
+
+    /// Creates an account; returns (id, api key).
+    pub async fn account(&self, name: &str) -> (String, String) {
+        let (status, body) = self
+            .request(
+                "POST",
+                "/v1/accounts",
+                Some(&self.operator_key),
+                Some(json!({ "name": name })),
+            )
+            .await;
+        assert_eq!(status, 201, "create account: {body}");
+        (
+            body["id"].as_str().expect("id").to_string(),
+            body["api_key"].as_str().expect("key").to_string(),
+        )
+    }
+
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut request = self.http.request(method, format!("{}{}", self.url, path));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.expect("send");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Deploys an inline manifest (sources given as (path, contents)).
+    pub async fn deploy(&self, key: &str, manifest: &str, files: &[(&str, &str)]) -> (u16, Value) {
+        let files: serde_json::Map<String, Value> = files
+            .iter()
+            .map(|(p, c)| (p.to_string(), Value::String(c.to_string())))
+            .collect();
+        self.request(
+            "POST",
+            "/v1/deployments",
+            Some(key),
+            Some(json!({ "manifest": manifest, "files": files })),
+        )
+        .await
+    }
+
+    pub async fn deploy_ok(&self, key: &str, manifest: &str) -> Value {
+        let (status, body) = self.deploy(key, manifest, &[]).await;
+        assert_eq!(status, 201, "deploy: {body}");
+        body
+    }
+
+    pub async fn invoke(
+        &self,
+        key: &str,
+        project: &str,
+        block: &str,
+        input: Value,
+    ) -> (u16, Value) {
+        self.request(
+            "POST",
+            &format!("/v1/projects/{project}/blocks/{block}/invoke"),
+            Some(key),
+            Some(input),
+        )
+        .await
+    }
+
+    /// Invokes and asserts HTTP 200; returns the execution.
+    pub async fn invoke_ok(&self, key: &str, project: &str, block: &str, input: Value) -> Value {
+        let (status, body) = self.invoke(key, project, block, input).await;
+        assert_eq!(status, 200, "invoke {project}/{block}: {body}");
+        body
+    }
+
+    /// The operator's view of live instances.
+    pub async fn instances(&self) -> Vec<Value> {
+        let (status, body) = self
+            .request(
+                "GET",
+                "/v1/instances",
+                Some(&self.operator_key.clone()),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body["instances"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Runs the CLI binary against this server; returns (exit code, stdout, stderr).
+    pub fn cli(&self, key: &str, args: &[&str], cwd: Option<&Path>) -> (i32, String, String) {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .env("REFINERY_URL", &self.url)
+            .env("REFINERY_API_KEY", key);
+        if let Some(cwd) = cwd {
+            command.current_dir(cwd);
+        }
+        let output = command.output().expect("run cli");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// Whether an instance's cgroup says it is frozen (v1 freezer.state or v2 cgroup.events).
+pub fn cgroup_frozen(cgroups: &[Value]) -> Option<bool> {
+    for path in cgroups.iter().filter_map(Value::as_str) {
+        let dir = Path::new(path);
+        if let Ok(state) = std::fs::read_to_string(dir.join("freezer.state")) {
+            return Some(state.trim() == "FROZEN");
+        }
+        if let Ok(events) = std::fs::read_to_string(dir.join("cgroup.events")) {
+            if let Some(line) = events.lines().find(|l| l.starts_with("frozen ")) {
+                return Some(line.trim_end().ends_with('1'));
+            }
+        }
+    }
+    None
+}
+
+pub fn process_alive(pid: i64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Polls `check` until it holds or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check()
+}

@@ -1,0 +1,266 @@
+//! Deploy and invoke over HTTP: the three languages, warm reuse, concurrency and
+//! isolation between concurrent instances, freezing and reaping.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{cgroup_frozen, eventually, process_alive, Server};
+use serde_json::{json, Value};
+
+const LANGUAGES: &str = r#"
+name = "langs"
+
+[[blocks]]
+name = "py"
+language = "python"
+code = """
+import os
+def main(block_input, backpack):
+    print("hello from python")
+    backpack["seen_by"] = "py"
+    return {"echo": block_input, "greeting": os.environ.get("GREETING"), "from_backpack": backpack.get("user")}
+"""
+env = { GREETING = "hi" }
+
+[[blocks]]
+name = "pyasync"
+language = "python"
+code = """
+import asyncio
+async def main(block_input, backpack):
+    await asyncio.sleep(0.01)
+    return block_input["n"] * 2
+"""
+
+[[blocks]]
+name = "js"
+language = "node"
+code = """
+exports.main = async (blockInput, backpack) => {
+  console.log("hello from node");
+  backpack.seen_by = "js";
+  return { echo: blockInput, greeting: process.env.GREETING, fromBackpack: backpack.user };
+};
+"""
+env = { GREETING = "hola" }
+
+[[blocks]]
+name = "esm"
+language = "node"
+code = """
+export function main(blockInput, backpack) { return { esm: true, n: blockInput.n + 1 }; }
+"""
+
+[[blocks]]
+name = "sh"
+language = "shell"
+code = """
+read input
+echo "shell got $input" >&2
+printf '{"wrapped": %s, "greeting": "%s"}' "$input" "$GREETING"
+"""
+env = { GREETING = "salut" }
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deploys_and_invokes_python_node_and_shell_blocks() {
+    let server = Server::start().await;
+    let (_, key) = server.account("acme").await;
+    let deployed = server.deploy_ok(&key, LANGUAGES).await;
+    assert_eq!(deployed["deployment"], 1);
+    assert_eq!(deployed["project"], "langs");
+
+    let backpack_header = json!({ "user": 7 }).to_string();
+    let invoke_with_backpack = |block: &'static str| {
+        let request = server
+            .http
+            .post(format!(
+                "{}/v1/projects/langs/blocks/{block}/invoke",
+                server.url
+            ))
+            .bearer_auth(&key)
+            .header("refinery-backpack", backpack_header.clone())
+            .json(&json!({ "name": "world" }));
+        async move {
+            let response = request.send().await.expect("send");
+            assert_eq!(response.status(), 200);
+            response.json::<Value>().await.expect("json")
+        }
+    };
+
+    let py = invoke_with_backpack("py").await;
+    assert_eq!(py["status"], "ok", "{py}");
+    assert_eq!(
+        py["output"],
+        json!({ "echo": { "name": "world" }, "greeting": "hi", "from_backpack": 7 })
+    );
+    assert_eq!(py["backpack"], json!({ "user": 7, "seen_by": "py" }));
+    assert!(
+        py["logs"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("hello from python"),
+        "{py}"
+    );
+    assert_eq!(py["cold"], true);
+    assert!(py["init_ms"].as_f64().is_some(), "{py}");
+    assert!(py["execution_id"].as_str().is_some_and(|id| !id.is_empty()));
+
+    let js = invoke_with_backpack("js").await;
+    assert_eq!(js["status"], "ok", "{js}");
+    assert_eq!(
+        js["output"],
+        json!({ "echo": { "name": "world" }, "greeting": "hola", "fromBackpack": 7 })
+    );
+    assert_eq!(js["backpack"]["seen_by"], "js");
+    assert!(
+        js["logs"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("hello from node"),
+        "{js}"
+    );
+
+    let sh = invoke_with_backpack("sh").await;
+    assert_eq!(sh["status"], "ok", "{sh}");
+    assert_eq!(
+        sh["output"],
+        json!({ "wrapped": { "name": "world" }, "greeting": "salut" })
+    );
+    assert!(
+        sh["logs"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("shell got"),
+        "{sh}"
+    );
+
+    let pyasync = server
+        .invoke_ok(&key, "langs", "pyasync", json!({ "n": 21 }))
+        .await;
+    assert_eq!(pyasync["output"], 42, "{pyasync}");
+    let esm = server
+        .invoke_ok(&key, "langs", "esm", json!({ "n": 1 }))
+        .await;
+    assert_eq!(esm["output"], json!({ "esm": true, "n": 2 }), "{esm}");
+}
+
+const SLEEPY: &str = r#"
+name = "sleepy"
+
+[[blocks]]
+name = "nap"
+language = "python"
+code = """
+import os, time
+def main(block_input, backpack):
+    mark = "/tmp/mark-%s" % block_input["n"]
+    with open(mark, "w") as f:
+        f.write("x")
+    time.sleep(block_input.get("sleep", 0))
+    return {"tmp": sorted(os.listdir("/tmp")), "pid": os.getpid()}
+"""
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sequential_invocations_reuse_one_warm_instance() {
+    let server = Server::start().await;
+    let (_, key) = server.account("acme").await;
+    server.deploy_ok(&key, SLEEPY).await;
+
+    let first = server
+        .invoke_ok(&key, "sleepy", "nap", json!({ "n": 1 }))
+        .await;
+    let second = server
+        .invoke_ok(&key, "sleepy", "nap", json!({ "n": 2 }))
+        .await;
+    assert_eq!(first["cold"], true, "{first}");
+    assert_eq!(second["cold"], false, "{second}");
+    assert_eq!(first["instance_id"], second["instance_id"]);
+    assert!(second["init_ms"].is_null());
+    // Same process: the first invocation's file is still in its /tmp.
+    assert_eq!(second["output"]["tmp"], json!(["mark-1", "mark-2"]));
+    let instances = server.instances().await;
+    assert_eq!(instances.len(), 1, "{instances:?}");
+    assert_eq!(instances[0]["invocations"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_invocations_run_in_separate_isolated_instances() {
+    let server = Server::start().await;
+    let (_, key) = server.account("acme").await;
+    server.deploy_ok(&key, SLEEPY).await;
+
+    let calls =
+        (0..5).map(|n| server.invoke(&key, "sleepy", "nap", json!({ "n": n, "sleep": 1.5 })));
+    let results = futures::future::join_all(calls).await;
+    let mut instance_ids = std::collections::BTreeSet::new();
+    for (n, (status, body)) in results.iter().enumerate() {
+        assert_eq!(*status, 200, "{body}");
+        assert_eq!(body["status"], "ok", "{body}");
+        assert_eq!(body["cold"], true, "{body}");
+        // Each instance's /tmp holds only its own mark.
+        assert_eq!(
+            body["output"]["tmp"],
+            json!([format!("mark-{n}")]),
+            "{body}"
+        );
+        instance_ids.insert(body["instance_id"].as_str().expect("id").to_string());
+    }
+    assert_eq!(instance_ids.len(), 5);
+
+    let instances = server.instances().await;
+    assert_eq!(instances.len(), 5, "{instances:?}");
+    let pids: std::collections::BTreeSet<i64> =
+        instances.iter().filter_map(|i| i["pid"].as_i64()).collect();
+    assert_eq!(pids.len(), 5, "distinct host processes: {instances:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_instances_are_frozen_then_reaped_after_keep_alive() {
+    let server = Server::start_with(&["--keep-alive", "2s"]).await;
+    let (_, key) = server.account("acme").await;
+    server.deploy_ok(&key, SLEEPY).await;
+    server
+        .invoke_ok(&key, "sleepy", "nap", json!({ "n": 1 }))
+        .await;
+
+    let instances = server.instances().await;
+    assert_eq!(instances.len(), 1);
+    assert_eq!(instances[0]["state"], "frozen", "{instances:?}");
+    let cgroups = instances[0]["cgroups"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(!cgroups.is_empty());
+    let frozen = eventually(Duration::from_secs(2), || {
+        cgroup_frozen(&cgroups) == Some(true)
+    })
+    .await;
+    assert!(
+        frozen,
+        "the kernel does not report the instance frozen: {cgroups:?}"
+    );
+    let pid = instances[0]["pid"].as_i64().expect("pid");
+    assert!(process_alive(pid));
+
+    // Reaped: process gone and cgroups removed.
+    let reaped = eventually(Duration::from_secs(10), || !process_alive(pid)).await;
+    assert!(reaped, "instance {pid} outlived its keep-alive");
+    assert!(server.instances().await.is_empty());
+    let removed = eventually(Duration::from_secs(2), || {
+        cgroups
+            .iter()
+            .filter_map(Value::as_str)
+            .all(|p| !std::path::Path::new(p).exists())
+    })
+    .await;
+    assert!(removed, "cgroups left behind: {cgroups:?}");
+
+    // The next invocation is cold again.
+    let again = server
+        .invoke_ok(&key, "sleepy", "nap", json!({ "n": 2 }))
+        .await;
+    assert_eq!(again["cold"], true);
+}

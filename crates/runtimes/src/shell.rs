@@ -1,0 +1,269 @@
+//! The shell runtime: runs inside the sandbox (via `run_builtin("shell", ..)`), checks the
+//! script once, then runs `/bin/sh <script>` once per invocation.
+//!
+//! Per invocation: stdin is the input as JSON, `REFINERY_BACKPACK` holds the backpack as
+//! JSON, stdout is the output (JSON if it parses, else the trimmed text as a JSON string),
+//! stderr is the logs. A non-zero exit is an `ExitStatus` error. The backpack comes back
+//! unchanged: a child process cannot hand an environment back.
+//!
+//! The loop takes its pipes as parameters so tests drive it in-process.
+
+use std::borrow::Cow;
+use std::io::{self, Read, Write};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::Instant;
+
+use refinery_domain::execution::truncate_utf8;
+use refinery_domain::limits::MAX_PAYLOAD_BYTES;
+use refinery_domain::UserError;
+use serde_json::Value;
+
+use crate::protocol::{self, FrameError, HostMessage, ShimMessage, LOG_CAP_BYTES};
+
+/// The interpreter scripts run under.
+const SHELL: &str = "/bin/sh";
+
+/// Lines of stderr quoted as the traceback of a failed script.
+const TRACEBACK_LINES: usize = 20;
+
+/// Why the serving loop stopped early (a clean EOF on the requests pipe is not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum ShellError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("the script could not be loaded: {}: {}", .0.kind, .0.message)]
+    InitFailed(UserError),
+}
+
+/// Serves the protocol for `script` until the host closes `requests`. Sends `ready` (or
+/// `init_error`, then returns `Err(InitFailed)`) first.
+pub fn serve(
+    mut requests: impl Read,
+    mut responses: impl Write,
+    script: &Path,
+) -> Result<(), ShellError> {
+    let started = Instant::now();
+    if let Err(error) = check_script(script) {
+        protocol::write_message(
+            &mut responses,
+            &ShimMessage::InitError {
+                error: error.clone(),
+            },
+        )?;
+        return Err(ShellError::InitFailed(error));
+    }
+    let init_ms = started.elapsed().as_secs_f64() * 1000.0;
+    protocol::write_message(&mut responses, &ShimMessage::Ready { init_ms })?;
+
+    while let Some(body) = protocol::read_frame(&mut requests)? {
+        let HostMessage::Invoke { input, backpack } = protocol::decode(&body)?;
+        let reply = invoke(script, &input, backpack);
+        protocol::write_message(&mut responses, &reply)?;
+    }
+    Ok(())
+}
+
+/// The script must exist and `sh -n` must accept it.
+fn check_script(script: &Path) -> Result<(), UserError> {
+    if !script.is_file() {
+        return Err(UserError::new(
+            "HandlerNotFound",
+            format!("script {} not found", script.display()),
+        ));
+    }
+    let checked = Command::new(SHELL)
+        .arg("-n")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| UserError::new("RuntimeError", format!("cannot run {SHELL}: {e}")))?;
+    if checked.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&checked.stderr).trim().to_string();
+    let message = if stderr.is_empty() {
+        format!("{SHELL} -n rejected {}", script.display())
+    } else {
+        stderr.clone()
+    };
+    Err(UserError {
+        kind: "SyntaxError".into(),
+        message,
+        traceback: (!stderr.is_empty()).then_some(stderr),
+    })
+}
+
+/// Runs the script once and turns what it did into a reply frame.
+fn invoke(script: &Path, input: &Value, backpack: Cow<'_, Value>) -> ShimMessage {
+    let backpack = backpack.into_owned();
+    let error = |error: UserError, logs: String, logs_truncated: bool| ShimMessage::Error {
+        error,
+        logs,
+        logs_truncated,
+    };
+    let run = match run_script(script, input, &backpack) {
+        Ok(run) => run,
+        Err(e) => {
+            return error(
+                UserError::new("RuntimeError", format!("cannot run the script: {e}")),
+                String::new(),
+                false,
+            )
+        }
+    };
+    let mut logs = String::from_utf8_lossy(&run.stderr.bytes).into_owned();
+    let logs_truncated = truncate_utf8(&mut logs, LOG_CAP_BYTES) || run.stderr.truncated;
+
+    if let Some(failure) = exit_failure(run.status) {
+        let tail = last_lines(&logs, TRACEBACK_LINES);
+        let error_value = UserError {
+            kind: "ExitStatus".into(),
+            message: failure,
+            traceback: (!tail.is_empty()).then_some(tail),
+        };
+        return error(error_value, logs, logs_truncated);
+    }
+    if run.stdout.truncated {
+        return error(
+            UserError::new(
+                "OutputTooLarge",
+                format!("the script wrote more than {MAX_PAYLOAD_BYTES} bytes to stdout"),
+            ),
+            logs,
+            logs_truncated,
+        );
+    }
+    ShimMessage::Result {
+        output: parse_output(&run.stdout.bytes),
+        backpack,
+        logs,
+        logs_truncated,
+    }
+}
+
+/// `None` for a zero exit, else the error message.
+fn exit_failure(status: std::process::ExitStatus) -> Option<String> {
+    if let Some(code) = status.code() {
+        return (code != 0).then(|| format!("script exited with status {code}"));
+    }
+    let signal = status.signal().unwrap_or(0);
+    Some(format!("script was killed by signal {signal}"))
+}
+
+/// JSON if stdout parses as JSON, else the trimmed text as a JSON string.
+fn parse_output(stdout: &[u8]) -> Value {
+    if let Ok(value) = serde_json::from_slice::<Value>(stdout) {
+        return value;
+    }
+    Value::String(String::from_utf8_lossy(stdout).trim().to_string())
+}
+
+fn last_lines(text: &str, count: usize) -> String {
+    let lines: Vec<&str> = text.trim_end().lines().collect();
+    lines[lines.len().saturating_sub(count)..].join("\n")
+}
+
+struct Captured {
+    bytes: Vec<u8>,
+    truncated: bool,
+}
+
+struct Run {
+    status: std::process::ExitStatus,
+    stdout: Captured,
+    stderr: Captured,
+}
+
+fn run_script(script: &Path, input: &Value, backpack: &Value) -> io::Result<Run> {
+    let input = serde_json::to_vec(input)?;
+    let mut child = Command::new(SHELL)
+        .arg(script)
+        .env("REFINERY_BACKPACK", serde_json::to_string(backpack)?)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let (Some(mut stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        // Unreachable with all three piped; reap the child rather than leak it.
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(io::Error::other("child pipes missing"));
+    };
+    // Separate threads: a script that ignores stdin, or fills stderr before reading
+    // stdin, must not deadlock us.
+    let feeder = thread::spawn(move || {
+        // A script that exits without reading its input closes the pipe: not an error.
+        let _ = stdin.write_all(&input);
+    });
+    let stderr_reader = thread::spawn(move || read_capped(stderr, LOG_CAP_BYTES));
+    let stdout = read_capped(stdout, MAX_PAYLOAD_BYTES);
+    let stderr = stderr_reader
+        .join()
+        .map_err(|_| io::Error::other("stderr reader panicked"))?;
+    let _ = feeder.join();
+    let status = child.wait()?;
+    Ok(Run {
+        status,
+        stdout: stdout?,
+        stderr: stderr?,
+    })
+}
+
+/// Reads to EOF, keeping at most `cap` bytes and draining the rest so the writer never
+/// blocks on a full pipe.
+fn read_capped(mut reader: impl Read, cap: usize) -> io::Result<Captured> {
+    let mut bytes = Vec::new();
+    let mut truncated = false;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let room = cap.saturating_sub(bytes.len());
+        if n > room {
+            truncated = true;
+        }
+        bytes.extend_from_slice(&buf[..n.min(room)]);
+    }
+    Ok(Captured { bytes, truncated })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_json_or_trimmed_text() {
+        assert_eq!(parse_output(b"{\"a\": 1}\n"), serde_json::json!({"a": 1}));
+        assert_eq!(
+            parse_output(b"  hello world \n"),
+            serde_json::json!("hello world")
+        );
+        assert_eq!(parse_output(b""), serde_json::json!(""));
+    }
+
+    #[test]
+    fn keeps_the_last_lines() {
+        assert_eq!(last_lines("a\nb\nc\n", 2), "b\nc");
+        assert_eq!(last_lines("", 2), "");
+    }
+
+    #[test]
+    fn caps_and_drains() -> io::Result<()> {
+        let data = vec![b'x'; 1000];
+        let captured = read_capped(data.as_slice(), 10)?;
+        assert_eq!(captured.bytes.len(), 10);
+        assert!(captured.truncated);
+        Ok(())
+    }
+}

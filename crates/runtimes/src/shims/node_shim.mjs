@@ -1,0 +1,312 @@
+// Refinery's Node.js runtime shim.
+//
+// Runs inside a sandboxed instance as
+//     node node_shim.mjs /code/<source>
+// Loads the block's module once with import() (CommonJS and ES modules alike), then serves
+// invocations one at a time over the framed protocol: requests on fd 3, responses on fd 4,
+// each frame a 4-byte big-endian length followed by UTF-8 JSON. Requests are read
+// synchronously between invocations, so nothing of the block runs while the instance
+// waits. After an init_error it exits.
+//
+// Installed by refinery-runtimes; the bounds below are filled in at install time.
+
+import fs from 'node:fs';
+import path from 'node:path';
+import { spawnSync } from 'node:child_process';
+import { pathToFileURL } from 'node:url';
+import { performance } from 'node:perf_hooks';
+
+const REQUESTS_FD = 3;
+const RESPONSES_FD = 4;
+const MAX_FRAME_BYTES = __MAX_FRAME_BYTES__;
+const LOG_CAP_BYTES = __LOG_CAP_BYTES__;
+
+// ------------------------------------------------------------------ framing
+
+const sleeper = new Int32Array(new SharedArrayBuffer(4));
+
+/** Reads exactly n bytes from the requests pipe; null on EOF. */
+function readExact(n) {
+  const buf = Buffer.allocUnsafe(n);
+  let off = 0;
+  while (off < n) {
+    let got;
+    try {
+      got = fs.readSync(REQUESTS_FD, buf, off, n - off, null);
+    } catch (err) {
+      if (err.code === 'EAGAIN') {
+        // The pipe was handed to us non-blocking: wait a little instead of spinning.
+        Atomics.wait(sleeper, 0, 0, 2);
+        continue;
+      }
+      if (err.code === 'EINTR') continue;
+      throw err;
+    }
+    if (got === 0) return null;
+    off += got;
+  }
+  return buf;
+}
+
+function readMessage() {
+  const header = readExact(4);
+  if (header === null) return null;
+  const length = header.readUInt32BE(0);
+  if (length > MAX_FRAME_BYTES) {
+    throw new Error(`request frame of ${length} bytes exceeds ${MAX_FRAME_BYTES}`);
+  }
+  const body = readExact(length);
+  if (body === null) return null;
+  return JSON.parse(body.toString('utf8'));
+}
+
+function writeFrame(text) {
+  const body = Buffer.from(text, 'utf8');
+  const frame = Buffer.allocUnsafe(4 + body.length);
+  frame.writeUInt32BE(body.length, 0);
+  body.copy(frame, 4);
+  let off = 0;
+  while (off < frame.length) {
+    try {
+      off += fs.writeSync(RESPONSES_FD, frame, off, frame.length - off);
+    } catch (err) {
+      if (err.code === 'EAGAIN') {
+        Atomics.wait(sleeper, 0, 0, 2);
+        continue;
+      }
+      throw err;
+    }
+  }
+  return body.length;
+}
+
+// ------------------------------------------------------------------ errors
+
+function errorOf(value) {
+  if (value instanceof Error || (value !== null && typeof value === 'object' && 'stack' in value)) {
+    let type = 'Error';
+    try {
+      type = value.name || value.constructor?.name || 'Error';
+    } catch {}
+    let message = '';
+    try {
+      message = String(value.message ?? '');
+    } catch {}
+    let stack = null;
+    try {
+      stack = typeof value.stack === 'string' ? value.stack : null;
+    } catch {}
+    return { type: String(type), message, traceback: stack };
+  }
+  let message;
+  try {
+    message = String(value);
+  } catch {
+    message = Object.prototype.toString.call(value);
+  }
+  return { type: 'Error', message, traceback: null };
+}
+
+/**
+ * A syntax error's message gains the file and line. CommonJS syntax errors carry them at
+ * the top of their stack; ES module ones loaded with import() do not, so the file is
+ * re-parsed with `node --check`, which prints them (only on this failure path).
+ */
+function initErrorOf(value, file) {
+  const error = errorOf(value);
+  if (!(value instanceof SyntaxError)) return error;
+  const stack = typeof value.stack === 'string' ? value.stack : '';
+  let report = stack.startsWith('/') || stack.startsWith('file://') ? stack : null;
+  if (report === null) {
+    try {
+      const checked = spawnSync(process.execPath, ['--check', file], {
+        encoding: 'utf8',
+        stdio: ['ignore', 'ignore', 'pipe'],
+        timeout: 10000,
+      });
+      if (checked.status !== 0 && typeof checked.stderr === 'string') {
+        report = checked.stderr;
+      }
+    } catch {}
+  }
+  if (report !== null && (report.startsWith('/') || report.startsWith('file://'))) {
+    const where = report.split('\n', 1)[0].replace(/^file:\/\//, '');
+    error.message = `${error.message} (${where})`;
+    // Keep the location, the source line and the caret; drop node's internal frames.
+    error.traceback = report
+      .split('\n')
+      .filter((line) => !/^\s+at .*node:internal/.test(line) && !/^Node\.js v/.test(line))
+      .join('\n')
+      .trim();
+  }
+  return error;
+}
+
+// ------------------------------------------------------------------ log capture
+
+const realStdoutWrite = process.stdout.write;
+const realStderrWrite = process.stderr.write;
+
+/** Routes process.stdout/stderr writes (and so console.*) into one buffer, in order. */
+class Capture {
+  start() {
+    this.chunks = [];
+    this.bytes = 0;
+    this.truncated = false;
+    const capture = (chunk, encoding, callback) => {
+      if (typeof encoding === 'function') {
+        callback = encoding;
+        encoding = undefined;
+      }
+      const buf = Buffer.isBuffer(chunk) || chunk instanceof Uint8Array
+        ? Buffer.from(chunk)
+        : Buffer.from(String(chunk), typeof encoding === 'string' ? encoding : 'utf8');
+      const room = LOG_CAP_BYTES - this.bytes;
+      if (buf.length > room) this.truncated = true;
+      if (room > 0) {
+        const kept = buf.length > room ? buf.subarray(0, room) : buf;
+        this.chunks.push(kept);
+        this.bytes += kept.length;
+      }
+      if (typeof callback === 'function') process.nextTick(callback);
+      return true;
+    };
+    process.stdout.write = capture;
+    process.stderr.write = capture;
+  }
+
+  stop() {
+    process.stdout.write = realStdoutWrite;
+    process.stderr.write = realStderrWrite;
+    // A cut multi-byte character decodes to U+FFFD; the host re-checks the byte bound.
+    let logs = Buffer.concat(this.chunks).toString('utf8');
+    if (this.truncated) {
+      while (Buffer.byteLength(logs, 'utf8') > LOG_CAP_BYTES) logs = logs.slice(0, -1);
+    }
+    return { logs, truncated: this.truncated };
+  }
+}
+
+// ------------------------------------------------------------------ loading
+
+class HandlerNotFound extends Error {
+  constructor(message) {
+    super(message);
+    this.name = 'HandlerNotFound';
+  }
+}
+
+async function load(file) {
+  const mod = await import(pathToFileURL(file).href);
+  if (typeof mod.main === 'function') return mod.main;
+  const dflt = mod.default;
+  if (typeof dflt === 'function') return dflt;
+  if (dflt !== null && typeof dflt === 'object' && typeof dflt.main === 'function') {
+    return (input, backpack) => dflt.main(input, backpack);
+  }
+  throw new HandlerNotFound(
+    `${path.basename(file)} must define main(blockInput, backpack) ` +
+      '(export function main, export default, or module.exports.main)',
+  );
+}
+
+// ------------------------------------------------------------------ serving
+
+function encodeTail(logs, truncated) {
+  return `,"logs":${JSON.stringify(logs)},"logs_truncated":${truncated}}`;
+}
+
+async function invoke(handler, capture, request) {
+  const backpack =
+    request.backpack !== null && typeof request.backpack === 'object' ? request.backpack : {};
+  let outcome = null;
+  let output;
+  let captured;
+  capture.start();
+  try {
+    output = await handler(request.input ?? null, backpack);
+  } catch (err) {
+    outcome = errorOf(err);
+  } finally {
+    captured = capture.stop();
+  }
+  const { logs, truncated } = captured;
+  let body = null;
+  if (outcome === null) {
+    try {
+      const outputJson = JSON.stringify(output) ?? 'null';
+      let backpackJson;
+      try {
+        backpackJson = JSON.stringify(backpack) ?? '{}';
+      } catch (err) {
+        throw new TypeError(`the backpack is not JSON-serialisable: ${err.message}`);
+      }
+      body = `{"type":"result","output":${outputJson},"backpack":${backpackJson}`;
+    } catch (err) {
+      outcome = {
+        type: 'TypeError',
+        message: err.message.startsWith('the backpack')
+          ? err.message
+          : `main returned a value that is not JSON-serialisable: ${err.message}`,
+        traceback: null,
+      };
+    }
+  }
+  const tail = encodeTail(logs, truncated);
+  if (body !== null) {
+    const text = body + tail;
+    if (Buffer.byteLength(text, 'utf8') <= MAX_FRAME_BYTES) return text;
+    outcome = {
+      type: 'OutputTooLarge',
+      message: `output and backpack together exceed ${MAX_FRAME_BYTES} bytes`,
+      traceback: null,
+    };
+  }
+  return `{"type":"error","error":${JSON.stringify(outcome)}${tail}`;
+}
+
+async function serve() {
+  const file = process.argv[2];
+  if (process.argv.length !== 3) {
+    process.stderr.write('usage: node node_shim.mjs /code/<source>\n');
+    return 2;
+  }
+  const started = performance.now();
+  const resolved = path.resolve(file);
+  let handler;
+  try {
+    handler = await load(resolved);
+  } catch (err) {
+    writeFrame(JSON.stringify({ type: 'init_error', error: initErrorOf(err, resolved) }));
+    return 1;
+  }
+  const initMs = performance.now() - started;
+  writeFrame(JSON.stringify({ type: 'ready', init_ms: initMs }));
+
+  const capture = new Capture();
+  for (;;) {
+    let request;
+    try {
+      request = readMessage();
+    } catch (err) {
+      process.stderr.write(`refinery node shim: ${err.message}\n`);
+      return 1;
+    }
+    if (request === null) return 0;
+    if (typeof request !== 'object' || request.type !== 'invoke') {
+      process.stderr.write('refinery node shim: expected an invoke frame\n');
+      return 1;
+    }
+    writeFrame(await invoke(handler, capture, request));
+  }
+}
+
+// Exit explicitly: timers or sockets the block left open must not keep a finished
+// instance alive, and the host's closing of the pipe is the signal to stop.
+serve().then(
+  (code) => process.exit(code),
+  (err) => {
+    process.stderr.write(`refinery node shim: ${err?.stack ?? err}\n`);
+    process.exit(1);
+  },
+);

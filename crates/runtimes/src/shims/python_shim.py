@@ -1,0 +1,309 @@
+"""Refinery's Python runtime shim.
+
+Runs inside a sandboxed instance as
+    python3 -I -B python_shim.py /code/<source>
+Loads the block's module once, then serves invocations one at a time over the framed
+protocol: requests on fd 3, responses on fd 4, each frame a 4-byte big-endian length
+followed by UTF-8 JSON. After an init_error it exits.
+
+Installed by refinery-runtimes; the bounds below are filled in at install time.
+"""
+
+import asyncio
+import importlib.util
+import inspect
+import io
+import json
+import os
+import struct
+import sys
+import time
+import traceback
+
+REQUESTS_FD = 3
+RESPONSES_FD = 4
+MAX_FRAME_BYTES = __MAX_FRAME_BYTES__
+LOG_CAP_BYTES = __LOG_CAP_BYTES__
+
+SHIM_FILE = os.path.abspath(__file__)
+ASYNCIO_DIR = os.path.dirname(os.path.abspath(asyncio.__file__)) + os.sep
+
+
+class ProtocolError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- framing
+
+
+def read_exact(n):
+    chunks = []
+    remaining = n
+    while remaining:
+        chunk = os.read(REQUESTS_FD, min(remaining, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_message():
+    """The next request, or None when the host closed the pipe."""
+    header = read_exact(4)
+    if header is None:
+        return None
+    (length,) = struct.unpack(">I", header)
+    if length > MAX_FRAME_BYTES:
+        raise ProtocolError(f"request frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
+    body = read_exact(length)
+    if body is None:
+        return None
+    return json.loads(body.decode("utf-8"))
+
+
+def write_frame(body):
+    data = struct.pack(">I", len(body)) + body
+    view = memoryview(data)
+    while view:
+        written = os.write(RESPONSES_FD, view)
+        view = view[written:]
+
+
+def encode(value):
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------- errors
+
+
+def is_internal(filename):
+    return (
+        filename == SHIM_FILE
+        or filename.startswith("<frozen importlib")
+        or filename.startswith(ASYNCIO_DIR)
+    )
+
+
+def strip_internal(te, seen):
+    """Drops the shim's, importlib's and asyncio's frames from a TracebackException chain."""
+    while te is not None and id(te) not in seen:
+        seen.add(id(te))
+        te.stack = traceback.StackSummary.from_list(
+            [f for f in te.stack if not is_internal(f.filename)]
+        )
+        if te.__context__ is not None and te.__context__ is not te.__cause__:
+            strip_internal(te.__context__, seen)
+        te = te.__cause__
+
+
+def error_of(exc):
+    te = traceback.TracebackException(type(exc), exc, exc.__traceback__)
+    strip_internal(te, set())
+    try:
+        message = str(exc)
+    except BaseException:  # noqa: BLE001 - a broken __str__ must not kill the instance
+        message = f"<unprintable {type(exc).__name__}>"
+    return {
+        "type": type(exc).__name__,
+        "message": message,
+        "traceback": "".join(te.format()),
+    }
+
+
+# ---------------------------------------------------------------- log capture
+
+
+def unbuffered_stdio():
+    """Like `python -u`: print() output reaches fd 1 at once, so it interleaves with
+    stderr and subprocess output in the order it was produced."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        stream = io.TextIOWrapper(
+            io.FileIO(fd, "w", closefd=False),
+            encoding="utf-8",
+            errors="backslashreplace",
+            write_through=True,
+        )
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+
+
+class Capture:
+    """Points fds 1 and 2 at one memfd for the duration of an invocation, so output from
+    print(), C extensions and subprocesses is all captured, in order."""
+
+    def __init__(self):
+        self.saved_out = os.dup(1)
+        self.saved_err = os.dup(2)
+
+    @staticmethod
+    def flush():
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except Exception:  # noqa: BLE001 - a user-replaced stream may be broken
+                pass
+
+    def start(self):
+        self.flush()
+        self.fd = os.memfd_create("refinery-logs")
+        os.dup2(self.fd, 1)
+        os.dup2(self.fd, 2)
+
+    def stop(self):
+        """Restores fds 1 and 2; returns (logs, truncated)."""
+        self.flush()
+        os.dup2(self.saved_out, 1)
+        os.dup2(self.saved_err, 2)
+        try:
+            size = os.fstat(self.fd).st_size
+            keep = min(size, LOG_CAP_BYTES)
+            data = os.pread(self.fd, keep, 0) if keep else b""
+        finally:
+            os.close(self.fd)
+        text = data.decode("utf-8", errors="replace")
+        truncated = size > LOG_CAP_BYTES
+        if truncated:
+            # Replacement characters can make the text longer than the bytes it came from.
+            while len(text.encode("utf-8")) > LOG_CAP_BYTES:
+                text = text[:-1]
+        return text, truncated
+
+
+# ---------------------------------------------------------------- loading
+
+
+def module_name_for(path):
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if (
+        stem.isidentifier()
+        and stem not in sys.modules
+        and stem not in sys.stdlib_module_names
+    ):
+        return stem
+    return "refinery_block"
+
+
+def load(path):
+    """Returns the handler, or raises an exception to report as init_error."""
+    code_dir = os.path.dirname(os.path.abspath(path))
+    sys.path.insert(0, code_dir)
+    name = module_name_for(path)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}: not a Python source file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    handler = getattr(module, "main", None)
+    filename = os.path.basename(path)
+    if handler is None:
+        raise HandlerNotFound(
+            f"{filename} must define main(block_input, backpack); no `main` was found"
+        )
+    if not callable(handler):
+        raise HandlerNotFound(
+            f"{filename} must define main(block_input, backpack); `main` is not callable"
+        )
+    return handler
+
+
+class HandlerNotFound(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- serving
+
+
+def invoke(handler, loop, request):
+    backpack = request.get("backpack")
+    if backpack is None:
+        backpack = {}
+    result = handler(request.get("input"), backpack)
+    if inspect.isawaitable(result):
+        result = loop.run_until_complete(result)
+    return result, backpack
+
+
+def reply_for(handler, loop, capture, request):
+    capture.start()
+    try:
+        try:
+            output, backpack = invoke(handler, loop, request)
+            outcome = None
+        except BaseException as exc:  # noqa: BLE001 - SystemExit etc. are user errors too
+            outcome = error_of(exc)
+    finally:
+        logs, truncated = capture.stop()
+
+    if outcome is None:
+        try:
+            output_json = encode(output)
+        except (TypeError, ValueError, RecursionError) as exc:
+            outcome = {
+                "type": "TypeError",
+                "message": f"main returned a value that is not JSON-serialisable: {exc}",
+                "traceback": None,
+            }
+        else:
+            try:
+                backpack_json = encode(backpack)
+            except (TypeError, ValueError, RecursionError) as exc:
+                outcome = {
+                    "type": "TypeError",
+                    "message": f"the backpack is not JSON-serialisable: {exc}",
+                    "traceback": None,
+                }
+    tail = ',"logs":' + encode(logs) + ',"logs_truncated":' + encode(truncated) + "}"
+    if outcome is None:
+        body = '{"type":"result","output":' + output_json + ',"backpack":' + backpack_json + tail
+        encoded = body.encode("utf-8")
+        if len(encoded) <= MAX_FRAME_BYTES:
+            return encoded
+        outcome = {
+            "type": "OutputTooLarge",
+            "message": f"output and backpack together exceed {MAX_FRAME_BYTES} bytes",
+            "traceback": None,
+        }
+    return ('{"type":"error","error":' + encode(outcome) + tail).encode("utf-8")
+
+
+def main():
+    if len(sys.argv) != 2:
+        print("usage: python_shim.py /code/<source>", file=sys.stderr)
+        return 2
+    path = sys.argv[1]
+    unbuffered_stdio()
+    # The protocol pipes must not leak into subprocesses the block starts.
+    for fd in (REQUESTS_FD, RESPONSES_FD):
+        os.set_inheritable(fd, False)
+
+    started = time.perf_counter()
+    try:
+        handler = load(path)
+    except BaseException as exc:  # noqa: BLE001 - any failure to load is the user's
+        write_frame(encode({"type": "init_error", "error": error_of(exc)}).encode("utf-8"))
+        return 1
+    init_ms = (time.perf_counter() - started) * 1000.0
+    write_frame(encode({"type": "ready", "init_ms": init_ms}).encode("utf-8"))
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    capture = Capture()
+    while True:
+        try:
+            request = read_message()
+        except (ProtocolError, ValueError) as exc:
+            print(f"refinery python shim: {exc}", file=sys.stderr)
+            return 1
+        if request is None:
+            return 0
+        if not isinstance(request, dict) or request.get("type") != "invoke":
+            print("refinery python shim: expected an invoke frame", file=sys.stderr)
+            return 1
+        write_frame(reply_for(handler, loop, capture, request))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

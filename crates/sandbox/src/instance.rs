@@ -1,0 +1,217 @@
+//! A running instance: freeze/thaw, OOM state and the one way it ends, [`SandboxedInstance::destroy`].
+
+use std::path::PathBuf;
+use std::sync::{Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::cgroup::{FreezerState, InstanceCgroups};
+use crate::uid::UidLease;
+use crate::SandboxError;
+
+/// How long destroy waits for the init to be reaped after SIGKILL.
+const REAP_BUDGET: Duration = Duration::from_secs(5);
+/// How long destroy retries rmdir of a busy cgroup.
+const RMDIR_BUDGET: Duration = Duration::from_secs(2);
+/// How long freeze() waits for the kernel to report Frozen.
+const FREEZE_WAIT: Duration = Duration::from_millis(100);
+
+/// How an instance ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExitReport {
+    /// The kernel OOM-killed a process of the instance.
+    pub oom_killed: bool,
+    /// The init's wait status: "exit N", "signal N", or "unknown" if someone else reaped it.
+    pub exit: String,
+}
+
+#[derive(Debug)]
+struct State {
+    uid: Option<UidLease>,
+    /// Wait status of the init once reaped.
+    exit: Option<String>,
+    report: Option<ExitReport>,
+}
+
+/// One sandboxed instance. Destroyed (processes killed, cgroups removed) on drop at the latest.
+#[derive(Debug)]
+pub struct SandboxedInstance {
+    id: String,
+    pid: libc::pid_t,
+    cgroups: InstanceCgroups,
+    state: Mutex<State>,
+}
+
+impl SandboxedInstance {
+    pub(crate) fn new(
+        id: String,
+        pid: libc::pid_t,
+        cgroups: InstanceCgroups,
+        uid: UidLease,
+    ) -> Self {
+        SandboxedInstance {
+            id,
+            pid,
+            cgroups,
+            state: Mutex::new(State {
+                uid: Some(uid),
+                exit: None,
+                report: None,
+            }),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Host pid of the namespace's init (pid 1 inside).
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The instance's uid (= gid) inside and outside the sandbox.
+    pub fn uid(&self) -> Option<u32> {
+        self.lock().uid.as_ref().map(UidLease::uid)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Freeze every process of the instance; waits briefly (100 ms at most) for the kernel to
+    /// report the cgroup frozen.
+    pub fn freeze(&self) -> Result<(), SandboxError> {
+        self.cgroups
+            .set_frozen(true)
+            .map_err(|source| SandboxError::Freeze {
+                instance: self.id.clone(),
+                path: self.cgroups.freeze_file(),
+                source,
+            })?;
+        let deadline = Instant::now() + FREEZE_WAIT;
+        while Instant::now() < deadline {
+            if self.freezer_state()? == FreezerState::Frozen {
+                break;
+            }
+            thread::sleep(Duration::from_micros(100));
+        }
+        Ok(())
+    }
+
+    pub fn thaw(&self) -> Result<(), SandboxError> {
+        self.cgroups
+            .set_frozen(false)
+            .map_err(|source| SandboxError::Thaw {
+                instance: self.id.clone(),
+                path: self.cgroups.freeze_file(),
+                source,
+            })
+    }
+
+    /// The freezer state as the kernel reports it.
+    pub fn freezer_state(&self) -> Result<FreezerState, SandboxError> {
+        self.cgroups
+            .freezer_state()
+            .map_err(|source| SandboxError::FreezerState {
+                instance: self.id.clone(),
+                path: self.cgroups.freeze_file(),
+                source,
+            })
+    }
+
+    pub fn cgroup_paths(&self) -> Vec<PathBuf> {
+        self.cgroups.paths()
+    }
+
+    /// The kernel OOM-killed a process of this instance.
+    pub fn oom_killed(&self) -> bool {
+        if let Some(r) = &self.lock().report {
+            return r.oom_killed;
+        }
+        self.cgroups.oom_killed()
+    }
+
+    /// Reap the init without blocking; Some(status) once it has exited.
+    fn try_reap(&self) -> Option<String> {
+        let mut status: libc::c_int = 0;
+        // SAFETY: waitpid on our own child with a valid status pointer.
+        let rc = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG | libc::__WALL) };
+        if rc == self.pid {
+            Some(if libc::WIFEXITED(status) {
+                format!("exit {}", libc::WEXITSTATUS(status))
+            } else if libc::WIFSIGNALED(status) {
+                format!("signal {}", libc::WTERMSIG(status))
+            } else {
+                format!("status {status}")
+            })
+        } else if rc < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
+            Some("unknown".into())
+        } else {
+            None
+        }
+    }
+
+    /// SIGKILL the init (and with it the whole pid namespace), thaw, reap, remove the cgroups,
+    /// free the uid. Idempotent; blocks for a bounded time.
+    pub fn destroy(&self) -> Result<ExitReport, SandboxError> {
+        let mut state = self.lock();
+        if let Some(r) = &state.report {
+            return Ok(r.clone());
+        }
+        if state.exit.is_none() {
+            state.exit = self.try_reap();
+        }
+        if state.exit.is_none() {
+            let deadline = Instant::now() + REAP_BUDGET;
+            let mut pause = Duration::from_micros(50);
+            loop {
+                // SAFETY: kill(2) on our own unreaped child (the pid cannot have been reused).
+                unsafe { libc::kill(self.pid, libc::SIGKILL) };
+                self.cgroups.kill_all();
+                // v1: frozen tasks only die once thawed.
+                let _ = self.cgroups.set_frozen(false);
+                if let Some(exit) = self.try_reap() {
+                    state.exit = Some(exit);
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(SandboxError::Destroy {
+                        instance: self.id.clone(),
+                        what: format!("pid {} not reaped {REAP_BUDGET:?} after SIGKILL", self.pid),
+                    });
+                }
+                thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(10));
+            }
+        }
+        // The namespace's init is gone, so is every process of its pid namespace. Free the uid
+        // and remove the cgroups (processes leave a v1 cgroup asynchronously: retry while busy).
+        state.uid = None;
+        let oom_killed = self.cgroups.oom_killed();
+        if !self.cgroups.is_empty() {
+            self.cgroups.kill_all();
+            let _ = self.cgroups.set_frozen(false);
+        }
+        self.cgroups
+            .remove(RMDIR_BUDGET)
+            .map_err(|(path, e)| SandboxError::Destroy {
+                instance: self.id.clone(),
+                what: format!("removing cgroup {}: {e}", path.display()),
+            })?;
+        let report = ExitReport {
+            oom_killed,
+            exit: state.exit.clone().unwrap_or_else(|| "unknown".into()),
+        };
+        state.report = Some(report.clone());
+        Ok(report)
+    }
+}
+
+impl Drop for SandboxedInstance {
+    fn drop(&mut self) {
+        if let Err(e) = self.destroy() {
+            tracing::error!(instance = %self.id, error = %e, "destroying sandbox instance on drop failed");
+        }
+    }
+}

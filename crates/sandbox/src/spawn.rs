@@ -1,0 +1,243 @@
+//! Creating an instance: channels, the clone(2) of the init on the one long-lived spawner thread,
+//! and sending the setup frame.
+//!
+//! All clones happen on a single dedicated thread because the init's parent-death signal
+//! (PR_SET_PDEATHSIG) fires when the parent *thread* exits; this thread lives as long as the
+//! process. The cloned child runs only async-signal-safe syscalls before execve, since the server
+//! is multi-threaded.
+
+use std::ffi::CString;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::mpsc;
+use std::sync::OnceLock;
+
+use crate::SandboxError;
+
+/// Namespaces every instance gets at clone time (the cgroup namespace is entered by the init
+/// after it joined its cgroups).
+const CLONE_FLAGS: libc::c_int = libc::CLONE_NEWPID
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUTS;
+
+/// Child-side descriptors, in the order they become fds 0..=4 of the init.
+pub(crate) struct ChildFds {
+    pub stdin: OwnedFd,
+    pub log: OwnedFd,
+    pub requests: OwnedFd,
+    pub responses: OwnedFd,
+}
+
+/// Host-side ends of the instance's pipes.
+pub(crate) struct HostFds {
+    pub requests: OwnedFd,
+    pub responses: OwnedFd,
+    pub logs: OwnedFd,
+}
+
+/// Lowest fd number used for child-side descriptors, so dup2 onto 0..=4 never clobbers a source.
+const HIGH_FD: RawFd = 10;
+
+fn cloexec_high(fd: OwnedFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on a valid fd returns a new fd that we then own exclusively.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, HIGH_FD) };
+    if new < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `new` is a freshly created fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 writes two fds into the 2-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created by pipe2 and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Create the three pipes and /dev/null handle of an instance.
+pub(crate) fn channels() -> io::Result<(HostFds, ChildFds)> {
+    let (req_r, req_w) = pipe()?;
+    let (resp_r, resp_w) = pipe()?;
+    let (log_r, log_w) = pipe()?;
+    let devnull: OwnedFd = std::fs::File::open("/dev/null")?.into();
+    Ok((
+        HostFds {
+            requests: req_w,
+            responses: resp_r,
+            logs: log_r,
+        },
+        ChildFds {
+            stdin: cloexec_high(devnull)?,
+            log: cloexec_high(log_w)?,
+            requests: cloexec_high(req_r)?,
+            responses: cloexec_high(resp_w)?,
+        },
+    ))
+}
+
+struct CloneRequest {
+    exe: CString,
+    argv: Vec<CString>,
+    /// stdin, log, requests, responses raw fds (kept open by the requester until the reply).
+    fds: [RawFd; 4],
+    reply: mpsc::Sender<io::Result<libc::pid_t>>,
+}
+
+static SPAWNER: OnceLock<io::Result<mpsc::Sender<CloneRequest>>> = OnceLock::new();
+
+fn spawner() -> Result<&'static mpsc::Sender<CloneRequest>, SandboxError> {
+    SPAWNER
+        .get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<CloneRequest>();
+            std::thread::Builder::new()
+                .name("refinery-sandbox-spawner".into())
+                .spawn(move || spawner_loop(rx))?;
+            Ok(tx)
+        })
+        .as_ref()
+        .map_err(|_| SandboxError::SpawnerGone)
+}
+
+fn spawner_loop(rx: mpsc::Receiver<CloneRequest>) {
+    // Block every signal on this thread: children inherit the mask, so no handler of the server
+    // can run in a child between clone and execve. The init restores an empty mask before it
+    // runs the entry.
+    // SAFETY: sigfillset initialises the set; pthread_sigmask only changes this thread's mask.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+    }
+    while let Ok(req) = rx.recv() {
+        let result = clone_init(&req);
+        let _ = req.reply.send(result);
+    }
+}
+
+/// clone(2) the init. Runs on the spawner thread only.
+fn clone_init(req: &CloneRequest) -> io::Result<libc::pid_t> {
+    // Everything the child touches is prepared here, before the clone: no allocation after it.
+    let mut argv: Vec<*const libc::c_char> = req.argv.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+    let flags = (CLONE_FLAGS | libc::SIGCHLD) as libc::c_ulong;
+    // SAFETY: a fork-like clone (no CLONE_VM, null stack = the child continues on a copy of this
+    // stack). In the child we only call async-signal-safe syscalls on data prepared above and
+    // never return from `child_exec`.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: we are the freshly cloned child; see `child_exec`.
+        unsafe { child_exec(&req.fds, req.exe.as_ptr(), argv.as_ptr(), envp.as_ptr()) }
+    }
+    Ok(pid as libc::pid_t)
+}
+
+/// The cloned child: parent-death signal, fds 0..=4, close the rest, execve the init.
+///
+/// # Safety
+/// Must only be called in a child created by `clone_init`; the pointers must be valid argv/envp
+/// arrays of NUL-terminated strings. Uses async-signal-safe syscalls only and never returns.
+unsafe fn child_exec(
+    fds: &[RawFd; 4],
+    exe: *const libc::c_char,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) -> ! {
+    let [stdin, log, requests, responses] = *fds;
+    // SAFETY: plain syscalls on integers and on the caller-guaranteed valid pointers; all
+    // async-signal-safe.
+    unsafe {
+        // Dies with the spawner thread. Survives execve of the (non-setuid) init binary.
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        );
+        let ok = libc::dup2(stdin, 0) == 0
+            && libc::dup2(log, 1) == 1
+            && libc::dup2(log, 2) == 2
+            && libc::dup2(requests, 3) == 3
+            && libc::dup2(responses, 4) == 4;
+        if !ok {
+            libc::_exit(126);
+        }
+        if libc::syscall(libc::SYS_close_range, 5u32, u32::MAX, 0u32) != 0 {
+            for fd in 5..4096 {
+                libc::close(fd);
+            }
+        }
+        libc::execve(exe, argv, envp);
+        let msg = b"refinery-sandbox: execve of the sandbox init failed\n";
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::_exit(127)
+    }
+}
+
+/// Clone the init with `child` as its fds 0..=4. Returns the host pid.
+pub(crate) fn clone_on_spawner(
+    exe: CString,
+    argv: Vec<CString>,
+    child: &ChildFds,
+) -> Result<io::Result<libc::pid_t>, SandboxError> {
+    let (reply, result) = mpsc::channel();
+    let req = CloneRequest {
+        exe,
+        argv,
+        fds: [
+            child.stdin.as_raw_fd(),
+            child.log.as_raw_fd(),
+            child.requests.as_raw_fd(),
+            child.responses.as_raw_fd(),
+        ],
+        reply,
+    };
+    spawner()?
+        .send(req)
+        .map_err(|_| SandboxError::SpawnerGone)?;
+    result.recv().map_err(|_| SandboxError::SpawnerGone)
+}
+
+/// Write one frame to the requests pipe.
+pub(crate) fn write_frame(fd: &OwnedFd, frame: &[u8]) -> io::Result<()> {
+    let mut f = std::fs::File::from(fd.try_clone()?);
+    f.write_all(frame)
+}
+
+/// Whatever the init wrote to its log pipe so far (non-blocking, bounded).
+pub(crate) fn drain_log(fd: &OwnedFd) -> String {
+    let Ok(dup) = fd.try_clone() else {
+        return String::new();
+    };
+    // SAFETY: fcntl on an fd we own; only sets O_NONBLOCK on this open file description.
+    unsafe {
+        let fl = libc::fcntl(dup.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(dup.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+    let mut f = std::fs::File::from(dup);
+    let mut buf = vec![0u8; 8192];
+    let mut out = Vec::new();
+    while let Ok(n) = f.read(&mut buf) {
+        if n == 0 || out.len() > 64 * 1024 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    // Restore blocking mode: the open file description is shared with the caller's fd.
+    // SAFETY: as above.
+    unsafe {
+        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK);
+    }
+    String::from_utf8_lossy(&out).trim().to_string()
+}

@@ -1,0 +1,529 @@
+//! End-to-end tests of the sandbox. Must run as root on a host with cgroups (v1, v2 or hybrid).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use refinery_sandbox::{
+    Entry, ExitReport, FreezerState, HostConfig, InstanceSpec, SandboxError, SandboxHost, Spawned,
+};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+struct TestHost {
+    host: SandboxHost,
+    state: tempfile::TempDir,
+    code: tempfile::TempDir,
+    runtime: tempfile::TempDir,
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+fn config(state: &Path, root_name: String) -> HostConfig {
+    HostConfig {
+        init_exe: PathBuf::from(env!("CARGO_BIN_EXE_refinery-sandbox-init")),
+        init_args: vec!["__sandbox-init".into()],
+        state_dir: state.to_path_buf(),
+        cgroup_root_name: root_name,
+    }
+}
+
+fn test_host() -> TestHost {
+    let state = tempfile::tempdir().expect("tempdir");
+    let code = tempfile::tempdir().expect("tempdir");
+    std::fs::write(code.path().join("main.sh"), "echo from-code\n").expect("write code");
+    let runtime = tempfile::tempdir().expect("tempdir");
+    std::fs::write(runtime.path().join("runtime.txt"), "rt\n").expect("write runtime");
+    let host = SandboxHost::detect(config(state.path(), unique("refinery-test"))).expect("detect");
+    TestHost {
+        host,
+        state,
+        code,
+        runtime,
+    }
+}
+
+impl Drop for TestHost {
+    fn drop(&mut self) {
+        let _ = self.host.cleanup_stale();
+        for root in self.host.cgroup_root_paths() {
+            let _ = std::fs::remove_dir(root);
+        }
+    }
+}
+
+impl TestHost {
+    fn spec(&self, entry: Entry) -> InstanceSpec {
+        InstanceSpec {
+            instance_id: unique("inst"),
+            group: "acct-1".into(),
+            code_dir: self.code.path().to_path_buf(),
+            runtime_dir: self.runtime.path().to_path_buf(),
+            entry,
+            env: BTreeMap::new(),
+            memory_mb: 128,
+            tmp_mb: 16,
+            pids_max: 64,
+            cpu_percent: 100,
+        }
+    }
+
+    fn spawn(&self, spec: &InstanceSpec) -> Spawned {
+        self.host.spawn(spec).expect("spawn")
+    }
+
+    /// Run a shell script whose stdout goes to fd 4; return (stdout, logs, report).
+    fn run_sh(&self, script: &str) -> (String, String, ExitReport) {
+        self.run(&self.spec(sh(script)))
+    }
+
+    fn run(&self, spec: &InstanceSpec) -> (String, String, ExitReport) {
+        let Spawned { instance, channels } = self.spawn(spec);
+        let out = read_to_end(channels.responses);
+        let report = instance.destroy().expect("destroy");
+        let logs = read_to_end(channels.logs);
+        (out, logs, report)
+    }
+}
+
+fn sh(script: &str) -> Entry {
+    Entry::Exec {
+        argv: vec!["/bin/sh".into(), "-c".into(), format!("exec >&4; {script}")],
+    }
+}
+
+fn read_to_end(fd: OwnedFd) -> String {
+    let mut s = String::new();
+    File::from(fd).read_to_string(&mut s).expect("read pipe");
+    s
+}
+
+fn process_exists(pid: i32) -> bool {
+    // A zombie still "exists" for kill(0); look at /proc instead.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Wait up to `budget` for `fd` to become readable.
+fn readable(fd: &OwnedFd, budget: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polls one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, budget.as_millis() as i32) > 0 }
+}
+
+#[test]
+fn pid1_hostname_and_workdir() {
+    let t = test_host();
+    let (out, logs, report) =
+        t.run_sh("echo pid=$$; cat /proc/sys/kernel/hostname; pwd; cat /etc/hostname; cat /code/main.sh /runtime/runtime.txt");
+    assert_eq!(
+        out, "pid=1\nrefinery\n/tmp\nrefinery\necho from-code\nrt\n",
+        "logs: {logs}"
+    );
+    assert_eq!(report.exit, "exit 0");
+    assert!(!report.oom_killed);
+}
+
+#[test]
+fn environment_is_exactly_base_plus_block_env() {
+    let t = test_host();
+    let mut spec = t.spec(Entry::Exec {
+        argv: vec![
+            "/usr/bin/python3".into(),
+            "-c".into(),
+            "import os; os.write(4, '\\n'.join(sorted(f'{k}={v}' for k, v in os.environ.items())).encode())".into(),
+        ],
+    });
+    spec.env.insert("FOO".into(), "bar baz".into());
+    spec.env.insert("SECRET_TOKEN".into(), "s3".into());
+    let (out, logs, _) = t.run(&spec);
+    assert_eq!(
+        out,
+        "FOO=bar baz\nHOME=/tmp\nLANG=C.UTF-8\nPATH=/usr/local/bin:/usr/bin:/bin\nSECRET_TOKEN=s3\nTMPDIR=/tmp",
+        "logs: {logs}"
+    );
+}
+
+#[test]
+fn uid_is_unprivileged_and_unique_per_instance() {
+    let t = test_host();
+    let script = "id -u; id -g; id -G; grep CapEff /proc/self/status; grep NoNewPrivs /proc/self/status; whoami";
+    let a = t.spawn(&t.spec(sh(script)));
+    let b = t.spawn(&t.spec(sh(script)));
+    let out_a = read_to_end(a.channels.responses);
+    let out_b = read_to_end(b.channels.responses);
+    let lines_a: Vec<&str> = out_a.lines().collect();
+    let lines_b: Vec<&str> = out_b.lines().collect();
+    assert_eq!(lines_a.len(), 6, "output: {out_a}");
+    let uid_a: u32 = lines_a[0].parse().expect("uid");
+    let uid_b: u32 = lines_b[0].parse().expect("uid");
+    assert_ne!(uid_a, 0);
+    assert_ne!(uid_a, uid_b);
+    assert_eq!(Some(uid_a), a.instance.uid());
+    assert_eq!(lines_a[1], lines_a[0], "gid = uid");
+    assert_eq!(lines_a[2], lines_a[0], "no supplementary groups");
+    assert_eq!(lines_a[3], "CapEff:\t0000000000000000");
+    assert_eq!(lines_a[4], "NoNewPrivs:\t1");
+    assert_eq!(lines_a[5], "sandbox");
+}
+
+#[test]
+fn root_is_read_only_and_tmp_is_private() {
+    let t = test_host();
+    let script = "for p in /x /usr/x /etc/x /code/x /runtime/x /dev/x; do touch $p 2>/dev/null && echo WROTE $p; done; \
+                  ls /tmp; echo hello > /tmp/marker && cat /tmp/marker; stat -c %a /tmp; \
+                  dd if=/dev/zero of=/tmp/big bs=1M count=64 2>/dev/null; echo dd=$?; echo ok > /dev/null && echo devnull-ok";
+    let (out_a, logs, _) = t.run_sh(script);
+    assert_eq!(out_a, "hello\n1777\ndd=1\ndevnull-ok\n", "logs: {logs}");
+    // A second instance sees an empty /tmp (the first one's marker is not there).
+    let (out_b, logs, _) = t.run_sh("ls -A /tmp; echo end");
+    assert_eq!(out_b, "end\n", "logs: {logs}");
+}
+
+#[test]
+fn host_is_invisible() {
+    let t = test_host();
+    let state = t.state.path().display().to_string();
+    let code = t.code.path().display().to_string();
+    let script = format!(
+        "for p in /root /work /home /sys /var /boot /srv /opt /mnt /run /etc/shadow /dev/sda /dev/vda {state} {code} /proc/1/root/work; do \
+           test -e $p && echo VISIBLE $p; done; ls /; ls /dev; ls /proc | grep -c '^[0-9]'"
+    );
+    let (out, logs, _) = t.run_sh(&script);
+    let mut lines = out.lines();
+    let visible: Vec<&str> = out.lines().filter(|l| l.starts_with("VISIBLE")).collect();
+    assert!(visible.is_empty(), "{visible:?}\nlogs: {logs}");
+    let root: Vec<&str> = lines.by_ref().take_while(|l| *l != "fd").collect();
+    let mut root_sorted = root.clone();
+    root_sorted.sort();
+    // `ls /` lists these, then `ls /dev` starts with "fd".
+    assert!(
+        root_sorted.starts_with(&["bin", "code", "dev", "etc"]),
+        "{root:?}"
+    );
+    for name in &root {
+        assert!(
+            [
+                "bin", "code", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "runtime",
+                "sbin", "tmp", "usr"
+            ]
+            .contains(name),
+            "unexpected top-level entry {name}"
+        );
+    }
+    let rest: Vec<&str> = lines.collect();
+    assert_eq!(
+        rest,
+        ["full", "null", "random", "stderr", "stdin", "stdout", "urandom", "zero", "3"]
+            .iter()
+            .copied()
+            .collect::<Vec<_>>()[..],
+        "ls /dev (after fd) and process count (sh, ls, grep)"
+    );
+}
+
+#[test]
+fn no_network_but_a_down_loopback() {
+    let t = test_host();
+    let (out, logs, _) = t.run(&t.spec(Entry::Exec {
+        argv: vec![
+            "/usr/bin/python3".into(),
+            "-c".into(),
+            "import socket, fcntl, struct, os\n\
+             names = [n for _, n in socket.if_nameindex()]\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+             flags = struct.unpack('16sH', fcntl.ioctl(s.fileno(), 0x8913, struct.pack('16sH', b'lo', 0)))[1]\n\
+             dev = [l.split(':')[0].strip() for l in open('/proc/net/dev').read().splitlines()[2:]]\n\
+             try:\n    socket.create_connection(('1.1.1.1', 53), timeout=1); net = 'reachable'\n\
+             except OSError as e:\n    net = 'unreachable'\n\
+             os.write(4, f'{names} {dev} up={flags & 1} {net}'.encode())"
+                .into(),
+        ],
+    }));
+    assert_eq!(out, "['lo'] ['lo'] up=0 unreachable", "logs: {logs}");
+}
+
+#[test]
+fn memory_hog_is_oom_killed() {
+    let t = test_host();
+    let mut spec = t.spec(Entry::Exec {
+        argv: vec![
+            "/usr/bin/python3".into(),
+            "-c".into(),
+            "b = bytearray(400 * 1024 * 1024); import os; os.write(4, b'survived')".into(),
+        ],
+    });
+    spec.memory_mb = 64;
+    let Spawned { instance, channels } = t.spawn(&spec);
+    let out = read_to_end(channels.responses);
+    assert_eq!(out, "");
+    assert!(instance.oom_killed(), "oom_killed() before destroy");
+    let report = instance.destroy().expect("destroy");
+    assert!(report.oom_killed);
+    assert_eq!(report.exit, "signal 9");
+}
+
+#[test]
+fn freeze_and_thaw() {
+    let t = test_host();
+    // An echo server over the runtime channels: reads fd 3, answers on fd 4.
+    let spec = t.spec(Entry::Exec {
+        argv: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "while read -r line <&3; do echo \"got $line\" >&4; done".into(),
+        ],
+    });
+    let Spawned { instance, channels } = t.spawn(&spec);
+    let mut requests = File::from(channels.requests);
+    let mut responses = File::from(channels.responses.try_clone().expect("dup"));
+    let mut buf = [0u8; 64];
+
+    requests.write_all(b"one\n").expect("write");
+    let n = responses.read(&mut buf).expect("read");
+    assert_eq!(&buf[..n], b"got one\n");
+
+    assert_eq!(
+        instance.freezer_state().expect("state"),
+        FreezerState::Thawed
+    );
+    instance.freeze().expect("freeze");
+    assert_eq!(
+        instance.freezer_state().expect("state"),
+        FreezerState::Frozen
+    );
+    requests.write_all(b"two\n").expect("write");
+    assert!(
+        !readable(&channels.responses, Duration::from_millis(300)),
+        "a frozen instance answered"
+    );
+    instance.thaw().expect("thaw");
+    assert_eq!(
+        instance.freezer_state().expect("state"),
+        FreezerState::Thawed
+    );
+    assert!(readable(&channels.responses, Duration::from_secs(5)));
+    let n = responses.read(&mut buf).expect("read");
+    assert_eq!(&buf[..n], b"got two\n");
+
+    // Destroying a frozen instance works too (v1 needs a thaw for SIGKILL to land).
+    instance.freeze().expect("freeze");
+    let report = instance.destroy().expect("destroy");
+    assert_eq!(report.exit, "signal 9");
+}
+
+#[test]
+fn destroy_kills_everything_and_removes_cgroups() {
+    let t = test_host();
+    let Spawned { instance, channels } =
+        t.spawn(&t.spec(sh("sleep 1000 & sleep 1000 & echo started; wait")));
+    let mut responses = File::from(channels.responses);
+    let mut buf = [0u8; 8];
+    let n = responses.read(&mut buf).expect("read");
+    assert_eq!(&buf[..n], b"started\n");
+
+    let paths = instance.cgroup_paths();
+    assert!(!paths.is_empty());
+    let mut pids: Vec<i32> = Vec::new();
+    for p in &paths {
+        if let Ok(procs) = std::fs::read_to_string(p.join("cgroup.procs")) {
+            pids.extend(procs.lines().filter_map(|l| l.parse::<i32>().ok()));
+        }
+    }
+    pids.sort();
+    pids.dedup();
+    assert!(
+        pids.contains(&instance.pid()),
+        "init {} in {pids:?}",
+        instance.pid()
+    );
+    assert_eq!(pids.len(), 3, "sh + 2 sleeps: {pids:?}");
+    // Memory limit and pids limit really are set.
+    let limits: Vec<String> = paths
+        .iter()
+        .flat_map(|p| ["memory.limit_in_bytes", "memory.max", "pids.max"].map(|f| p.join(f)))
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .map(|s| s.trim().to_string())
+        .collect();
+    assert!(
+        limits.contains(&(128u64 * 1024 * 1024).to_string()),
+        "{limits:?}"
+    );
+    assert!(limits.contains(&"64".to_string()), "{limits:?}");
+
+    let report = instance.destroy().expect("destroy");
+    assert_eq!(report.exit, "signal 9");
+    for pid in &pids {
+        assert!(!process_exists(*pid), "pid {pid} survived destroy");
+    }
+    for p in &paths {
+        assert!(!p.exists(), "{} survived destroy", p.display());
+    }
+    // Idempotent.
+    assert_eq!(instance.destroy().expect("destroy again"), report);
+    // The responses pipe reaches EOF: every writer is gone.
+    let mut rest = String::new();
+    responses.read_to_string(&mut rest).expect("read");
+    assert_eq!(rest, "");
+}
+
+#[test]
+fn drop_destroys() {
+    let t = test_host();
+    let Spawned { instance, channels } = t.spawn(&t.spec(sh("echo up; sleep 1000")));
+    let mut buf = [0u8; 3];
+    File::from(channels.responses)
+        .read_exact(&mut buf)
+        .expect("read");
+    let (pid, paths) = (instance.pid(), instance.cgroup_paths());
+    drop(instance);
+    assert!(!process_exists(pid));
+    assert!(paths.iter().all(|p| !p.exists()));
+}
+
+#[test]
+fn cleanup_stale_removes_leftovers() {
+    let t = test_host();
+    let Spawned { instance, channels } = t.spawn(&t.spec(sh("sleep 1000 & echo up; wait")));
+    let mut buf = [0u8; 3];
+    File::from(channels.responses)
+        .read_exact(&mut buf)
+        .expect("read");
+    let (pid, paths) = (instance.pid(), instance.cgroup_paths());
+    // Simulate a crash: the instance is never destroyed.
+    std::mem::forget(instance);
+    // A "restarted" host with the same cgroup root.
+    let again = SandboxHost::detect(config(
+        t.state.path(),
+        t.host.cgroup_root_paths()[0]
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned(),
+    ))
+    .expect("detect");
+    assert_eq!(again.cleanup_stale().expect("cleanup"), 1);
+    // SAFETY: reaps our own (now killed) child so it does not linger as a zombie.
+    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+    assert!(!process_exists(pid));
+    for p in &paths {
+        assert!(!p.exists(), "{} survived cleanup", p.display());
+        assert!(
+            !p.parent().expect("group").exists(),
+            "group dir survived cleanup"
+        );
+    }
+    assert_eq!(again.cleanup_stale().expect("cleanup"), 0);
+}
+
+#[test]
+fn builtin_entry_runs_unprivileged() {
+    let t = test_host();
+    let (out, logs, report) = t.run(&t.spec(Entry::Builtin {
+        name: "echo".into(),
+        args: vec!["hi".into(), "there".into()],
+    }));
+    let uid = out
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("uid="))
+        .and_then(|u| u.parse::<u32>().ok());
+    assert!(out.starts_with("hi there uid="), "{out} logs: {logs}");
+    assert!(
+        uid.is_some_and(|u| u >= refinery_sandbox::FIRST_UID),
+        "{out}"
+    );
+    assert!(out.ends_with("home=/tmp\n"), "{out}");
+    assert_eq!(report.exit, "exit 0");
+}
+
+#[test]
+fn setup_failure_is_reported_on_the_log_pipe() {
+    let t = test_host();
+    let (out, logs, report) = t.run(&t.spec(Entry::Exec {
+        argv: vec!["/code/does-not-exist".into()],
+    }));
+    assert_eq!(out, "");
+    assert!(
+        logs.contains("refinery-sandbox: execve /code/does-not-exist"),
+        "{logs}"
+    );
+    assert_eq!(report.exit, "exit 125");
+}
+
+#[test]
+fn invalid_specs_are_rejected() {
+    let t = test_host();
+    let mut spec = t.spec(sh("true"));
+    spec.instance_id = "../escape".into();
+    assert!(matches!(
+        t.host.spawn(&spec),
+        Err(SandboxError::InvalidSpec(_))
+    ));
+    let mut spec = t.spec(Entry::Exec {
+        argv: vec!["relative".into()],
+    });
+    spec.group = "ok".into();
+    assert!(matches!(
+        t.host.spawn(&spec),
+        Err(SandboxError::InvalidSpec(_))
+    ));
+    let state = tempfile::tempdir().expect("tempdir");
+    let err = SandboxHost::detect(config(state.path(), "a/b".into())).expect_err("bad root name");
+    assert!(err.to_string().contains("cgroup_root_name"), "{err}");
+    assert!(!t.host.cgroup_layout().to_string().is_empty());
+}
+
+#[test]
+fn spawn_is_fast() {
+    let t = test_host();
+    let mut times = Vec::new();
+    for _ in 0..10 {
+        let spec = t.spec(Entry::Builtin {
+            name: "echo".into(),
+            args: vec![],
+        });
+        let start = Instant::now();
+        let Spawned { instance, channels } = t.spawn(&spec);
+        let spawned = start.elapsed();
+        let mut buf = [0u8; 1];
+        File::from(channels.responses)
+            .read_exact(&mut buf)
+            .expect("first byte");
+        let first_byte = start.elapsed();
+        let destroy_start = Instant::now();
+        instance.destroy().expect("destroy");
+        times.push((spawned, first_byte, destroy_start.elapsed()));
+    }
+    times.sort();
+    eprintln!("spawn / first byte / destroy (sorted by spawn): {times:?}");
+    let median_first_byte = {
+        let mut fb: Vec<Duration> = times.iter().map(|t| t.1).collect();
+        fb.sort();
+        fb[fb.len() / 2]
+    };
+    assert!(
+        median_first_byte < Duration::from_millis(500),
+        "{median_first_byte:?}"
+    );
+}

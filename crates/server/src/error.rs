@@ -1,0 +1,124 @@
+//! The one mapping from failures to HTTP statuses and JSON error bodies.
+
+use std::time::Duration;
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use refinery_domain::ManifestError;
+use refinery_pool::PoolError;
+use refinery_store::StoreError;
+use serde_json::json;
+
+/// An API request that could not be served. User code failing is NOT an `ApiError`: it
+/// is a normal execution with `status: "error"`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing or invalid API key: send `Authorization: Bearer <key>` (set REFINERY_API_KEY for the CLI)")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("invalid manifest: {0}")]
+    Manifest(#[from] ManifestError),
+    #[error("{}the limit is {limit} bytes (6 MB); send a smaller payload, or a reference to the data (e.g. a URL) instead", size.map(|s| format!("the request body is {s} bytes; ")).unwrap_or_default())]
+    PayloadTooLarge { size: Option<usize>, limit: usize },
+    #[error("{message}")]
+    Throttled {
+        message: String,
+        retry_after: Duration,
+    },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Manifest(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::Manifest(_) => "invalid_manifest",
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::Throttled { .. } => "throttled",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %self, "internal error");
+        }
+        let mut body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
+        if let ApiError::Manifest(e) = &self {
+            body["error"]["file"] = json!(e.file);
+            body["error"]["line"] = json!(e.line);
+            body["error"]["column"] = json!(e.column);
+            body["error"]["field"] = json!(e.field);
+        }
+        if let ApiError::PayloadTooLarge { limit, .. } = &self {
+            body["error"]["limit_bytes"] = json!(limit);
+        }
+        let mut response = (status, Json(body)).into_response();
+        if let ApiError::Throttled { retry_after, .. } = &self {
+            let secs = retry_after.as_secs().max(1).to_string();
+            if let Ok(value) = HeaderValue::from_str(&secs) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::AccountExists(_) => ApiError::Conflict(e.to_string()),
+            StoreError::ProjectNotFound(_) | StoreError::DeploymentNotFound { .. } => {
+                ApiError::NotFound(e.to_string())
+            }
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<PoolError> for ApiError {
+    fn from(e: PoolError) -> Self {
+        match e {
+            PoolError::ConcurrencyLimit { .. } => ApiError::Throttled {
+                message: e.to_string(),
+                retry_after: Duration::from_secs(1),
+            },
+            PoolError::ShuttingDown => ApiError::Unavailable(e.to_string()),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Deploying projects, listing them and their deployments, and rolling back.
+
+use std::collections::BTreeMap;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use refinery_domain::Manifest;
+use refinery_store::Deployment;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::routes::rfc3339;
+use crate::state::{project_not_found, SharedState};
+
+/// A deploy request: the manifest text and the files its blocks reference.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployRequest {
+    manifest: String,
+    /// Name shown in manifest errors (the client's path to the file).
+    #[serde(default)]
+    manifest_path: Option<String>,
+    /// `source = "..."` path → file contents.
+    #[serde(default)]
+    files: BTreeMap<String, String>,
+}
+
+pub async fn deploy(
+    State(state): State<SharedState>,
+    caller: Caller,
+    body: Result<Json<DeployRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let account = caller.account()?;
+    let Json(request) = body.map_err(|e| {
+        ApiError::BadRequest(format!(
+            "{}; expected {{\"manifest\": \"<refinery.toml text>\", \"files\": {{\"path\": \"contents\"}}}}",
+            e.body_text()
+        ))
+    })?;
+    let manifest_path = request.manifest_path.as_deref().unwrap_or("refinery.toml");
+    let files = &request.files;
+    let resolve = |path: &str| {
+        files
+            .get(path)
+            .cloned()
+            .ok_or_else(|| "the file was not uploaded with the manifest".to_string())
+    };
+    let manifest = Manifest::parse(&request.manifest, manifest_path, &resolve)?;
+
+    let previous = state
+        .store
+        .live_deployment(&account.id, &manifest.name)
+        .await?;
+    let deployment = state
+        .store
+        .create_deployment(
+            &account.id,
+            &manifest.name,
+            &request.manifest,
+            &manifest.blocks,
+        )
+        .await?;
+    state.invalidate_live(&account.id, &manifest.name);
+    if let Some(previous) = previous {
+        state.pool.retire_deployment(previous.id).await;
+    }
+    tracing::info!(account = %account.id, project = %deployment.project, deployment = deployment.number, "deployed");
+    Ok((StatusCode::CREATED, Json(deployment_json(&deployment))))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    deployment: i64,
+}
+
+pub async fn rollback(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(project): Path<String>,
+    body: Result<Json<RollbackRequest>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let account = caller.account()?;
+    let Json(request) = body.map_err(|e| {
+        ApiError::BadRequest(format!("{}; expected {{\"deployment\": 2}}", e.body_text()))
+    })?;
+    let previous = state
+        .store
+        .live_deployment(&account.id, &project)
+        .await?
+        .ok_or_else(|| project_not_found(&project))?;
+    let deployment = state
+        .store
+        .set_live(&account.id, &project, request.deployment)
+        .await?;
+    state.invalidate_live(&account.id, &project);
+    if previous.id != deployment.id {
+        state.pool.retire_deployment(previous.id).await;
+    }
+    tracing::info!(account = %account.id, project = %project, deployment = deployment.number, "rolled back");
+    Ok(Json(deployment_json(&deployment)))
+}
+
+pub async fn list(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(project): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let account = caller.account()?;
+    let deployments = state.store.list_deployments(&account.id, &project).await?;
+    let list: Vec<Value> = deployments
+        .into_iter()
+        .map(|d| {
+            json!({
+                "deployment": d.number,
+                "created_at": rfc3339(d.created_at_ms),
+                "live": d.live,
+                "blocks": d.blocks,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "project": project, "deployments": list })))
+}
+
+pub async fn list_projects(
+    State(state): State<SharedState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    let account = caller.account()?;
+    let projects = state.store.list_projects(&account.id).await?;
+    let list: Vec<Value> = projects
+        .into_iter()
+        .map(|p| {
+            json!({
+                "project": p.name,
+                "live_deployment": p.live_deployment,
+                "created_at": rfc3339(p.created_at_ms),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "projects": list })))
+}
+
+fn deployment_json(deployment: &Deployment) -> Value {
+    let blocks: Vec<Value> = deployment
+        .blocks
+        .iter()
+        .map(|b| {
+            json!({
+                "name": b.name,
+                "language": b.language,
+                "memory_mb": b.memory_mb,
+                "timeout_s": b.timeout_s,
+                "max_concurrency": b.max_concurrency,
+                "keep_alive_s": b.keep_alive_s,
+            })
+        })
+        .collect();
+    json!({
+        "project": deployment.project,
+        "deployment": deployment.number,
+        "live": deployment.live,
+        "created_at": rfc3339(deployment.created_at_ms),
+        "blocks": blocks,
+    })
+}

@@ -1,0 +1,54 @@
+//! The REST API's routes, one module per resource.
+
+mod accounts;
+mod deployments;
+mod executions;
+mod instances;
+mod invoke;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::state::SharedState;
+
+/// Uploads (manifest + sources) may exceed the invocation payload limit.
+const DEPLOY_BODY_LIMIT: usize = 64 * 1024 * 1024;
+
+pub fn router(state: SharedState) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/accounts", post(accounts::create).get(accounts::list))
+        .route(
+            "/v1/deployments",
+            post(deployments::deploy).layer(DefaultBodyLimit::max(DEPLOY_BODY_LIMIT)),
+        )
+        .route("/v1/projects", get(deployments::list_projects))
+        .route("/v1/projects/{project}/deployments", get(deployments::list))
+        .route(
+            "/v1/projects/{project}/rollback",
+            post(deployments::rollback),
+        )
+        .route(
+            "/v1/projects/{project}/blocks/{block}/invoke",
+            post(invoke::invoke).layer(DefaultBodyLimit::max(
+                refinery_domain::limits::MAX_PAYLOAD_BYTES,
+            )),
+        )
+        .route("/v1/projects/{project}/executions", get(executions::list))
+        .route("/v1/executions/{id}", get(executions::show))
+        .route("/v1/instances", get(instances::list))
+        .with_state(state)
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
+}
+
+/// RFC 3339 form of a Unix-epoch millisecond timestamp.
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_default()
+}

@@ -1,0 +1,178 @@
+//! `refinery serve`: start-up checks, the listener, and graceful shutdown.
+
+use std::fs;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use refinery_pool::{InstancePool, PoolConfig};
+use refinery_sandbox::{HostConfig, SandboxHost};
+use refinery_store::Store;
+use sha2::{Digest, Sha256};
+use tokio::sync::Notify;
+
+use crate::keys;
+use crate::routes;
+use crate::state::AppState;
+
+/// The operator's settings for one server.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Default idle time before a warm instance is reaped.
+    pub keep_alive: Duration,
+    /// How long running invocations may take to finish after SIGTERM before their
+    /// instances are killed.
+    pub shutdown_grace: Duration,
+    /// The `refinery` executable, re-executed as each sandbox's init.
+    pub init_exe: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("creating the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("reading or creating the operator key {path}: {source}")]
+    OperatorKey {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("opening the store: {0}")]
+    Store(#[from] refinery_store::StoreError),
+    #[error("this host cannot run sandboxes: {0}")]
+    Sandbox(#[from] refinery_sandbox::SandboxError),
+    #[error("installing the language runtimes into {path}: {source}")]
+    Runtimes {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("listening on {addr}: {source}; is another server running there? choose another with --listen")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("serving HTTP: {0}")]
+    Http(std::io::Error),
+}
+
+/// Runs the server until `shutdown` resolves, then drains: running invocations get
+/// `shutdown_grace` to finish, after which every instance is killed and its cgroups removed.
+/// `on_ready` receives the bound address (useful with port 0).
+pub async fn serve(
+    config: ServeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), ServeError> {
+    create_private_dir(&config.data_dir)?;
+    // Absolute from here on: sandboxes bind-mount paths under it.
+    let data_dir = &fs::canonicalize(&config.data_dir).map_err(|source| ServeError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+
+    let key_path = data_dir.join("operator.key");
+    let (operator_key, created) =
+        keys::load_or_create_operator_key(&key_path).map_err(|source| ServeError::OperatorKey {
+            path: key_path.clone(),
+            source,
+        })?;
+    if created {
+        // Printed once, on first start; afterwards only the file (mode 0600) holds it.
+        println!(
+            "Operator key (shown once; also saved in {}): {operator_key}",
+            key_path.display()
+        );
+    }
+
+    let store = Store::open(data_dir).await?;
+
+    let host = SandboxHost::detect(HostConfig {
+        init_exe: config.init_exe.clone(),
+        init_args: vec!["__sandbox-init".into()],
+        state_dir: data_dir.join("sandbox"),
+        cgroup_root_name: cgroup_root_name(data_dir),
+    })?;
+    let stale = host.cleanup_stale()?;
+    if stale > 0 {
+        tracing::warn!(count = stale, "removed instances left by a previous run");
+    }
+    tracing::info!(cgroups = %host.cgroup_layout(), "sandbox host ready");
+
+    let runtime_dir = data_dir.join("runtime");
+    refinery_runtimes::install(&runtime_dir).map_err(|source| ServeError::Runtimes {
+        path: runtime_dir.clone(),
+        source,
+    })?;
+
+    let pool = InstancePool::new(
+        Arc::new(host),
+        PoolConfig {
+            code_root: data_dir.join("code"),
+            runtime_dir,
+            default_keep_alive: config.keep_alive,
+            queue_timeout: Duration::from_secs(10),
+            reap_interval: reap_interval(config.keep_alive),
+        },
+    );
+    let state = Arc::new(AppState::new(
+        store.clone(),
+        pool.clone(),
+        keys::hash_key(&operator_key),
+    ));
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(ServeError::Http)?;
+    tracing::info!(%addr, "listening");
+    on_ready(addr);
+
+    let stopping = Arc::new(Notify::new());
+    let signal_stopping = stopping.clone();
+    let server = axum::serve(listener, routes::router(state)).with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing running invocations");
+        signal_stopping.notify_one();
+    });
+    let drain = async {
+        stopping.notified().await;
+        pool.shutdown(config.shutdown_grace).await;
+    };
+    let (served, ()) = tokio::join!(async { server.await.map_err(ServeError::Http) }, drain);
+    // Anything started by a request that raced the shutdown.
+    pool.shutdown(Duration::ZERO).await;
+    store.close().await;
+    tracing::info!("stopped");
+    served
+}
+
+/// The data dir holds the database and keys: root only.
+fn create_private_dir(path: &Path) -> Result<(), ServeError> {
+    let err = |source| ServeError::DataDir {
+        path: path.to_path_buf(),
+        source,
+    };
+    fs::create_dir_all(path).map_err(err)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(err)
+}
+
+/// One cgroup subtree per data dir, so two servers on one host (or a test suite running
+/// several) never reap each other's instances, and a restarted server finds its own.
+fn cgroup_root_name(data_dir: &Path) -> String {
+    let digest = Sha256::digest(data_dir.as_os_str().as_encoded_bytes());
+    format!("refinery-{}", &hex::encode(digest)[..12])
+}
+
+fn reap_interval(keep_alive: Duration) -> Duration {
+    (keep_alive / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
+}

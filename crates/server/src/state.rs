@@ -1,0 +1,113 @@
+//! What every request handler shares: the store, the pool, and small caches that keep
+//! the store off the invocation hot path.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use refinery_domain::BlockSpec;
+use refinery_pool::InstancePool;
+use refinery_store::{Account, Deployment, Store};
+
+use crate::error::ApiError;
+
+pub struct AppState {
+    pub store: Store,
+    pub pool: InstancePool,
+    /// SHA-256 of the operator key (the key itself is only in `operator.key`).
+    pub operator_key_hash: String,
+    /// Accounts by key hash. Keys are never revoked yet, so entries never go stale.
+    accounts_by_key: RwLock<HashMap<String, Account>>,
+    /// The live deployment of each (account id, project), invalidated on deploy/rollback.
+    live: RwLock<HashMap<(String, String), Arc<LiveDeployment>>>,
+}
+
+/// The live deployment of a project, indexed for invocation.
+pub struct LiveDeployment {
+    pub id: i64,
+    pub number: i64,
+    pub blocks: HashMap<String, BlockSpec>,
+}
+
+impl LiveDeployment {
+    fn from_deployment(deployment: Deployment) -> LiveDeployment {
+        LiveDeployment {
+            id: deployment.id,
+            number: deployment.number,
+            blocks: deployment
+                .blocks
+                .into_iter()
+                .map(|b| (b.name.clone(), b))
+                .collect(),
+        }
+    }
+}
+
+impl AppState {
+    pub fn new(store: Store, pool: InstancePool, operator_key_hash: String) -> AppState {
+        AppState {
+            store,
+            pool,
+            operator_key_hash,
+            accounts_by_key: RwLock::new(HashMap::new()),
+            live: RwLock::new(HashMap::new()),
+        }
+    }
+
+    pub async fn account_by_key_hash(&self, key_hash: &str) -> Result<Option<Account>, ApiError> {
+        if let Some(account) = read(&self.accounts_by_key).get(key_hash) {
+            return Ok(Some(account.clone()));
+        }
+        let found = self.store.account_by_key_hash(key_hash).await?;
+        if let Some(account) = &found {
+            write(&self.accounts_by_key).insert(key_hash.to_string(), account.clone());
+        }
+        Ok(found)
+    }
+
+    /// The live deployment of `project` owned by `account_id`, or 404.
+    pub async fn live_deployment(
+        &self,
+        account_id: &str,
+        project: &str,
+    ) -> Result<Arc<LiveDeployment>, ApiError> {
+        let key = (account_id.to_string(), project.to_string());
+        if let Some(live) = read(&self.live).get(&key) {
+            return Ok(live.clone());
+        }
+        let deployment = self
+            .store
+            .live_deployment(account_id, project)
+            .await?
+            .ok_or_else(|| project_not_found(project))?;
+        let live = Arc::new(LiveDeployment::from_deployment(deployment));
+        write(&self.live).insert(key, live.clone());
+        Ok(live)
+    }
+
+    /// Forgets the cached live deployment after it changed.
+    pub fn invalidate_live(&self, account_id: &str, project: &str) {
+        write(&self.live).remove(&(account_id.to_string(), project.to_string()));
+    }
+}
+
+pub fn project_not_found(project: &str) -> ApiError {
+    ApiError::NotFound(format!(
+        "no project `{project}` in this account: deploy it first with `refinery deploy`"
+    ))
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    match lock.read() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    match lock.write() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+pub type SharedState = Arc<AppState>;

@@ -1,0 +1,87 @@
+//! What can go wrong in the store, worded for the person who has to fix it.
+
+use std::path::PathBuf;
+
+/// Every failure of a [`crate::Store`] method.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data directory could not be created.
+    #[error(
+        "creating data directory {}: {source}; check that its parent exists and is writable \
+         by this user, or pass another data directory",
+        path.display()
+    )]
+    CreateDataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    /// The database file could not be opened or created.
+    #[error(
+        "opening database {}: {source}; check that the file and its directory are writable \
+         and that the disk is not full",
+        path.display()
+    )]
+    Open { path: PathBuf, source: sqlx::Error },
+
+    /// The schema migrations could not be applied (or the database is newer than this
+    /// binary).
+    #[error(
+        "migrating database {}: {source}; if the database was written by a newer Refinery, \
+         upgrade this binary; otherwise restore it from a backup",
+        path.display()
+    )]
+    Migrate {
+        path: PathBuf,
+        source: sqlx::migrate::MigrateError,
+    },
+
+    /// `create_account` with a name already taken.
+    #[error("an account named `{0}` already exists; choose another name")]
+    AccountExists(String),
+
+    /// An API key whose hash is already registered (practically: the same key twice).
+    #[error("this API key is already registered; generate a new key")]
+    KeyExists,
+
+    /// An operation named an account id that does not exist.
+    #[error("account `{0}` does not exist; create it first or check the id")]
+    AccountNotFound(String),
+
+    /// The account has no project of that name.
+    #[error("project `{0}` not found; check the name, or deploy it first")]
+    ProjectNotFound(String),
+
+    /// The project has no deployment with that number.
+    #[error(
+        "deployment {number} of project `{project}` not found; list the project's \
+         deployments to see the valid numbers"
+    )]
+    DeploymentNotFound { project: String, number: i64 },
+
+    /// Concurrent deploys of one project kept colliding on the deployment number.
+    #[error(
+        "deploying project `{0}`: other deploys of the same project kept taking the next \
+         deployment number; retry the deploy"
+    )]
+    DeployContention(String),
+
+    /// A database operation failed; `operation` says which.
+    #[error("{operation}: {source}")]
+    Database {
+        operation: String,
+        source: sqlx::Error,
+    },
+
+    /// A stored row holds a value this binary cannot read back.
+    #[error("database holds invalid data ({0}); restore from a backup or report a bug")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Wraps a sqlx error with the operation that failed, e.g. `inserting execution X`.
+    pub(crate) fn db(operation: impl Into<String>) -> impl FnOnce(sqlx::Error) -> StoreError {
+        let operation = operation.into();
+        move |source| StoreError::Database { operation, source }
+    }
+}

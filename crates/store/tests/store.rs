@@ -1,0 +1,466 @@
+//! Behaviour of the store against a real SQLite file in a temporary directory.
+
+use std::collections::BTreeMap;
+
+use refinery_domain::{BlockSpec, ExecutionRecord, ExecutionStatus, Language, UserError};
+use refinery_store::{Store, StoreError};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn block(name: &str) -> BlockSpec {
+    let mut env = BTreeMap::new();
+    env.insert("GREETING".to_string(), "hi \"there\"".to_string());
+    BlockSpec {
+        name: name.to_string(),
+        language: Language::Python,
+        source_name: format!("{name}.py"),
+        code: "def main(event, context):\n    return event\n".to_string(),
+        memory_mb: 256,
+        timeout_s: 30,
+        max_concurrency: 10,
+        keep_alive_s: Some(120),
+        tmp_mb: 64,
+        env,
+    }
+}
+
+fn execution(account_id: &str, id: &str, block: &str, started_at_ms: i64) -> ExecutionRecord {
+    ExecutionRecord {
+        id: id.to_string(),
+        account_id: account_id.to_string(),
+        project: "shop".to_string(),
+        deployment: 1,
+        block: block.to_string(),
+        instance_id: "inst_1".to_string(),
+        cold: true,
+        started_at_ms,
+        duration_ms: 12.5,
+        init_ms: Some(3.25),
+        status: ExecutionStatus::Error,
+        input: "{\"a\":1}".to_string(),
+        input_truncated: false,
+        output: None,
+        output_truncated: false,
+        error: Some(UserError {
+            kind: "ValueError".to_string(),
+            message: "bad".to_string(),
+            traceback: Some("Traceback ...".to_string()),
+        }),
+        logs: "line 1\nline 2\n".to_string(),
+        logs_truncated: true,
+    }
+}
+
+#[tokio::test]
+async fn accounts_create_duplicate_and_lookup() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(&dir.path().join("nested/data")).await?;
+
+    let alice = store.create_account("alice", "hash-a", "rk_a").await?;
+    assert!(alice.id.starts_with("acct_"));
+    assert_eq!(alice.id.len(), "acct_".len() + 16);
+    assert!(alice.id[5..]
+        .chars()
+        .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase()));
+
+    match store.create_account("alice", "hash-other", "rk_o").await {
+        Err(StoreError::AccountExists(name)) => assert_eq!(name, "alice"),
+        other => panic!("expected AccountExists, got {other:?}"),
+    }
+    match store.create_account("bob", "hash-a", "rk_a").await {
+        Err(StoreError::KeyExists) => {}
+        other => panic!("expected KeyExists, got {other:?}"),
+    }
+    // The failed creation of bob left nothing behind.
+    let bob = store.create_account("bob", "hash-b", "rk_b").await?;
+
+    assert_eq!(
+        store.account_by_key_hash("hash-a").await?,
+        Some(alice.clone())
+    );
+    assert_eq!(
+        store.account_by_key_hash("hash-b").await?,
+        Some(bob.clone())
+    );
+    assert_eq!(store.account_by_key_hash("nope").await?, None);
+
+    store.add_api_key(&alice.id, "hash-a2", "rk_a2").await?;
+    assert_eq!(
+        store.account_by_key_hash("hash-a2").await?,
+        Some(alice.clone())
+    );
+    assert!(matches!(
+        store.add_api_key("acct_missing", "hash-x", "rk_x").await,
+        Err(StoreError::AccountNotFound(_))
+    ));
+
+    let names: Vec<_> = store
+        .list_accounts()
+        .await?
+        .into_iter()
+        .map(|a| a.name)
+        .collect();
+    assert_eq!(names, ["alice", "bob"]);
+    assert_eq!(store.account(&bob.id).await?, Some(bob));
+    Ok(())
+}
+
+#[tokio::test]
+async fn deployments_number_and_switch_live() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path()).await?;
+    let acct = store.create_account("alice", "h", "p").await?;
+
+    assert_eq!(store.live_deployment(&acct.id, "shop").await?, None);
+    assert!(store.list_projects(&acct.id).await?.is_empty());
+
+    let d1 = store
+        .create_deployment(&acct.id, "shop", "# v1", &[block("a")])
+        .await?;
+    let d2 = store
+        .create_deployment(&acct.id, "shop", "# v2", &[block("a"), block("b")])
+        .await?;
+    let d3 = store
+        .create_deployment(&acct.id, "shop", "# v3", &[block("c")])
+        .await?;
+    assert_eq!((d1.number, d2.number, d3.number), (1, 2, 3));
+    assert!(d1.id != d2.id && d2.id != d3.id);
+    assert!(d3.live);
+
+    let live = store
+        .live_deployment(&acct.id, "shop")
+        .await?
+        .ok_or("no live")?;
+    assert_eq!(live, d3);
+
+    let got2 = store
+        .deployment(&acct.id, "shop", 2)
+        .await?
+        .ok_or("no d2")?;
+    assert_eq!(got2.manifest, "# v2");
+    assert_eq!(got2.blocks, vec![block("a"), block("b")]);
+    assert!(!got2.live);
+    assert_eq!(store.deployment(&acct.id, "shop", 9).await?, None);
+
+    let list = store.list_deployments(&acct.id, "shop").await?;
+    let summary: Vec<_> = list
+        .iter()
+        .map(|d| (d.number, d.live, d.blocks.clone()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (1, false, vec!["a".to_string()]),
+            (2, false, vec!["a".to_string(), "b".to_string()]),
+            (3, true, vec!["c".to_string()]),
+        ]
+    );
+
+    // Roll back to 1.
+    let rolled = store.set_live(&acct.id, "shop", 1).await?;
+    assert_eq!(rolled.number, 1);
+    assert!(rolled.live);
+    assert_eq!(rolled.blocks, vec![block("a")]);
+    let live = store
+        .live_deployment(&acct.id, "shop")
+        .await?
+        .ok_or("no live")?;
+    assert_eq!(live.number, 1);
+    let lives: Vec<_> = store
+        .list_deployments(&acct.id, "shop")
+        .await?
+        .into_iter()
+        .filter(|d| d.live)
+        .map(|d| d.number)
+        .collect();
+    assert_eq!(lives, [1]);
+
+    // A new deploy after a rollback still takes max + 1 and goes live.
+    let d4 = store
+        .create_deployment(&acct.id, "shop", "# v4", &[])
+        .await?;
+    assert_eq!(d4.number, 4);
+    assert_eq!(
+        store
+            .live_deployment(&acct.id, "shop")
+            .await?
+            .map(|d| d.number),
+        Some(4)
+    );
+
+    match store.set_live(&acct.id, "shop", 7).await {
+        Err(StoreError::DeploymentNotFound { project, number }) => {
+            assert_eq!((project.as_str(), number), ("shop", 7));
+        }
+        other => panic!("expected DeploymentNotFound, got {other:?}"),
+    }
+    assert!(matches!(
+        store.set_live(&acct.id, "nope", 1).await,
+        Err(StoreError::ProjectNotFound(p)) if p == "nope"
+    ));
+    assert!(matches!(
+        store.list_deployments(&acct.id, "nope").await,
+        Err(StoreError::ProjectNotFound(_))
+    ));
+
+    store
+        .create_deployment(&acct.id, "blog", "", &[block("x")])
+        .await?;
+    let projects: Vec<_> = store
+        .list_projects(&acct.id)
+        .await?
+        .into_iter()
+        .map(|p| (p.name, p.live_deployment))
+        .collect();
+    assert_eq!(
+        projects,
+        [("blog".to_string(), Some(1)), ("shop".to_string(), Some(4))]
+    );
+
+    assert!(matches!(
+        store
+            .create_deployment("acct_missing", "shop", "", &[])
+            .await,
+        Err(StoreError::AccountNotFound(_))
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn accounts_cannot_see_each_others_rows() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path()).await?;
+    let a = store.create_account("a", "ha", "pa").await?;
+    let b = store.create_account("b", "hb", "pb").await?;
+
+    store
+        .create_deployment(&a.id, "x", "# a1", &[block("a")])
+        .await?;
+    store
+        .create_deployment(&a.id, "x", "# a2", &[block("a")])
+        .await?;
+
+    // B sees nothing of A's project.
+    assert_eq!(store.live_deployment(&b.id, "x").await?, None);
+    assert_eq!(store.deployment(&b.id, "x", 1).await?, None);
+    assert!(store.list_projects(&b.id).await?.is_empty());
+    assert!(matches!(
+        store.list_deployments(&b.id, "x").await,
+        Err(StoreError::ProjectNotFound(_))
+    ));
+    assert!(matches!(
+        store.set_live(&b.id, "x", 1).await,
+        Err(StoreError::ProjectNotFound(_))
+    ));
+    // A's live deployment is untouched by B's attempt.
+    assert_eq!(
+        store.live_deployment(&a.id, "x").await?.map(|d| d.number),
+        Some(2)
+    );
+
+    // B may own its own "x", numbered independently.
+    let bx = store
+        .create_deployment(&b.id, "x", "# b1", &[block("b")])
+        .await?;
+    assert_eq!(bx.number, 1);
+    assert_eq!(
+        store.live_deployment(&b.id, "x").await?.map(|d| d.manifest),
+        Some("# b1".into())
+    );
+    assert_eq!(
+        store.live_deployment(&a.id, "x").await?.map(|d| d.manifest),
+        Some("# a2".into())
+    );
+    assert_eq!(store.list_deployments(&a.id, "x").await?.len(), 2);
+    assert_eq!(store.list_deployments(&b.id, "x").await?.len(), 1);
+
+    // Executions.
+    store
+        .insert_execution(&execution(&a.id, "exec_a", "a", 1000))
+        .await?;
+    assert_eq!(store.execution(&b.id, "exec_a").await?, None);
+    assert!(store
+        .list_executions(&b.id, "shop", None, 10)
+        .await?
+        .is_empty());
+    assert!(store.execution(&a.id, "exec_a").await?.is_some());
+    Ok(())
+}
+
+#[tokio::test]
+async fn executions_insert_list_filter_limit_get() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path()).await?;
+    let acct = store.create_account("alice", "h", "p").await?;
+
+    for (i, blk) in ["a", "b", "a", "b", "a"].iter().enumerate() {
+        let i = i64::try_from(i)?;
+        let mut rec = execution(&acct.id, &format!("exec_{i}"), blk, 1000 + i);
+        if i == 4 {
+            rec.status = ExecutionStatus::Ok;
+            rec.output = Some("42".to_string());
+            rec.error = None;
+            rec.init_ms = None;
+            rec.cold = false;
+        }
+        store.insert_execution(&rec).await?;
+    }
+
+    let all = store.list_executions(&acct.id, "shop", None, 100).await?;
+    let ids: Vec<_> = all.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["exec_4", "exec_3", "exec_2", "exec_1", "exec_0"]);
+
+    let only_a = store
+        .list_executions(&acct.id, "shop", Some("a"), 100)
+        .await?;
+    let ids: Vec<_> = only_a.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["exec_4", "exec_2", "exec_0"]);
+
+    let two = store.list_executions(&acct.id, "shop", None, 2).await?;
+    assert_eq!(two.len(), 2);
+    assert_eq!(two[0].id, "exec_4");
+
+    assert!(store
+        .list_executions(&acct.id, "other", None, 10)
+        .await?
+        .is_empty());
+
+    // Full round trip of every field.
+    let got = store
+        .execution(&acct.id, "exec_1")
+        .await?
+        .ok_or("missing")?;
+    assert_eq!(got, execution(&acct.id, "exec_1", "b", 1001));
+    let ok = store
+        .execution(&acct.id, "exec_4")
+        .await?
+        .ok_or("missing")?;
+    assert_eq!(ok.status, ExecutionStatus::Ok);
+    assert_eq!(ok.output.as_deref(), Some("42"));
+    assert_eq!(ok.error, None);
+    assert_eq!(ok.init_ms, None);
+    assert!(!ok.cold);
+    assert_eq!(store.execution(&acct.id, "nope").await?, None);
+
+    // Duplicate ids and unknown accounts are refused.
+    assert!(store
+        .insert_execution(&execution(&acct.id, "exec_1", "b", 5))
+        .await
+        .is_err());
+    assert!(matches!(
+        store
+            .insert_execution(&execution("acct_missing", "e9", "b", 5))
+            .await,
+        Err(StoreError::AccountNotFound(_))
+    ));
+    Ok(())
+}
+
+#[tokio::test]
+async fn data_survives_close_and_reopen() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (acct, d2) = {
+        let store = Store::open(dir.path()).await?;
+        let acct = store.create_account("alice", "h", "p").await?;
+        store
+            .create_deployment(&acct.id, "shop", "# v1", &[block("a")])
+            .await?;
+        let d2 = store
+            .create_deployment(&acct.id, "shop", "# v2", &[block("a"), block("b")])
+            .await?;
+        store.set_live(&acct.id, "shop", 1).await?;
+        store
+            .insert_execution(&execution(&acct.id, "exec_1", "a", 1))
+            .await?;
+        store.close().await;
+        (acct, d2)
+    };
+    // Opening twice in a row (second open without close) is fine too.
+    let _other = Store::open(dir.path()).await?;
+    let store = Store::open(dir.path()).await?;
+    assert!(store.path().ends_with("refinery.db"));
+    assert_eq!(store.account_by_key_hash("h").await?, Some(acct.clone()));
+    assert_eq!(
+        store
+            .live_deployment(&acct.id, "shop")
+            .await?
+            .map(|d| d.number),
+        Some(1)
+    );
+    let mut got2 = store
+        .deployment(&acct.id, "shop", 2)
+        .await?
+        .ok_or("no d2")?;
+    assert!(!got2.live);
+    got2.live = true;
+    assert_eq!(got2, d2);
+    assert!(store.execution(&acct.id, "exec_1").await?.is_some());
+    assert_eq!(
+        store
+            .create_deployment(&acct.id, "shop", "# v3", &[])
+            .await?
+            .number,
+        3
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_deploys_get_distinct_numbers() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path()).await?;
+    let acct = store.create_account("alice", "h", "p").await?;
+
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let store = store.clone();
+        let account_id = acct.id.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .create_deployment(&account_id, "shop", &format!("# {i}"), &[block("a")])
+                .await
+        }));
+    }
+    let mut numbers = Vec::new();
+    for task in tasks {
+        numbers.push(task.await??.number);
+    }
+    numbers.sort_unstable();
+    assert_eq!(numbers, (1..=10).collect::<Vec<i64>>());
+
+    let list = store.list_deployments(&acct.id, "shop").await?;
+    assert_eq!(list.len(), 10);
+    assert_eq!(list.iter().filter(|d| d.live).count(), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_deploys_from_two_handles_get_distinct_numbers() -> TestResult {
+    // Two independently opened stores on one file, as two processes would have.
+    let dir = tempfile::tempdir()?;
+    let first = Store::open(dir.path()).await?;
+    let second = Store::open(dir.path()).await?;
+    let acct = first.create_account("alice", "h", "p").await?;
+
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let store = if i % 2 == 0 {
+            first.clone()
+        } else {
+            second.clone()
+        };
+        let account_id = acct.id.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .create_deployment(&account_id, "shop", "", &[block("a")])
+                .await
+        }));
+    }
+    let mut numbers = Vec::new();
+    for task in tasks {
+        numbers.push(task.await??.number);
+    }
+    numbers.sort_unstable();
+    assert_eq!(numbers, (1..=10).collect::<Vec<i64>>());
+    Ok(())
+}
