@@ -86,7 +86,7 @@ struct Inner {
 
 struct Registered {
     info: InstanceInfo,
-    sandbox: Option<Arc<SandboxedInstance>>,
+    sandbox: Arc<SandboxedInstance>,
 }
 
 /// Why a cold start produced no usable instance.
@@ -305,7 +305,7 @@ impl InstancePool {
         }
         let stragglers: Vec<Arc<SandboxedInstance>> = lock(&self.inner.registry)
             .drain()
-            .filter_map(|(_, r)| r.sandbox)
+            .map(|(_, r)| r.sandbox)
             .collect();
         for sandbox in stragglers {
             destroy(sandbox).await;
@@ -515,7 +515,7 @@ impl InstancePool {
             info.id.clone(),
             Registered {
                 info,
-                sandbox: Some(instance.sandbox.clone()),
+                sandbox: instance.sandbox.clone(),
             },
         );
     }

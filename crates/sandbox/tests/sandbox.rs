@@ -527,3 +527,89 @@ fn spawn_is_fast() {
         "{median_first_byte:?}"
     );
 }
+
+/// Not a test on its own: the "server" process of `instances_die_with_the_server`.
+#[test]
+#[ignore = "helper process started by instances_die_with_the_server"]
+fn helper_server_process() {
+    let (Ok(root), Ok(state), Ok(code)) = (
+        std::env::var("REFINERY_SANDBOX_HELPER_ROOT"),
+        std::env::var("REFINERY_SANDBOX_HELPER_STATE"),
+        std::env::var("REFINERY_SANDBOX_HELPER_CODE"),
+    ) else {
+        return;
+    };
+    let host = SandboxHost::detect(config(Path::new(&state), root)).expect("detect");
+    let spec = InstanceSpec {
+        instance_id: "orphan".into(),
+        group: "acct".into(),
+        code_dir: code.clone().into(),
+        runtime_dir: code.into(),
+        entry: sh("sleep 1000 & echo up; wait"),
+        env: BTreeMap::new(),
+        memory_mb: 64,
+        tmp_mb: 4,
+        pids_max: 16,
+        cpu_percent: 50,
+    };
+    let spawned = host.spawn(&spec).expect("spawn");
+    let mut buf = [0u8; 3];
+    File::from(spawned.channels.responses.try_clone().expect("dup"))
+        .read_exact(&mut buf)
+        .expect("read");
+    println!("PID {}", spawned.instance.pid());
+    std::io::stdout().flush().expect("flush");
+    std::mem::forget(spawned);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn instances_die_with_the_server() {
+    use std::io::BufRead;
+    let state = tempfile::tempdir().expect("tempdir");
+    let code = tempfile::tempdir().expect("tempdir");
+    let root = unique("refinery-test");
+    let mut server = std::process::Command::new(std::env::current_exe().expect("exe"))
+        .args([
+            "helper_server_process",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("REFINERY_SANDBOX_HELPER_ROOT", &root)
+        .env("REFINERY_SANDBOX_HELPER_STATE", state.path())
+        .env("REFINERY_SANDBOX_HELPER_CODE", code.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start helper");
+    let stdout = server.stdout.take().expect("stdout");
+    let pid: i32 = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("PID ").and_then(|p| p.trim().parse().ok()))
+        .expect("helper printed the init pid");
+    assert!(process_exists(pid));
+    server.kill().expect("kill helper");
+    server.wait().expect("wait helper");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while process_exists(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!process_exists(pid), "instance outlived its server");
+    // The crashed server's cgroups are what cleanup_stale is for.
+    let host = SandboxHost::detect(config(state.path(), root)).expect("detect");
+    assert_eq!(host.cleanup_stale().expect("cleanup"), 1);
+    for r in host.cgroup_root_paths() {
+        std::fs::remove_dir(&r).expect("root dir empty after cleanup");
+    }
+}
+
+#[test]
+fn handles_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<SandboxHost>();
+    assert_send_sync::<refinery_sandbox::SandboxedInstance>();
+}

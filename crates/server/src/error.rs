@@ -88,6 +88,12 @@ impl IntoResponse for ApiError {
             body["error"]["limit_bytes"] = json!(limit);
         }
         let mut response = (status, Json(body)).into_response();
+        if let ApiError::PayloadTooLarge { .. } = &self {
+            // The unread rest of the body is still on the wire: this connection is done.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let ApiError::Throttled { retry_after, .. } = &self {
             let secs = retry_after.as_secs().max(1).to_string();
             if let Ok(value) = HeaderValue::from_str(&secs) {
