@@ -97,9 +97,9 @@ impl InstanceChannel {
         })
     }
 
-    /// Waits for the shim's first frame. Calling it again after success returns the same
-    /// answer only if it has not been consumed — so call it once; `invoke()` calls it for
-    /// you if you did not.
+    /// Waits for the shim's first frame: `Ready`, or `InitFailed` with the user's load
+    /// error (the shim then exits), or `Closed` if it died first. Call it once;
+    /// [`invoke`](Self::invoke) calls it itself if nobody has.
     pub async fn ready(&mut self) -> Result<Ready, ChannelError> {
         match self.state {
             State::Starting => {}

@@ -22,9 +22,11 @@ fn frame(body: &[u8]) -> Vec<u8> {
 /// A channel whose shim side has already written `bytes` and closed.
 fn channel_after(bytes: &[u8]) -> Result<InstanceChannel, Box<dyn std::error::Error>> {
     let ((req_w, _req_r), (resp_w, resp_r)) = pipes()?;
-    let mut shim = File::from(resp_w);
-    shim.write_all(bytes)?;
-    drop(shim);
+    let bytes = bytes.to_vec();
+    // A thread: more than a pipe's capacity blocks until the channel reads it.
+    std::thread::spawn(move || {
+        let _ = File::from(resp_w).write_all(&bytes);
+    });
     Ok(InstanceChannel::new(req_w, resp_r)?)
 }
 

@@ -111,6 +111,7 @@ async fn thrown_errors() -> TestResult {
     assert_eq!(err.message, "wrong type");
     let tb = err.traceback.ok_or("no stack")?;
     assert!(tb.contains("h.js:4"), "{tb}");
+    assert!(!tb.contains("node_shim"), "{tb}");
 
     let reply = p.channel.invoke(&json!(2), &json!({})).await?;
     let err = reply.outcome.err().ok_or("expected an error")?;

@@ -82,6 +82,16 @@ function writeFrame(text) {
 
 // ------------------------------------------------------------------ errors
 
+const SHIM_URL = import.meta.url;
+
+/** Drops this shim's own frames: the author's stack ends at their handler. */
+function withoutShimFrames(stack) {
+  return stack
+    .split('\n')
+    .filter((line) => !(line.trimStart().startsWith('at ') && line.includes(SHIM_URL)))
+    .join('\n');
+}
+
 function errorOf(value) {
   if (value instanceof Error || (value !== null && typeof value === 'object' && 'stack' in value)) {
     let type = 'Error';
@@ -94,7 +104,7 @@ function errorOf(value) {
     } catch {}
     let stack = null;
     try {
-      stack = typeof value.stack === 'string' ? value.stack : null;
+      stack = typeof value.stack === 'string' ? withoutShimFrames(value.stack) : null;
     } catch {}
     return { type: String(type), message, traceback: stack };
   }

@@ -39,13 +39,14 @@ pub fn pipes() -> io::Result<((OwnedFd, OwnedFd), (OwnedFd, OwnedFd))> {
     Ok(((req_w, req_r), (resp_w, resp_r)))
 }
 
-/// Starts `language`'s shim on `source_name` = `code`, plus `extra` files in the code dir.
-pub fn start(
+/// Spawns `language`'s shim on `source_name` = `code` (plus `extra` files in the code dir)
+/// with its protocol pipes on fds 3 and 4.
+pub fn spawn_raw(
     language: Language,
     source_name: &str,
     code: &str,
     extra: &[(&str, &str)],
-) -> Result<Running, Box<dyn std::error::Error>> {
+) -> Result<Raw, Box<dyn std::error::Error>> {
     let runtime_dir = tempfile::tempdir()?;
     install(runtime_dir.path())?;
     let code_dir = tempfile::tempdir()?;
@@ -89,7 +90,36 @@ pub fn start(
     }
     let child = command.spawn()?;
     drop((req_r, resp_w));
-    let channel = InstanceChannel::new(req_w, resp_r)?;
+    Ok(Raw {
+        child,
+        requests: req_w,
+        responses: resp_r,
+        dirs: (runtime_dir, code_dir),
+    })
+}
+
+/// A shim process with the host ends of its pipes not yet wrapped.
+pub struct Raw {
+    pub child: Child,
+    pub requests: OwnedFd,
+    pub responses: OwnedFd,
+    pub dirs: (TempDir, TempDir),
+}
+
+/// Starts `language`'s shim on `source_name` = `code`, plus `extra` files in the code dir.
+pub fn start(
+    language: Language,
+    source_name: &str,
+    code: &str,
+    extra: &[(&str, &str)],
+) -> Result<Running, Box<dyn std::error::Error>> {
+    let Raw {
+        child,
+        requests,
+        responses,
+        dirs: (runtime_dir, code_dir),
+    } = spawn_raw(language, source_name, code, extra)?;
+    let channel = InstanceChannel::new(requests, responses)?;
     Ok(Running {
         channel,
         child,
