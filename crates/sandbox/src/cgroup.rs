@@ -125,72 +125,19 @@ struct LimitRow {
 }
 
 /// Every limit the sandbox sets, in the order it is written (memsw must follow the memory limit).
+#[rustfmt::skip]
 const LIMITS: &[LimitRow] = &[
     // cgroup v1
-    LimitRow {
-        version: Version::V1,
-        controller: Controller::Memory,
-        file: "memory.limit_in_bytes",
-        value: memory_bytes,
-        optional: false,
-    },
-    LimitRow {
-        version: Version::V1,
-        controller: Controller::Memory,
-        file: "memory.memsw.limit_in_bytes",
-        value: memory_bytes,
-        optional: true,
-    },
-    LimitRow {
-        version: Version::V1,
-        controller: Controller::Pids,
-        file: "pids.max",
-        value: pids,
-        optional: false,
-    },
-    LimitRow {
-        version: Version::V1,
-        controller: Controller::Cpu,
-        file: "cpu.cfs_period_us",
-        value: cpu_period,
-        optional: false,
-    },
-    LimitRow {
-        version: Version::V1,
-        controller: Controller::Cpu,
-        file: "cpu.cfs_quota_us",
-        value: cpu_quota_v1,
-        optional: false,
-    },
+    LimitRow { version: Version::V1, controller: Controller::Memory, file: "memory.limit_in_bytes",       value: memory_bytes, optional: false },
+    LimitRow { version: Version::V1, controller: Controller::Memory, file: "memory.memsw.limit_in_bytes", value: memory_bytes, optional: true },
+    LimitRow { version: Version::V1, controller: Controller::Pids,   file: "pids.max",                    value: pids,         optional: false },
+    LimitRow { version: Version::V1, controller: Controller::Cpu,    file: "cpu.cfs_period_us",           value: cpu_period,   optional: false },
+    LimitRow { version: Version::V1, controller: Controller::Cpu,    file: "cpu.cfs_quota_us",            value: cpu_quota_v1, optional: false },
     // cgroup v2
-    LimitRow {
-        version: Version::V2,
-        controller: Controller::Memory,
-        file: "memory.max",
-        value: memory_bytes,
-        optional: false,
-    },
-    LimitRow {
-        version: Version::V2,
-        controller: Controller::Memory,
-        file: "memory.swap.max",
-        value: zero,
-        optional: true,
-    },
-    LimitRow {
-        version: Version::V2,
-        controller: Controller::Pids,
-        file: "pids.max",
-        value: pids,
-        optional: false,
-    },
-    LimitRow {
-        version: Version::V2,
-        controller: Controller::Cpu,
-        file: "cpu.max",
-        value: cpu_max_v2,
-        optional: false,
-    },
+    LimitRow { version: Version::V2, controller: Controller::Memory, file: "memory.max",                  value: memory_bytes, optional: false },
+    LimitRow { version: Version::V2, controller: Controller::Memory, file: "memory.swap.max",             value: zero,         optional: true },
+    LimitRow { version: Version::V2, controller: Controller::Pids,   file: "pids.max",                    value: pids,         optional: false },
+    LimitRow { version: Version::V2, controller: Controller::Cpu,    file: "cpu.max",                     value: cpu_max_v2,   optional: false },
 ];
 
 /// What v2 parents must delegate to their children (`cgroup.subtree_control`).
@@ -312,7 +259,10 @@ impl CgroupHost {
                     }),
                 }
             }
-            let layout = match v2 {
+            // The unified hierarchy of a hybrid host only adds cgroup.kill: use it when we may
+            // create cgroups there, otherwise run as plain v1.
+            let usable_v2 = v2.filter(|mount| mkdir_exist_ok(&mount.join(root_name)).is_ok());
+            let layout = match usable_v2 {
                 Some(mount) => {
                     hierarchies.push(Hierarchy {
                         mount,

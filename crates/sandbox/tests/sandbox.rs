@@ -235,10 +235,7 @@ fn host_is_invisible() {
     let rest: Vec<&str> = lines.collect();
     assert_eq!(
         rest,
-        ["full", "null", "random", "stderr", "stdin", "stdout", "urandom", "zero", "3"]
-            .iter()
-            .copied()
-            .collect::<Vec<_>>()[..],
+        ["full", "null", "random", "stderr", "stdin", "stdout", "urandom", "zero", "3"],
         "ls /dev (after fd) and process count (sh, ls, grep)"
     );
 }
@@ -371,6 +368,16 @@ fn destroy_kills_everything_and_removes_cgroups() {
         "{limits:?}"
     );
     assert!(limits.contains(&"64".to_string()), "{limits:?}");
+    let cpu: Vec<String> = paths
+        .iter()
+        .flat_map(|p| ["cpu.cfs_quota_us", "cpu.max"].map(|f| p.join(f)))
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .map(|s| s.trim().to_string())
+        .collect();
+    assert!(
+        cpu.iter().any(|c| c == "100000" || c == "100000 100000"),
+        "{cpu:?}"
+    );
 
     let report = instance.destroy().expect("destroy");
     assert_eq!(report.exit, "signal 9");
@@ -586,10 +593,17 @@ fn instances_die_with_the_server() {
         .spawn()
         .expect("start helper");
     let stdout = server.stdout.take().expect("stdout");
+    let helper_pid = server.id() as i32;
+    std::thread::spawn(move || {
+        // Watchdog: never hang the suite if the helper fails to report.
+        std::thread::sleep(Duration::from_secs(30));
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(helper_pid, libc::SIGKILL) };
+    });
     let pid: i32 = std::io::BufReader::new(stdout)
         .lines()
         .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("PID ").and_then(|p| p.trim().parse().ok()))
+        .find_map(|l| l.split("PID ").nth(1).and_then(|p| p.trim().parse().ok()))
         .expect("helper printed the init pid");
     assert!(process_exists(pid));
     server.kill().expect("kill helper");
@@ -612,4 +626,29 @@ fn handles_are_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<SandboxHost>();
     assert_send_sync::<refinery_sandbox::SandboxedInstance>();
+}
+
+#[test]
+fn pids_limit_is_enforced() {
+    let t = test_host();
+    let mut spec = t.spec(Entry::Exec {
+        argv: vec![
+            "/usr/bin/python3".into(),
+            "-c".into(),
+            "import os, time\n\
+             n, err = 0, None\n\
+             try:\n\
+             \x20   for i in range(20):\n\
+             \x20       if os.fork() == 0:\n\
+             \x20           time.sleep(100); os._exit(0)\n\
+             \x20       n += 1\n\
+             except OSError as e:\n\
+             \x20   err = e.errno\n\
+             os.write(4, f'{n} {err}'.encode())"
+                .into(),
+        ],
+    });
+    spec.pids_max = 6;
+    let (out, logs, _) = t.run(&spec);
+    assert_eq!(out, "5 11", "pid 1 + 5 children, then EAGAIN; logs: {logs}");
 }
