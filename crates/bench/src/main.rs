@@ -1,11 +1,15 @@
 //! `refinery-bench`: starts a real `refinery serve` (release build) on a loopback port
 //! and measures, over HTTP, what the brief promises: cold start and warm invocation
 //! latency of a no-op Python block (p50, p99) and the memory (PSS) of idle frozen
-//! instances. Prints a Markdown table; numbers go to docs/BENCHMARKS.md by hand.
+//! instances, and noisy-neighbour isolation: account B's warm latency alone and while
+//! account A floods past its quota. Prints a Markdown table; numbers go to
+//! docs/BENCHMARKS.md by hand.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -27,6 +31,15 @@ struct Args {
     /// Idle frozen instances whose memory is measured.
     #[arg(long, default_value_t = 20)]
     idle: usize,
+    /// Measure only noisy-neighbour isolation (otherwise it runs after the rest).
+    #[arg(long)]
+    neighbour: bool,
+    /// Account B's warm invocations measured alone, and again during A's flood.
+    #[arg(long, default_value_t = 1000)]
+    neighbour_samples: usize,
+    /// Account A's concurrent clients during the flood.
+    #[arg(long, default_value_t = 32)]
+    flood_clients: usize,
 }
 
 const NOOP: &str = r#"
@@ -74,6 +87,15 @@ fn start_server(binary: &Path) -> Result<Server> {
             "127.0.0.1:0",
             "--keep-alive",
             "10m",
+            // The latency figures measure the platform, not the default quotas.
+            "--quota-rate",
+            "1000000",
+            "--quota-burst",
+            "1000000",
+            "--quota-instances",
+            "1000",
+            "--quota-memory-mb",
+            "1000000",
             "--data-dir",
         ])
         .arg(&data)
@@ -112,6 +134,36 @@ impl Api {
         let response = self
             .http
             .post(format!("{}{path}", self.url))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await?;
+        let status = response.status();
+        let value: Value = response.json().await?;
+        if !status.is_success() {
+            bail!("{path}: HTTP {status}: {value}");
+        }
+        Ok(value)
+    }
+
+    /// POSTs and returns only the status (the flood counts refusals, it does not fail on them).
+    async fn post_status(&self, key: &str, path: &str, body: &Value) -> Result<u16> {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        response.bytes().await?;
+        Ok(status)
+    }
+
+    async fn put(&self, key: &str, path: &str, body: &Value) -> Result<Value> {
+        let response = self
+            .http
+            .put(format!("{}{path}", self.url))
             .bearer_auth(key)
             .json(body)
             .send()
@@ -169,7 +221,7 @@ fn instance_pss_kib(cgroups: &[Value]) -> Option<u64> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    let binary = match args.refinery {
+    let binary = match args.refinery.clone() {
         Some(path) => path,
         None => std::env::current_exe()?.with_file_name("refinery"),
     };
@@ -178,6 +230,11 @@ async fn main() -> Result<()> {
         http: reqwest::Client::new(),
         url: server.url.clone(),
     };
+    if args.neighbour {
+        println!("| figure | p50 | p99 | notes |");
+        println!("|---|---|---|---|");
+        return neighbour(&api, &server, &args).await;
+    }
     let account = api
         .post(
             &server.operator_key,
@@ -255,6 +312,118 @@ async fn main() -> Result<()> {
     println!(
         "| idle frozen Python instance, PSS | {pss_p50:.2} MiB | max {pss_max:.2} MiB | mean {pss_mean:.2} MiB over {} instances |",
         pss.len()
+    );
+    neighbour(&api, &server, &args).await
+}
+
+/// Sequential warm invocations of `noop`; their HTTP round trips in ms.
+async fn warm_samples(api: &Api, key: &str, n: usize) -> Result<Vec<f64>> {
+    let invoke = "/v1/projects/bench/blocks/noop/invoke";
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        let reply = api.post(key, invoke, &json!(null)).await?;
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+        if reply["status"] != "ok" {
+            bail!("account B's invocation failed: {reply}");
+        }
+    }
+    Ok(samples)
+}
+
+/// Account B's warm latency alone, then while account A (quota: 4 instances, 50
+/// invocations/s) floods with `flood_clients` concurrent clients well past its limits.
+async fn neighbour(api: &Api, server: &Server, args: &Args) -> Result<()> {
+    let mut keys = Vec::new();
+    for name in ["neighbour-a", "neighbour-b"] {
+        let account = api
+            .post(
+                &server.operator_key,
+                "/v1/accounts",
+                &json!({ "name": name }),
+            )
+            .await?;
+        let key = account["api_key"].as_str().context("api key")?.to_string();
+        api.post(
+            &key,
+            "/v1/deployments",
+            &json!({ "manifest": NOOP, "files": {} }),
+        )
+        .await?;
+        keys.push(key);
+    }
+    let (key_a, key_b) = (keys[0].clone(), keys[1].clone());
+    api.put(
+        &server.operator_key,
+        "/v1/accounts/neighbour-a/quota",
+        &json!({ "instances": 4, "memory_mb": 512, "rate": 50, "burst": 50 }),
+    )
+    .await?;
+
+    warm_samples(api, &key_b, 50).await?;
+    let alone = warm_samples(api, &key_b, args.neighbour_samples).await?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, throttled, other) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let mut clients = Vec::new();
+    for client in 0..args.flood_clients {
+        let api = Api {
+            http: api.http.clone(),
+            url: api.url.clone(),
+        };
+        let (key, stop) = (key_a.clone(), stop.clone());
+        let (ok, throttled, other) = (ok.clone(), throttled.clone(), other.clone());
+        clients.push(tokio::spawn(async move {
+            // Half the clients hold instances (0.2 s), half hammer the no-op.
+            let (path, input) = if client % 2 == 0 {
+                ("/v1/projects/bench/blocks/hold/invoke", json!(0.2))
+            } else {
+                ("/v1/projects/bench/blocks/noop/invoke", json!(null))
+            };
+            while !stop.load(Ordering::Relaxed) {
+                match api.post_status(&key, path, &input).await {
+                    Ok(200) => ok.fetch_add(1, Ordering::Relaxed),
+                    Ok(429) => throttled.fetch_add(1, Ordering::Relaxed),
+                    _ => other.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let flood_started = Instant::now();
+    let (a_ok0, a_throttled0) = (
+        ok.load(Ordering::Relaxed),
+        throttled.load(Ordering::Relaxed),
+    );
+    let during = warm_samples(api, &key_b, args.neighbour_samples).await;
+    let flood_secs = flood_started.elapsed().as_secs_f64();
+    let (a_ok, a_throttled) = (
+        ok.load(Ordering::Relaxed) - a_ok0,
+        throttled.load(Ordering::Relaxed) - a_throttled0,
+    );
+    stop.store(true, Ordering::Relaxed);
+    for client in clients {
+        let _ = client.await;
+    }
+    let during = during?;
+
+    let (alone_p50, alone_p99, _) = summary(alone);
+    let (during_p50, during_p99, _) = summary(during);
+    println!(
+        "| B warm invocation, alone | {alone_p50:.3} ms | {alone_p99:.3} ms | {} sequential |",
+        args.neighbour_samples
+    );
+    println!(
+        "| B warm invocation, while A floods past its quota | {during_p50:.3} ms | {during_p99:.3} ms | A: {} clients, {:.0} req/s, {:.0} admitted/s, {:.1}% refused (429); {} other errors |",
+        args.flood_clients,
+        (a_ok + a_throttled) as f64 / flood_secs,
+        a_ok as f64 / flood_secs,
+        100.0 * a_throttled as f64 / (a_ok + a_throttled).max(1) as f64,
+        other.load(Ordering::Relaxed)
     );
     Ok(())
 }

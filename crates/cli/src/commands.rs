@@ -79,6 +79,31 @@ pub enum AccountsCommand {
     Create { name: String },
     /// List accounts.
     List,
+    /// Change an account's quota (operator key). Limits not given stay as they are.
+    SetQuota {
+        /// The account's name or id.
+        account: String,
+        /// Live instances at once (starting, busy and warm).
+        #[arg(long, value_name = "N")]
+        instances: Option<u32>,
+        /// Total memory_mb of the account's live instances.
+        #[arg(long, value_name = "MB")]
+        memory_mb: Option<u64>,
+        /// Sustained invocations per second.
+        #[arg(long, value_name = "PER_SECOND")]
+        rate: Option<f64>,
+        /// Invocations allowed in a burst.
+        #[arg(long, value_name = "N")]
+        burst: Option<u32>,
+        /// Return every limit not given to the server's default first.
+        #[arg(long)]
+        reset: bool,
+    },
+    /// Show an account's quota and usage (operator key, or the account's own key).
+    Quota {
+        /// The account's name or id.
+        account: String,
+    },
 }
 
 /// Runs one client command; the exit code is non-zero when the server said no or the
@@ -120,6 +145,52 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
                     )
                 })
             });
+        }
+        ClientCommand::Accounts(AccountsCommand::SetQuota {
+            account,
+            instances,
+            memory_mb,
+            rate,
+            burst,
+            reset,
+        }) => {
+            let mut body = serde_json::Map::new();
+            for (field, value) in [
+                ("instances", instances.map(Value::from)),
+                ("memory_mb", memory_mb.map(Value::from)),
+                ("rate", rate.map(Value::from)),
+                ("burst", burst.map(Value::from)),
+            ] {
+                match value {
+                    Some(value) => {
+                        body.insert(field.to_string(), value);
+                    }
+                    None if reset => {
+                        body.insert(field.to_string(), Value::Null);
+                    }
+                    None => {}
+                }
+            }
+            if body.is_empty() {
+                bail!(
+                    "nothing to change: give --instances, --memory-mb, --rate, --burst or --reset"
+                );
+            }
+            let reply = client
+                .send(
+                    Method::PUT,
+                    &format!("/v1/accounts/{}/quota", path_segment(&account)),
+                    Some(&Value::Object(body)),
+                    &[],
+                )
+                .await?;
+            print(json, &reply, || quota_text(&reply));
+        }
+        ClientCommand::Accounts(AccountsCommand::Quota { account }) => {
+            let reply = client
+                .get(&format!("/v1/accounts/{}/quota", path_segment(&account)))
+                .await?;
+            print(json, &reply, || quota_text(&reply));
         }
         ClientCommand::Deploy { path } => {
             let body = deploy_request(&path)?;
@@ -346,6 +417,48 @@ fn deploy_request(path: &Path) -> Result<Value> {
         files.insert(source, Value::String(contents));
     }
     Ok(json!({ "manifest": text, "manifest_path": shown, "files": files }))
+}
+
+/// An account name or id as one URL path segment (names and ids are `[a-z0-9_-]`; anything
+/// else is percent-encoded so it cannot change the path).
+fn path_segment(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// A quota reply as text: each limit with its usage, and whether it is the default.
+fn quota_text(reply: &Value) -> String {
+    let (quota, usage, overrides) = (&reply["quota"], &reply["usage"], &reply["overrides"]);
+    let origin = |field: &str| {
+        if overrides[field].is_null() {
+            "default"
+        } else {
+            "set for this account"
+        }
+    };
+    format!(
+        "{} ({})\n  instances  {} of {} live  ({})\n  memory     {} of {} MB  ({})\n  rate       {}/s, burst {}  ({} / {}); {} invocations available now",
+        reply["account"].as_str().unwrap_or_default(),
+        reply["account_id"].as_str().unwrap_or_default(),
+        usage["instances"],
+        quota["instances"],
+        origin("instances"),
+        usage["memory_mb"],
+        quota["memory_mb"],
+        origin("memory_mb"),
+        quota["rate"],
+        quota["burst"],
+        origin("rate"),
+        origin("burst"),
+        usage["tokens"],
+    )
 }
 
 fn print(json: bool, reply: &Value, human: impl FnOnce() -> String) {

@@ -47,8 +47,10 @@ impl BlockPool {
 
     /// Marks the pool retired and hands back its idle instances for destruction.
     pub fn retire(&self) -> Vec<Instance> {
+        // Under the idle lock, so no `push_idle` can slip an instance in after the drain.
+        let mut idle = self.lock_idle();
         self.retired.store(true, Ordering::Release);
-        self.lock_idle().drain(..).map(|i| i.instance).collect()
+        idle.drain(..).map(|i| i.instance).collect()
     }
 
     /// The most recently frozen idle instance, if any.
@@ -56,11 +58,34 @@ impl BlockPool {
         self.lock_idle().pop().map(|i| i.instance)
     }
 
-    pub fn push_idle(&self, instance: Instance) {
-        self.lock_idle().push(IdleInstance {
+    /// Keeps an instance warm; hands it back (to be destroyed) if the pool was retired
+    /// meanwhile.
+    #[must_use]
+    pub fn push_idle(&self, instance: Instance) -> Option<Instance> {
+        let mut idle = self.lock_idle();
+        if self.is_retired() {
+            return Some(instance);
+        }
+        idle.push(IdleInstance {
             instance,
             since: Instant::now(),
         });
+        None
+    }
+
+    /// The idle instances' ids and when each went idle (eviction candidates).
+    pub fn idle_snapshot(&self) -> Vec<(String, Instant)> {
+        self.lock_idle()
+            .iter()
+            .map(|i| (i.instance.id().to_string(), i.since))
+            .collect()
+    }
+
+    /// Removes one idle instance by id, if it is still idle.
+    pub fn take_idle(&self, id: &str) -> Option<Instance> {
+        let mut idle = self.lock_idle();
+        let position = idle.iter().position(|i| i.instance.id() == id)?;
+        Some(idle.remove(position).instance)
     }
 
     /// Removes and returns the instances idle for longer than the keep-alive.

@@ -19,10 +19,14 @@ pub fn materialize(root: &Path, deployment_id: i64, block: &BlockSpec) -> io::Re
     let parent = root.join(deployment_id.to_string());
     fs::create_dir_all(&parent)?;
     fs::set_permissions(&parent, fs::Permissions::from_mode(0o755))?;
-    let staging = parent.join(format!(".{}.{}", block.name, std::process::id()));
-    if staging.exists() {
-        fs::remove_dir_all(&staging)?;
-    }
+    // Unique per call: concurrent first invocations of one block each lay out their own
+    // copy and the first rename wins (a shared staging name let one remove another's).
+    let staging = parent.join(format!(
+        ".{}.{}.{}",
+        block.name,
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
     fs::create_dir(&staging)?;
     // World-readable: instances run as unprivileged uids and must read their own code.
     fs::set_permissions(&staging, fs::Permissions::from_mode(0o755))?;

@@ -12,6 +12,28 @@ pub enum PoolError {
         limit: u32,
         waited: Duration,
     },
+    /// The account holds as many live instances as its quota allows and none of them is
+    /// idle (evictable). Decided before any instance starts.
+    #[error("account {account} is at its limit of {limit} concurrent instances (none of them idle); retry later or ask the operator to raise it (refinery accounts set-quota {account} --instances N)")]
+    InstanceQuota { account: String, limit: u32 },
+    /// Starting one more instance would take the account past its total instance memory,
+    /// even after evicting its idle instances.
+    #[error("account {account} is at its limit of {limit_mb} MB of total instance memory ({used_mb} MB held by running instances; block `{block}` needs {needed_mb} MB more); retry later or ask the operator to raise it (refinery accounts set-quota {account} --memory-mb M)")]
+    MemoryQuota {
+        account: String,
+        limit_mb: u64,
+        used_mb: u64,
+        needed_mb: u64,
+        block: String,
+    },
+    /// The account invokes faster than its rate quota (token bucket) allows.
+    #[error("account {account} is over its invocation rate limit of {rate} per second (burst {burst}); retry in {:.1} s or ask the operator to raise it (refinery accounts set-quota {account} --rate R --burst B)", retry_after.as_secs_f64())]
+    RateQuota {
+        account: String,
+        rate: f64,
+        burst: u32,
+        retry_after: Duration,
+    },
     /// The server is stopping; it takes no new invocations.
     #[error("the server is shutting down and takes no new invocations")]
     ShuttingDown,

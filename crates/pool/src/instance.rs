@@ -12,6 +12,8 @@ use refinery_sandbox::SandboxedInstance;
 use serde::Serialize;
 use tokio::io::AsyncReadExt;
 
+use crate::quota::Reservation;
+
 /// Bytes of an instance's stray stdout/stderr kept to explain why it died.
 const LOG_TAIL_BYTES: usize = 4096;
 
@@ -48,17 +50,26 @@ pub struct Instance {
     pub sandbox: Arc<SandboxedInstance>,
     pub channel: InstanceChannel,
     pub invocations: u64,
+    /// Its share of the account's quota, held until the instance is dropped (after it
+    /// is destroyed).
+    pub reservation: Reservation,
     log_tail: Arc<Mutex<VecDeque<u8>>>,
 }
 
 impl Instance {
-    pub fn new(sandbox: SandboxedInstance, channel: InstanceChannel, logs: OwnedFd) -> Instance {
+    pub fn new(
+        sandbox: SandboxedInstance,
+        channel: InstanceChannel,
+        logs: OwnedFd,
+        reservation: Reservation,
+    ) -> Instance {
         let log_tail = Arc::new(Mutex::new(VecDeque::with_capacity(LOG_TAIL_BYTES)));
         spawn_log_drain(sandbox.id().to_string(), logs, log_tail.clone());
         Instance {
             sandbox: Arc::new(sandbox),
             channel,
             invocations: 0,
+            reservation,
             log_tail,
         }
     }

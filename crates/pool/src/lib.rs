@@ -6,6 +6,9 @@
 //! freezes an instance when its invocation ends, discards it on timeout, crash or OOM,
 //! reaps idle ones after their keep-alive, and drains instances of retired deployments.
 //!
+//! It also enforces per-account quotas (live instances, their total memory, invocation
+//! rate; see [`Quota`]) so one account cannot starve the others.
+//!
 //! It never touches the database and never decides who may invoke what: the API layer
 //! authorises and records; the pool only runs. It is independent of the isolation tier
 //! behind [`refinery_sandbox::SandboxHost`] and of the languages behind
@@ -16,7 +19,9 @@ mod code_dir;
 mod error;
 mod instance;
 mod pool;
+mod quota;
 
 pub use error::PoolError;
 pub use instance::{InstanceInfo, InstanceState};
 pub use pool::{BlockTarget, InstancePool, Invocation, PoolConfig};
+pub use quota::{AccountUsage, Quota, QuotaOverride};

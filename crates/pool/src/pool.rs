@@ -1,5 +1,6 @@
-//! The pool itself: admission per block, warm-or-cold instance choice, one invocation,
-//! release (freeze) or discard, reaping, retirement and shutdown.
+//! The pool itself: admission (account rate, block concurrency, account instance and
+//! memory quotas), warm-or-cold instance choice, one invocation, release (freeze) or
+//! discard, reaping, retirement and shutdown.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ use crate::block_pool::BlockPool;
 use crate::code_dir;
 use crate::error::PoolError;
 use crate::instance::{now_ms, Instance, InstanceInfo, InstanceState};
+use crate::quota::{AccountState, AccountUsage, Accounts, Ledger, Quota, Reservation};
 
 /// Operator settings of the pool.
 #[derive(Debug, Clone)]
@@ -31,12 +33,16 @@ pub struct PoolConfig {
     pub queue_timeout: Duration,
     /// How often the reaper looks for expired idle instances.
     pub reap_interval: Duration,
+    /// Every account's quota unless it has its own (see [`InstancePool::set_account_quota`]).
+    pub default_quota: Quota,
 }
 
 /// What to invoke: one block of one deployment, and whose it is.
 #[derive(Debug, Clone)]
 pub struct BlockTarget {
     pub account_id: String,
+    /// The account's name, for messages (quota refusals name the account).
+    pub account_name: String,
     pub project: String,
     /// Globally unique deployment id (the pool keys instances on it).
     pub deployment_id: i64,
@@ -81,6 +87,8 @@ struct Inner {
     blocks: Mutex<HashMap<BlockKey, Arc<BlockPool>>>,
     /// Every live instance, for listing and for killing stragglers at shutdown.
     registry: Mutex<HashMap<String, Registered>>,
+    /// Every account's quota and usage ledger.
+    accounts: Accounts,
     shutting_down: AtomicBool,
 }
 
@@ -115,6 +123,7 @@ impl InstancePool {
         let pool = InstancePool {
             inner: Arc::new(Inner {
                 host,
+                accounts: Accounts::new(config.default_quota),
                 config,
                 blocks: Mutex::new(HashMap::new()),
                 registry: Mutex::new(HashMap::new()),
@@ -137,6 +146,11 @@ impl InstancePool {
     }
 
     /// Runs one invocation of `target` in an instance of its own.
+    ///
+    /// Admission, in order, all before any instance is started or any user code runs:
+    /// the account's invocation rate (one token), the block's `max_concurrency` (a bounded
+    /// wait), then — only for a cold start — the account's instance and memory quotas
+    /// (evicting its least-recently-used idle instances first if that makes room).
     pub async fn invoke(
         &self,
         target: &BlockTarget,
@@ -145,6 +159,15 @@ impl InstancePool {
     ) -> Result<Invocation, PoolError> {
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return Err(PoolError::ShuttingDown);
+        }
+        let account = self.inner.accounts.get(&target.account_id);
+        if let Err((quota, retry_after)) = account.take_token() {
+            return Err(PoolError::RateQuota {
+                account: target.account_name.clone(),
+                rate: quota.rate,
+                burst: quota.burst,
+                retry_after,
+            });
         }
         let block_pool = self.block_pool(target).await?;
         let queue_timeout = self.inner.config.queue_timeout;
@@ -163,7 +186,7 @@ impl InstancePool {
 
         let (mut instance, cold, init_ms) = match self.take_warm(&block_pool).await {
             Some(instance) => (instance, false, None),
-            None => match self.start_instance(&block_pool).await {
+            None => match self.start_instance(&block_pool, &account).await {
                 Ok((instance, init)) => (instance, true, Some(millis(init))),
                 Err(StartFailure::Host(e)) => return Err(e),
                 Err(StartFailure::Init {
@@ -288,6 +311,28 @@ impl InstancePool {
         list
     }
 
+    /// The quota every account has unless it has its own.
+    pub fn default_quota(&self) -> Quota {
+        self.inner.accounts.defaults()
+    }
+
+    /// Sets an account's effective quota (its overrides applied over the defaults).
+    /// Running instances stay; a lowered quota refuses new cold starts until usage is
+    /// under it. The kernel's account-wide memory limit follows at once if it was set
+    /// already in this run, else with the account's first instance.
+    pub fn set_account_quota(&self, account_id: &str, quota: Quota) {
+        let account = self.inner.accounts.set_quota(account_id, quota);
+        let started = account.lock().group_limit_mb.is_some();
+        if started {
+            self.ensure_group_limits(&account);
+        }
+    }
+
+    /// An account's effective quota and what it holds now.
+    pub fn account_usage(&self, account_id: &str) -> AccountUsage {
+        self.inner.accounts.get(account_id).usage()
+    }
+
     /// Refuses new invocations, lets running ones finish for up to `grace`, then kills
     /// every instance and removes its cgroups.
     pub async fn shutdown(&self, grace: Duration) {
@@ -360,13 +405,113 @@ impl InstancePool {
         None
     }
 
+    /// Admits a cold start against the account's instance and memory quotas and takes
+    /// its reservation; evicts the account's least-recently-used idle instances (of any
+    /// of its blocks) first when that makes room. Returns the instances evicted (their
+    /// share already handed over; the caller destroys them before spawning) beside the
+    /// verdict.
+    fn admit_cold(
+        &self,
+        target: &BlockTarget,
+        account: &Arc<AccountState>,
+    ) -> (Result<Reservation, PoolError>, Vec<Instance>) {
+        let memory_mb = u64::from(target.block.memory_mb);
+        // Collected before the account lock (lock order: account, then blocks, then idle;
+        // and these Arcs are dropped after the ledger guard, never under it).
+        let pools: Vec<Arc<BlockPool>> = lock(&self.inner.blocks)
+            .values()
+            .filter(|p| p.target.account_id == account.id)
+            .cloned()
+            .collect();
+        let mut ledger = account.lock();
+        if ledger.fits(memory_mb) {
+            return (
+                Ok(Reservation::take(account, &mut ledger, memory_mb)),
+                Vec::new(),
+            );
+        }
+        // Idle instances of the account, least recently used first.
+        let mut candidates: Vec<(Instant, usize, String, u64)> = pools
+            .iter()
+            .enumerate()
+            .flat_map(|(index, p)| {
+                let mb = u64::from(p.target.block.memory_mb);
+                p.idle_snapshot()
+                    .into_iter()
+                    .map(move |(id, since)| (since, index, id, mb))
+            })
+            .collect();
+        candidates.sort_by_key(|c| c.0);
+        let idle_count = u32::try_from(candidates.len()).unwrap_or(u32::MAX);
+        let idle_mb: u64 = candidates.iter().map(|c| c.3).sum();
+        if !ledger.fits_after(memory_mb, idle_count, idle_mb) {
+            return (
+                Err(quota_error(target, &ledger, idle_count, idle_mb)),
+                Vec::new(),
+            );
+        }
+        let mut victims = Vec::new();
+        for (_, index, id, _) in candidates {
+            if ledger.fits(memory_mb) {
+                break;
+            }
+            // Gone already if a warm invocation or the reaper took it meanwhile.
+            if let Some(mut victim) = pools[index].take_idle(&id) {
+                victim.reservation.release_locked(&mut ledger);
+                victims.push(victim);
+            }
+        }
+        let verdict = if ledger.fits(memory_mb) {
+            tracing::debug!(account = %account.id, evicted = victims.len(), "evicted idle instances to admit a cold start");
+            Ok(Reservation::take(account, &mut ledger, memory_mb))
+        } else {
+            Err(quota_error(target, &ledger, 0, 0))
+        };
+        (verdict, victims)
+    }
+
+    /// Keeps the kernel's account-wide memory limit (the group cgroup holding all the
+    /// account's instances) at the account's memory quota: a backstop under the pool's
+    /// own accounting. Set with the account's first instance in this run and again
+    /// whenever the quota changed; never below what the account already holds.
+    fn ensure_group_limits(&self, account: &AccountState) {
+        let wanted = {
+            let ledger = account.lock();
+            let wanted = ledger.wanted_group_limit_mb();
+            if ledger.group_limit_mb == Some(wanted) {
+                return;
+            }
+            wanted
+        };
+        match self
+            .inner
+            .host
+            .set_group_limits(&cgroup_safe(&account.id), Some(wanted))
+        {
+            Ok(()) => account.lock().group_limit_mb = Some(wanted),
+            // Retried with the next cold start; the pool's accounting still holds.
+            Err(e) => {
+                tracing::warn!(account = %account.id, memory_mb = wanted, error = %e, "cannot set the account's cgroup memory limit");
+            }
+        }
+    }
+
     async fn start_instance(
         &self,
         block_pool: &BlockPool,
+        account: &Arc<AccountState>,
     ) -> Result<(Instance, Duration), StartFailure> {
         let started = Instant::now();
         let target = &block_pool.target;
         let block = &target.block;
+        let (verdict, victims) = self.admit_cold(target, account);
+        // Evicted instances go before the new one starts, so the account never holds
+        // more than its quota at once.
+        for victim in victims {
+            self.discard(victim).await;
+        }
+        let reservation = verdict.map_err(StartFailure::Host)?;
+        self.ensure_group_limits(account);
         let spec = InstanceSpec {
             instance_id: new_instance_id(),
             group: cgroup_safe(&target.account_id),
@@ -397,7 +542,7 @@ impl InstancePool {
         let sandbox = spawned.instance;
         let channel = InstanceChannel::new(channels.requests, channels.responses)
             .map_err(|e| host_error(e.to_string()))?;
-        let mut instance = Instance::new(sandbox, channel, channels.logs);
+        let mut instance = Instance::new(sandbox, channel, channels.logs, reservation);
         self.register(&instance, target, InstanceState::Starting);
 
         let init_limit = Duration::from_secs(u64::from(block.timeout_s));
@@ -469,7 +614,10 @@ impl InstancePool {
                 entry.info.invocations = instance.invocations;
             }
         }
-        block_pool.push_idle(instance);
+        if let Some(instance) = block_pool.push_idle(instance) {
+            // Retired while it was being frozen.
+            self.discard(instance).await;
+        }
     }
 
     /// Destroys an instance; returns whether the kernel OOM-killed it and its last output.
@@ -523,6 +671,32 @@ impl InstancePool {
     fn set_state(&self, instance_id: &str, state: InstanceState) {
         if let Some(entry) = lock(&self.inner.registry).get_mut(instance_id) {
             entry.info.state = state;
+        }
+    }
+}
+
+/// The refusal for a cold start that does not fit even after evicting `evictable`
+/// idle instances holding `evictable_mb`: names the limit that binds.
+fn quota_error(
+    target: &BlockTarget,
+    ledger: &Ledger,
+    evictable: u32,
+    evictable_mb: u64,
+) -> PoolError {
+    let quota = ledger.quota;
+    let needed_mb = u64::from(target.block.memory_mb);
+    if ledger.instances.saturating_sub(evictable) >= quota.instances {
+        PoolError::InstanceQuota {
+            account: target.account_name.clone(),
+            limit: quota.instances,
+        }
+    } else {
+        PoolError::MemoryQuota {
+            account: target.account_name.clone(),
+            limit_mb: quota.memory_mb,
+            used_mb: ledger.memory_mb.saturating_sub(evictable_mb),
+            needed_mb,
+            block: target.block.name.clone(),
         }
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use refinery_cli::{ClientArgs, ClientCommand};
-use refinery_server::ServeConfig;
+use refinery_server::{Quota, ServeConfig};
 
 /// The hidden first argument that turns this process into a sandbox's init.
 const SANDBOX_INIT_ARG: &str = "__sandbox-init";
@@ -50,6 +50,18 @@ struct ServeArgs {
     /// After SIGTERM/SIGINT, how long running invocations may take to finish.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     shutdown_grace: Duration,
+    /// Default per-account quota: live instances at once (starting, busy and warm).
+    #[arg(long, default_value_t = Quota::DEFAULT.instances, value_name = "N")]
+    quota_instances: u32,
+    /// Default per-account quota: total memory_mb of an account's live instances.
+    #[arg(long, default_value_t = Quota::DEFAULT.memory_mb, value_name = "MB")]
+    quota_memory_mb: u64,
+    /// Default per-account quota: sustained invocations per second.
+    #[arg(long, default_value_t = Quota::DEFAULT.rate, value_name = "PER_SECOND")]
+    quota_rate: f64,
+    /// Default per-account quota: invocations allowed in a burst above the rate.
+    #[arg(long, default_value_t = Quota::DEFAULT.burst, value_name = "N")]
+    quota_burst: u32,
 }
 
 fn main() -> ExitCode {
@@ -94,6 +106,12 @@ async fn serve(args: ServeArgs) -> Result<()> {
         keep_alive: args.keep_alive,
         shutdown_grace: args.shutdown_grace,
         init_exe,
+        default_quota: Quota {
+            instances: args.quota_instances,
+            memory_mb: args.quota_memory_mb,
+            rate: args.quota_rate,
+            burst: args.quota_burst,
+        },
     };
     refinery_server::serve(config, shutdown_signal(), |addr| {
         // A stable line scripts and tests wait for.

@@ -419,6 +419,67 @@ impl CgroupHost {
         Ok(cg)
     }
 
+    /// Create `<root_name>/<group>` in every hierarchy (as [`Self::create_instance`] would) and
+    /// set its memory limit in the hierarchy that has the memory controller. `None` = unlimited.
+    pub(crate) fn set_group_memory(
+        &self,
+        group: &str,
+        bytes: Option<u64>,
+    ) -> Result<(), SandboxError> {
+        let setup_err = |path: &Path, source: io::Error| SandboxError::CgroupSetup {
+            path: path.to_path_buf(),
+            source,
+        };
+        for h in &self.hierarchies {
+            let root = h.mount.join(&self.root_name);
+            let group_dir = root.join(group);
+            mkdir_exist_ok(&root).map_err(|e| setup_err(&root, e))?;
+            if h.version == Version::V2 && !h.controllers.is_empty() {
+                write_file(&root.join("cgroup.subtree_control"), V2_SUBTREE_CONTROL)
+                    .map_err(|e| setup_err(&root, e))?;
+            }
+            mkdir_exist_ok(&group_dir).map_err(|e| setup_err(&group_dir, e))?;
+            if h.version == Version::V2 && !h.controllers.is_empty() {
+                write_file(
+                    &group_dir.join("cgroup.subtree_control"),
+                    V2_SUBTREE_CONTROL,
+                )
+                .map_err(|e| setup_err(&group_dir, e))?;
+            }
+            if !h.controllers.contains(&Controller::Memory) {
+                continue;
+            }
+            match h.version {
+                Version::V2 => {
+                    let value = bytes.map_or_else(|| "max".to_string(), |b| b.to_string());
+                    let file = group_dir.join("memory.max");
+                    write_file(&file, &value).map_err(|e| setup_err(&file, e))?;
+                }
+                Version::V1 => {
+                    let value = bytes.map_or_else(|| "-1".to_string(), |b| b.to_string());
+                    let mem = group_dir.join("memory.limit_in_bytes");
+                    let memsw = group_dir.join("memory.memsw.limit_in_bytes");
+                    let has_memsw = memsw.exists();
+                    // The kernel keeps memory <= memory+swap at every step: lower the memory
+                    // limit first; when raising, the memsw limit must go first (EINVAL).
+                    match write_file(&mem, &value) {
+                        Ok(()) => {
+                            if has_memsw {
+                                write_file(&memsw, &value).map_err(|e| setup_err(&memsw, e))?;
+                            }
+                        }
+                        Err(e) if has_memsw && e.raw_os_error() == Some(libc::EINVAL) => {
+                            write_file(&memsw, &value).map_err(|e| setup_err(&memsw, e))?;
+                            write_file(&mem, &value).map_err(|e| setup_err(&mem, e))?;
+                        }
+                        Err(e) => return Err(setup_err(&mem, e)),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Kill and remove every instance cgroup (and group dir) under `<root_name>`.
     pub(crate) fn cleanup_stale(&self) -> Result<usize, SandboxError> {
         let mut instances: BTreeSet<(String, String)> = BTreeSet::new();

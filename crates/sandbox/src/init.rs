@@ -1,18 +1,28 @@
 //! The in-sandbox init: runs as pid 1 of the new namespaces, still root, reads its setup frame
-//! from fd 3, builds the sandbox around itself, drops every privilege and becomes the entry.
+//! from fd 3, builds the sandbox around itself, drops every privilege, then splits in two: a
+//! reaper that stays pid 1 and the entry, pid 2.
 //!
 //! Order matters and is spelled out in [`run`]: join cgroups → cgroup namespace → mounts →
-//! pivot_root → hostname → rlimits → capabilities and uid → no_new_privs → syscall filter →
-//! signals → environment → exec.
+//! pivot_root → hostname → rlimits → capabilities and uid → no_new_privs → Landlock → seccomp
+//! → fork: the child (pid 2) resets its signals and becomes the entry; the parent (pid 1)
+//! becomes [`reaper`].
+//!
+//! Why a separate pid 1: the entry's stragglers (daemons, `cmd &`) are re-parented to pid 1 when
+//! their parent dies. A shim running as pid 1 would collect zombies it never waits for (and
+//! pids.max counts them); and as pid 1 it could not be the target of `kill(-1)`-style clean-up
+//! that spares it. So pid 1 is a tiny loop that holds no fd of the instance, waits for every
+//! child, and exits with the entry's status when the entry exits — which, as the namespace's
+//! init, takes every other process of the instance with it. The host sees the same thing as
+//! before: EOF on the responses pipe and the death of the process it cloned.
 
 use std::ffi::CString;
 use std::fmt;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 
-use crate::mounts;
 use crate::spec::{InitSpec, RlimitKind, MAX_FRAME};
 use crate::Entry;
+use crate::{fs_access, mounts, seccomp};
 
 /// fd of the requests pipe, where the setup frame arrives.
 const REQUESTS_FD: libc::c_int = 3;
@@ -44,8 +54,9 @@ fn check(rc: libc::c_long, what: &str) -> Result<(), InitError> {
     }
 }
 
-/// The in-sandbox side; see the crate docs. Returns only for a `Builtin` entry (its exit code)
-/// or on failure (125, after writing `refinery-sandbox: <reason>` to fd 2).
+/// The in-sandbox side; see the crate docs. Returns only in the entry process (pid 2) for a
+/// `Builtin` entry (its exit code), or on failure (125, after writing
+/// `refinery-sandbox: <reason>` to fd 2). The reaper (pid 1) never returns.
 pub fn init_main(builtin: fn(&str, &[String]) -> i32) -> i32 {
     match run() {
         Ok((name, args)) => builtin(&name, &args),
@@ -201,13 +212,28 @@ fn run() -> Result<(String, Vec<String>), InitError> {
     exit_if_orphaned();
     prctl(libc::PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")?;
 
-    // 6. Syscall filtering (after no_new_privs, right before the entry runs).
-    apply_syscall_filter()?;
+    // 6. Landlock (needs no_new_privs), then the syscall filter, last: from here on the process
+    //    and everything it starts is filtered. Landlock is best effort: a kernel without it
+    //    leaves the mount table and the uid as the filesystem walls (the host reports it).
+    fs_access::restrict().context(|| "applying the Landlock ruleset".into())?;
+    seccomp::install().map_err(|e| InitError(e.to_string()))?;
 
-    // 7. Signals: default dispositions and an empty mask for the entry.
-    reset_signals();
+    // 7. Split: pid 1 stays behind as the reaper, pid 2 becomes the entry. Signals are blocked
+    //    across the fork (the spawner handed us a full mask; keep it for the reaper) with
+    //    default dispositions, so SIGCHLD is never SIG_IGN (which would auto-reap the entry).
+    default_dispositions();
+    // SAFETY: this process is single-threaded (the init runs before anything starts a thread),
+    // so the child may run arbitrary code after fork.
+    let entry_pid = unsafe { libc::fork() };
+    if entry_pid < 0 {
+        return Err(InitError(format!("fork: {}", io::Error::last_os_error())));
+    }
+    if entry_pid > 0 {
+        reaper(entry_pid);
+    }
 
-    // 8. Environment and entry.
+    // 8. The entry: an empty signal mask, its environment, and exec (or the builtin).
+    unblock_signals();
     match spec.entry {
         Entry::Exec { argv } => Err(exec(&argv, &spec.env)),
         Entry::Builtin { name, args } => {
@@ -222,10 +248,44 @@ fn run() -> Result<(String, Vec<String>), InitError> {
     }
 }
 
-/// Seccomp / Landlock go here in the next iteration. Runs with no_new_privs set, as the
-/// unprivileged instance user, right before the entry runs.
-fn apply_syscall_filter() -> Result<(), InitError> {
-    Ok(())
+/// pid 1 of the instance after the fork: closes every fd (so the entry alone holds the protocol
+/// pipes and the host sees EOF when it dies), then reaps every child — the entry and whatever
+/// is re-parented here — and exits with the entry's status once the entry is gone (`128 + N`
+/// if a signal N killed it). Its exit kills every other process of the pid namespace.
+///
+/// It keeps every signal blocked: as a namespace init, signals from inside the instance without
+/// a handler are dropped anyway, and the host only ever sends SIGKILL.
+fn reaper(entry_pid: libc::pid_t) -> ! {
+    // SAFETY: close_range on integers; a fallback loop of close(2) if the kernel lacks it.
+    unsafe {
+        if libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) != 0 {
+            for fd in 0..4096 {
+                libc::close(fd);
+            }
+        }
+    }
+    loop {
+        let mut status: libc::c_int = 0;
+        // SAFETY: waitpid with a valid status pointer; __WALL also reaps clone children whose
+        // exit signal is not SIGCHLD.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::__WALL) };
+        if pid == entry_pid {
+            let code = if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else if libc::WIFSIGNALED(status) {
+                128 + libc::WTERMSIG(status)
+            } else {
+                125
+            };
+            // SAFETY: _exit has no preconditions; no destructors must run in this process.
+            unsafe { libc::_exit(code) };
+        }
+        if pid < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            // ECHILD: cannot happen while the entry lives; never spin.
+            // SAFETY: as above.
+            unsafe { libc::_exit(125) };
+        }
+    }
 }
 
 /// capset(2) with every set empty (drops the inheritable set that setresuid leaves alone).
@@ -257,15 +317,26 @@ fn clear_all_caps() -> Result<(), InitError> {
     check(rc, "capset(empty)")
 }
 
-fn reset_signals() {
-    // SAFETY: resetting dispositions to SIG_DFL and emptying the mask; errors for SIGKILL/SIGSTOP
-    // and invalid numbers are ignored.
+/// Default dispositions for every signal, with every signal blocked.
+fn default_dispositions() {
+    // SAFETY: blocking every signal, then resetting dispositions to SIG_DFL; errors for
+    // SIGKILL/SIGSTOP and invalid numbers are ignored.
     unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::sigprocmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
         for sig in 1..libc::SIGRTMAX() {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
                 libc::signal(sig, libc::SIG_DFL);
             }
         }
+    }
+}
+
+/// An empty signal mask (the entry's starting state).
+fn unblock_signals() {
+    // SAFETY: sigemptyset initialises the set; sigprocmask only changes this thread's mask.
+    unsafe {
         let mut empty: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut empty);
         libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());

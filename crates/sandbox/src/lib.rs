@@ -1,6 +1,10 @@
-//! Refinery's process-tier sandbox: every function instance runs as pid 1 of its own pid, mount,
-//! network, IPC, UTS and cgroup namespaces, on a minimal read-only root, as its own unprivileged
-//! uid, inside cgroups that cap its memory, pids and CPU and can freeze it.
+//! Refinery's process-tier sandbox: every function instance runs in its own pid, mount,
+//! network, IPC, UTS and cgroup namespaces (its entry as pid 2 under a tiny reaper, pid 1), on a
+//! minimal read-only root with masked /proc internals, as its own unprivileged uid without
+//! capabilities, under a seccomp deny list (`seccomp.rs`) and a Landlock ruleset (`fs_access.rs`),
+//! inside cgroups that cap its memory, pids and CPU and can freeze it — and, per account, a
+//! group cgroup whose memory limit caps all of the account's instances together
+//! ([`SandboxHost::set_group_limits`]).
 //!
 //! What this crate owns:
 //! - host checks ([`SandboxHost::detect`]) and the cgroup subtree `<cgroup_root_name>` in every
@@ -21,9 +25,11 @@
 
 mod cgroup;
 mod error;
+mod fs_access;
 mod init;
 mod instance;
 mod mounts;
+mod seccomp;
 mod spawn;
 mod spec;
 mod uid;
@@ -58,6 +64,34 @@ pub const BASE_ENV: &[(&str, &str)] = &[
 ];
 /// Working directory of the entry.
 const WORKDIR: &str = "/tmp";
+
+/// One row of the seccomp deny list every instance runs under (see `seccomp.rs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyscallDenial {
+    pub syscall: &'static str,
+    /// Its number on this architecture; None = the architecture has no such syscall.
+    pub number: Option<i64>,
+    /// What a denied call fails with.
+    pub errno: i32,
+    /// Only some calls are denied, by argument (e.g. `clone` with a CLONE_NEW* flag).
+    pub by_argument: bool,
+    pub why: &'static str,
+}
+
+/// The seccomp deny list, row by row (for operators' reports and the test suite, which proves
+/// every row from inside an instance). Everything else is allowed.
+pub fn seccomp_deny_list() -> Vec<SyscallDenial> {
+    seccomp::DENY
+        .iter()
+        .map(|d| SyscallDenial {
+            syscall: d.syscall,
+            number: seccomp::nr(d.syscall),
+            errno: d.errno,
+            by_argument: matches!(d.when, seccomp::When::Any(_)),
+            why: d.why,
+        })
+        .collect()
+}
 
 /// How the sandbox host is set up.
 #[derive(Clone, Debug)]
@@ -130,6 +164,7 @@ pub struct SandboxHost {
     cgroups: CgroupHost,
     rootfs: HostRootfs,
     staging_dir: PathBuf,
+    landlock_abi: Option<u32>,
 }
 
 fn detect_err(what: impl Into<String>, fix: impl Into<String>) -> SandboxError {
@@ -204,13 +239,52 @@ impl SandboxHost {
             )
         })?;
         let cgroups = CgroupHost::detect(name)?;
+        let landlock_abi = fs_access::kernel_abi();
+        if landlock_abi.is_none() {
+            tracing::warn!(
+                "the kernel has no Landlock (or it is disabled): instances run without the Landlock \
+                 filesystem layer (mount table, uid and seccomp still apply)"
+            );
+        }
         Ok(SandboxHost {
             config,
             init_exe,
             cgroups,
             rootfs: HostRootfs::probe(),
             staging_dir,
+            landlock_abi,
         })
+    }
+
+    /// The Landlock ABI version instances are restricted with (the kernel's), or None when the
+    /// kernel has no enabled Landlock and instances run without that layer.
+    pub fn landlock_abi(&self) -> Option<u32> {
+        self.landlock_abi
+    }
+
+    /// Sets the memory limit of the group (account) cgroup `<root>/<group>` that holds all of
+    /// the group's instances, creating it if needed: together they can never use more than
+    /// `memory_mb` (None = unlimited), whatever the scheduler believes. cgroup v1:
+    /// `memory.limit_in_bytes` (and `memory.memsw.limit_in_bytes` when swap accounting exists);
+    /// v2: `memory.max`. Lowering it below the group's current usage fails once the kernel
+    /// cannot reclaim enough (v1: EBUSY) or OOM-kills inside the group (v2).
+    pub fn set_group_limits(
+        &self,
+        group: &str,
+        memory_mb: Option<u64>,
+    ) -> Result<(), SandboxError> {
+        if !valid_id(group) {
+            return Err(SandboxError::InvalidSpec(format!(
+                "group {group:?} must match [a-z0-9-]{{1,64}}"
+            )));
+        }
+        let bytes = match memory_mb {
+            Some(mb) => Some(mb.checked_mul(1024 * 1024).ok_or_else(|| {
+                SandboxError::InvalidSpec(format!("group memory limit {mb} MB is too large"))
+            })?),
+            None => None,
+        };
+        self.cgroups.set_group_memory(group, bytes)
     }
 
     pub fn cgroup_layout(&self) -> CgroupLayout {
@@ -298,6 +372,9 @@ impl SandboxHost {
             workdir: WORKDIR.into(),
             uid,
             gid: uid,
+            // No RLIMIT_NPROC: it counts every process of the *real uid* host-wide and is only
+            // checked at fork, while the pids cgroup (pids_max) bounds the instance's processes
+            // and threads exactly, including zombies, and cannot be raised from inside.
             rlimits: vec![
                 Rlimit {
                     kind: RlimitKind::Core,

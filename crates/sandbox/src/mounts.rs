@@ -58,6 +58,20 @@ pub(crate) enum MountOp {
         dst: String,
         flags: Vec<Flag>,
     },
+    /// Hide a file of the sandbox's /proc behind the host's /dev/null (reads empty, writes go
+    /// nowhere); skipped when this kernel has no such file.
+    MaskFile {
+        dst: String,
+    },
+    /// Hide a directory of the sandbox's /proc behind an empty read-only tmpfs; skipped when
+    /// absent.
+    MaskDir {
+        dst: String,
+    },
+    /// Bind a path of the sandbox's /proc onto itself read-only; skipped when absent.
+    ReadOnly {
+        dst: String,
+    },
 }
 
 /// Options of the tmpfs that becomes the sandbox's `/`.
@@ -72,6 +86,45 @@ const HOST_ETC: &[&str] = &[
     "/etc/ssl/certs",
     "/etc/alternatives",
 ];
+/// How a /proc path is hidden ([`PROC_MASKS`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mask {
+    /// /dev/null over a file.
+    File,
+    /// An empty read-only tmpfs over a directory.
+    Dir,
+    /// Read-only bind onto itself.
+    ReadOnly,
+}
+
+/// What of the instance's own procfs is hidden or frozen, as container runtimes do: kernel
+/// memory and symbol addresses, kernel keyrings, timers and scheduler internals (side channels
+/// on other tenants), the kernel configuration, host hardware, and every writable kernel knob.
+/// Paths this kernel lacks are skipped at mount time.
+#[rustfmt::skip]
+pub(crate) const PROC_MASKS: &[(&str, Mask)] = &[
+    ("/proc/kcore",         Mask::File),
+    ("/proc/kallsyms",      Mask::File),
+    ("/proc/keys",          Mask::File),
+    ("/proc/key-users",     Mask::File),
+    ("/proc/timer_list",    Mask::File),
+    ("/proc/timer_stats",   Mask::File),
+    ("/proc/sched_debug",   Mask::File),
+    ("/proc/latency_stats", Mask::File),
+    ("/proc/sysrq-trigger", Mask::File),
+    ("/proc/config.gz",     Mask::File),
+    ("/proc/kpagecount",    Mask::File),
+    ("/proc/kpageflags",    Mask::File),
+    ("/proc/kpagecgroup",   Mask::File),
+    ("/proc/acpi",          Mask::Dir),
+    ("/proc/scsi",          Mask::Dir),
+    ("/proc/asound",        Mask::Dir),
+    ("/proc/sys",           Mask::ReadOnly),
+    ("/proc/bus",           Mask::ReadOnly),
+    ("/proc/fs",            Mask::ReadOnly),
+    ("/proc/irq",           Mask::ReadOnly),
+];
+
 /// Device nodes bound from the host's /dev.
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom"];
 
@@ -199,12 +252,20 @@ pub(crate) fn layout(host: &HostRootfs, inst: &InstanceFs<'_>) -> Vec<MountOp> {
             dst: "/proc".into(),
             flags: vec![NoSuid, NoDev, NoExec],
         },
-        MountOp::Tmpfs {
-            dst: "/dev".into(),
-            options: "size=64k,nr_inodes=64,mode=0755".into(),
-            flags: vec![NoSuid, NoExec],
-        },
     ]);
+    ops.extend(PROC_MASKS.iter().map(|(path, mask)| {
+        let dst = path.to_string();
+        match mask {
+            Mask::File => MountOp::MaskFile { dst },
+            Mask::Dir => MountOp::MaskDir { dst },
+            Mask::ReadOnly => MountOp::ReadOnly { dst },
+        }
+    }));
+    ops.extend([MountOp::Tmpfs {
+        dst: "/dev".into(),
+        options: "size=64k,nr_inodes=64,mode=0755".into(),
+        flags: vec![NoSuid, NoExec],
+    }]);
     for dev in DEVICES {
         ops.push(MountOp::Bind {
             src: Path::new("/dev").join(dev),
@@ -308,6 +369,11 @@ fn ensure_file(p: &Path) -> io::Result<()> {
         .truncate(false)
         .open(p)
         .map(drop)
+}
+
+/// Does `p` exist (without following a final symlink)?
+fn exists(p: &Path) -> bool {
+    fs::symlink_metadata(p).is_ok()
 }
 
 fn inside(root: &Path, dst: &str) -> PathBuf {
@@ -418,6 +484,54 @@ fn apply(root: &Path, op: &MountOp) -> io::Result<()> {
             libc::MS_BIND | libc::MS_REMOUNT | ms_flags(flags),
             None,
         ),
+        MountOp::MaskFile { dst } => {
+            let target = inside(root, dst);
+            if !exists(&target) {
+                return Ok(());
+            }
+            let null = Path::new("/dev/null");
+            mount(Some(null), &target, None, libc::MS_BIND, None)?;
+            mount(
+                None,
+                &target,
+                None,
+                libc::MS_BIND | libc::MS_REMOUNT | ms_flags(&[ReadOnly, NoSuid, NoExec]),
+                None,
+            )
+        }
+        MountOp::MaskDir { dst } => {
+            let target = inside(root, dst);
+            if !exists(&target) {
+                return Ok(());
+            }
+            mount(
+                Some(Path::new("tmpfs")),
+                &target,
+                Some("tmpfs"),
+                ms_flags(&[ReadOnly, NoSuid, NoDev, NoExec]),
+                Some("size=4k,nr_inodes=2,mode=0555"),
+            )
+        }
+        MountOp::ReadOnly { dst } => {
+            let target = inside(root, dst);
+            if !exists(&target) {
+                return Ok(());
+            }
+            mount(
+                Some(&target),
+                &target,
+                None,
+                libc::MS_BIND | libc::MS_REC,
+                None,
+            )?;
+            mount(
+                None,
+                &target,
+                None,
+                libc::MS_BIND | libc::MS_REMOUNT | ms_flags(&[ReadOnly, NoSuid, NoDev, NoExec]),
+                None,
+            )
+        }
     }
 }
 

@@ -90,6 +90,9 @@ impl TestHost {
     fn run(&self, spec: &InstanceSpec) -> (String, String, ExitReport) {
         let Spawned { instance, channels } = self.spawn(spec);
         let out = read_to_end(channels.responses);
+        // EOF comes when the entry (pid 2) exits; the reaper (pid 1) follows a moment later.
+        // Let it, so the report shows the entry's own status rather than destroy's SIGKILL.
+        wait_gone(instance.pid(), Duration::from_secs(5));
         let report = instance.destroy().expect("destroy");
         let logs = read_to_end(channels.logs);
         (out, logs, report)
@@ -121,6 +124,18 @@ fn process_exists(pid: i32) -> bool {
     }
 }
 
+/// Wait up to `budget` for `pid` to exit (zombie or gone).
+fn wait_gone(pid: i32, budget: Duration) -> bool {
+    let deadline = Instant::now() + budget;
+    while process_exists(pid) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    true
+}
+
 /// Wait up to `budget` for `fd` to become readable.
 fn readable(fd: &OwnedFd, budget: Duration) -> bool {
     let mut pfd = libc::pollfd {
@@ -133,12 +148,12 @@ fn readable(fd: &OwnedFd, budget: Duration) -> bool {
 }
 
 #[test]
-fn pid1_hostname_and_workdir() {
+fn entry_is_pid2_hostname_and_workdir() {
     let t = test_host();
     let (out, logs, report) =
         t.run_sh("echo pid=$$; cat /proc/sys/kernel/hostname; pwd; cat /etc/hostname; cat /code/main.sh /runtime/runtime.txt");
     assert_eq!(
-        out, "pid=1\nrefinery\n/tmp\nrefinery\necho from-code\nrt\n",
+        out, "pid=2\nrefinery\n/tmp\nrefinery\necho from-code\nrt\n",
         "logs: {logs}"
     );
     assert_eq!(report.exit, "exit 0");
@@ -235,8 +250,8 @@ fn host_is_invisible() {
     let rest: Vec<&str> = lines.collect();
     assert_eq!(
         rest,
-        ["full", "null", "random", "stderr", "stdin", "stdout", "urandom", "zero", "3"],
-        "ls /dev (after fd) and process count (sh, ls, grep)"
+        ["full", "null", "random", "stderr", "stdin", "stdout", "urandom", "zero", "4"],
+        "ls /dev (after fd) and process count (reaper, sh, ls, grep)"
     );
 }
 
@@ -278,7 +293,12 @@ fn memory_hog_is_oom_killed() {
     assert!(instance.oom_killed(), "oom_killed() before destroy");
     let report = instance.destroy().expect("destroy");
     assert!(report.oom_killed);
-    assert_eq!(report.exit, "signal 9");
+    // The OOM killer killed the entry (pid 2); the reaper exits with 128 + SIGKILL.
+    assert!(
+        report.exit == "exit 137" || report.exit == "signal 9",
+        "{}",
+        report.exit
+    );
 }
 
 #[test]
@@ -355,7 +375,7 @@ fn destroy_kills_everything_and_removes_cgroups() {
         "init {} in {pids:?}",
         instance.pid()
     );
-    assert_eq!(pids.len(), 3, "sh + 2 sleeps: {pids:?}");
+    assert_eq!(pids.len(), 4, "reaper + sh + 2 sleeps: {pids:?}");
     // Memory limit and pids limit really are set.
     let limits: Vec<String> = paths
         .iter()
@@ -501,7 +521,6 @@ fn invalid_specs_are_rejected() {
     assert!(!t.host.cgroup_layout().to_string().is_empty());
 }
 
-
 /// Not a test on its own: the "server" process of `instances_die_with_the_server`.
 #[test]
 #[ignore = "helper process started by instances_die_with_the_server"]
@@ -617,5 +636,8 @@ fn pids_limit_is_enforced() {
     });
     spec.pids_max = 6;
     let (out, logs, _) = t.run(&spec);
-    assert_eq!(out, "5 11", "pid 1 + 5 children, then EAGAIN; logs: {logs}");
+    assert_eq!(
+        out, "4 11",
+        "reaper + python + 4 children, then EAGAIN; logs: {logs}"
+    );
 }

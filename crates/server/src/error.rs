@@ -28,10 +28,13 @@ pub enum ApiError {
     Manifest(#[from] ManifestError),
     #[error("{}the limit is {limit} bytes (6 MB); send a smaller payload, or a reference to the data (e.g. a URL) instead", size.map(|s| format!("the request body is {s} bytes; ")).unwrap_or_default())]
     PayloadTooLarge { size: Option<usize>, limit: usize },
+    /// Over a limit: 429 with `Retry-After` (whole seconds, rounded up, at least 1).
     #[error("{message}")]
     Throttled {
         message: String,
         retry_after: Duration,
+        /// Which limit: `max_concurrency`, `instances`, `memory_mb` or `rate`.
+        limit: &'static str,
     },
     #[error("{0}")]
     Unavailable(String),
@@ -87,6 +90,13 @@ impl IntoResponse for ApiError {
         if let ApiError::PayloadTooLarge { limit, .. } = &self {
             body["error"]["limit_bytes"] = json!(limit);
         }
+        if let ApiError::Throttled {
+            limit, retry_after, ..
+        } = &self
+        {
+            body["error"]["limit"] = json!(limit);
+            body["error"]["retry_after_s"] = json!(retry_after_secs(*retry_after));
+        }
         let mut response = (status, Json(body)).into_response();
         if let ApiError::PayloadTooLarge { .. } = &self {
             // The unread rest of the body is still on the wire: this connection is done.
@@ -95,7 +105,7 @@ impl IntoResponse for ApiError {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let ApiError::Throttled { retry_after, .. } = &self {
-            let secs = retry_after.as_secs().max(1).to_string();
+            let secs = retry_after_secs(*retry_after).to_string();
             if let Ok(value) = HeaderValue::from_str(&secs) {
                 response.headers_mut().insert(header::RETRY_AFTER, value);
             }
@@ -104,13 +114,20 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// `Retry-After` in whole seconds: rounded up (never "retry now" when it is too early),
+/// at least 1.
+fn retry_after_secs(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::AccountExists(_) => ApiError::Conflict(e.to_string()),
-            StoreError::ProjectNotFound(_) | StoreError::DeploymentNotFound { .. } => {
-                ApiError::NotFound(e.to_string())
-            }
+            StoreError::ProjectNotFound(_)
+            | StoreError::DeploymentNotFound { .. }
+            | StoreError::AccountNotFound(_) => ApiError::NotFound(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }
@@ -122,6 +139,24 @@ impl From<PoolError> for ApiError {
             PoolError::ConcurrencyLimit { .. } => ApiError::Throttled {
                 message: e.to_string(),
                 retry_after: Duration::from_secs(1),
+                limit: "max_concurrency",
+            },
+            // Instances free up as invocations end: worth a retry soon.
+            PoolError::InstanceQuota { .. } => ApiError::Throttled {
+                message: e.to_string(),
+                retry_after: Duration::from_secs(1),
+                limit: "instances",
+            },
+            PoolError::MemoryQuota { .. } => ApiError::Throttled {
+                message: e.to_string(),
+                retry_after: Duration::from_secs(1),
+                limit: "memory_mb",
+            },
+            // The time until the bucket holds a token again.
+            PoolError::RateQuota { retry_after, .. } => ApiError::Throttled {
+                message: e.to_string(),
+                retry_after,
+                limit: "rate",
             },
             PoolError::ShuttingDown => ApiError::Unavailable(e.to_string()),
             other => ApiError::Internal(other.to_string()),

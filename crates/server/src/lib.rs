@@ -14,4 +14,5 @@ mod serve;
 mod state;
 
 pub use error::ApiError;
+pub use refinery_pool::Quota;
 pub use serve::{serve, ServeConfig, ServeError};

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use refinery_pool::{InstancePool, PoolConfig};
+use refinery_pool::{InstancePool, PoolConfig, Quota};
 use refinery_sandbox::{HostConfig, SandboxHost};
 use refinery_store::Store;
 use sha2::{Digest, Sha256};
@@ -30,6 +30,9 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// The `refinery` executable, re-executed as each sandbox's init.
     pub init_exe: PathBuf,
+    /// Every account's quota unless the operator set its own (`refinery accounts
+    /// set-quota`).
+    pub default_quota: Quota,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +47,8 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("invalid default quota: {0}; fix the --quota-* flags")]
+    Quota(String),
     #[error("opening the store: {0}")]
     Store(#[from] refinery_store::StoreError),
     #[error("this host cannot run sandboxes: {0}")]
@@ -70,6 +75,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
+    config.default_quota.validate().map_err(ServeError::Quota)?;
     create_private_dir(&config.data_dir)?;
     // Absolute from here on: sandboxes bind-mount paths under it.
     let data_dir = &fs::canonicalize(&config.data_dir).map_err(|source| ServeError::DataDir {
@@ -119,8 +125,15 @@ pub async fn serve(
             default_keep_alive: config.keep_alive,
             queue_timeout: Duration::from_secs(10),
             reap_interval: reap_interval(config.keep_alive),
+            default_quota: config.default_quota,
         },
     );
+    for (account_id, overrides) in store.list_quotas().await? {
+        pool.set_account_quota(
+            &account_id,
+            routes::pool_override(&overrides).over(&config.default_quota),
+        );
+    }
     let state = Arc::new(AppState::new(
         store.clone(),
         pool.clone(),

@@ -19,6 +19,8 @@ pub struct AppState {
     accounts_by_key: RwLock<HashMap<String, Account>>,
     /// The live deployment of each (account id, project), invalidated on deploy/rollback.
     live: RwLock<HashMap<(String, String), Arc<LiveDeployment>>>,
+    /// Serialises quota changes (store, then pool) so the two never disagree.
+    pub quota_updates: tokio::sync::Mutex<()>,
 }
 
 /// The live deployment of a project, indexed for invocation.
@@ -50,6 +52,7 @@ impl AppState {
             operator_key_hash,
             accounts_by_key: RwLock::new(HashMap::new()),
             live: RwLock::new(HashMap::new()),
+            quota_updates: tokio::sync::Mutex::new(()),
         }
     }
 

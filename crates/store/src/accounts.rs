@@ -106,6 +106,16 @@ impl Store {
         .map_err(StoreError::db("looking up account by API key hash"))
     }
 
+    /// The account named `name`, if any (names are unique). For operators and the CLI,
+    /// which let an account be named by name or id.
+    pub async fn account_by_name(&self, name: &str) -> Result<Option<Account>, StoreError> {
+        sqlx::query_as::<_, Account>("SELECT id, name, created_at_ms FROM accounts WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(StoreError::db(format!("reading account `{name}`")))
+    }
+
     /// The account with this id, if any.
     pub async fn account(&self, account_id: &str) -> Result<Option<Account>, StoreError> {
         sqlx::query_as::<_, Account>("SELECT id, name, created_at_ms FROM accounts WHERE id = ?")

@@ -8,7 +8,7 @@
 //! - **Every SQL statement.** Other crates call typed methods on [`Store`]; none of them
 //!   writes SQL. Statements are grouped by concern: [`accounts`] (accounts and API key
 //!   hashes), [`deployments`] (projects, their numbered deployments and blocks) and
-//!   [`executions`] (invocation records).
+//!   [`executions`] (invocation records) and [`quotas`] (per-account quota overrides).
 //!
 //! # What it must never do
 //!
@@ -40,6 +40,7 @@ pub mod accounts;
 pub mod deployments;
 pub mod error;
 pub mod executions;
+pub mod quotas;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -53,6 +54,7 @@ pub use accounts::Account;
 pub use deployments::{Deployment, DeploymentSummary, ProjectSummary};
 pub use error::StoreError;
 pub use executions::MAX_EXECUTION_LIST;
+pub use quotas::QuotaOverrides;
 
 /// File name of the database inside the data directory.
 pub const DB_FILE_NAME: &str = "refinery.db";

@@ -464,3 +464,49 @@ async fn concurrent_deploys_from_two_handles_get_distinct_numbers() -> TestResul
     assert_eq!(numbers, (1..=10).collect::<Vec<i64>>());
     Ok(())
 }
+
+#[tokio::test]
+async fn quotas_set_read_reset_and_lookup_by_name() -> TestResult {
+    use refinery_store::QuotaOverrides;
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path()).await?;
+    let acme = store.create_account("acme", "hash-q", "rk_q").await?;
+    assert_eq!(store.account_by_name("acme").await?, Some(acme.clone()));
+    assert_eq!(store.account_by_name("nobody").await?, None);
+
+    assert!(store.quota(&acme.id).await?.is_empty());
+    let set = QuotaOverrides {
+        instances: Some(2),
+        memory_mb: None,
+        rate: Some(0.5),
+        burst: Some(3),
+    };
+    store.set_quota(&acme.id, &set).await?;
+    assert_eq!(store.quota(&acme.id).await?, set);
+    let changed = QuotaOverrides {
+        memory_mb: Some(4096),
+        ..set
+    };
+    store.set_quota(&acme.id, &changed).await?;
+    assert_eq!(store.quota(&acme.id).await?, changed);
+    assert_eq!(store.list_quotas().await?, vec![(acme.id.clone(), changed)]);
+
+    store
+        .set_quota(&acme.id, &QuotaOverrides::default())
+        .await?;
+    assert!(store.quota(&acme.id).await?.is_empty());
+    assert!(store.list_quotas().await?.is_empty());
+
+    for overrides in [set, QuotaOverrides::default()] {
+        match store.set_quota("acct_missing", &overrides).await {
+            Err(StoreError::AccountNotFound(id)) => assert_eq!(id, "acct_missing"),
+            other => panic!("expected AccountNotFound, got {other:?}"),
+        }
+    }
+    // Persisted across a reopen.
+    store.set_quota(&acme.id, &set).await?;
+    store.close().await;
+    let store = Store::open(dir.path()).await?;
+    assert_eq!(store.quota(&acme.id).await?, set);
+    Ok(())
+}

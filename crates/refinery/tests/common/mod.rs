@@ -167,6 +167,39 @@ impl Server {
         .await
     }
 
+    /// Invokes; returns (status, the `Retry-After` header if any, body).
+    pub async fn invoke_retry_after(
+        &self,
+        key: &str,
+        project: &str,
+        block: &str,
+        input: Value,
+    ) -> (u16, Option<String>, Value) {
+        let response = self
+            .http
+            .post(format!(
+                "{}/v1/projects/{project}/blocks/{block}/invoke",
+                self.url
+            ))
+            .bearer_auth(key)
+            .json(&input)
+            .send()
+            .await
+            .expect("send");
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let text = response.text().await.expect("body");
+        (
+            status,
+            retry_after,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
     /// Invokes and asserts HTTP 200; returns the execution.
     pub async fn invoke_ok(&self, key: &str, project: &str, block: &str, input: Value) -> Value {
         let (status, body) = self.invoke(key, project, block, input).await;
@@ -245,4 +278,114 @@ pub async fn eventually(timeout: Duration, mut check: impl FnMut() -> bool) -> b
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     check()
+}
+
+// =============================================================================================
+// Security-suite helpers (used by security.rs; additive only).
+
+static BYSTANDERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Server {
+    /// Deploys a manifest with uploaded source files; asserts 201.
+    pub async fn deploy_files_ok(
+        &self,
+        key: &str,
+        manifest: &str,
+        files: &[(&str, &str)],
+    ) -> Value {
+        let (status, body) = self.deploy(key, manifest, files).await;
+        assert_eq!(status, 201, "deploy: {body}");
+        body
+    }
+
+    /// The platform still serves normally: health answers and a brand-new account can deploy
+    /// and invoke a block (status "ok", the expected output).
+    pub async fn assert_still_serving(&self) {
+        let (status, body) = self.request("GET", "/v1/health", None, None).await;
+        assert_eq!(status, 200, "health: {body}");
+        let n = BYSTANDERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (_, key) = self.account(&format!("bystander-{n}")).await;
+        self.deploy_ok(
+            &key,
+            r#"
+name = "canary"
+[[blocks]]
+name = "ping"
+language = "python"
+code = """
+def main(block_input, backpack):
+    return {"pong": block_input}
+"""
+"#,
+        )
+        .await;
+        let reply = self.invoke_ok(&key, "canary", "ping", json!(n)).await;
+        assert_eq!(reply["status"], "ok", "bystander invocation: {reply}");
+        assert_eq!(reply["output"], json!({ "pong": n }), "{reply}");
+    }
+
+    /// The operator's view of the instances of one block.
+    pub async fn instances_of(&self, project: &str, block: &str) -> Vec<Value> {
+        self.instances()
+            .await
+            .into_iter()
+            .filter(|i| i["project"] == project && i["block"] == block)
+            .collect()
+    }
+}
+
+/// Host pids in an instance's cgroups (union of every `cgroup.procs` listed).
+pub fn cgroup_pids(cgroups: &[Value]) -> Vec<i64> {
+    let mut pids: Vec<i64> = cgroups
+        .iter()
+        .filter_map(Value::as_str)
+        .filter_map(|dir| std::fs::read_to_string(Path::new(dir).join("cgroup.procs")).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect::<Vec<i64>>()
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// The pid a host process has inside its innermost pid namespace (last `NSpid` field).
+pub fn namespace_pid(host_pid: i64) -> Option<i64> {
+    let status = std::fs::read_to_string(format!("/proc/{host_pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
+    line.split_whitespace().last()?.parse().ok()
+}
+
+/// The host's non-loopback IP addresses (from `ip -j addr`, else /proc/net/fib_trie).
+pub fn host_addresses() -> Vec<String> {
+    let mut addrs = Vec::new();
+    if let Ok(out) = Command::new("ip").args(["-j", "addr"]).output() {
+        if let Ok(Value::Array(links)) = serde_json::from_slice::<Value>(&out.stdout) {
+            for link in links {
+                for info in link["addr_info"].as_array().cloned().unwrap_or_default() {
+                    if let Some(a) = info["local"].as_str() {
+                        addrs.push(a.to_string());
+                    }
+                }
+            }
+        }
+    }
+    if addrs.is_empty() {
+        if let Ok(trie) = std::fs::read_to_string("/proc/net/fib_trie") {
+            let lines: Vec<&str> = trie.lines().collect();
+            for pair in lines.windows(2) {
+                if pair[1].contains("/32 host LOCAL") {
+                    if let Some(a) = pair[0].split_whitespace().last() {
+                        addrs.push(a.to_string());
+                    }
+                }
+            }
+        }
+    }
+    addrs.retain(|a| !a.starts_with("127.") && a != "::1" && !a.starts_with("fe80"));
+    addrs.sort();
+    addrs.dedup();
+    addrs
 }

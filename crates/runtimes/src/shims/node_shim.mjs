@@ -220,6 +220,23 @@ async function load(file) {
   );
 }
 
+// ------------------------------------------------------------------ stragglers
+
+/**
+ * Nothing the block started outlives its invocation: SIGKILL every process this one may
+ * signal (in the sandbox: every process of the instance but this shim and pid 1, the
+ * sandbox's reaper, which collects the orphans; libuv reaps the shim's own child_process
+ * children). Only inside the sandbox, where the shim is pid 2 under the reaper (or pid 1):
+ * on a host, pids 1 and 2 are init and kthreadd, so a shim run outside a sandbox never kills
+ * anything.
+ */
+function killStragglers() {
+  if (process.pid > 2) return;
+  try {
+    process.kill(-1, 'SIGKILL');
+  } catch {}
+}
+
 // ------------------------------------------------------------------ serving
 
 function encodeTail(logs, truncated) {
@@ -307,7 +324,9 @@ async function serve() {
       process.stderr.write('refinery node shim: expected an invoke frame\n');
       return 1;
     }
-    writeFrame(await invoke(handler, capture, request));
+    const reply = await invoke(handler, capture, request);
+    killStragglers();
+    writeFrame(reply);
   }
 }
 

@@ -1,10 +1,14 @@
-//! `/v1/accounts`: the operator creates and lists customer accounts.
+//! `/v1/accounts`: the operator creates and lists customer accounts and sets their
+//! quotas; an account may read its own quota.
 
-use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use refinery_domain::names::{is_valid_name, NAME_RULE};
-use serde::Deserialize;
+use refinery_pool::{Quota, QuotaOverride};
+use refinery_store::{Account, QuotaOverrides};
+use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
@@ -69,4 +73,150 @@ pub async fn list(
         .map(|a| json!({ "id": a.id, "name": a.name, "created_at": rfc3339(a.created_at_ms) }))
         .collect();
     Ok(Json(json!({ "accounts": list })))
+}
+
+/// A quota change: a field given sets that limit, `null` returns it to the server's
+/// default, a field left out stays as it is.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetQuota {
+    #[serde(default, deserialize_with = "present")]
+    instances: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "present")]
+    memory_mb: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    rate: Option<Option<f64>>,
+    #[serde(default, deserialize_with = "present")]
+    burst: Option<Option<u32>>,
+}
+
+/// Tells a field given as `null` (`Some(None)`) from a field left out (`None`).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
+/// `GET /v1/accounts/{account}/quota` (`account` = id or name): the effective quota,
+/// the account's own settings and the server's defaults, and current usage. For the
+/// operator, or the account itself (any other account is "not found").
+pub async fn quota(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(account): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let account = visible_account(&state, &caller, &account).await?;
+    let overrides = state.store.quota(&account.id).await?;
+    Ok(Json(quota_json(&state, &account, &overrides)))
+}
+
+/// `PUT /v1/accounts/{account}/quota` (operator only): changes an account's quota; takes
+/// effect at once for new invocations (running instances are not stopped).
+pub async fn set_quota(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(account): Path<String>,
+    body: Result<Json<SetQuota>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_operator()?;
+    let Json(change) = body.map_err(|e| {
+        ApiError::BadRequest(format!(
+            "{}; expected e.g. {{\"instances\": 10, \"memory_mb\": 2048, \"rate\": 50, \"burst\": 100}} (null = the server's default)",
+            e.body_text()
+        ))
+    })?;
+    let account = visible_account(&state, &caller, &account).await?;
+    // One change at a time, so the store and the pool never disagree.
+    let _serialised = state.quota_updates.lock().await;
+    let mut overrides = state.store.quota(&account.id).await?;
+    if let Some(v) = change.instances {
+        overrides.instances = v;
+    }
+    if let Some(v) = change.memory_mb {
+        overrides.memory_mb = v;
+    }
+    if let Some(v) = change.rate {
+        overrides.rate = v;
+    }
+    if let Some(v) = change.burst {
+        overrides.burst = v;
+    }
+    pool_override(&overrides)
+        .validate()
+        .map_err(|e| ApiError::BadRequest(format!("invalid quota: {e}")))?;
+    state.store.set_quota(&account.id, &overrides).await?;
+    state.pool.set_account_quota(
+        &account.id,
+        pool_override(&overrides).over(&state.pool.default_quota()),
+    );
+    tracing::info!(account = %account.id, ?overrides, "quota set");
+    Ok(Json(quota_json(&state, &account, &overrides)))
+}
+
+/// The store's record of an account's settings, as the pool's policy type.
+pub fn pool_override(o: &QuotaOverrides) -> QuotaOverride {
+    QuotaOverride {
+        instances: o.instances,
+        memory_mb: o.memory_mb,
+        rate: o.rate,
+        burst: o.burst,
+    }
+}
+
+/// The account `name_or_id` names, if the caller may see it: the operator sees every
+/// account, an account only itself. Anything else is 404, as if it did not exist.
+async fn visible_account(
+    state: &SharedState,
+    caller: &Caller,
+    name_or_id: &str,
+) -> Result<Account, ApiError> {
+    let not_found = || {
+        ApiError::NotFound(format!(
+            "no account `{name_or_id}`; list accounts with `refinery accounts list` (operator key)"
+        ))
+    };
+    match caller {
+        Caller::Account(me) => {
+            if me.id == name_or_id || me.name == name_or_id {
+                Ok(me.clone())
+            } else {
+                Err(not_found())
+            }
+        }
+        Caller::Operator => {
+            if let Some(account) = state.store.account(name_or_id).await? {
+                return Ok(account);
+            }
+            state
+                .store
+                .account_by_name(name_or_id)
+                .await?
+                .ok_or_else(not_found)
+        }
+    }
+}
+
+fn quota_fields(q: &Quota) -> Value {
+    json!({ "instances": q.instances, "memory_mb": q.memory_mb, "rate": q.rate, "burst": q.burst })
+}
+
+fn quota_json(state: &SharedState, account: &Account, overrides: &QuotaOverrides) -> Value {
+    let usage = state.pool.account_usage(&account.id);
+    json!({
+        "account_id": account.id,
+        "account": account.name,
+        "quota": quota_fields(&usage.quota),
+        "overrides": {
+            "instances": overrides.instances,
+            "memory_mb": overrides.memory_mb,
+            "rate": overrides.rate,
+            "burst": overrides.burst,
+        },
+        "defaults": quota_fields(&state.pool.default_quota()),
+        "usage": {
+            "instances": usage.instances,
+            "memory_mb": usage.memory_mb,
+            "tokens": usage.tokens,
+        },
+    })
 }

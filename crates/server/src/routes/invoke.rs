@@ -77,6 +77,7 @@ pub async fn invoke(
     })?;
     let target = BlockTarget {
         account_id: account.id.clone(),
+        account_name: account.name.clone(),
         project,
         deployment_id: live.id,
         deployment_number: live.number,

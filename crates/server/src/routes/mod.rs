@@ -13,6 +13,8 @@ use serde_json::{json, Value};
 
 use crate::state::SharedState;
 
+pub use accounts::pool_override;
+
 /// Uploads (manifest + sources) may exceed the invocation payload limit.
 const DEPLOY_BODY_LIMIT: usize = 64 * 1024 * 1024;
 
@@ -20,6 +22,12 @@ pub fn router(state: SharedState) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/accounts", post(accounts::create).get(accounts::list))
+        .route(
+            "/v1/accounts/{account}/quota",
+            get(accounts::quota)
+                .put(accounts::set_quota)
+                .patch(accounts::set_quota),
+        )
         .route(
             "/v1/deployments",
             post(deployments::deploy).layer(DefaultBodyLimit::max(DEPLOY_BODY_LIMIT)),
