@@ -242,8 +242,7 @@ const REAP_BUDGET: Duration = Duration::from_millis(50);
 /// pids 1 and 2 are init and kthreadd, so a runner outside a sandbox (the in-process tests)
 /// never kills anything.
 pub(crate) fn kill_stragglers() {
-    if true {
-        // NEGCONTROL
+    if std::process::id() > 2 {
         return;
     }
     // SAFETY: kill(2) has no memory-safety preconditions; pid -1 = everything we may signal

@@ -149,9 +149,10 @@ fn start_in_pid_ns(
     })
 }
 
+/// Keeps the runtime and code dirs alive while the shim runs.
 struct Installed {
-    runtime: tempfile::TempDir,
-    code: tempfile::TempDir,
+    _runtime: tempfile::TempDir,
+    _code: tempfile::TempDir,
 }
 
 fn shim_argv(
@@ -176,8 +177,8 @@ fn shim_argv(
     Ok((
         argv,
         Installed {
-            runtime,
-            code: code_dir,
+            _runtime: runtime,
+            _code: code_dir,
         },
     ))
 }
@@ -312,7 +313,6 @@ async fn shell_kills_what_an_invocation_left_behind() -> TestResult {
         "--test-threads=1".into(),
     ];
     let script = script.to_str().ok_or("non-UTF-8 tempdir")?.to_string();
-    // `grep -l` also lists the grep itself and the sed-less shell: count only sleepers.
     let p = start_in_pid_ns(&argv, &[("REFINERY_STRAGGLERS_SCRIPT", &script)])?;
     check_shell(p).await
 }

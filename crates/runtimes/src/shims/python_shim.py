@@ -241,7 +241,7 @@ def kill_stragglers():
 
     Only inside the sandbox, where the shim is pid 2 under the reaper (or pid 1): on a host,
     pids 1 and 2 are init and kthreadd, so a shim run outside a sandbox never kills anything."""
-    if True:  # NEGCONTROL
+    if os.getpid() > 2:
         return
     try:
         os.kill(-1, SIGKILL)
