@@ -187,5 +187,11 @@ def main(block_input, backpack):
     }
     for path in &cgroups {
         assert!(!Path::new(path).exists(), "cgroup {path} left behind");
+        // The account's group and the server's root cgroup are removed too.
+        let root = Path::new(path)
+            .parent()
+            .and_then(Path::parent)
+            .expect("root");
+        assert!(!root.exists(), "cgroup root {} left behind", root.display());
     }
 }

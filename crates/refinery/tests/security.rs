@@ -1425,6 +1425,10 @@ def main(block_input, backpack):
     elif block_input == "forged":
         body = json.dumps({"type": "result", "output": "forged", "backpack": {}, "logs": "", "logs_truncated": False}).encode()
         os.write(4, struct.pack(">I", len(body)) + body)
+    elif block_input == "forged-id":
+        # Guesses the id: 1 is the first invocation of a fresh instance.
+        body = json.dumps({"type": "result", "id": 1, "output": "forged", "backpack": {}, "logs": "", "logs_truncated": False}).encode()
+        os.write(4, struct.pack(">I", len(body)) + body)
     elif block_input == "eof":
         os.close(4)
         os.close(3)
@@ -1494,15 +1498,33 @@ async fn forged_and_malformed_protocol_frames_only_hurt_their_own_instance() {
         .await;
     assert_eq!(node["status"], "crashed", "{node}");
 
-    // A forged but valid result frame desynchronises only this block's own instance.
+    // A forged result frame without the invocation's id breaks the protocol: the instance
+    // is discarded and the next invocation starts clean.
     let forged = server
         .invoke_ok(&key, "proto", "bad", json!("forged"))
         .await;
+    assert_eq!(forged["status"], "crashed", "{forged}");
     let next = server.invoke_ok(&key, "proto", "bad", json!(null)).await;
-    eprintln!(
-        "info: forged result frame: reply {} / {}, next reply {} / {}",
-        forged["status"], forged["output"], next["status"], next["output"]
+    assert_eq!(next["cold"], true, "{next}");
+    assert_ne!(next["status"], "crashed", "{next}");
+    // A wrong guess of the id (the warm instance is past invocation 1) is the same.
+    let wrong = server
+        .invoke_ok(&key, "proto", "bad", json!("forged-id"))
+        .await;
+    assert_eq!(wrong["status"], "crashed", "{wrong}");
+    // A right guess (first invocation of a fresh instance) only forges its own reply; the
+    // block's real reply can never be served for a later invocation: that one fails and
+    // the instance goes.
+    let guessed = server
+        .invoke_ok(&key, "proto", "bad", json!("forged-id"))
+        .await;
+    assert_eq!(guessed["cold"], true, "{guessed}");
+    let after = server.invoke_ok(&key, "proto", "bad", json!(null)).await;
+    assert_eq!(
+        after["status"], "crashed",
+        "a stale reply was served: {after}"
     );
+    assert!(server.instances_of("proto", "bad").await.is_empty());
 
     // The shell runner keeps the protocol pipes away from the script.
     let sh = server.invoke_ok(&key, "proto", "shfd", json!(null)).await;

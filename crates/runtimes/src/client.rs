@@ -81,6 +81,8 @@ pub struct InstanceChannel {
     responses: pipe::Receiver,
     state: State,
     init_error: Option<UserError>,
+    /// Id of the last invocation sent; replies must echo it.
+    last_id: u64,
 }
 
 impl InstanceChannel {
@@ -94,6 +96,7 @@ impl InstanceChannel {
             responses: pipe::Receiver::from_owned_fd(responses)?,
             state: State::Starting,
             init_error: None,
+            last_id: 0,
         })
     }
 
@@ -141,7 +144,10 @@ impl InstanceChannel {
             State::Starting | State::Broken => return Err(broken()),
             State::Closed => return Err(self.closed_error()),
         }
+        self.last_id += 1;
+        let id = self.last_id;
         let frame = protocol::encode(&HostMessage::Invoke {
+            id,
             input: Cow::Borrowed(input),
             backpack: Cow::Borrowed(backpack),
         })
@@ -153,16 +159,25 @@ impl InstanceChannel {
         }
         let message = self.read_message().await?;
         let reply = match message {
+            ShimMessage::Result { id: got, .. } | ShimMessage::Error { id: got, .. }
+                if got != id =>
+            {
+                return Err(ChannelError::Protocol(format!(
+                    "reply for invocation {got} while waiting for invocation {id}"
+                )))
+            }
             ShimMessage::Result {
                 output,
                 backpack,
                 logs,
                 logs_truncated,
+                ..
             } => reply(Ok(Output { output, backpack }), logs, logs_truncated),
             ShimMessage::Error {
                 error,
                 logs,
                 logs_truncated,
+                ..
             } => reply(Err(error), logs, logs_truncated),
             other => {
                 return Err(ChannelError::Protocol(format!(

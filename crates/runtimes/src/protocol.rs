@@ -29,6 +29,9 @@ const _: () = assert!(MAX_FRAME_BYTES >= 2 * MAX_PAYLOAD_BYTES + LOG_CAP_BYTES +
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum HostMessage<'a> {
     Invoke {
+        /// Echoed in the reply, so a reply can never be taken for another invocation's
+        /// (a block could write frames on its own fd 4).
+        id: u64,
         input: Cow<'a, Value>,
         backpack: Cow<'a, Value>,
     },
@@ -44,6 +47,7 @@ pub enum ShimMessage {
     InitError { error: UserError },
     /// The handler returned.
     Result {
+        id: u64,
         output: Value,
         backpack: Value,
         #[serde(default)]
@@ -53,6 +57,7 @@ pub enum ShimMessage {
     },
     /// The handler raised (or its output could not be encoded).
     Error {
+        id: u64,
         error: UserError,
         #[serde(default)]
         logs: String,
@@ -145,6 +150,7 @@ mod tests {
         let input = serde_json::json!({"a": 1});
         let backpack = serde_json::json!({});
         let msg = HostMessage::Invoke {
+            id: 1,
             input: Cow::Borrowed(&input),
             backpack: Cow::Borrowed(&backpack),
         };

@@ -68,8 +68,12 @@ pub fn serve(
     protocol::write_message(&mut responses, &ShimMessage::Ready { init_ms })?;
 
     while let Some(body) = protocol::read_frame(&mut requests)? {
-        let HostMessage::Invoke { input, backpack } = protocol::decode(&body)?;
-        let reply = invoke(script, &input, backpack);
+        let HostMessage::Invoke {
+            id,
+            input,
+            backpack,
+        } = protocol::decode(&body)?;
+        let reply = invoke(id, script, &input, backpack);
         protocol::write_message(&mut responses, &reply)?;
     }
     Ok(())
@@ -108,9 +112,10 @@ fn check_script(script: &Path) -> Result<(), UserError> {
 }
 
 /// Runs the script once and turns what it did into a reply frame.
-fn invoke(script: &Path, input: &Value, backpack: Cow<'_, Value>) -> ShimMessage {
+fn invoke(id: u64, script: &Path, input: &Value, backpack: Cow<'_, Value>) -> ShimMessage {
     let backpack = backpack.into_owned();
     let error = |error: UserError, logs: String, logs_truncated: bool| ShimMessage::Error {
+        id,
         error,
         logs,
         logs_truncated,
@@ -148,6 +153,7 @@ fn invoke(script: &Path, input: &Value, backpack: Cow<'_, Value>) -> ShimMessage
         );
     }
     ShimMessage::Result {
+        id,
         output: parse_output(&run.stdout.bytes),
         backpack,
         logs,
@@ -207,12 +213,30 @@ fn run_script(script: &Path, input: &Value, backpack: &Value) -> io::Result<Run>
     };
     // Separate threads: a script that ignores stdin, or fills stderr before reading
     // stdin, must not deadlock us.
-    let feeder = thread::spawn(move || {
-        // A script that exits without reading its input closes the pipe: not an error.
-        let _ = stdin.write_all(&input);
-    });
-    let stderr_reader = thread::spawn(move || read_capped(stderr, LOG_CAP_BYTES));
-    let stdout_reader = thread::spawn(move || read_capped(stdout, MAX_PAYLOAD_BYTES));
+    // Spawning a thread can fail (the instance is at its pids limit): then the script is
+    // stopped and the invocation fails cleanly instead of the runner panicking.
+    let threads = (|| {
+        let feeder = thread::Builder::new().spawn(move || {
+            // A script that exits without reading its input closes the pipe: not an error.
+            let _ = stdin.write_all(&input);
+        })?;
+        let stderr_reader =
+            thread::Builder::new().spawn(move || read_capped(stderr, LOG_CAP_BYTES))?;
+        let stdout_reader =
+            thread::Builder::new().spawn(move || read_capped(stdout, MAX_PAYLOAD_BYTES))?;
+        Ok::<_, io::Error>((feeder, stderr_reader, stdout_reader))
+    })();
+    let (feeder, stderr_reader, stdout_reader) = match threads {
+        Ok(threads) => threads,
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            kill_stragglers();
+            return Err(io::Error::other(format!(
+                "cannot start a thread to read the script's output ({e}); the instance is at its process limit"
+            )));
+        }
+    };
     // The script's end is the invocation's end: whatever it left running (and holding the
     // pipes open) is killed, which also brings the readers their EOF.
     let status = child.wait();

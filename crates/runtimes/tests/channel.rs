@@ -58,7 +58,7 @@ async fn malformed_json_is_a_protocol_error() -> TestResult {
 
 #[tokio::test]
 async fn unexpected_first_frame_is_a_protocol_error() -> TestResult {
-    let body = br#"{"type":"result","output":1,"backpack":{},"logs":""}"#;
+    let body = br#"{"type":"result","id":1,"output":1,"backpack":{},"logs":""}"#;
     let mut channel = channel_after(&frame(body))?;
     assert!(matches!(
         channel.ready().await,
@@ -79,7 +79,7 @@ async fn eof_before_ready_is_closed() -> TestResult {
 #[tokio::test]
 async fn host_caps_logs_even_if_the_shim_does_not() -> TestResult {
     let logs = "é".repeat(refinery_domain::limits::RECORDED_LOG_BYTES);
-    let result = json!({"type": "result", "output": 1, "backpack": {}, "logs": logs});
+    let result = json!({"type": "result", "id": 1, "output": 1, "backpack": {}, "logs": logs});
     let mut bytes = frame(br#"{"type":"ready","init_ms":1.5}"#);
     bytes.extend(frame(serde_json::to_string(&result)?.as_bytes()));
     let mut channel = channel_after(&bytes)?;

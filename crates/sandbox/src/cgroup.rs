@@ -521,6 +521,17 @@ impl CgroupHost {
         }
         Ok(instances.len())
     }
+
+    /// Kill what is left, then remove `<root_name>` itself from every hierarchy: nothing of
+    /// this host stays in the cgroup tree after it stops.
+    pub(crate) fn release(&self) -> Result<usize, SandboxError> {
+        let removed = self.cleanup_stale()?;
+        for root in self.root_dirs() {
+            rmdir_retry(&root, Duration::from_secs(1))
+                .map_err(|source| SandboxError::CleanupStale { path: root, source })?;
+        }
+        Ok(removed)
+    }
 }
 
 fn name_of(p: &Path) -> String {

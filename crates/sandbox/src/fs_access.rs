@@ -1,5 +1,5 @@
 //! Landlock: the second filesystem layer, under the mount table. Even where a mount would allow
-//! it (the proc files an instance owns, executing from the writable /tmp), an instance may only
+//! it (e.g. the proc files an instance owns), an instance may only
 //! do what [`RULES`] grants, by path. Applied by the init after `no_new_privs`, inherited by
 //! everything the instance starts.
 //!
@@ -53,7 +53,7 @@ pub(crate) const RULES: &[(&str, Grant)] = &[
     ("/dev/full",    Grant::Device),
     ("/dev/random",  Grant::Device),
     ("/dev/urandom", Grant::Device),
-    ("/tmp",         Grant::ReadWriteCreate), // no execute: nothing the instance writes runs
+    ("/tmp",         Grant::ReadWriteCreate), // incl. execute: blocks may run tools they unpack, as on Lambda (nosuid + no_new_privs: no privilege from it)
 ];
 
 fn access(grant: Grant) -> BitFlags<AccessFs> {
@@ -65,7 +65,7 @@ fn access(grant: Grant) -> BitFlags<AccessFs> {
         Grant::Device => {
             AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate | AccessFs::IoctlDev
         }
-        Grant::ReadWriteCreate => AccessFs::from_all(TARGET_ABI) & !AccessFs::Execute,
+        Grant::ReadWriteCreate => AccessFs::from_all(TARGET_ABI),
     }
 }
 

@@ -10,7 +10,8 @@
 //! - host checks ([`SandboxHost::detect`]) and the cgroup subtree `<cgroup_root_name>` in every
 //!   cgroup hierarchy it uses (`<root>/<group>/<instance_id>`), including cleaning up after a
 //!   crashed run ([`SandboxHost::cleanup_stale`]);
-//! - the sandbox uid range (100000..=165535), one uid per live instance;
+//! - the sandbox uid range (100000..=1000099999, from a random start per server), one uid per
+//!   live instance;
 //! - creating instances ([`SandboxHost::spawn`]) from one dedicated spawner thread, and their
 //!   whole life up to [`SandboxedInstance::destroy`];
 //! - the in-sandbox init ([`init_main`]) that builds the sandbox around itself.
@@ -301,6 +302,12 @@ impl SandboxHost {
     /// would also kill this host's live instances.
     pub fn cleanup_stale(&self) -> Result<usize, SandboxError> {
         self.cgroups.cleanup_stale()
+    }
+
+    /// Kills every remaining instance and removes this host's whole cgroup subtree; call it
+    /// once, when the server stops. Returns how many instances were still there.
+    pub fn release(&self) -> Result<usize, SandboxError> {
+        self.cgroups.release()
     }
 
     fn validate(&self, spec: &InstanceSpec) -> Result<(), SandboxError> {

@@ -19,10 +19,21 @@ struct Allocator {
     next: u32,
 }
 
+/// `next == 0`: not started yet; the first allocation picks a random start.
 static ALLOCATOR: Mutex<Allocator> = Mutex::new(Allocator {
     in_use: BTreeSet::new(),
-    next: FIRST_UID,
+    next: 0,
 });
+
+/// A random point of the range, from the standard library's per-process random hasher keys.
+fn random_start() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    let span = u64::from(LAST_UID - FIRST_UID) + 1;
+    // The remainder is below `span`, which fits in u32.
+    FIRST_UID + (hasher.finish() % span) as u32
+}
 
 /// A uid owned by one instance; returned to the pool on drop.
 #[derive(Debug)]
@@ -31,6 +42,10 @@ pub(crate) struct UidLease(u32);
 impl UidLease {
     pub(crate) fn allocate() -> Result<UidLease, SandboxError> {
         let mut a = ALLOCATOR.lock().unwrap_or_else(PoisonError::into_inner);
+        if a.next == 0 {
+            a.next = random_start();
+        }
+        // Live instances are far fewer than the range: this ends long before wrapping.
         let span = LAST_UID - FIRST_UID + 1;
         for _ in 0..span {
             let candidate = a.next;

@@ -99,12 +99,12 @@ pub async fn serve(
 
     let store = Store::open(data_dir).await?;
 
-    let host = SandboxHost::detect(HostConfig {
+    let host = Arc::new(SandboxHost::detect(HostConfig {
         init_exe: config.init_exe.clone(),
         init_args: vec!["__sandbox-init".into()],
         state_dir: data_dir.join("sandbox"),
         cgroup_root_name: cgroup_root_name(data_dir),
-    })?;
+    })?);
     let stale = host.cleanup_stale()?;
     if stale > 0 {
         tracing::warn!(count = stale, "removed instances left by a previous run");
@@ -118,7 +118,7 @@ pub async fn serve(
     })?;
 
     let pool = InstancePool::new(
-        Arc::new(host),
+        host.clone(),
         PoolConfig {
             code_root: data_dir.join("code"),
             runtime_dir,
@@ -164,6 +164,12 @@ pub async fn serve(
     let (served, ()) = tokio::join!(async { server.await.map_err(ServeError::Http) }, drain);
     // Anything started by a request that raced the shutdown.
     pool.shutdown(Duration::ZERO).await;
+    let release_host = host.clone();
+    match tokio::task::spawn_blocking(move || release_host.release()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "removing the sandbox cgroups"),
+        Err(e) => tracing::warn!(error = %e, "removing the sandbox cgroups"),
+    }
     store.close().await;
     tracing::info!("stopped");
     served

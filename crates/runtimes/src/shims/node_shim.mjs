@@ -239,8 +239,8 @@ function killStragglers() {
 
 // ------------------------------------------------------------------ serving
 
-function encodeTail(logs, truncated) {
-  return `,"logs":${JSON.stringify(logs)},"logs_truncated":${truncated}}`;
+function encodeTail(id, logs, truncated) {
+  return `,"id":${JSON.stringify(id ?? null)},"logs":${JSON.stringify(logs)},"logs_truncated":${truncated}}`;
 }
 
 async function invoke(handler, capture, request) {
@@ -279,7 +279,7 @@ async function invoke(handler, capture, request) {
       };
     }
   }
-  const tail = encodeTail(logs, truncated);
+  const tail = encodeTail(request.id, logs, truncated);
   if (body !== null) {
     const text = body + tail;
     if (Buffer.byteLength(text, 'utf8') <= MAX_FRAME_BYTES) return text;

@@ -305,7 +305,7 @@ def reply_for(handler, loop, capture, request):
                     "message": f"the backpack is not JSON-serialisable: {exc}",
                     "traceback": None,
                 }
-    tail = ',"logs":' + encode(logs) + ',"logs_truncated":' + encode(truncated) + "}"
+    tail = ',"id":' + encode(request.get("id")) + ',"logs":' + encode(logs) + ',"logs_truncated":' + encode(truncated) + "}"
     if outcome is None:
         body = '{"type":"result","output":' + output_json + ',"backpack":' + backpack_json + tail
         encoded = body.encode("utf-8")
