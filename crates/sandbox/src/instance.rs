@@ -15,6 +15,11 @@ const REAP_BUDGET: Duration = Duration::from_secs(5);
 const RMDIR_BUDGET: Duration = Duration::from_secs(2);
 /// How long freeze() waits for the kernel to report Frozen.
 const FREEZE_WAIT: Duration = Duration::from_millis(100);
+/// Longest [`SandboxedInstance::freeze`] waits for killed stragglers to leave the cgroup; a
+/// process stuck in the kernel past it is frozen as it is (and dies on thaw or destroy).
+const STRAGGLER_WAIT: Duration = Duration::from_millis(50);
+/// Processes of a healthy idle instance: the pid-1 reaper and the entry.
+const ENTRY_PROCESSES: usize = 2;
 
 /// How an instance ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -81,7 +86,12 @@ impl SandboxedInstance {
 
     /// Freeze every process of the instance; waits briefly (100 ms at most) for the kernel to
     /// report the cgroup frozen.
+    ///
+    /// First it gives the processes the entry killed after its invocation a moment to finish
+    /// dying: a SIGKILLed task that gets frozen before it runs again stays in the cgroup,
+    /// dead-on-thaw, until the next invocation.
     pub fn freeze(&self) -> Result<(), SandboxError> {
+        self.wait_for_stragglers();
         self.cgroups
             .set_frozen(true)
             .map_err(|source| SandboxError::Freeze {
@@ -97,6 +107,27 @@ impl SandboxedInstance {
             thread::sleep(Duration::from_micros(100));
         }
         Ok(())
+    }
+
+    /// Waits (at most [`STRAGGLER_WAIT`]) until the cgroup holds only the reaper (pid 1) and
+    /// the entry (pid 2). Exited tasks leave `cgroup.procs` before they are reaped, so zombies
+    /// don't count. Costs one small read when there is nothing to wait for.
+    fn wait_for_stragglers(&self) {
+        let Some(procs) = self.cgroups.procs_files().into_iter().next() else {
+            return;
+        };
+        let deadline = Instant::now() + STRAGGLER_WAIT;
+        let mut pause = Duration::from_micros(50);
+        loop {
+            let count = std::fs::read_to_string(&procs)
+                .map(|text| text.lines().count())
+                .unwrap_or(0);
+            if count <= ENTRY_PROCESSES || Instant::now() >= deadline {
+                return;
+            }
+            thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(2));
+        }
     }
 
     pub fn thaw(&self) -> Result<(), SandboxError> {
