@@ -14,7 +14,6 @@ const REAP_BUDGET: Duration = Duration::from_secs(5);
 /// How long destroy retries rmdir of a busy cgroup.
 const RMDIR_BUDGET: Duration = Duration::from_secs(2);
 /// How long freeze() waits for the kernel to report Frozen.
-const FREEZE_WAIT: Duration = Duration::from_millis(100);
 /// Longest [`SandboxedInstance::freeze`] waits for killed stragglers to leave the cgroup; a
 /// process stuck in the kernel past it is frozen as it is (and dies on thaw or destroy).
 const STRAGGLER_WAIT: Duration = Duration::from_millis(50);
@@ -84,8 +83,9 @@ impl SandboxedInstance {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Freeze every process of the instance; waits briefly (100 ms at most) for the kernel to
-    /// report the cgroup frozen.
+    /// Freeze every process of the instance. Does not wait for the kernel to report the cgroup
+    /// frozen (v1 passes through FREEZING): nothing needs that confirmation, and thawing a
+    /// freezing cgroup is fine, so the invocation's reply is not held up by it.
     ///
     /// First it gives the processes the entry killed after its invocation a moment to finish
     /// dying: a SIGKILLed task that gets frozen before it runs again stays in the cgroup,
@@ -99,13 +99,6 @@ impl SandboxedInstance {
                 path: self.cgroups.freeze_file(),
                 source,
             })?;
-        let deadline = Instant::now() + FREEZE_WAIT;
-        while Instant::now() < deadline {
-            if self.freezer_state()? == FreezerState::Frozen {
-                break;
-            }
-            thread::sleep(Duration::from_micros(100));
-        }
         Ok(())
     }
 

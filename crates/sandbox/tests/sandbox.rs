@@ -326,6 +326,12 @@ fn freeze_and_thaw() {
         FreezerState::Thawed
     );
     instance.freeze().expect("freeze");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while instance.freezer_state().expect("state") != FreezerState::Frozen
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert_eq!(
         instance.freezer_state().expect("state"),
         FreezerState::Frozen
