@@ -131,9 +131,24 @@ struct Api {
 
 impl Api {
     async fn post(&self, key: &str, path: &str, body: &Value) -> Result<Value> {
+        self.send_json(reqwest::Method::POST, key, path, body).await
+    }
+
+    async fn put(&self, key: &str, path: &str, body: &Value) -> Result<Value> {
+        self.send_json(reqwest::Method::PUT, key, path, body).await
+    }
+
+    /// Sends `body` as JSON; any non-2xx answer is an error carrying the server's reply.
+    async fn send_json(
+        &self,
+        method: reqwest::Method,
+        key: &str,
+        path: &str,
+        body: &Value,
+    ) -> Result<Value> {
         let response = self
             .http
-            .post(format!("{}{path}", self.url))
+            .request(method, format!("{}{path}", self.url))
             .bearer_auth(key)
             .json(body)
             .send()
@@ -158,22 +173,6 @@ impl Api {
         let status = response.status().as_u16();
         response.bytes().await?;
         Ok(status)
-    }
-
-    async fn put(&self, key: &str, path: &str, body: &Value) -> Result<Value> {
-        let response = self
-            .http
-            .put(format!("{}{path}", self.url))
-            .bearer_auth(key)
-            .json(body)
-            .send()
-            .await?;
-        let status = response.status();
-        let value: Value = response.json().await?;
-        if !status.is_success() {
-            bail!("{path}: HTTP {status}: {value}");
-        }
-        Ok(value)
     }
 
     async fn get(&self, key: &str, path: &str) -> Result<Value> {
