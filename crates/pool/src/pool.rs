@@ -284,21 +284,32 @@ impl InstancePool {
 
     /// Stops keeping a deployment's instances warm: idle ones are destroyed now, busy
     /// ones when their invocation ends.
-    pub async fn retire_deployment(&self, deployment_id: i64) {
-        let retired: Vec<Arc<BlockPool>> = {
+    ///
+    /// Every block pool is marked retired before anything is awaited, and the idle ones are
+    /// destroyed in a task of their own: the caller (an HTTP handler) may be cancelled at any
+    /// await, and a half-done retirement would leave instances no reaper can reach.
+    pub async fn retire_deployments(&self, deployment_ids: &[i64]) {
+        let idle: Vec<Instance> = {
             let mut blocks = lock(&self.inner.blocks);
             let keys: Vec<BlockKey> = blocks
                 .keys()
-                .filter(|k| k.deployment_id == deployment_id)
+                .filter(|k| deployment_ids.contains(&k.deployment_id))
                 .cloned()
                 .collect();
-            keys.iter().filter_map(|k| blocks.remove(k)).collect()
+            keys.iter()
+                .filter_map(|k| blocks.remove(k))
+                .flat_map(|block_pool| block_pool.retire())
+                .collect()
         };
-        for block_pool in retired {
-            for instance in block_pool.retire() {
-                self.discard(instance).await;
+        let pool = self.clone();
+        let destroying = tokio::spawn(async move {
+            for instance in idle {
+                pool.discard(instance).await;
             }
-        }
+        });
+        // Waiting is a courtesy (the deploy's reply comes after the old instances are gone);
+        // cancelling this wait does not stop the destruction.
+        let _ = destroying.await;
     }
 
     /// Every live instance, for operators (and, filtered, for their owners).
@@ -540,10 +551,22 @@ impl InstancePool {
             .map_err(|e| host_error(e.to_string()))?;
         let channels = spawned.channels;
         let sandbox = spawned.instance;
-        let channel = InstanceChannel::new(channels.requests, channels.responses)
-            .map_err(|e| host_error(e.to_string()))?;
+        let channel = match InstanceChannel::new(channels.requests, channels.responses) {
+            Ok(channel) => channel,
+            Err(e) => {
+                // Destroyed off the async workers (dropping it here would block one).
+                destroy(Arc::new(sandbox)).await;
+                return Err(host_error(e.to_string()));
+            }
+        };
         let mut instance = Instance::new(sandbox, channel, channels.logs, reservation);
         self.register(&instance, target, InstanceState::Starting);
+        // A shutdown that began while this instance was being created has already swept the
+        // registry: don't let it slip past.
+        if self.inner.shutting_down.load(Ordering::Acquire) {
+            self.discard(instance).await;
+            return Err(StartFailure::Host(PoolError::ShuttingDown));
+        }
 
         let init_limit = Duration::from_secs(u64::from(block.timeout_s));
         let ready = timeout(init_limit, instance.channel.ready()).await;
@@ -601,7 +624,18 @@ impl InstancePool {
             self.discard(instance).await;
             return;
         }
-        if let Err(e) = instance.sandbox.freeze() {
+        // Off the async workers: freezing first waits (bounded) for killed stragglers.
+        let sandbox = instance.sandbox.clone();
+        let frozen = tokio::task::spawn_blocking(move || sandbox.freeze())
+            .await
+            .unwrap_or_else(|e| {
+                Err(refinery_sandbox::SandboxError::Freeze {
+                    instance: instance.id().to_string(),
+                    path: Default::default(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            });
+        if let Err(e) = frozen {
             tracing::warn!(instance = instance.id(), error = %e, "cannot freeze instance; discarding it");
             self.discard(instance).await;
             return;

@@ -2,6 +2,7 @@
 //! the store off the invocation hot path.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use refinery_domain::BlockSpec;
@@ -19,6 +20,9 @@ pub struct AppState {
     accounts_by_key: RwLock<HashMap<String, Account>>,
     /// The live deployment of each (account id, project), invalidated on deploy/rollback.
     live: RwLock<HashMap<(String, String), Arc<LiveDeployment>>>,
+    /// Bumped by every invalidation: a lookup that raced a deploy must not put the
+    /// deployment it read (now replaced) back into the cache.
+    live_generation: AtomicU64,
     /// Serialises quota changes (store, then pool) so the two never disagree.
     pub quota_updates: tokio::sync::Mutex<()>,
 }
@@ -52,6 +56,7 @@ impl AppState {
             operator_key_hash,
             accounts_by_key: RwLock::new(HashMap::new()),
             live: RwLock::new(HashMap::new()),
+            live_generation: AtomicU64::new(0),
             quota_updates: tokio::sync::Mutex::new(()),
         }
     }
@@ -77,19 +82,25 @@ impl AppState {
         if let Some(live) = read(&self.live).get(&key) {
             return Ok(live.clone());
         }
+        let generation = self.live_generation.load(Ordering::Acquire);
         let deployment = self
             .store
             .live_deployment(account_id, project)
             .await?
             .ok_or_else(|| project_not_found(project))?;
         let live = Arc::new(LiveDeployment::from_deployment(deployment));
-        write(&self.live).insert(key, live.clone());
+        let mut cache = write(&self.live);
+        if self.live_generation.load(Ordering::Acquire) == generation {
+            cache.insert(key, live.clone());
+        }
         Ok(live)
     }
 
     /// Forgets the cached live deployment after it changed.
     pub fn invalidate_live(&self, account_id: &str, project: &str) {
-        write(&self.live).remove(&(account_id.to_string(), project.to_string()));
+        let mut cache = write(&self.live);
+        self.live_generation.fetch_add(1, Ordering::AcqRel);
+        cache.remove(&(account_id.to_string(), project.to_string()));
     }
 }
 

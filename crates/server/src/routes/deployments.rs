@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::routes::rfc3339;
-use crate::state::{project_not_found, SharedState};
+use crate::state::SharedState;
 
 /// A deploy request: the manifest text and the files its blocks reference.
 #[derive(Deserialize)]
@@ -51,10 +51,6 @@ pub async fn deploy(
     };
     let manifest = Manifest::parse(&request.manifest, manifest_path, &resolve)?;
 
-    let previous = state
-        .store
-        .live_deployment(&account.id, &manifest.name)
-        .await?;
     let deployment = state
         .store
         .create_deployment(
@@ -65,11 +61,28 @@ pub async fn deploy(
         )
         .await?;
     state.invalidate_live(&account.id, &manifest.name);
-    if let Some(previous) = previous {
-        state.pool.retire_deployment(previous.id).await;
-    }
+    retire_all_but_live(&state, &account.id, &manifest.name).await?;
     tracing::info!(account = %account.id, project = %deployment.project, deployment = deployment.number, "deployed");
     Ok((StatusCode::CREATED, Json(deployment_json(&deployment))))
+}
+
+/// Stops keeping warm every deployment of the project but the live one. All of them, not
+/// just "the previous one": two deploys racing would each retire only what they saw.
+async fn retire_all_but_live(
+    state: &SharedState,
+    account_id: &str,
+    project: &str,
+) -> Result<(), ApiError> {
+    let replaced: Vec<i64> = state
+        .store
+        .list_deployments(account_id, project)
+        .await?
+        .into_iter()
+        .filter(|d| !d.live)
+        .map(|d| d.id)
+        .collect();
+    state.pool.retire_deployments(&replaced).await;
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -88,19 +101,12 @@ pub async fn rollback(
     let Json(request) = body.map_err(|e| {
         ApiError::BadRequest(format!("{}; expected {{\"deployment\": 2}}", e.body_text()))
     })?;
-    let previous = state
-        .store
-        .live_deployment(&account.id, &project)
-        .await?
-        .ok_or_else(|| project_not_found(&project))?;
     let deployment = state
         .store
         .set_live(&account.id, &project, request.deployment)
         .await?;
     state.invalidate_live(&account.id, &project);
-    if previous.id != deployment.id {
-        state.pool.retire_deployment(previous.id).await;
-    }
+    retire_all_but_live(&state, &account.id, &project).await?;
     tracing::info!(account = %account.id, project = %project, deployment = deployment.number, "rolled back");
     Ok(Json(deployment_json(&deployment)))
 }
