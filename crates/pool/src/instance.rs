@@ -40,6 +40,8 @@ pub struct InstanceInfo {
     pub state: InstanceState,
     /// Host pid of the instance's init (pid 1 in its namespace).
     pub pid: i32,
+    /// The instance's host uid: what kernel audit records (e.g. refused syscalls) name.
+    pub uid: Option<u32>,
     pub cgroups: Vec<PathBuf>,
     pub started_at_ms: i64,
     pub last_used_at_ms: i64,

@@ -279,6 +279,20 @@ impl InstancePool {
                 ));
             }
         }
+        if matches!(
+            invocation.status,
+            ExecutionStatus::Oom | ExecutionStatus::Timeout | ExecutionStatus::Crashed
+        ) {
+            // Discarded instances are what resource attacks look like: keep a trail per account.
+            tracing::warn!(
+                account = %target.account_id,
+                project = %target.project,
+                block = %target.block.name,
+                instance = %invocation.instance_id,
+                status = %invocation.status,
+                "instance discarded"
+            );
+        }
         Ok(invocation)
     }
 
@@ -688,6 +702,7 @@ impl InstancePool {
             block: target.block.name.clone(),
             state,
             pid: instance.sandbox.pid(),
+            uid: instance.sandbox.uid(),
             cgroups: instance.sandbox.cgroup_paths(),
             started_at_ms: now,
             last_used_at_ms: now,

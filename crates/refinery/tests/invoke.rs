@@ -184,6 +184,13 @@ async fn sequential_invocations_reuse_one_warm_instance() {
     let instances = server.instances().await;
     assert_eq!(instances.len(), 1, "{instances:?}");
     assert_eq!(instances[0]["invocations"], 2);
+    // The operator sees the instance's host uid, which kernel audit records name.
+    assert!(
+        instances[0]["uid"]
+            .as_u64()
+            .is_some_and(|uid| uid >= 100_000),
+        "{instances:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -22,7 +22,7 @@ pub async fn list(
                 let mut v = json!({
                     "id": i.id, "account_id": i.account_id, "project": i.project,
                     "deployment": i.deployment, "block": i.block, "state": i.state,
-                    "pid": i.pid, "cgroups": i.cgroups, "invocations": i.invocations,
+                    "pid": i.pid, "uid": i.uid, "cgroups": i.cgroups, "invocations": i.invocations,
                 });
                 v["started_at"] = json!(rfc3339(i.started_at_ms));
                 v["last_used_at"] = json!(rfc3339(i.last_used_at_ms));
