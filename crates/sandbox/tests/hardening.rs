@@ -2,106 +2,22 @@
 //! Landlock, the masked /proc, the pid-1 reaper, and the per-account memory backstop. Must run
 //! as root on a host with cgroups (v1, v2 or hybrid).
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Read;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use refinery_sandbox::{
-    seccomp_deny_list, Entry, ExitReport, HostConfig, InstanceSpec, SandboxHost, Spawned,
-};
+use common::*;
+use refinery_sandbox::{seccomp_deny_list, Entry, ExitReport};
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    )
+/// Runs a script inside an instance; returns (what it wrote to fd 4, logs, exit report).
+trait RunScript {
+    fn python(&self, script: &str) -> (String, String, ExitReport);
+    fn sh(&self, script: &str) -> (String, String, ExitReport);
 }
 
-struct TestHost {
-    host: SandboxHost,
-    _state: tempfile::TempDir,
-    code: tempfile::TempDir,
-}
-
-impl Drop for TestHost {
-    fn drop(&mut self) {
-        let _ = self.host.cleanup_stale();
-        for root in self.host.cgroup_root_paths() {
-            let _ = std::fs::remove_dir(root);
-        }
-    }
-}
-
-fn test_host() -> TestHost {
-    let state = tempfile::tempdir().expect("tempdir");
-    let code = tempfile::tempdir().expect("tempdir");
-    let host = SandboxHost::detect(HostConfig {
-        init_exe: PathBuf::from(env!("CARGO_BIN_EXE_refinery-sandbox-init")),
-        init_args: vec!["__sandbox-init".into()],
-        state_dir: state.path().to_path_buf(),
-        cgroup_root_name: unique("refinery-hardening"),
-    })
-    .expect("detect");
-    TestHost {
-        host,
-        _state: state,
-        code,
-    }
-}
-
-fn read_to_end(fd: OwnedFd) -> String {
-    let mut s = String::new();
-    File::from(fd).read_to_string(&mut s).expect("read pipe");
-    s
-}
-
-fn process_exists(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
-        Err(_) => false,
-    }
-}
-
-impl TestHost {
-    fn spec(&self, entry: Entry) -> InstanceSpec {
-        InstanceSpec {
-            instance_id: unique("inst"),
-            group: "acct-h".into(),
-            code_dir: self.code.path().to_path_buf(),
-            runtime_dir: self.code.path().to_path_buf(),
-            entry,
-            env: BTreeMap::new(),
-            memory_mb: 128,
-            tmp_mb: 16,
-            pids_max: 64,
-            cpu_percent: 100,
-        }
-    }
-
-    fn run(&self, spec: &InstanceSpec) -> (String, String, ExitReport) {
-        let Spawned { instance, channels } = self.host.spawn(spec).expect("spawn");
-        let out = read_to_end(channels.responses);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while process_exists(instance.pid()) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        let report = instance.destroy().expect("destroy");
-        let logs = read_to_end(channels.logs);
-        (out, logs, report)
-    }
-
+impl RunScript for TestHost {
     fn python(&self, script: &str) -> (String, String, ExitReport) {
         self.run(&self.spec(Entry::Exec {
             argv: vec!["/usr/bin/python3".into(), "-c".into(), script.into()],
@@ -437,13 +353,13 @@ fn orphans_are_reaped_and_never_pile_up() {
 fn group_memory_limit_caps_the_account() {
     let t = test_host();
     t.host
-        .set_group_limits("acct-h", Some(48))
+        .set_group_limits(GROUP, Some(48))
         .expect("set limits");
     let group_dirs: Vec<PathBuf> = t
         .host
         .cgroup_root_paths()
         .iter()
-        .map(|r| r.join("acct-h"))
+        .map(|r| r.join(GROUP))
         .collect();
     let limit = |dirs: &[PathBuf]| -> Vec<String> {
         dirs.iter()
@@ -465,11 +381,11 @@ fn group_memory_limit_caps_the_account() {
     assert_eq!(out, "");
     assert!(report.oom_killed, "{report:?}");
     // Raising (memsw first on v1) and removing the limit work too.
-    t.host.set_group_limits("acct-h", Some(512)).expect("raise");
+    t.host.set_group_limits(GROUP, Some(512)).expect("raise");
     assert_eq!(limit(&group_dirs), [(512u64 << 20).to_string()]);
     let (out, _, _) = t.run(&spec);
     assert_eq!(out, "survived");
-    t.host.set_group_limits("acct-h", None).expect("unlimited");
+    t.host.set_group_limits(GROUP, None).expect("unlimited");
     let unlimited = limit(&group_dirs);
     assert!(
         unlimited == ["max"] || unlimited[0].parse::<u64>().is_ok_and(|b| b > 1 << 50),
