@@ -7,15 +7,13 @@
 mod common;
 
 use std::fs;
-use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{pipes, TestResult};
+use common::{pipes, protocol_fds_in_child, TestResult};
 use refinery_domain::Language;
 use refinery_runtimes::{entry_in, install, InstanceChannel, RuntimeEntry};
 use serde_json::{json, Value};
@@ -128,19 +126,7 @@ fn start_in_pid_ns(
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null());
-    // SAFETY: the closure only calls fcntl, dup2 and close, which are async-signal-safe.
-    unsafe {
-        command.pre_exec(move || {
-            let a = libc::fcntl(child_in, libc::F_DUPFD, 10);
-            let b = libc::fcntl(child_out, libc::F_DUPFD, 10);
-            if a < 0 || b < 0 || libc::dup2(a, 3) < 0 || libc::dup2(b, 4) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            libc::close(a);
-            libc::close(b);
-            Ok(())
-        });
-    }
+    protocol_fds_in_child(&mut command, child_in, child_out);
     let child = command.spawn()?;
     drop((req_r, resp_w));
     Ok(InPidNs {

@@ -73,21 +73,7 @@ pub fn spawn_raw(
         .env_clear()
         .env("PATH", "/usr/bin:/bin")
         .stdin(Stdio::null());
-    // SAFETY: the closure only calls fcntl, dup2 and close, which are async-signal-safe,
-    // and touches no memory shared with the parent.
-    unsafe {
-        command.pre_exec(move || {
-            // Move both ends above 3/4 first so neither dup2 clobbers the other.
-            let a = libc::fcntl(child_in, libc::F_DUPFD, 10);
-            let b = libc::fcntl(child_out, libc::F_DUPFD, 10);
-            if a < 0 || b < 0 || libc::dup2(a, 3) < 0 || libc::dup2(b, 4) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            libc::close(a);
-            libc::close(b);
-            Ok(())
-        });
-    }
+    protocol_fds_in_child(&mut command, child_in, child_out);
     let child = command.spawn()?;
     drop((req_r, resp_w));
     Ok(Raw {
@@ -126,4 +112,28 @@ pub fn start(
         code_dir: code_dir.path().to_path_buf(),
         _dirs: (runtime_dir, code_dir),
     })
+}
+
+/// Makes `command`'s child see `requests` as fd 3 and `responses` as fd 4, the shims'
+/// protocol fds.
+pub fn protocol_fds_in_child(
+    command: &mut Command,
+    requests: std::os::fd::RawFd,
+    responses: std::os::fd::RawFd,
+) {
+    // SAFETY: the closure only calls fcntl, dup2 and close, which are async-signal-safe,
+    // and touches no memory shared with the parent.
+    unsafe {
+        command.pre_exec(move || {
+            // Move both ends above 3/4 first so neither dup2 clobbers the other.
+            let a = libc::fcntl(requests, libc::F_DUPFD, 10);
+            let b = libc::fcntl(responses, libc::F_DUPFD, 10);
+            if a < 0 || b < 0 || libc::dup2(a, 3) < 0 || libc::dup2(b, 4) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::close(a);
+            libc::close(b);
+            Ok(())
+        });
+    }
 }
