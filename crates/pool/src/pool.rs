@@ -545,6 +545,15 @@ impl InstancePool {
             entry: match refinery_runtimes::entry(block.language, &block.source_name) {
                 RuntimeEntry::Exec { argv } => Entry::Exec { argv },
                 RuntimeEntry::Builtin { name, args } => Entry::Builtin { name, args },
+                RuntimeEntry::Fork {
+                    zygote,
+                    args,
+                    fallback,
+                } => Entry::Fork {
+                    zygote,
+                    args,
+                    fallback: Some(fallback),
+                },
             },
             env: block.env.clone(),
             memory_mb: block.memory_mb,

@@ -62,6 +62,10 @@ struct ServeArgs {
     /// Default per-account quota: invocations allowed in a burst above the rate.
     #[arg(long, default_value_t = Quota::DEFAULT.burst, value_name = "N")]
     quota_burst: u32,
+    /// Start every instance by exec instead of forking Python instances from a
+    /// pre-initialised runtime (slower cold starts; for comparison and troubleshooting).
+    #[arg(long)]
+    no_zygotes: bool,
 }
 
 fn main() -> ExitCode {
@@ -106,6 +110,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         keep_alive: args.keep_alive,
         shutdown_grace: args.shutdown_grace,
         init_exe,
+        zygotes: !args.no_zygotes,
         default_quota: Quota {
             instances: args.quota_instances,
             memory_mb: args.quota_memory_mb,

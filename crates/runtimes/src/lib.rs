@@ -56,6 +56,52 @@ pub enum RuntimeEntry {
     Exec { argv: Vec<String> },
     /// Re-enter the Refinery binary and call [`run_builtin`]`(name, args)`.
     Builtin { name: String, args: Vec<String> },
+    /// Fork from the pre-initialised runtime named `zygote` (see [`zygotes`]), which runs its
+    /// preloaded shim's `main()` with `args`; exec `fallback` if that runtime is unavailable.
+    Fork {
+        zygote: String,
+        args: Vec<String>,
+        fallback: Vec<String>,
+    },
+}
+
+impl RuntimeEntry {
+    /// The program to exec for this entry, if it has one: the argv of an `Exec`, the
+    /// fallback of a `Fork` (for running shims outside a sandbox).
+    pub fn exec_argv(&self) -> Option<&[String]> {
+        match self {
+            RuntimeEntry::Exec { argv } | RuntimeEntry::Fork { fallback: argv, .. } => Some(argv),
+            RuntimeEntry::Builtin { .. } => None,
+        }
+    }
+}
+
+/// A pre-initialised runtime the host should keep running: `interpreter` (argv prefix) with
+/// the shim at `preload` already imported, forking instances of `language`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Zygote {
+    pub name: String,
+    pub interpreter: Vec<String>,
+    pub preload: std::path::PathBuf,
+}
+
+/// The pre-initialised runtimes for the shims [`install`]ed in `runtime_dir` (a host path).
+/// Python only: a forked Python is a complete, working interpreter; Node's runtime is
+/// multi-threaded (V8 platform and libuv workers) and cannot be forked safely, so Node
+/// instances start by exec.
+pub fn zygotes(runtime_dir: &Path) -> Vec<Zygote> {
+    vec![Zygote {
+        name: PYTHON_ZYGOTE.into(),
+        interpreter: python_interpreter(),
+        preload: runtime_dir.join(PYTHON_SHIM),
+    }]
+}
+
+const PYTHON_ZYGOTE: &str = "python";
+
+/// -I: ignore PYTHON* variables and the user site dir; -B: /code is read-only.
+fn python_interpreter() -> Vec<String> {
+    vec![PYTHON.into(), "-I".into(), "-B".into()]
 }
 
 /// Writes the shim files into `dir` (created if missing), world-readable so instances
@@ -101,16 +147,15 @@ pub fn entry_in(
     let code_dir = code_dir.trim_end_matches('/');
     let source = format!("{code_dir}/{source_name}");
     match language {
-        Language::Python => RuntimeEntry::Exec {
-            // -I: ignore PYTHON* variables and the user site dir; -B: /code is read-only.
-            argv: vec![
-                PYTHON.into(),
-                "-I".into(),
-                "-B".into(),
-                format!("{runtime_dir}/{PYTHON_SHIM}"),
-                source,
-            ],
-        },
+        Language::Python => {
+            let mut fallback = python_interpreter();
+            fallback.extend([format!("{runtime_dir}/{PYTHON_SHIM}"), source.clone()]);
+            RuntimeEntry::Fork {
+                zygote: PYTHON_ZYGOTE.into(),
+                args: vec![source],
+                fallback,
+            }
+        }
         Language::Node => RuntimeEntry::Exec {
             // Warnings would land in the instance's stray output, not the user's logs.
             argv: vec![

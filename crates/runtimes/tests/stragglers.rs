@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::{pipes, protocol_fds_in_child, TestResult};
 use refinery_domain::Language;
-use refinery_runtimes::{entry_in, install, InstanceChannel, RuntimeEntry};
+use refinery_runtimes::{entry_in, install, InstanceChannel};
 use serde_json::{json, Value};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -152,12 +152,14 @@ fn shim_argv(
     for (name, bytes) in refinery_runtimes::code_files(language, source, code) {
         fs::write(code_dir.path().join(name), bytes)?;
     }
-    let RuntimeEntry::Exec { argv } = entry_in(
+    let Some(argv) = entry_in(
         language,
         source,
         runtime.path().to_str().ok_or("non-UTF-8 tempdir")?,
         code_dir.path().to_str().ok_or("non-UTF-8 tempdir")?,
-    ) else {
+    )
+    .exec_argv()
+    .map(<[String]>::to_vec) else {
         return Err("not an exec entry".into());
     };
     Ok((

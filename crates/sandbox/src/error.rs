@@ -59,6 +59,9 @@ pub enum SandboxError {
     },
 
     /// Freezing an instance's cgroup failed.
+    #[error("zygote `{zygote}`: {what}")]
+    Zygote { zygote: String, what: String },
+
     #[error("freezing instance {instance} via {path}: {source}")]
     Freeze {
         instance: String,

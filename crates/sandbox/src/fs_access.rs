@@ -106,3 +106,66 @@ pub(crate) fn kernel_abi() -> Option<u32> {
     };
     u32::try_from(v).ok().filter(|v| *v > 0)
 }
+
+/// [`RULES`] as the raw masks `landlock_create_ruleset`/`landlock_add_rule` take, for the kernel's
+/// ABI: what a zygote-forked instance applies without this crate (see `zygote_python.py`).
+#[derive(serde::Serialize, Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LandlockPlan {
+    /// `landlock_ruleset_attr.handled_access_fs`.
+    pub handled_fs: u64,
+    /// `landlock_ruleset_attr.scoped` (0 before ABI 6).
+    pub scoped: u64,
+    /// Size of the `landlock_ruleset_attr` this ABI knows (8, 16 or 24 bytes).
+    pub attr_size: usize,
+    /// (path, allowed access) pairs, each a subset of `handled_fs`.
+    pub rules: Vec<(String, u64)>,
+}
+
+/// The same policy as [`restrict`], downgraded to `kernel_abi` as the crate's best-effort mode
+/// does. None when the kernel has no Landlock.
+pub(crate) fn plan(kernel_abi: Option<u32>) -> Option<LandlockPlan> {
+    let abi = ABI::from(i32::try_from(kernel_abi?).ok()?).min(TARGET_ABI);
+    if abi == ABI::Unsupported {
+        return None;
+    }
+    let handled = AccessFs::from_all(abi);
+    let version = kernel_abi?;
+    let attr_size = match version {
+        1..=3 => 8,
+        4 | 5 => 16,
+        _ => 24,
+    };
+    Some(LandlockPlan {
+        handled_fs: handled.bits(),
+        scoped: if attr_size == 24 {
+            Scope::from_all(abi).bits()
+        } else {
+            0
+        },
+        attr_size,
+        rules: RULES
+            .iter()
+            .map(|(path, grant)| (path.to_string(), (access(*grant) & handled).bits()))
+            .collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_masks_every_rule_within_what_is_handled() {
+        for abi in 1..=7 {
+            let plan = plan(Some(abi)).expect("a plan");
+            assert!(plan.handled_fs != 0);
+            assert_eq!(plan.rules.len(), RULES.len());
+            for (path, access) in &plan.rules {
+                assert_eq!(access & !plan.handled_fs, 0, "{path} at ABI {abi}");
+            }
+            assert_eq!(plan.scoped != 0, abi >= 6, "scopes exist from ABI 6");
+        }
+        assert!(plan(None).is_none());
+        assert!(plan(Some(0)).is_none());
+    }
+}

@@ -245,6 +245,9 @@ fn run() -> Result<(String, Vec<String>), InitError> {
             }
             Ok((name, args))
         }
+        Entry::Fork { zygote, .. } => Err(InitError(format!(
+            "a zygote entry ({zygote}) reached the exec init; the host resolves it before clone"
+        ))),
     }
 }
 

@@ -1,5 +1,6 @@
 //! A running instance: freeze/thaw, OOM state and the one way it ends, [`SandboxedInstance::destroy`].
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Mutex, PoisonError};
 use std::thread;
@@ -17,8 +18,6 @@ const RMDIR_BUDGET: Duration = Duration::from_secs(2);
 /// Longest [`SandboxedInstance::freeze`] waits for killed stragglers to leave the cgroup; a
 /// process stuck in the kernel past it is frozen as it is (and dies on thaw or destroy).
 const STRAGGLER_WAIT: Duration = Duration::from_millis(50);
-/// Processes of a healthy idle instance: the pid-1 reaper and the entry.
-const ENTRY_PROCESSES: usize = 2;
 
 /// How an instance ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,25 +36,66 @@ struct State {
     report: Option<ExitReport>,
 }
 
+/// How the host holds an instance's pid 1.
+#[derive(Debug)]
+pub(crate) enum Pid1 {
+    /// Cloned by the host: its child, reaped with waitpid. Idle, the instance holds two
+    /// processes: the reaper (pid 1) and the entry.
+    Child(libc::pid_t),
+    /// Forked by a zygote (which reaps it): watched and signalled through a pidfd, so a reused
+    /// pid can never be hit. Idle, the instance is one process: the runtime as pid 1.
+    Forked { pid: libc::pid_t, pidfd: OwnedFd },
+}
+
+impl Pid1 {
+    fn pid(&self) -> libc::pid_t {
+        match self {
+            Pid1::Child(pid) | Pid1::Forked { pid, .. } => *pid,
+        }
+    }
+
+    /// Processes of a healthy idle instance.
+    fn idle_processes(&self) -> usize {
+        match self {
+            Pid1::Child(_) => 2,
+            Pid1::Forked { .. } => 1,
+        }
+    }
+
+    fn kill(&self) {
+        match self {
+            // SAFETY: kill(2) on our own unreaped child (the pid cannot have been reused).
+            Pid1::Child(pid) => unsafe {
+                libc::kill(*pid, libc::SIGKILL);
+            },
+            // SAFETY: pidfd_send_signal on a pidfd we own, with no siginfo.
+            Pid1::Forked { pidfd, .. } => unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    pidfd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0u32,
+                );
+            },
+        }
+    }
+}
+
 /// One sandboxed instance. Destroyed (processes killed, cgroups removed) on drop at the latest.
 #[derive(Debug)]
 pub struct SandboxedInstance {
     id: String,
-    pid: libc::pid_t,
+    pid1: Pid1,
     cgroups: InstanceCgroups,
     state: Mutex<State>,
 }
 
 impl SandboxedInstance {
-    pub(crate) fn new(
-        id: String,
-        pid: libc::pid_t,
-        cgroups: InstanceCgroups,
-        uid: UidLease,
-    ) -> Self {
+    pub(crate) fn new(id: String, pid1: Pid1, cgroups: InstanceCgroups, uid: UidLease) -> Self {
         SandboxedInstance {
             id,
-            pid,
+            pid1,
             cgroups,
             state: Mutex::new(State {
                 uid: Some(uid),
@@ -71,7 +111,7 @@ impl SandboxedInstance {
 
     /// Host pid of the namespace's init (pid 1 inside).
     pub fn pid(&self) -> i32 {
-        self.pid
+        self.pid1.pid()
     }
 
     /// The instance's uid (= gid) inside and outside the sandbox.
@@ -102,8 +142,8 @@ impl SandboxedInstance {
         Ok(())
     }
 
-    /// Waits (at most [`STRAGGLER_WAIT`]) until the cgroup holds only the reaper (pid 1) and
-    /// the entry (pid 2). Exited tasks leave `cgroup.procs` before they are reaped, so zombies
+    /// Waits (at most [`STRAGGLER_WAIT`]) until the cgroup holds only the processes of an idle
+    /// instance ([`Pid1::idle_processes`]). Exited tasks leave `cgroup.procs` before they are reaped, so zombies
     /// don't count. Costs one small read when there is nothing to wait for.
     fn wait_for_stragglers(&self) {
         let Some(procs) = self.cgroups.procs_files().into_iter().next() else {
@@ -115,7 +155,7 @@ impl SandboxedInstance {
             let count = std::fs::read_to_string(&procs)
                 .map(|text| text.lines().count())
                 .unwrap_or(0);
-            if count <= ENTRY_PROCESSES || Instant::now() >= deadline {
+            if count <= self.pid1.idle_processes() || Instant::now() >= deadline {
                 return;
             }
             thread::sleep(pause);
@@ -158,10 +198,24 @@ impl SandboxedInstance {
 
     /// Reap the init without blocking; Some(status) once it has exited.
     fn try_reap(&self) -> Option<String> {
+        let pid = match &self.pid1 {
+            Pid1::Child(pid) => *pid,
+            Pid1::Forked { pidfd, .. } => {
+                let mut pfd = libc::pollfd {
+                    fd: pidfd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: polls one valid pollfd without waiting; a pidfd is readable once the
+                // process has exited (its zygote collects the status).
+                let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+                return (rc > 0).then(|| "exited (reaped by its zygote)".to_string());
+            }
+        };
         let mut status: libc::c_int = 0;
         // SAFETY: waitpid on our own child with a valid status pointer.
-        let rc = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG | libc::__WALL) };
-        if rc == self.pid {
+        let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG | libc::__WALL) };
+        if rc == pid {
             Some(if libc::WIFEXITED(status) {
                 format!("exit {}", libc::WEXITSTATUS(status))
             } else if libc::WIFSIGNALED(status) {
@@ -190,8 +244,7 @@ impl SandboxedInstance {
             let deadline = Instant::now() + REAP_BUDGET;
             let mut pause = Duration::from_micros(50);
             loop {
-                // SAFETY: kill(2) on our own unreaped child (the pid cannot have been reused).
-                unsafe { libc::kill(self.pid, libc::SIGKILL) };
+                self.pid1.kill();
                 self.cgroups.kill_all();
                 // v1: frozen tasks only die once thawed.
                 let _ = self.cgroups.set_frozen(false);
@@ -202,7 +255,10 @@ impl SandboxedInstance {
                 if Instant::now() >= deadline {
                     return Err(SandboxError::Destroy {
                         instance: self.id.clone(),
-                        what: format!("pid {} not reaped {REAP_BUDGET:?} after SIGKILL", self.pid),
+                        what: format!(
+                            "pid {} not reaped {REAP_BUDGET:?} after SIGKILL",
+                            self.pid1.pid()
+                        ),
                     });
                 }
                 thread::sleep(pause);

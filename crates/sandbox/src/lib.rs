@@ -34,6 +34,7 @@ mod seccomp;
 mod spawn;
 mod spec;
 mod uid;
+mod zygote;
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -48,11 +49,14 @@ pub use error::SandboxError;
 pub use init::init_main;
 pub use instance::{ExitReport, SandboxedInstance};
 pub use uid::{FIRST_UID, LAST_UID};
+pub use zygote::ZygoteSpec;
 
 use cgroup::{CgroupHost, Limits};
+use instance::Pid1;
 use mounts::{HostRootfs, InstanceFs};
 use spec::{InitSpec, Rlimit, RlimitKind};
 use uid::UidLease;
+use zygote::{ZygoteConfig, Zygotes};
 
 /// Hostname every instance sees.
 pub const HOSTNAME: &str = "refinery";
@@ -115,6 +119,14 @@ pub enum Entry {
     /// Don't exec: the init itself calls the builtin runner passed to [`init_main`] after the
     /// sandbox is set up and privileges dropped.
     Builtin { name: String, args: Vec<String> },
+    /// Fork the instance from the pre-initialised runtime `zygote` ([`SandboxHost::add_zygote`]),
+    /// which builds the same sandbox around the fork and runs its preloaded shim with `args`.
+    /// If that zygote is not registered or cannot fork, exec `fallback` instead (when given).
+    Fork {
+        zygote: String,
+        args: Vec<String>,
+        fallback: Option<Vec<String>>,
+    },
 }
 
 /// One instance to start.
@@ -166,6 +178,7 @@ pub struct SandboxHost {
     rootfs: HostRootfs,
     staging_dir: PathBuf,
     landlock_abi: Option<u32>,
+    zygotes: Zygotes,
 }
 
 fn detect_err(what: impl Into<String>, fix: impl Into<String>) -> SandboxError {
@@ -247,6 +260,7 @@ impl SandboxHost {
                  filesystem layer (mount table, uid and seccomp still apply)"
             );
         }
+        let zygotes = Zygotes::new(&config.state_dir, &zygote_config(landlock_abi)?)?;
         Ok(SandboxHost {
             config,
             init_exe,
@@ -254,6 +268,7 @@ impl SandboxHost {
             rootfs: HostRootfs::probe(),
             staging_dir,
             landlock_abi,
+            zygotes,
         })
     }
 
@@ -304,10 +319,17 @@ impl SandboxHost {
         self.cgroups.cleanup_stale()
     }
 
-    /// Kills every remaining instance and removes this host's whole cgroup subtree; call it
-    /// once, when the server stops. Returns how many instances were still there.
+    /// Kills every remaining instance and zygote and removes this host's whole cgroup subtree;
+    /// call it once, when the server stops. Returns how many instances were still there.
     pub fn release(&self) -> Result<usize, SandboxError> {
+        self.zygotes.stop_all();
         self.cgroups.release()
+    }
+
+    /// Starts a pre-initialised runtime that [`Entry::Fork`] entries naming it fork from
+    /// (replacing a running one of the same name). Fails if it does not come up.
+    pub fn add_zygote(&self, spec: ZygoteSpec) -> Result<(), SandboxError> {
+        self.zygotes.add(spec)
     }
 
     fn validate(&self, spec: &InstanceSpec) -> Result<(), SandboxError> {
@@ -353,7 +375,13 @@ impl SandboxHost {
         Ok(())
     }
 
-    fn init_spec(&self, spec: &InstanceSpec, uid: u32, procs: Vec<PathBuf>) -> InitSpec {
+    fn init_spec(
+        &self,
+        spec: &InstanceSpec,
+        entry: Entry,
+        uid: u32,
+        procs: Vec<PathBuf>,
+    ) -> InitSpec {
         let fs = InstanceFs {
             code_dir: &spec.code_dir,
             runtime_dir: &spec.runtime_dir,
@@ -397,13 +425,41 @@ impl SandboxHost {
                 },
             ],
             env,
-            entry: spec.entry.clone(),
+            entry,
         }
     }
 
     /// Starts an instance. Synchronous and fast (a few ms); callers run it in spawn_blocking.
     pub fn spawn(&self, spec: &InstanceSpec) -> Result<Spawned, SandboxError> {
         self.validate(spec)?;
+        match &spec.entry {
+            Entry::Fork {
+                zygote,
+                args,
+                fallback,
+            } => {
+                let forked = if self.zygotes.has(zygote) {
+                    self.start(spec, Launch::Fork { zygote, args })
+                } else {
+                    Err(SandboxError::Zygote {
+                        zygote: zygote.clone(),
+                        what: "not started".into(),
+                    })
+                };
+                match (forked, fallback) {
+                    (Ok(spawned), _) => Ok(spawned),
+                    (Err(e), Some(argv)) => {
+                        tracing::debug!(error = %e, "zygote unavailable; starting by exec");
+                        self.start(spec, Launch::Exec(Entry::Exec { argv: argv.clone() }))
+                    }
+                    (Err(e), None) => Err(e),
+                }
+            }
+            entry => self.start(spec, Launch::Exec(entry.clone())),
+        }
+    }
+
+    fn start(&self, spec: &InstanceSpec, launch: Launch<'_>) -> Result<Spawned, SandboxError> {
         let uid = UidLease::allocate()?;
         let limits = Limits {
             memory_mb: spec.memory_mb,
@@ -413,18 +469,8 @@ impl SandboxHost {
         let cgroups = self
             .cgroups
             .create_instance(&spec.group, &spec.instance_id, &limits)?;
-        let init = self.init_spec(spec, uid.uid(), cgroups.procs_files());
         let remove = |cg: &cgroup::InstanceCgroups| {
             let _ = cg.remove(std::time::Duration::from_millis(500));
-        };
-        let frame = match spec::encode(&init) {
-            Ok(f) => f,
-            Err(e) => {
-                remove(&cgroups);
-                return Err(SandboxError::InvalidSpec(format!(
-                    "encoding the setup spec: {e}"
-                )));
-            }
         };
         let (host_fds, child_fds) = match spawn::channels() {
             Ok(c) => c,
@@ -436,27 +482,26 @@ impl SandboxHost {
                 });
             }
         };
-        let mut argv = vec![self.init_exe.clone()];
-        for a in &self.config.init_args {
-            match CString::new(a.as_bytes()) {
-                Ok(c) => argv.push(c),
-                Err(_) => {
-                    remove(&cgroups);
-                    return Err(SandboxError::InvalidSpec(format!(
-                        "init arg {a:?} contains a NUL byte"
-                    )));
-                }
-            }
-        }
-        let pid = match spawn::clone_on_spawner(self.init_exe.clone(), argv, &child_fds) {
-            Ok(Ok(pid)) => pid,
-            Ok(Err(source)) => {
-                remove(&cgroups);
-                return Err(SandboxError::Clone {
-                    instance: spec.instance_id.clone(),
-                    source,
-                });
-            }
+        let entry = match &launch {
+            Launch::Exec(entry) => entry.clone(),
+            Launch::Fork { zygote, args } => Entry::Fork {
+                zygote: zygote.to_string(),
+                args: args.to_vec(),
+                fallback: None,
+            },
+        };
+        let init = self.init_spec(spec, entry, uid.uid(), cgroups.procs_files());
+        let launched = match launch {
+            Launch::Exec(_) => self
+                .clone_init(&init, &child_fds)
+                .map(|(pid, frame)| (Pid1::Child(pid), Some(frame))),
+            Launch::Fork { zygote, .. } => self
+                .zygotes
+                .fork(zygote, &init, &child_fds)
+                .map(|(pid, pidfd)| (Pid1::Forked { pid, pidfd }, None)),
+        };
+        let (pid1, frame) = match launched {
+            Ok(l) => l,
             Err(e) => {
                 remove(&cgroups);
                 return Err(e);
@@ -464,14 +509,16 @@ impl SandboxHost {
         };
         drop(child_fds);
         // From here on the instance owns the process: dropping it on error destroys everything.
-        let instance = SandboxedInstance::new(spec.instance_id.clone(), pid, cgroups, uid);
-        if let Err(source) = spawn::write_frame(&host_fds.requests, &frame) {
-            let _ = instance.destroy();
-            return Err(SandboxError::SendSpec {
-                instance: spec.instance_id.clone(),
-                log: spawn::drain_log(&host_fds.logs),
-                source,
-            });
+        let instance = SandboxedInstance::new(spec.instance_id.clone(), pid1, cgroups, uid);
+        if let Some(frame) = frame {
+            if let Err(source) = spawn::write_frame(&host_fds.requests, &frame) {
+                let _ = instance.destroy();
+                return Err(SandboxError::SendSpec {
+                    instance: spec.instance_id.clone(),
+                    log: spawn::drain_log(&host_fds.logs),
+                    source,
+                });
+            }
         }
         Ok(Spawned {
             instance,
@@ -482,4 +529,54 @@ impl SandboxHost {
             },
         })
     }
+
+    /// clone(2) the Rust init into fresh namespaces; returns its pid and the setup frame to send.
+    fn clone_init(
+        &self,
+        init: &InitSpec,
+        child_fds: &spawn::ChildFds,
+    ) -> Result<(libc::pid_t, Vec<u8>), SandboxError> {
+        let frame = spec::encode(init)
+            .map_err(|e| SandboxError::InvalidSpec(format!("encoding the setup spec: {e}")))?;
+        let mut argv = vec![self.init_exe.clone()];
+        for a in &self.config.init_args {
+            argv.push(CString::new(a.as_bytes()).map_err(|_| {
+                SandboxError::InvalidSpec(format!("init arg {a:?} contains a NUL byte"))
+            })?);
+        }
+        let pid = spawn::clone_on_spawner(
+            self.init_exe.clone(),
+            argv,
+            child_fds,
+            spawn::INSTANCE_NAMESPACES,
+        )?
+        .map_err(|source| SandboxError::Clone {
+            instance: init.instance_id.clone(),
+            source,
+        })?;
+        Ok((pid, frame))
+    }
+}
+
+/// How [`SandboxHost::start`] creates the instance's first process.
+enum Launch<'a> {
+    /// clone(2) the Rust init, which execs or runs this entry.
+    Exec(Entry),
+    /// Fork from a zygote.
+    Fork { zygote: &'a str, args: &'a [String] },
+}
+
+/// What every zygote fork needs besides its [`InitSpec`], computed once per host.
+fn zygote_config(landlock_abi: Option<u32>) -> Result<ZygoteConfig, SandboxError> {
+    let programs = seccomp::programs().map_err(|e| SandboxError::InvalidSpec(e.to_string()))?;
+    Ok(ZygoteConfig {
+        kind: "config",
+        sys: zygote::syscall_numbers(),
+        root_tmpfs_options: mounts::ROOT_TMPFS_OPTIONS,
+        seccomp: programs
+            .iter()
+            .map(|p| p.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect())
+            .collect(),
+        landlock: fs_access::plan(landlock_abi),
+    })
 }

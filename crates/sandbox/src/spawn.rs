@@ -1,5 +1,5 @@
-//! Creating an instance: channels, the clone(2) of the init on the one long-lived spawner thread,
-//! and sending the setup frame.
+//! Creating an instance: channels, the clone(2) of the init (or of a zygote) on the one
+//! long-lived spawner thread, and sending the setup frame.
 //!
 //! All clones happen on a single dedicated thread because the init's parent-death signal
 //! (PR_SET_PDEATHSIG) fires when the parent *thread* exits; this thread lives as long as the
@@ -8,7 +8,7 @@
 
 use std::ffi::CString;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::mpsc;
 use std::sync::OnceLock;
 
@@ -21,7 +21,7 @@ compile_error!("refinery-sandbox: raw clone(2) argument order not supported on s
 
 /// Namespaces every instance gets at clone time (the cgroup namespace is entered by the init
 /// after it joined its cgroups).
-const CLONE_FLAGS: libc::c_int = libc::CLONE_NEWPID
+pub(crate) const INSTANCE_NAMESPACES: libc::c_int = libc::CLONE_NEWPID
     | libc::CLONE_NEWNS
     | libc::CLONE_NEWNET
     | libc::CLONE_NEWIPC
@@ -91,6 +91,8 @@ struct CloneRequest {
     argv: Vec<CString>,
     /// stdin, log, requests, responses raw fds (kept open by the requester until the reply).
     fds: [RawFd; 4],
+    /// Extra clone(2) flags (namespaces).
+    flags: libc::c_int,
     reply: mpsc::Sender<io::Result<libc::pid_t>>,
 }
 
@@ -131,7 +133,7 @@ fn clone_init(req: &CloneRequest) -> io::Result<libc::pid_t> {
     let mut argv: Vec<*const libc::c_char> = req.argv.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
     let envp: [*const libc::c_char; 1] = [std::ptr::null()];
-    let flags = (CLONE_FLAGS | libc::SIGCHLD) as libc::c_ulong;
+    let flags = (req.flags | libc::SIGCHLD) as libc::c_ulong;
     // SAFETY: a fork-like clone (no CLONE_VM, null stack = the child continues on a copy of this
     // stack). In the child we only call async-signal-safe syscalls on data prepared above and
     // never return from `child_exec`.
@@ -189,11 +191,25 @@ unsafe fn child_exec(
     }
 }
 
-/// Clone the init with `child` as its fds 0..=4. Returns the host pid.
+/// The descriptors of a zygote: /dev/null in, the server's stderr out, `control` as fd 3.
+pub(crate) fn zygote_fds(control: OwnedFd) -> io::Result<ChildFds> {
+    let devnull = || -> io::Result<OwnedFd> { Ok(std::fs::File::open("/dev/null")?.into()) };
+    let stderr = std::io::stderr().as_fd().try_clone_to_owned()?;
+    Ok(ChildFds {
+        stdin: cloexec_high(devnull()?)?,
+        log: cloexec_high(stderr)?,
+        requests: cloexec_high(control)?,
+        responses: cloexec_high(devnull()?)?,
+    })
+}
+
+/// Clone `exe` with `child` as its fds 0..=4 and `flags` (e.g. [`INSTANCE_NAMESPACES`]).
+/// Returns the host pid.
 pub(crate) fn clone_on_spawner(
     exe: CString,
     argv: Vec<CString>,
     child: &ChildFds,
+    flags: libc::c_int,
 ) -> Result<io::Result<libc::pid_t>, SandboxError> {
     let (reply, result) = mpsc::channel();
     let req = CloneRequest {
@@ -205,6 +221,7 @@ pub(crate) fn clone_on_spawner(
             child.requests.as_raw_fd(),
             child.responses.as_raw_fd(),
         ],
+        flags,
         reply,
     };
     spawner()?

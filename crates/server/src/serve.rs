@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use refinery_pool::{InstancePool, PoolConfig, Quota};
-use refinery_sandbox::{HostConfig, SandboxHost};
+use refinery_sandbox::{HostConfig, SandboxHost, ZygoteSpec};
 use refinery_store::Store;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
@@ -30,6 +30,8 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// The `refinery` executable, re-executed as each sandbox's init.
     pub init_exe: PathBuf,
+    /// Fork Python instances from a pre-initialised runtime (`--no-zygotes` turns it off).
+    pub zygotes: bool,
     /// Every account's quota unless the operator set its own (`refinery accounts
     /// set-quota`).
     pub default_quota: Quota,
@@ -116,6 +118,9 @@ pub async fn serve(
         path: runtime_dir.clone(),
         source,
     })?;
+    if config.zygotes {
+        start_zygotes(&host, &runtime_dir);
+    }
 
     let pool = InstancePool::new(
         host.clone(),
@@ -190,6 +195,22 @@ fn create_private_dir(path: &Path) -> Result<(), ServeError> {
 fn cgroup_root_name(data_dir: &Path) -> String {
     let digest = Sha256::digest(data_dir.as_os_str().as_encoded_bytes());
     format!("refinery-{}", &hex::encode(digest)[..12])
+}
+
+/// Starts the pre-initialised runtimes. One that fails to start is logged, and its language's
+/// instances start by exec instead: slower, never broken.
+fn start_zygotes(host: &SandboxHost, runtime_dir: &std::path::Path) {
+    for zygote in refinery_runtimes::zygotes(runtime_dir) {
+        let name = zygote.name.clone();
+        let spec = ZygoteSpec {
+            name: zygote.name,
+            interpreter: zygote.interpreter,
+            preload: zygote.preload,
+        };
+        if let Err(error) = host.add_zygote(spec) {
+            tracing::warn!(zygote = %name, %error, "pre-initialised runtime unavailable; its instances start by exec");
+        }
+    }
 }
 
 fn reap_interval(keep_alive: Duration) -> Duration {

@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 
 use nix::fcntl::OFlag;
 use refinery_domain::Language;
-use refinery_runtimes::{entry_in, install, InstanceChannel, RuntimeEntry};
+use refinery_runtimes::{entry_in, install, InstanceChannel};
 use tempfile::TempDir;
 
 pub type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -56,12 +56,14 @@ pub fn spawn_raw(
     for (name, text) in extra {
         fs::write(code_dir.path().join(name), text)?;
     }
-    let RuntimeEntry::Exec { argv } = entry_in(
+    let Some(argv) = entry_in(
         language,
         source_name,
         runtime_dir.path().to_str().ok_or("non-UTF-8 tempdir")?,
         code_dir.path().to_str().ok_or("non-UTF-8 tempdir")?,
-    ) else {
+    )
+    .exec_argv()
+    .map(<[String]>::to_vec) else {
         return Err("not an exec entry".into());
     };
 
