@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use refinery_pool::{InstancePool, PoolConfig, Quota};
+use refinery_pool::{BlockTarget, InstancePool, KeepAliveMode, PoolConfig, Quota, ScaleUpLimit};
 use refinery_sandbox::{HostConfig, SandboxHost};
 use refinery_store::Store;
 use sha2::{Digest, Sha256};
@@ -33,6 +33,15 @@ pub struct ServeConfig {
     /// Every account's quota unless the operator set its own (`refinery accounts
     /// set-quota`).
     pub default_quota: Quota,
+    /// Fixed keep-alive, or adaptive per block from its idle-time histogram.
+    pub keep_alive_policy: KeepAliveMode,
+    /// Cold starts per block per window (a token bucket).
+    pub scale_up: ScaleUpLimit,
+    /// How long an invocation may wait for a free instance (max_concurrency or scale-up
+    /// limit) before it is refused with 429.
+    pub queue_timeout: Duration,
+    /// Distinct (account, project, block) label sets in `/metrics` before overflow.
+    pub metrics_max_label_sets: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,9 +132,12 @@ pub async fn serve(
             code_root: data_dir.join("code"),
             runtime_dir,
             default_keep_alive: config.keep_alive,
-            queue_timeout: Duration::from_secs(10),
+            queue_timeout: config.queue_timeout,
             reap_interval: reap_interval(config.keep_alive),
             default_quota: config.default_quota,
+            keep_alive_mode: config.keep_alive_policy,
+            scale_up: config.scale_up,
+            metrics_max_label_sets: config.metrics_max_label_sets,
         },
     );
     for (account_id, overrides) in store.list_quotas().await? {
@@ -134,6 +146,7 @@ pub async fn serve(
             routes::pool_override(&overrides).over(&config.default_quota),
         );
     }
+    provision_live_deployments(&store, &pool).await?;
     let state = Arc::new(AppState::new(
         store.clone(),
         pool.clone(),
@@ -173,6 +186,37 @@ pub async fn serve(
     store.close().await;
     tracing::info!("stopped");
     served
+}
+
+/// Provisioned concurrency survives restarts: every live deployment's `min_warm`
+/// instances are started before the listener opens.
+async fn provision_live_deployments(store: &Store, pool: &InstancePool) -> Result<(), ServeError> {
+    let mut targets = Vec::new();
+    for account in store.list_accounts().await? {
+        for project in store.list_projects(&account.id).await? {
+            let Some(live) = store.live_deployment(&account.id, &project.name).await? else {
+                continue;
+            };
+            targets.extend(
+                live.blocks
+                    .into_iter()
+                    .filter(|b| b.min_warm > 0)
+                    .map(|block| BlockTarget {
+                        account_id: account.id.clone(),
+                        account_name: account.name.clone(),
+                        project: live.project.clone(),
+                        deployment_id: live.id,
+                        deployment_number: live.number,
+                        block,
+                    }),
+            );
+        }
+    }
+    if !targets.is_empty() {
+        tracing::info!(blocks = targets.len(), "starting provisioned instances (min_warm)");
+        pool.provision(targets).await;
+    }
+    Ok(())
 }
 
 /// The data dir holds the database and keys: root only.
