@@ -310,7 +310,13 @@ impl Context<'_> {
             )? as u32),
         };
 
-        let min_warm = int(&block.min_warm, "min_warm", 0, limits::MAX_CONCURRENCY.into(), 0)? as u32;
+        let min_warm = int(
+            &block.min_warm,
+            "min_warm",
+            0,
+            limits::MAX_CONCURRENCY.into(),
+            0,
+        )? as u32;
         if min_warm > max_concurrency {
             return Err(self.error(
                 block.min_warm.as_ref().map(Spanned::span),

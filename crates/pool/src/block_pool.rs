@@ -244,8 +244,7 @@ impl BlockPool {
             let floor = usize::try_from(self.min_warm()).unwrap_or(usize::MAX);
             let evictable = idle.len().saturating_sub(floor);
             let protected = idle.split_off(evictable);
-            let (expired, kept): (Vec<_>, Vec<_>) =
-                idle.drain(..).partition(|i| now >= i.expires);
+            let (expired, kept): (Vec<_>, Vec<_>) = idle.drain(..).partition(|i| now >= i.expires);
             *idle = kept;
             idle.extend(protected);
             expired.into_iter().map(|i| i.instance).collect()

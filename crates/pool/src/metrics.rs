@@ -305,6 +305,9 @@ mod tests {
         metrics.invocation(&c, "ok");
         let text = metrics.render(&[]);
         assert!(text.contains("refinery_invocations_total{account=\"_other\",project=\"_other\",block=\"_other\",status=\"ok\"} 1"), "{text}");
-        assert!(text.contains("refinery_metrics_label_sets_overflowed_total 1"), "{text}");
+        assert!(
+            text.contains("refinery_metrics_label_sets_overflowed_total 1"),
+            "{text}"
+        );
     }
 }

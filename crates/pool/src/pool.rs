@@ -20,8 +20,8 @@ use crate::error::PoolError;
 use crate::instance::{now_ms, Instance, InstanceInfo, InstanceState};
 use crate::keep_alive::{AdaptiveConfig, KeepAlivePolicy, Window};
 use crate::metrics::{BlockLabels, PoolMetrics, ThrottleReason};
-use crate::scale_up::ScaleUpLimit;
 use crate::quota::{AccountState, AccountUsage, Accounts, Ledger, Quota, Reservation};
+use crate::scale_up::ScaleUpLimit;
 
 /// Operator settings of the pool.
 #[derive(Debug, Clone)]
@@ -196,11 +196,10 @@ impl InstancePool {
         backpack: Value,
     ) -> Result<Invocation, PoolError> {
         let result = self.run_invocation(target, input, backpack).await;
-        let labels = self.inner.metrics.labels(
-            &target.account_id,
-            &target.project,
-            &target.block.name,
-        );
+        let labels =
+            self.inner
+                .metrics
+                .labels(&target.account_id, &target.project, &target.block.name);
         self.count(&labels, &result);
         result
     }
@@ -524,11 +523,10 @@ impl InstancePool {
             }
         };
         let policy = KeepAlivePolicy::for_block(&operator_policy, target.block.keep_alive_s);
-        let labels = self.inner.metrics.labels(
-            &target.account_id,
-            &target.project,
-            &target.block.name,
-        );
+        let labels =
+            self.inner
+                .metrics
+                .labels(&target.account_id, &target.project, &target.block.name);
         let mut blocks = lock(&self.inner.blocks);
         let entry = blocks.entry(key).or_insert_with(|| {
             Arc::new(BlockPool::new(

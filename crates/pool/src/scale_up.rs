@@ -43,7 +43,9 @@ impl FromStr for ScaleUpLimit {
 
     /// `N/DURATION`, e.g. `1000/10s`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let usage = || format!("invalid scale-up limit `{s}`: expected COLD_STARTS/DURATION with both above zero, e.g. 1000/10s");
+        let usage = || {
+            format!("invalid scale-up limit `{s}`: expected COLD_STARTS/DURATION with both above zero, e.g. 1000/10s")
+        };
         let (burst, per) = s.split_once('/').ok_or_else(usage)?;
         let burst: u32 = burst.trim().parse().map_err(|_| usage())?;
         let per = parse_duration(per.trim()).ok_or_else(usage)?;

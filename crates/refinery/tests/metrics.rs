@@ -139,41 +139,173 @@ async fn metrics_count_invocations_starts_durations_throttles_timeouts_and_reaps
     assert_eq!(status, 403);
     let (status, content_type, text) = scrape(&server, Some(&server.operator_key)).await;
     assert_eq!(status, 200, "{text}");
-    assert!(content_type.starts_with("application/openmetrics-text"), "{content_type}");
+    assert!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{content_type}"
+    );
     assert!(text.trim_end().ends_with("# EOF"), "{text}");
     let samples = parse(&text);
-    let block = |name: &'static str| [("account", account.as_str()), ("project", "m"), ("block", name)];
+    let block = |name: &'static str| {
+        [
+            ("account", account.as_str()),
+            ("project", "m"),
+            ("block", name),
+        ]
+    };
     let with = |name: &'static str, extra: (&'static str, &'static str)| {
         let mut labels = block(name).to_vec();
         labels.push(extra);
         labels
     };
 
-    assert_eq!(sample(&samples, "refinery_invocations_total", &with("ok", ("status", "ok"))), 3.0, "{text}");
-    assert_eq!(sample(&samples, "refinery_invocations_total", &with("fails", ("status", "error"))), 1.0, "{text}");
-    assert_eq!(sample(&samples, "refinery_invocations_total", &with("hangs", ("status", "timeout"))), 1.0, "{text}");
-    assert_eq!(sample(&samples, "refinery_invocations_total", &with("single", ("status", "ok"))), 1.0, "{text}");
-    assert_eq!(sample(&samples, "refinery_invocations_total", &with("single", ("status", "throttled"))), 1.0, "{text}");
-    assert_eq!(sample(&samples, "refinery_throttles_total", &with("single", ("reason", "concurrency"))), 1.0, "{text}");
-    assert_eq!(sample(&samples, "refinery_cold_starts_total", &block("ok")), 1.0, "{text}");
-    assert_eq!(sample(&samples, "refinery_warm_starts_total", &block("ok")), 2.0, "{text}");
-    assert_eq!(sample(&samples, "refinery_init_duration_seconds_count", &block("ok")), 1.0, "{text}");
-    assert_eq!(sample(&samples, "refinery_run_duration_seconds_count", &block("ok")), 3.0, "{text}");
-    assert!(sample(&samples, "refinery_run_duration_seconds_sum", &block("ok")) > 0.0, "{text}");
-    // The +Inf bucket holds every observation.
     assert_eq!(
-        sample(&samples, "refinery_run_duration_seconds_bucket", &with("ok", ("le", "+Inf"))),
+        sample(
+            &samples,
+            "refinery_invocations_total",
+            &with("ok", ("status", "ok"))
+        ),
         3.0,
         "{text}"
     );
-    assert_eq!(sample(&samples, "refinery_timeouts_total", &block("hangs")), 1.0, "{text}");
-    assert_eq!(sample(&samples, "refinery_instances", &with("ok", ("state", "frozen"))), 1.0, "{text}");
-    assert_eq!(sample(&samples, "refinery_instances", &with("hangs", ("state", "frozen"))), 0.0, "{text}");
+    assert_eq!(
+        sample(
+            &samples,
+            "refinery_invocations_total",
+            &with("fails", ("status", "error"))
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "refinery_invocations_total",
+            &with("hangs", ("status", "timeout"))
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "refinery_invocations_total",
+            &with("single", ("status", "ok"))
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "refinery_invocations_total",
+            &with("single", ("status", "throttled"))
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "refinery_throttles_total",
+            &with("single", ("reason", "concurrency"))
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&samples, "refinery_cold_starts_total", &block("ok")),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&samples, "refinery_warm_starts_total", &block("ok")),
+        2.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "refinery_init_duration_seconds_count",
+            &block("ok")
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "refinery_run_duration_seconds_count",
+            &block("ok")
+        ),
+        3.0,
+        "{text}"
+    );
+    assert!(
+        sample(&samples, "refinery_run_duration_seconds_sum", &block("ok")) > 0.0,
+        "{text}"
+    );
+    // The +Inf bucket holds every observation.
+    assert_eq!(
+        sample(
+            &samples,
+            "refinery_run_duration_seconds_bucket",
+            &with("ok", ("le", "+Inf"))
+        ),
+        3.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&samples, "refinery_timeouts_total", &block("hangs")),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "refinery_instances",
+            &with("ok", ("state", "frozen"))
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "refinery_instances",
+            &with("hangs", ("state", "frozen"))
+        ),
+        0.0,
+        "{text}"
+    );
     // The fifth block is counted, under the overflow label set.
-    let other = [("account", "_other"), ("project", "_other"), ("block", "_other"), ("status", "ok")];
-    assert_eq!(sample(&samples, "refinery_invocations_total", &other), 1.0, "{text}");
-    assert_eq!(sample(&samples, "refinery_invocations_total", &with("extra", ("status", "ok"))), 0.0, "{text}");
-    assert!(sample(&samples, "refinery_metrics_label_sets_overflowed_total", &[]) >= 1.0, "{text}");
+    let other = [
+        ("account", "_other"),
+        ("project", "_other"),
+        ("block", "_other"),
+        ("status", "ok"),
+    ];
+    assert_eq!(
+        sample(&samples, "refinery_invocations_total", &other),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "refinery_invocations_total",
+            &with("extra", ("status", "ok"))
+        ),
+        0.0,
+        "{text}"
+    );
+    assert!(
+        sample(
+            &samples,
+            "refinery_metrics_label_sets_overflowed_total",
+            &[]
+        ) >= 1.0,
+        "{text}"
+    );
 
     // Past the 5 s keep-alive the reaper takes the idle instances, and says so.
     let mut reaped = 0.0;
@@ -182,7 +314,15 @@ async fn metrics_count_invocations_starts_durations_throttles_timeouts_and_reaps
         let samples = parse(&text);
         reaped = sample(&samples, "refinery_reaps_total", &block("ok"));
         if reaped >= 1.0 {
-            assert_eq!(sample(&samples, "refinery_instances", &with("ok", ("state", "frozen"))), 0.0, "{text}");
+            assert_eq!(
+                sample(
+                    &samples,
+                    "refinery_instances",
+                    &with("ok", ("state", "frozen"))
+                ),
+                0.0,
+                "{text}"
+            );
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

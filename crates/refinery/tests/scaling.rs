@@ -49,8 +49,10 @@ async fn the_scale_up_limit_throttles_cold_starts_but_never_warm_reuse() {
         .filter(|(status, _, _)| *status == 200)
         .map(|(_, _, body)| body)
         .collect();
-    let refused: Vec<&(u16, Option<String>, Value)> =
-        results.iter().filter(|(status, _, _)| *status == 429).collect();
+    let refused: Vec<&(u16, Option<String>, Value)> = results
+        .iter()
+        .filter(|(status, _, _)| *status == 429)
+        .collect();
     assert_eq!(ok.len(), 2, "{results:?}");
     assert_eq!(refused.len(), 1, "{results:?}");
     for body in &ok {
@@ -66,7 +68,10 @@ async fn the_scale_up_limit_throttles_cold_starts_but_never_warm_reuse() {
     assert_eq!(body["error"]["limit"], "scale_up", "{body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("block `slow`"), "{message}");
-    assert!(message.contains("scale-up limit of 2 new instances per 3600s"), "{message}");
+    assert!(
+        message.contains("scale-up limit of 2 new instances per 3600s"),
+        "{message}"
+    );
     assert!(message.contains("--scale-up-limit"), "{message}");
 
     // The bucket is empty for a whole hour, yet warm reuse goes on unthrottled.
@@ -148,7 +153,9 @@ async fn min_warm_instances_start_at_deploy_stay_warm_and_are_replaced() {
     assert_eq!(reply["status"], "crashed", "{reply}");
     let crashed = reply["instance_id"].clone();
     let list = instances_until(&server, "prov", "warm", |l| {
-        l.len() == 2 && l.iter().all(|i| i["id"] != crashed && i["state"] == "frozen")
+        l.len() == 2
+            && l.iter()
+                .all(|i| i["id"] != crashed && i["state"] == "frozen")
     })
     .await;
     assert_eq!(list.len(), 2, "replenished after the crash: {list:?}");
@@ -164,7 +171,11 @@ async fn min_warm_instances_start_at_deploy_stay_warm_and_are_replaced() {
     assert_eq!(list.len(), 1, "{list:?}");
     assert_eq!(list[0]["deployment"], 2, "{list:?}");
     let reply = server.invoke_ok(&key, "prov", "warm", json!(null)).await;
-    assert_eq!((reply["output"].clone(), reply["cold"].clone()), (json!("v2"), json!(false)), "{reply}");
+    assert_eq!(
+        (reply["output"].clone(), reply["cold"].clone()),
+        (json!("v2"), json!(false)),
+        "{reply}"
+    );
 
     // After a restart the floor is back before the first invocation.
     server.stop();
@@ -185,7 +196,10 @@ async fn min_warm_is_validated_against_max_concurrency_and_the_quota() {
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["error"]["field"], "blocks[0].min_warm", "{body}");
     assert!(
-        body["error"]["message"].as_str().unwrap_or_default().contains("max_concurrency = 1"),
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("max_concurrency = 1"),
         "{body}"
     );
 

@@ -213,7 +213,10 @@ async fn provision_live_deployments(store: &Store, pool: &InstancePool) -> Resul
         }
     }
     if !targets.is_empty() {
-        tracing::info!(blocks = targets.len(), "starting provisioned instances (min_warm)");
+        tracing::info!(
+            blocks = targets.len(),
+            "starting provisioned instances (min_warm)"
+        );
         pool.provision(targets).await;
     }
     Ok(())

@@ -20,5 +20,8 @@ pub async fn metrics(
     caller: Caller,
 ) -> Result<impl IntoResponse, ApiError> {
     caller.require_operator()?;
-    Ok(([(header::CONTENT_TYPE, CONTENT_TYPE)], state.pool.render_metrics()))
+    Ok((
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        state.pool.render_metrics(),
+    ))
 }
