@@ -276,3 +276,96 @@ impl BlockPool {
         lock(&self.idle)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use refinery_domain::{BlockSpec, Language};
+
+    use super::*;
+
+    fn block_pool(min_warm: u32, scale_up: &str) -> BlockPool {
+        let target = BlockTarget {
+            account_id: "acct".into(),
+            account_name: "acct".into(),
+            project: "p".into(),
+            deployment_id: 1,
+            deployment_number: 1,
+            block: BlockSpec {
+                name: "b".into(),
+                language: Language::Python,
+                source_name: "b.py".into(),
+                code: String::new(),
+                memory_mb: 128,
+                timeout_s: 10,
+                max_concurrency: 4,
+                keep_alive_s: None,
+                min_warm,
+                tmp_mb: 16,
+                env: BTreeMap::new(),
+            },
+        };
+        let labels = BlockLabels {
+            account: "acct".into(),
+            project: "p".into(),
+            block: "b".into(),
+        };
+        BlockPool::new(
+            target,
+            PathBuf::from("/nonexistent"),
+            KeepAlivePolicy::Fixed(Duration::from_secs(300)),
+            scale_up.parse().expect("limit"),
+            labels,
+            Instant::now(),
+        )
+    }
+
+    #[test]
+    fn the_provisioning_deficit_counts_live_instances_and_starts_under_way() {
+        let pool = block_pool(3, "10/1s");
+        assert_eq!(pool.provision_deficit(), 3);
+        let first = pool.live_guard();
+        pool.starting_ahead();
+        assert_eq!(pool.provision_deficit(), 1);
+        pool.started_ahead();
+        assert_eq!(pool.provision_deficit(), 2);
+        drop(first);
+        assert_eq!(pool.provision_deficit(), 3);
+        assert_eq!(pool.upkeep(Instant::now()).provision, 3);
+        // A retired pool provisions nothing.
+        assert!(pool.retire().is_empty());
+        assert_eq!(pool.upkeep(Instant::now()).provision, 0);
+    }
+
+    #[test]
+    fn each_block_has_its_own_scale_up_bucket() {
+        let a = block_pool(0, "2/1h");
+        let b = block_pool(0, "2/1h");
+        assert!(a.take_scale_up_token().is_ok());
+        assert!(a.take_scale_up_token().is_ok());
+        let (limit, wait) = a.take_scale_up_token().expect_err("empty");
+        assert_eq!(limit.burst, 2);
+        assert!(wait > Duration::from_secs(60), "{wait:?}");
+        assert!(b.take_scale_up_token().is_ok());
+    }
+
+    #[test]
+    fn a_prewarm_is_started_when_due_and_cancelled_by_an_arrival() {
+        let pool = block_pool(0, "10/1s");
+        let now = Instant::now();
+        let (at, until) = (now + Duration::from_secs(60), now + Duration::from_secs(90));
+        pool.schedule_prewarm(at, until);
+        assert_eq!(pool.upkeep(now).prewarm_until, None, "not due yet");
+        assert_eq!(pool.upkeep(at).prewarm_until, Some(until));
+        assert_eq!(pool.upkeep(at).prewarm_until, None, "started once");
+
+        pool.schedule_prewarm(at, until);
+        drop(pool.arrive());
+        assert_eq!(pool.upkeep(at).prewarm_until, None, "the arrival cancelled it");
+
+        // Past its window it is pointless.
+        pool.schedule_prewarm(at, until);
+        assert_eq!(pool.upkeep(until).prewarm_until, None);
+    }
+}
