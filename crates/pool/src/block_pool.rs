@@ -37,6 +37,10 @@ pub struct BlockPool {
     /// When the adaptive policy let the last instance go: start one at `.0`, keep it
     /// until `.1`.
     prewarm: Mutex<Option<(Instant, Instant)>>,
+    /// After a failed start ahead of traffic: no provisioning until `.0`; the next failure
+    /// waits `.1` (doubling, up to [`MAX_PROVISION_BACKOFF`]), so a block whose code does
+    /// not load, or an account at its quota, is not retried on every reaper round.
+    provision_backoff: Mutex<(Option<Instant>, Duration)>,
     /// The pool's time origin (the keep-alive policy works on durations since it).
     origin: Instant,
     idle: Mutex<Vec<IdleInstance>>,
@@ -49,6 +53,9 @@ struct IdleInstance {
     since: Instant,
     expires: Instant,
 }
+
+const MIN_PROVISION_BACKOFF: Duration = Duration::from_secs(5);
+const MAX_PROVISION_BACKOFF: Duration = Duration::from_secs(300);
 
 /// Counts one live instance of a block until dropped.
 pub struct LiveGuard(Arc<AtomicU32>);
@@ -115,6 +122,7 @@ impl BlockPool {
             starting_ahead: AtomicU32::new(0),
             scale_up: Mutex::new(ScaleUpBucket::new(scale_up, Instant::now())),
             prewarm: Mutex::new(None),
+            provision_backoff: Mutex::new((None, MIN_PROVISION_BACKOFF)),
             origin,
             idle: Mutex::new(Vec::new()),
             retired: AtomicBool::new(false),
@@ -172,6 +180,24 @@ impl BlockPool {
     pub fn provision_deficit(&self) -> u32 {
         let have = self.live.load(Ordering::Acquire) + self.starting_ahead.load(Ordering::Acquire);
         self.min_warm().saturating_sub(have)
+    }
+
+    /// A start ahead of traffic failed: hold provisioning back for a while.
+    pub fn provision_failed(&self, now: Instant) {
+        let mut backoff = lock(&self.provision_backoff);
+        let delay = backoff.1;
+        *backoff = (Some(now + delay), (delay * 2).min(MAX_PROVISION_BACKOFF));
+    }
+
+    /// A start ahead of traffic succeeded: the next failure starts the backoff afresh.
+    pub fn provision_succeeded(&self) {
+        *lock(&self.provision_backoff) = (None, MIN_PROVISION_BACKOFF);
+    }
+
+    fn provision_held_back(&self, now: Instant) -> bool {
+        lock(&self.provision_backoff)
+            .0
+            .is_some_and(|until| now < until)
     }
 
     /// The adaptive policy let an instance go: pre-warm one at `at`, keep it until `until`.
@@ -260,7 +286,7 @@ impl BlockPool {
                 _ => None,
             }
         };
-        let provision = if self.is_retired() {
+        let provision = if self.is_retired() || self.provision_held_back(now) {
             0
         } else {
             self.provision_deficit()
@@ -334,6 +360,16 @@ mod tests {
         assert_eq!(pool.provision_deficit(), 3);
         assert_eq!(pool.upkeep(Instant::now()).provision, 3);
         // A retired pool provisions nothing.
+        // A failure holds provisioning back, a success lifts that.
+        pool.provision_failed(Instant::now());
+        assert_eq!(pool.upkeep(Instant::now()).provision, 0);
+        assert_eq!(
+            pool.upkeep(Instant::now() + Duration::from_secs(6))
+                .provision,
+            3
+        );
+        pool.provision_succeeded();
+        assert_eq!(pool.upkeep(Instant::now()).provision, 3);
         assert!(pool.retire().is_empty());
         assert_eq!(pool.upkeep(Instant::now()).provision, 0);
     }
@@ -362,7 +398,11 @@ mod tests {
 
         pool.schedule_prewarm(at, until);
         drop(pool.arrive());
-        assert_eq!(pool.upkeep(at).prewarm_until, None, "the arrival cancelled it");
+        assert_eq!(
+            pool.upkeep(at).prewarm_until,
+            None,
+            "the arrival cancelled it"
+        );
 
         // Past its window it is pointless.
         pool.schedule_prewarm(at, until);

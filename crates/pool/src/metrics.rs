@@ -186,6 +186,17 @@ impl PoolMetrics {
 
     /// The labels for a block: its own while under the cap, the overflow set beyond it.
     pub fn labels(&self, account: &str, project: &str, block: &str) -> BlockLabels {
+        self.admit(account, project, block, true)
+    }
+
+    /// `count_overflow`: scrapes look labels up too, and are not samples to count.
+    fn admit(
+        &self,
+        account: &str,
+        project: &str,
+        block: &str,
+        count_overflow: bool,
+    ) -> BlockLabels {
         let labels = BlockLabels {
             account: account.to_string(),
             project: project.to_string(),
@@ -199,7 +210,9 @@ impl PoolMetrics {
             admitted.insert(labels.clone());
             return labels;
         }
-        self.overflowed.inc();
+        if count_overflow {
+            self.overflowed.inc();
+        }
         BlockLabels {
             account: OVERFLOW_LABEL.into(),
             project: OVERFLOW_LABEL.into(),
@@ -265,7 +278,7 @@ impl PoolMetrics {
         let _one_at_a_time = crate::pool::lock(&self.render);
         self.instances.clear();
         for info in instances {
-            let labels = self.labels(&info.account_id, &info.project, &info.block);
+            let labels = self.admit(&info.account_id, &info.project, &info.block, false);
             let state = match info.state {
                 InstanceState::Starting => "starting",
                 InstanceState::Busy => "busy",

@@ -905,15 +905,18 @@ impl InstancePool {
         let account = self.inner.accounts.get(&target.account_id);
         match self.start_instance(block_pool, &account).await {
             Ok((instance, _init)) => {
+                block_pool.provision_succeeded();
                 self.park(block_pool, instance, expires).await;
                 true
             }
             Err(StartFailure::Host(e)) => {
-                tracing::warn!(account = %target.account_id, project = %target.project, block = %target.block.name, error = %e, "cannot start an instance ahead of traffic; retrying at the next reaper round");
+                block_pool.provision_failed(Instant::now());
+                tracing::warn!(account = %target.account_id, project = %target.project, block = %target.block.name, error = %e, "cannot start an instance ahead of traffic; retrying later");
                 false
             }
             Err(StartFailure::Init { error, .. }) => {
-                tracing::warn!(account = %target.account_id, project = %target.project, block = %target.block.name, error = %error.message, "an instance started ahead of traffic failed to load the block");
+                block_pool.provision_failed(Instant::now());
+                tracing::warn!(account = %target.account_id, project = %target.project, block = %target.block.name, error = %error.message, "an instance started ahead of traffic failed to load the block; retrying later");
                 false
             }
         }
@@ -921,7 +924,8 @@ impl InstancePool {
 
     /// Provisioned concurrency: starts each block's `min_warm` instances now (a deploy or
     /// rollback made its deployment live, or the server started), before any traffic.
-    /// What does not fit the account's quota is logged and retried by the reaper.
+    /// What does not fit the account's quota (or fails to load) is logged and retried by
+    /// the reaper, backing off from 5 s to 5 min.
     pub async fn provision(&self, targets: Vec<BlockTarget>) {
         let pool = self.clone();
         // In a task of its own: a cancelled caller (an HTTP handler) must not leave
