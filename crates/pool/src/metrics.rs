@@ -60,6 +60,24 @@ struct ThrottleLabels {
     reason: ThrottleReason,
 }
 
+/// Why an instance was started with no invocation waiting for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum AheadReason {
+    /// The block's `min_warm`.
+    provisioned,
+    /// The adaptive keep-alive policy's pre-warm.
+    prewarm,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AheadLabels {
+    account: String,
+    project: String,
+    block: String,
+    reason: AheadReason,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct StateLabels {
     account: String,
@@ -92,6 +110,7 @@ pub struct PoolMetrics {
     oom_kills: Family<BlockLabels, Counter>,
     timeouts: Family<BlockLabels, Counter>,
     reaps: Family<BlockLabels, Counter>,
+    ahead: Family<AheadLabels, Counter>,
     /// Serialises scrapes: the instance gauges are rebuilt from the registry on each.
     render: Mutex<()>,
 }
@@ -109,6 +128,7 @@ impl PoolMetrics {
         let oom_kills = Family::<BlockLabels, Counter>::default();
         let timeouts = Family::<BlockLabels, Counter>::default();
         let reaps = Family::<BlockLabels, Counter>::default();
+        let ahead = Family::<AheadLabels, Counter>::default();
         let overflowed = Counter::default();
         registry.register(
             "invocations",
@@ -161,6 +181,11 @@ impl PoolMetrics {
             reaps.clone(),
         );
         registry.register(
+            "instances_started_ahead",
+            "Instances started before any invocation asked for them: provisioned (min_warm) or prewarm (adaptive keep-alive)",
+            ahead.clone(),
+        );
+        registry.register(
             "metrics_label_sets_overflowed",
             "Samples counted under the _other label set because the label-set cap was reached",
             overflowed.clone(),
@@ -180,6 +205,7 @@ impl PoolMetrics {
             oom_kills,
             timeouts,
             reaps,
+            ahead,
             render: Mutex::new(()),
         }
     }
@@ -271,6 +297,17 @@ impl PoolMetrics {
 
     pub fn reap(&self, labels: &BlockLabels) {
         self.reaps.get_or_create(labels).inc();
+    }
+
+    pub fn started_ahead(&self, labels: &BlockLabels, reason: AheadReason) {
+        self.ahead
+            .get_or_create(&AheadLabels {
+                account: labels.account.clone(),
+                project: labels.project.clone(),
+                block: labels.block.clone(),
+                reason,
+            })
+            .inc();
     }
 
     /// The text exposition, with the instance gauges taken from `instances` now.

@@ -19,7 +19,7 @@ use crate::code_dir;
 use crate::error::PoolError;
 use crate::instance::{now_ms, Instance, InstanceInfo, InstanceState};
 use crate::keep_alive::{AdaptiveConfig, KeepAlivePolicy, Window};
-use crate::metrics::{BlockLabels, PoolMetrics, ThrottleReason};
+use crate::metrics::{AheadReason, BlockLabels, PoolMetrics, ThrottleReason};
 use crate::quota::{AccountState, AccountUsage, Accounts, Ledger, Quota, Reservation};
 use crate::scale_up::ScaleUpLimit;
 
@@ -40,6 +40,9 @@ pub struct PoolConfig {
     pub default_quota: Quota,
     /// Fixed or adaptive keep-alive for blocks without their own `keep_alive_s`.
     pub keep_alive_mode: KeepAliveMode,
+    /// Width of one bin of the adaptive policy's idle-time histogram (240 bins); the
+    /// paper's is one minute.
+    pub adaptive_bin: Duration,
     /// Cold starts per block: a token bucket (warm reuse never takes a token).
     pub scale_up: ScaleUpLimit,
     /// Distinct (account, project, block) label sets in the metrics before overflow.
@@ -518,9 +521,10 @@ impl InstancePool {
         let config = &self.inner.config;
         let operator_policy = match config.keep_alive_mode {
             KeepAliveMode::Fixed => KeepAlivePolicy::Fixed(config.default_keep_alive),
-            KeepAliveMode::Adaptive => {
-                KeepAlivePolicy::Adaptive(AdaptiveConfig::paper(config.default_keep_alive))
-            }
+            KeepAliveMode::Adaptive => KeepAlivePolicy::Adaptive(AdaptiveConfig {
+                bin: config.adaptive_bin,
+                ..AdaptiveConfig::paper(config.default_keep_alive)
+            }),
         };
         let policy = KeepAlivePolicy::for_block(&operator_policy, target.block.keep_alive_s);
         let labels =
@@ -874,12 +878,12 @@ impl InstancePool {
                 });
             }
             if let Some(until) = upkeep.prewarm_until {
-                self.start_ahead(&block_pool, until);
+                self.start_ahead(&block_pool, until, AheadReason::prewarm);
             }
             if upkeep.provision > 0 {
                 let keep = now + block_pool.history_window().keep_alive;
                 for _ in 0..upkeep.provision {
-                    self.start_ahead(&block_pool, keep);
+                    self.start_ahead(&block_pool, keep, AheadReason::provisioned);
                 }
             }
         }
@@ -887,17 +891,22 @@ impl InstancePool {
 
     /// Starts one instance of the block ahead of traffic (a pre-warm or a provisioned
     /// instance) in a task of its own and parks it frozen until `expires`.
-    fn start_ahead(&self, block_pool: &Arc<BlockPool>, expires: Instant) {
+    fn start_ahead(&self, block_pool: &Arc<BlockPool>, expires: Instant, reason: AheadReason) {
         block_pool.starting_ahead();
         let pool = self.clone();
         let block_pool = block_pool.clone();
         tokio::spawn(async move {
-            pool.start_and_park(&block_pool, expires).await;
+            pool.start_and_park(&block_pool, expires, reason).await;
             block_pool.started_ahead();
         });
     }
 
-    async fn start_and_park(&self, block_pool: &BlockPool, expires: Instant) -> bool {
+    async fn start_and_park(
+        &self,
+        block_pool: &BlockPool,
+        expires: Instant,
+        reason: AheadReason,
+    ) -> bool {
         if self.inner.shutting_down.load(Ordering::Acquire) || block_pool.is_retired() {
             return false;
         }
@@ -906,6 +915,7 @@ impl InstancePool {
         match self.start_instance(block_pool, &account).await {
             Ok((instance, _init)) => {
                 block_pool.provision_succeeded();
+                self.inner.metrics.started_ahead(&block_pool.labels, reason);
                 self.park(block_pool, instance, expires).await;
                 true
             }
@@ -942,7 +952,9 @@ impl InstancePool {
                 let keep = Instant::now() + block_pool.history_window().keep_alive;
                 for _ in 0..block_pool.provision_deficit() {
                     block_pool.starting_ahead();
-                    let started = pool.start_and_park(&block_pool, keep).await;
+                    let started = pool
+                        .start_and_park(&block_pool, keep, AheadReason::provisioned)
+                        .await;
                     block_pool.started_ahead();
                     if !started {
                         break;

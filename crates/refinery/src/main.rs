@@ -68,6 +68,10 @@ struct ServeArgs {
     /// representative).
     #[arg(long, default_value = "fixed", value_name = "fixed|adaptive")]
     keep_alive_policy: KeepAliveMode,
+    /// Bin width of the adaptive policy's idle-time histogram (240 bins, so the range is
+    /// 240 × this); the paper uses one minute.
+    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+    adaptive_bin: Duration,
     /// Per-block scale-up limit: new instances (cold starts) per window, a token bucket.
     /// Warm reuse is never limited by it.
     #[arg(long, default_value = "1000/10s", value_name = "COLD_STARTS/DURATION")]
@@ -134,6 +138,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         scale_up: args.scale_up_limit,
         queue_timeout: args.queue_timeout,
         metrics_max_label_sets: args.metrics_max_label_sets,
+        adaptive_bin: args.adaptive_bin,
     };
     refinery_server::serve(config, shutdown_signal(), |addr| {
         // A stable line scripts and tests wait for.

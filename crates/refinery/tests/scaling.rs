@@ -251,3 +251,69 @@ async fn the_keep_alive_policy_flag_is_checked_and_adaptive_serves() {
     assert_eq!(second["cold"], false, "{second}");
     assert_eq!(second["output"], 2, "{second}");
 }
+
+/// The pool's adaptive path end to end, with a 200 ms histogram bin so a "periodic" block
+/// fits in a test: once the block has 10 idle times (all ≥ 1 s, so the pre-warm window
+/// starts above zero), an invocation's instance is let go at once and a fresh one is pre-warmed.
+/// Asserted without timing: the let-go is decided before the reply; the pre-warm is
+/// awaited by polling the metrics.
+#[tokio::test]
+async fn adaptive_keep_alive_lets_a_periodic_blocks_instance_go_and_prewarms_one() {
+    let server =
+        Server::start_with(&["--keep-alive-policy", "adaptive", "--adaptive-bin", "200ms"]).await;
+    let (account, key) = server.account("periodic").await;
+    server.deploy_ok(&key, SLOW).await;
+
+    // Ten idle times of one or two seconds (a pre-warm window from 0.9 s to ~2.4 s after
+    // an invocation, wide enough for a loaded machine's reaper); until then the fallback
+    // (5 min) keeps the instance warm.
+    let mut last = Value::Null;
+    for i in 0..11u64 {
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(1000 + (i % 2) * 1000)).await;
+        }
+        last = server.invoke_ok(&key, "burst", "quick", json!(i)).await;
+        if (1..10).contains(&i) {
+            assert_eq!(
+                last["cold"], false,
+                "kept by the fallback keep-alive: {last}"
+            );
+        }
+    }
+    // The eleventh: the histogram is representative and says "pre-warm later".
+    let list = server.instances_of("burst", "quick").await;
+    assert!(
+        list.iter().all(|i| i["id"] != last["instance_id"]),
+        "let go after its invocation: {list:?} {last}"
+    );
+
+    let series = format!(
+        "refinery_instances_started_ahead_total{{account=\"{account}\",project=\"burst\",block=\"quick\",reason=\"prewarm\"}}"
+    );
+    let mut text = String::new();
+    for _ in 0..200 {
+        let response = server
+            .http
+            .get(format!("{}/metrics", server.url))
+            .bearer_auth(&server.operator_key)
+            .send()
+            .await
+            .expect("scrape");
+        text = response.text().await.expect("body");
+        if text
+            .lines()
+            .any(|l| l.starts_with(&series) && !l.ends_with(" 0"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with(&series) && l.ends_with(" 1")),
+        "one pre-warm: {text}"
+    );
+    let reaps =
+        format!("refinery_reaps_total{{account=\"{account}\",project=\"burst\",block=\"quick\"}}");
+    assert!(text.lines().any(|l| l.starts_with(&reaps)), "{text}");
+}

@@ -42,6 +42,8 @@ pub struct ServeConfig {
     pub queue_timeout: Duration,
     /// Distinct (account, project, block) label sets in `/metrics` before overflow.
     pub metrics_max_label_sets: usize,
+    /// Bin width of the adaptive keep-alive histogram.
+    pub adaptive_bin: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,11 +135,12 @@ pub async fn serve(
             runtime_dir,
             default_keep_alive: config.keep_alive,
             queue_timeout: config.queue_timeout,
-            reap_interval: reap_interval(config.keep_alive),
+            reap_interval: reap_interval(config.keep_alive, config.adaptive_bin),
             default_quota: config.default_quota,
             keep_alive_mode: config.keep_alive_policy,
             scale_up: config.scale_up,
             metrics_max_label_sets: config.metrics_max_label_sets,
+            adaptive_bin: config.adaptive_bin,
         },
     );
     for (account_id, overrides) in store.list_quotas().await? {
@@ -239,6 +242,10 @@ fn cgroup_root_name(data_dir: &Path) -> String {
     format!("refinery-{}", &hex::encode(digest)[..12])
 }
 
-fn reap_interval(keep_alive: Duration) -> Duration {
-    (keep_alive / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
+/// Often enough for the keep-alive to be honoured within a quarter of it, and for adaptive
+/// pre-warms to happen within half a histogram bin.
+fn reap_interval(keep_alive: Duration, adaptive_bin: Duration) -> Duration {
+    (keep_alive / 4)
+        .min(adaptive_bin / 2)
+        .clamp(Duration::from_millis(100), Duration::from_secs(5))
 }
