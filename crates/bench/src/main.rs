@@ -5,6 +5,8 @@
 //! account A floods past its quota. Prints a Markdown table; numbers go to
 //! docs/BENCHMARKS.md by hand.
 
+mod keep_alive_sim;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -40,6 +42,12 @@ struct Args {
     /// Account A's concurrent clients during the flood.
     #[arg(long, default_value_t = 32)]
     flood_clients: usize,
+    /// Only simulate keep-alive policies (no server): see keep_alive_sim.rs.
+    #[arg(long)]
+    keep_alive_sim: bool,
+    /// With --keep-alive-sim: also replay the Azure 2019 sample in this directory.
+    #[arg(long, value_name = "DIR")]
+    azure_trace: Option<PathBuf>,
 }
 
 const NOOP: &str = r#"
@@ -220,6 +228,9 @@ fn instance_pss_kib(cgroups: &[Value]) -> Option<u64> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if args.keep_alive_sim {
+        return keep_alive_sim::run(args.azure_trace.as_deref());
+    }
     let binary = match args.refinery.clone() {
         Some(path) => path,
         None => std::env::current_exe()?.with_file_name("refinery"),

@@ -59,6 +59,10 @@ pub struct BlockSpec {
     pub max_concurrency: u32,
     /// Idle time after which a warm instance is reaped; `None` uses the server's default.
     pub keep_alive_s: Option<u32>,
+    /// Provisioned concurrency: instances started at deploy, before any traffic, and kept
+    /// warm (never reaped, replaced when discarded) while the deployment is live.
+    #[serde(default)]
+    pub min_warm: u32,
     /// Size of the instance's private `/tmp`.
     pub tmp_mb: u32,
     pub env: BTreeMap<String, String>,

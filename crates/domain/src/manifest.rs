@@ -81,6 +81,7 @@ struct RawBlock {
     timeout_s: Option<Spanned<i64>>,
     max_concurrency: Option<Spanned<i64>>,
     keep_alive_s: Option<Spanned<i64>>,
+    min_warm: Option<Spanned<i64>>,
     tmp_mb: Option<Spanned<i64>>,
     #[serde(default)]
     env: Option<Spanned<BTreeMap<String, String>>>,
@@ -309,6 +310,23 @@ impl Context<'_> {
             )? as u32),
         };
 
+        let min_warm = int(
+            &block.min_warm,
+            "min_warm",
+            0,
+            limits::MAX_CONCURRENCY.into(),
+            0,
+        )? as u32;
+        if min_warm > max_concurrency {
+            return Err(self.error(
+                block.min_warm.as_ref().map(Spanned::span),
+                field("min_warm"),
+                format!(
+                    "min_warm = {min_warm} is more than max_concurrency = {max_concurrency}: a block cannot keep more instances warm than it may run at once; lower min_warm or raise max_concurrency"
+                ),
+            ));
+        }
+
         let env = match &block.env {
             None => BTreeMap::new(),
             Some(env) => {
@@ -334,6 +352,7 @@ impl Context<'_> {
             timeout_s,
             max_concurrency,
             keep_alive_s,
+            min_warm,
             tmp_mb,
             env,
         })
@@ -444,6 +463,21 @@ code = "cat"
         let shown = err.to_string();
         assert!(shown.starts_with("refinery.toml:6:"), "{shown}");
         assert!(shown.contains("from 128 to 3008"), "{shown}");
+    }
+
+    #[test]
+    fn min_warm_defaults_to_zero_and_may_not_exceed_max_concurrency() {
+        let base = "name = \"p\"\n[[blocks]]\nname = \"b\"\nlanguage = \"python\"\ncode = \"x\"\nmax_concurrency = 3\n";
+        let manifest = parse(base).expect("valid");
+        assert_eq!(manifest.blocks[0].min_warm, 0);
+        let manifest = parse(&format!("{base}min_warm = 3\n")).expect("valid");
+        assert_eq!(manifest.blocks[0].min_warm, 3);
+        let err = parse(&format!("{base}min_warm = 4\n")).expect_err("too many");
+        assert_eq!(err.line, Some(7));
+        assert_eq!(err.field.as_deref(), Some("blocks[0].min_warm"));
+        assert!(err.message.contains("max_concurrency = 3"), "{err}");
+        let err = parse(&format!("{base}min_warm = -1\n")).expect_err("negative");
+        assert!(err.message.contains("from 0"), "{err}");
     }
 
     #[test]

@@ -1,23 +1,48 @@
-//! The instances of one block of one deployment: a concurrency gate and a stack of warm,
-//! frozen instances (most recently used on top, so the hottest one is reused first and
-//! the coldest ones age out).
+//! The instances of one block of one deployment: a concurrency gate, a scale-up token
+//! bucket, the block's keep-alive history, and a stack of warm, frozen instances (most
+//! recently used on top, so the hottest one is reused first and the coldest ones age out).
+//! The `min_warm` most recent idle instances are the block's provisioned floor: never
+//! reaped, never evicted.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
 use crate::instance::Instance;
-use crate::pool::BlockTarget;
+use crate::keep_alive::{BlockHistory, KeepAlivePolicy, Window};
+use crate::metrics::BlockLabels;
+use crate::pool::{lock, BlockTarget};
+use crate::scale_up::{ScaleUpBucket, ScaleUpLimit};
 
 pub struct BlockPool {
     pub target: BlockTarget,
     pub code_dir: PathBuf,
     /// One permit per instance the block may run at once (`max_concurrency`).
     pub permits: Semaphore,
-    pub keep_alive: Duration,
+    pub policy: KeepAlivePolicy,
+    /// The block's series in the metrics.
+    pub labels: BlockLabels,
+    /// Signalled whenever an instance goes idle: invocations held back by the scale-up
+    /// limit wait for it.
+    pub idle_ready: Notify,
+    /// Live instances of the block (held by each instance until it is dropped).
+    live: Arc<AtomicU32>,
+    /// Instances being started ahead of traffic (provisioned or pre-warmed).
+    starting_ahead: AtomicU32,
+    scale_up: Mutex<ScaleUpBucket>,
+    history: Mutex<BlockHistory>,
+    /// When the adaptive policy let the last instance go: start one at `.0`, keep it
+    /// until `.1`.
+    prewarm: Mutex<Option<(Instant, Instant)>>,
+    /// After a failed start ahead of traffic: no provisioning until `.0`; the next failure
+    /// waits `.1` (doubling, up to [`MAX_PROVISION_BACKOFF`]), so a block whose code does
+    /// not load, or an account at its quota, is not retried on every reaper round.
+    provision_backoff: Mutex<(Option<Instant>, Duration)>,
+    /// The pool's time origin (the keep-alive policy works on durations since it).
+    origin: Instant,
     idle: Mutex<Vec<IdleInstance>>,
     /// Set when the deployment stops being live: instances are discarded, not kept warm.
     retired: AtomicBool,
@@ -26,23 +51,164 @@ pub struct BlockPool {
 struct IdleInstance {
     instance: Instance,
     since: Instant,
+    expires: Instant,
+}
+
+const MIN_PROVISION_BACKOFF: Duration = Duration::from_secs(5);
+const MAX_PROVISION_BACKOFF: Duration = Duration::from_secs(300);
+
+/// Counts one live instance of a block until dropped.
+pub struct LiveGuard(Arc<AtomicU32>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One invocation in flight, for the keep-alive history; its end is recorded when it is
+/// finished or dropped (whatever path the invocation took).
+pub struct InFlight<'a> {
+    pool: &'a BlockPool,
+    done: bool,
+}
+
+impl InFlight<'_> {
+    /// Records the end now and returns the window for the instance that just went idle.
+    pub fn finish(mut self) -> Window {
+        self.done = true;
+        let mut history = lock(&self.pool.history);
+        history.end(self.pool.origin.elapsed());
+        history.window(&self.pool.policy)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            lock(&self.pool.history).end(self.pool.origin.elapsed());
+        }
+    }
+}
+
+/// What the reaper should do for a block now.
+pub struct Upkeep {
+    pub expired: Vec<Instance>,
+    /// Start one instance now and keep it until then (adaptive pre-warm).
+    pub prewarm_until: Option<Instant>,
+    /// Start this many instances to get back to `min_warm`.
+    pub provision: u32,
 }
 
 impl BlockPool {
-    pub fn new(target: BlockTarget, code_dir: PathBuf, keep_alive: Duration) -> BlockPool {
+    pub fn new(
+        target: BlockTarget,
+        code_dir: PathBuf,
+        policy: KeepAlivePolicy,
+        scale_up: ScaleUpLimit,
+        labels: BlockLabels,
+        origin: Instant,
+    ) -> BlockPool {
         let permits = usize::try_from(target.block.max_concurrency).unwrap_or(1);
         BlockPool {
             target,
             code_dir,
             permits: Semaphore::new(permits),
-            keep_alive,
+            history: Mutex::new(BlockHistory::new(&policy)),
+            policy,
+            labels,
+            idle_ready: Notify::new(),
+            live: Arc::new(AtomicU32::new(0)),
+            starting_ahead: AtomicU32::new(0),
+            scale_up: Mutex::new(ScaleUpBucket::new(scale_up, Instant::now())),
+            prewarm: Mutex::new(None),
+            provision_backoff: Mutex::new((None, MIN_PROVISION_BACKOFF)),
+            origin,
             idle: Mutex::new(Vec::new()),
             retired: AtomicBool::new(false),
         }
     }
 
+    pub fn min_warm(&self) -> u32 {
+        self.target.block.min_warm
+    }
+
     pub fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Acquire)
+    }
+
+    /// An invocation arrived: recorded in the history; a pending pre-warm is moot (this
+    /// invocation's own release plans the next one).
+    pub fn arrive(&self) -> InFlight<'_> {
+        lock(&self.history).arrival(self.origin.elapsed());
+        *lock(&self.prewarm) = None;
+        InFlight {
+            pool: self,
+            done: false,
+        }
+    }
+
+    /// The keep-alive window the block's history gives now.
+    pub fn history_window(&self) -> Window {
+        lock(&self.history).window(&self.policy)
+    }
+
+    /// One cold start's token, or how long until there is one.
+    pub fn take_scale_up_token(&self) -> Result<(), (ScaleUpLimit, Duration)> {
+        let mut bucket = lock(&self.scale_up);
+        bucket
+            .take(Instant::now())
+            .map_err(|wait| (bucket.limit(), wait))
+    }
+
+    /// Counts a new live instance of this block until the guard is dropped.
+    pub fn live_guard(&self) -> LiveGuard {
+        self.live.fetch_add(1, Ordering::AcqRel);
+        LiveGuard(self.live.clone())
+    }
+
+    /// Marks one start ahead of traffic as begun; [`BlockPool::started_ahead`] ends it.
+    pub fn starting_ahead(&self) {
+        self.starting_ahead.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn started_ahead(&self) {
+        self.starting_ahead.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Instances needed to reach `min_warm`, counting those already being started.
+    pub fn provision_deficit(&self) -> u32 {
+        let have = self.live.load(Ordering::Acquire) + self.starting_ahead.load(Ordering::Acquire);
+        self.min_warm().saturating_sub(have)
+    }
+
+    /// A start ahead of traffic failed: hold provisioning back for a while.
+    pub fn provision_failed(&self, now: Instant) {
+        let mut backoff = lock(&self.provision_backoff);
+        let delay = backoff.1;
+        *backoff = (Some(now + delay), (delay * 2).min(MAX_PROVISION_BACKOFF));
+    }
+
+    /// A start ahead of traffic succeeded: the next failure starts the backoff afresh.
+    pub fn provision_succeeded(&self) {
+        *lock(&self.provision_backoff) = (None, MIN_PROVISION_BACKOFF);
+    }
+
+    fn provision_held_back(&self, now: Instant) -> bool {
+        lock(&self.provision_backoff)
+            .0
+            .is_some_and(|until| now < until)
+    }
+
+    /// The adaptive policy let an instance go: pre-warm one at `at`, keep it until `until`.
+    pub fn schedule_prewarm(&self, at: Instant, until: Instant) {
+        *lock(&self.prewarm) = Some((at, until));
+    }
+
+    /// Whether an idle instance may be let go now without cutting into the `min_warm` floor.
+    pub fn above_floor(&self) -> bool {
+        let idle = u32::try_from(self.lock_idle().len()).unwrap_or(u32::MAX);
+        idle >= self.min_warm()
     }
 
     /// Marks the pool retired and hands back its idle instances for destruction.
@@ -58,25 +224,33 @@ impl BlockPool {
         self.lock_idle().pop().map(|i| i.instance)
     }
 
-    /// Keeps an instance warm; hands it back (to be destroyed) if the pool was retired
-    /// meanwhile.
+    /// Keeps an instance warm until `expires`; hands it back (to be destroyed) if the pool
+    /// was retired meanwhile.
     #[must_use]
-    pub fn push_idle(&self, instance: Instance) -> Option<Instance> {
-        let mut idle = self.lock_idle();
-        if self.is_retired() {
-            return Some(instance);
+    pub fn push_idle(&self, instance: Instance, expires: Instant) -> Option<Instance> {
+        {
+            let mut idle = self.lock_idle();
+            if self.is_retired() {
+                return Some(instance);
+            }
+            idle.push(IdleInstance {
+                instance,
+                since: Instant::now(),
+                expires,
+            });
         }
-        idle.push(IdleInstance {
-            instance,
-            since: Instant::now(),
-        });
+        self.idle_ready.notify_one();
         None
     }
 
-    /// The idle instances' ids and when each went idle (eviction candidates).
+    /// The idle instances' ids and when each went idle (eviction candidates): all but the
+    /// `min_warm` most recent, which are the provisioned floor.
     pub fn idle_snapshot(&self) -> Vec<(String, Instant)> {
-        self.lock_idle()
-            .iter()
+        let idle = self.lock_idle();
+        let floor = usize::try_from(self.min_warm()).unwrap_or(usize::MAX);
+        let evictable = idle.len().saturating_sub(floor);
+        idle.iter()
+            .take(evictable)
             .map(|i| (i.instance.id().to_string(), i.since))
             .collect()
     }
@@ -88,21 +262,150 @@ impl BlockPool {
         Some(idle.remove(position).instance)
     }
 
-    /// Removes and returns the instances idle for longer than the keep-alive.
-    pub fn take_expired(&self, now: Instant) -> Vec<Instance> {
-        let mut idle = self.lock_idle();
-        let (expired, kept): (Vec<_>, Vec<_>) = idle
-            .drain(..)
-            .partition(|i| now.duration_since(i.since) >= self.keep_alive);
-        *idle = kept;
-        expired.into_iter().map(|i| i.instance).collect()
+    /// The reaper's work for this block at `now`: idle instances past their keep-alive
+    /// (never the `min_warm` floor), a due pre-warm, and the provisioning deficit.
+    pub fn upkeep(&self, now: Instant) -> Upkeep {
+        let expired = {
+            let mut idle = self.lock_idle();
+            let floor = usize::try_from(self.min_warm()).unwrap_or(usize::MAX);
+            let evictable = idle.len().saturating_sub(floor);
+            let protected = idle.split_off(evictable);
+            let (expired, kept): (Vec<_>, Vec<_>) = idle.drain(..).partition(|i| now >= i.expires);
+            *idle = kept;
+            idle.extend(protected);
+            expired.into_iter().map(|i| i.instance).collect()
+        };
+        let prewarm_until = {
+            let mut prewarm = lock(&self.prewarm);
+            match *prewarm {
+                Some((at, until)) if now >= at => {
+                    *prewarm = None;
+                    let idle_now = !self.lock_idle().is_empty();
+                    (now < until && !idle_now && !self.is_retired()).then_some(until)
+                }
+                _ => None,
+            }
+        };
+        let provision = if self.is_retired() || self.provision_held_back(now) {
+            0
+        } else {
+            self.provision_deficit()
+        };
+        Upkeep {
+            expired,
+            prewarm_until,
+            provision,
+        }
     }
 
-    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<IdleInstance>> {
-        // A panic elsewhere while holding the lock leaves a valid Vec; keep serving.
-        match self.idle.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+    fn lock_idle(&self) -> MutexGuard<'_, Vec<IdleInstance>> {
+        lock(&self.idle)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use refinery_domain::{BlockSpec, Language};
+
+    use super::*;
+
+    fn block_pool(min_warm: u32, scale_up: &str) -> BlockPool {
+        let target = BlockTarget {
+            account_id: "acct".into(),
+            account_name: "acct".into(),
+            project: "p".into(),
+            deployment_id: 1,
+            deployment_number: 1,
+            block: BlockSpec {
+                name: "b".into(),
+                language: Language::Python,
+                source_name: "b.py".into(),
+                code: String::new(),
+                memory_mb: 128,
+                timeout_s: 10,
+                max_concurrency: 4,
+                keep_alive_s: None,
+                min_warm,
+                tmp_mb: 16,
+                env: BTreeMap::new(),
+            },
+        };
+        let labels = BlockLabels {
+            account: "acct".into(),
+            project: "p".into(),
+            block: "b".into(),
+        };
+        BlockPool::new(
+            target,
+            PathBuf::from("/nonexistent"),
+            KeepAlivePolicy::Fixed(Duration::from_secs(300)),
+            scale_up.parse().expect("limit"),
+            labels,
+            Instant::now(),
+        )
+    }
+
+    #[test]
+    fn the_provisioning_deficit_counts_live_instances_and_starts_under_way() {
+        let pool = block_pool(3, "10/1s");
+        assert_eq!(pool.provision_deficit(), 3);
+        let first = pool.live_guard();
+        pool.starting_ahead();
+        assert_eq!(pool.provision_deficit(), 1);
+        pool.started_ahead();
+        assert_eq!(pool.provision_deficit(), 2);
+        drop(first);
+        assert_eq!(pool.provision_deficit(), 3);
+        assert_eq!(pool.upkeep(Instant::now()).provision, 3);
+        // A retired pool provisions nothing.
+        // A failure holds provisioning back, a success lifts that.
+        pool.provision_failed(Instant::now());
+        assert_eq!(pool.upkeep(Instant::now()).provision, 0);
+        assert_eq!(
+            pool.upkeep(Instant::now() + Duration::from_secs(6))
+                .provision,
+            3
+        );
+        pool.provision_succeeded();
+        assert_eq!(pool.upkeep(Instant::now()).provision, 3);
+        assert!(pool.retire().is_empty());
+        assert_eq!(pool.upkeep(Instant::now()).provision, 0);
+    }
+
+    #[test]
+    fn each_block_has_its_own_scale_up_bucket() {
+        let a = block_pool(0, "2/1h");
+        let b = block_pool(0, "2/1h");
+        assert!(a.take_scale_up_token().is_ok());
+        assert!(a.take_scale_up_token().is_ok());
+        let (limit, wait) = a.take_scale_up_token().expect_err("empty");
+        assert_eq!(limit.burst, 2);
+        assert!(wait > Duration::from_secs(60), "{wait:?}");
+        assert!(b.take_scale_up_token().is_ok());
+    }
+
+    #[test]
+    fn a_prewarm_is_started_when_due_and_cancelled_by_an_arrival() {
+        let pool = block_pool(0, "10/1s");
+        let now = Instant::now();
+        let (at, until) = (now + Duration::from_secs(60), now + Duration::from_secs(90));
+        pool.schedule_prewarm(at, until);
+        assert_eq!(pool.upkeep(now).prewarm_until, None, "not due yet");
+        assert_eq!(pool.upkeep(at).prewarm_until, Some(until));
+        assert_eq!(pool.upkeep(at).prewarm_until, None, "started once");
+
+        pool.schedule_prewarm(at, until);
+        drop(pool.arrive());
+        assert_eq!(
+            pool.upkeep(at).prewarm_until,
+            None,
+            "the arrival cancelled it"
+        );
+
+        // Past its window it is pointless.
+        pool.schedule_prewarm(at, until);
+        assert_eq!(pool.upkeep(until).prewarm_until, None);
     }
 }

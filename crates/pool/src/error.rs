@@ -34,6 +34,15 @@ pub enum PoolError {
         burst: u32,
         retry_after: Duration,
     },
+    /// The block may start no more new instances right now (its scale-up token bucket is
+    /// empty) and no warm instance came free within the queue timeout.
+    #[error("block `{block}` is at its scale-up limit of {limit} (cold starts) and no warm instance came free within {waited:?}; retry in {:.1} s, or ask the operator to raise it (refinery serve --scale-up-limit COLD_STARTS/DURATION)", retry_after.as_secs_f64())]
+    ScaleUpLimit {
+        block: String,
+        limit: crate::ScaleUpLimit,
+        waited: Duration,
+        retry_after: Duration,
+    },
     /// The server is stopping; it takes no new invocations.
     #[error("the server is shutting down and takes no new invocations")]
     ShuttingDown,

@@ -12,6 +12,7 @@ use refinery_sandbox::SandboxedInstance;
 use serde::Serialize;
 use tokio::io::AsyncReadExt;
 
+use crate::block_pool::LiveGuard;
 use crate::quota::Reservation;
 
 /// Bytes of an instance's stray stdout/stderr kept to explain why it died.
@@ -55,6 +56,8 @@ pub struct Instance {
     /// Its share of the account's quota, held until the instance is dropped (after it
     /// is destroyed).
     pub reservation: Reservation,
+    /// Counts it among its block's live instances (for `min_warm`) until dropped.
+    pub live: Option<LiveGuard>,
     log_tail: Arc<Mutex<VecDeque<u8>>>,
 }
 
@@ -72,6 +75,7 @@ impl Instance {
             channel,
             invocations: 0,
             reservation,
+            live: None,
             log_tail,
         }
     }

@@ -6,6 +6,12 @@
 //! freezes an instance when its invocation ends, discards it on timeout, crash or OOM,
 //! reaps idle ones after their keep-alive, and drains instances of retired deployments.
 //!
+//! It keeps each block's provisioned instances (`min_warm`) warm from deploy to
+//! retirement, limits how fast a block scales up (a token bucket on cold starts, see
+//! [`ScaleUpLimit`]), decides keep-alive and pre-warming per block ([`keep_alive`]: fixed,
+//! or adaptive from the block's idle-time histogram), and counts everything it does as
+//! Prometheus metrics ([`InstancePool::render_metrics`]).
+//!
 //! It also enforces per-account quotas (live instances, their total memory, invocation
 //! rate; see [`Quota`]) so one account cannot starve the others.
 //!
@@ -18,10 +24,16 @@ mod block_pool;
 mod code_dir;
 mod error;
 mod instance;
+pub mod keep_alive;
+mod metrics;
 mod pool;
 mod quota;
+mod scale_up;
 
 pub use error::PoolError;
 pub use instance::{InstanceInfo, InstanceState};
-pub use pool::{BlockTarget, InstancePool, Invocation, PoolConfig};
+pub use keep_alive::{AdaptiveConfig, KeepAlivePolicy};
+pub use metrics::{DEFAULT_MAX_LABEL_SETS, OVERFLOW_LABEL};
+pub use pool::{BlockTarget, InstancePool, Invocation, KeepAliveMode, PoolConfig};
 pub use quota::{AccountUsage, Quota, QuotaOverride};
+pub use scale_up::ScaleUpLimit;

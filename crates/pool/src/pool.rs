@@ -18,7 +18,10 @@ use crate::block_pool::BlockPool;
 use crate::code_dir;
 use crate::error::PoolError;
 use crate::instance::{now_ms, Instance, InstanceInfo, InstanceState};
+use crate::keep_alive::{AdaptiveConfig, KeepAlivePolicy, Window};
+use crate::metrics::{AheadReason, BlockLabels, PoolMetrics, ThrottleReason};
 use crate::quota::{AccountState, AccountUsage, Accounts, Ledger, Quota, Reservation};
+use crate::scale_up::ScaleUpLimit;
 
 /// Operator settings of the pool.
 #[derive(Debug, Clone)]
@@ -35,6 +38,39 @@ pub struct PoolConfig {
     pub reap_interval: Duration,
     /// Every account's quota unless it has its own (see [`InstancePool::set_account_quota`]).
     pub default_quota: Quota,
+    /// Fixed or adaptive keep-alive for blocks without their own `keep_alive_s`.
+    pub keep_alive_mode: KeepAliveMode,
+    /// Width of one bin of the adaptive policy's idle-time histogram (240 bins); the
+    /// paper's is one minute.
+    pub adaptive_bin: Duration,
+    /// Cold starts per block: a token bucket (warm reuse never takes a token).
+    pub scale_up: ScaleUpLimit,
+    /// Distinct (account, project, block) label sets in the metrics before overflow.
+    pub metrics_max_label_sets: usize,
+}
+
+/// The operator's keep-alive policy (`serve --keep-alive-policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeepAliveMode {
+    /// Every idle instance kept for `default_keep_alive`.
+    #[default]
+    Fixed,
+    /// Per block from its idle-time histogram; `default_keep_alive` until it is representative.
+    Adaptive,
+}
+
+impl std::str::FromStr for KeepAliveMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "fixed" => Ok(KeepAliveMode::Fixed),
+            "adaptive" => Ok(KeepAliveMode::Adaptive),
+            other => Err(format!(
+                "unknown keep-alive policy `{other}`: expected fixed or adaptive"
+            )),
+        }
+    }
 }
 
 /// What to invoke: one block of one deployment, and whose it is.
@@ -90,6 +126,9 @@ struct Inner {
     /// Every account's quota and usage ledger.
     accounts: Accounts,
     shutting_down: AtomicBool,
+    metrics: PoolMetrics,
+    /// Time origin for the keep-alive histories.
+    origin: Instant,
 }
 
 struct Registered {
@@ -109,7 +148,7 @@ enum StartFailure {
     Host(PoolError),
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves the data consistent; a poisoned lock is still usable.
     match mutex.lock() {
         Ok(guard) => guard,
@@ -124,6 +163,8 @@ impl InstancePool {
             inner: Arc::new(Inner {
                 host,
                 accounts: Accounts::new(config.default_quota),
+                metrics: PoolMetrics::new(config.metrics_max_label_sets),
+                origin: Instant::now(),
                 config,
                 blocks: Mutex::new(HashMap::new()),
                 registry: Mutex::new(HashMap::new()),
@@ -139,7 +180,7 @@ impl InstancePool {
                 if inner.shutting_down.load(Ordering::Acquire) {
                     break;
                 }
-                InstancePool { inner }.reap_expired();
+                InstancePool { inner }.upkeep();
             }
         });
         pool
@@ -157,6 +198,75 @@ impl InstancePool {
         input: Value,
         backpack: Value,
     ) -> Result<Invocation, PoolError> {
+        let result = self.run_invocation(target, input, backpack).await;
+        let labels =
+            self.inner
+                .metrics
+                .labels(&target.account_id, &target.project, &target.block.name);
+        self.count(&labels, &result);
+        result
+    }
+
+    /// Counts one invocation's outcome in the metrics.
+    fn count(&self, labels: &BlockLabels, result: &Result<Invocation, PoolError>) {
+        let metrics = &self.inner.metrics;
+        match result {
+            Ok(invocation) => {
+                metrics.invocation(labels, invocation.status.as_str());
+                metrics.start(
+                    labels,
+                    invocation.cold,
+                    invocation
+                        .init_ms
+                        .map(|ms| Duration::from_secs_f64(ms.max(0.0) / 1000.0)),
+                );
+                if !invocation.instance_id.is_empty() {
+                    metrics.run(
+                        labels,
+                        Duration::from_secs_f64(invocation.duration_ms.max(0.0) / 1000.0),
+                    );
+                }
+                match invocation.status {
+                    ExecutionStatus::Oom => metrics.oom_kill(labels),
+                    ExecutionStatus::Timeout => metrics.timeout(labels),
+                    _ => {}
+                }
+            }
+            Err(error) => {
+                let reason = match error {
+                    PoolError::RateQuota { .. } => Some(ThrottleReason::rate),
+                    PoolError::ConcurrencyLimit { .. } => Some(ThrottleReason::concurrency),
+                    PoolError::InstanceQuota { .. } => Some(ThrottleReason::instances),
+                    PoolError::MemoryQuota { .. } => Some(ThrottleReason::memory),
+                    PoolError::ScaleUpLimit { .. } => Some(ThrottleReason::scale_up),
+                    _ => None,
+                };
+                let status = match (reason, error) {
+                    (Some(reason), _) => {
+                        metrics.throttle(labels, reason);
+                        "throttled"
+                    }
+                    (None, PoolError::ShuttingDown) => "unavailable",
+                    (None, _) => "failed",
+                };
+                metrics.invocation(labels, status);
+            }
+        }
+    }
+
+    /// The Prometheus text exposition of the pool's metrics.
+    pub fn render_metrics(&self) -> String {
+        let instances = self.instances();
+        self.inner.metrics.render(&instances)
+    }
+
+    async fn run_invocation(
+        &self,
+        target: &BlockTarget,
+        input: Value,
+        backpack: Value,
+    ) -> Result<Invocation, PoolError> {
+        let arrived = Instant::now();
         if self.inner.shutting_down.load(Ordering::Acquire) {
             return Err(PoolError::ShuttingDown);
         }
@@ -170,6 +280,7 @@ impl InstancePool {
             });
         }
         let block_pool = self.block_pool(target).await?;
+        let in_flight = block_pool.arrive();
         let queue_timeout = self.inner.config.queue_timeout;
         let _permit = match timeout(queue_timeout, block_pool.permits.acquire()).await {
             Ok(Ok(permit)) => permit,
@@ -184,7 +295,10 @@ impl InstancePool {
         };
         let started_at_ms = now_ms();
 
-        let (mut instance, cold, init_ms) = match self.take_warm(&block_pool).await {
+        let warm = self
+            .warm_or_scale_up(&block_pool, arrived + queue_timeout)
+            .await?;
+        let (mut instance, cold, init_ms) = match warm {
             Some(instance) => (instance, false, None),
             None => match self.start_instance(&block_pool, &account).await {
                 Ok((instance, init)) => (instance, true, Some(millis(init))),
@@ -246,7 +360,8 @@ impl InstancePool {
                         invocation.error = Some(error);
                     }
                 }
-                self.release(&block_pool, instance).await;
+                let window = in_flight.finish();
+                self.release(&block_pool, instance, window).await;
             }
             Ok(Err(channel_error)) => {
                 let (oom, tail) = self.discard(instance).await;
@@ -403,16 +518,30 @@ impl InstancePool {
             path: self.inner.config.code_root.display().to_string(),
             source,
         })?;
-        let keep_alive = target
-            .block
-            .keep_alive_s
-            .map_or(self.inner.config.default_keep_alive, |s| {
-                Duration::from_secs(u64::from(s))
-            });
+        let config = &self.inner.config;
+        let operator_policy = match config.keep_alive_mode {
+            KeepAliveMode::Fixed => KeepAlivePolicy::Fixed(config.default_keep_alive),
+            KeepAliveMode::Adaptive => KeepAlivePolicy::Adaptive(AdaptiveConfig {
+                bin: config.adaptive_bin,
+                ..AdaptiveConfig::paper(config.default_keep_alive)
+            }),
+        };
+        let policy = KeepAlivePolicy::for_block(&operator_policy, target.block.keep_alive_s);
+        let labels =
+            self.inner
+                .metrics
+                .labels(&target.account_id, &target.project, &target.block.name);
         let mut blocks = lock(&self.inner.blocks);
-        let entry = blocks
-            .entry(key)
-            .or_insert_with(|| Arc::new(BlockPool::new(target.clone(), code_dir, keep_alive)));
+        let entry = blocks.entry(key).or_insert_with(|| {
+            Arc::new(BlockPool::new(
+                target.clone(),
+                code_dir,
+                policy,
+                config.scale_up,
+                labels,
+                self.inner.origin,
+            ))
+        });
         Ok(entry.clone())
     }
 
@@ -428,6 +557,42 @@ impl InstancePool {
             }
         }
         None
+    }
+
+    /// A warm instance, or `None` when a cold start may go ahead (a scale-up token was
+    /// taken). Without either, waits until `deadline` for an instance to go idle or a token
+    /// to come, then refuses with [`PoolError::ScaleUpLimit`].
+    async fn warm_or_scale_up(
+        &self,
+        block_pool: &BlockPool,
+        deadline: Instant,
+    ) -> Result<Option<Instance>, PoolError> {
+        let started = Instant::now();
+        loop {
+            // Registered before looking, so an instance freed in between still wakes us.
+            let idle_ready = block_pool.idle_ready.notified();
+            if let Some(instance) = self.take_warm(block_pool).await {
+                return Ok(Some(instance));
+            }
+            let (limit, wait) = match block_pool.take_scale_up_token() {
+                Ok(()) => return Ok(None),
+                Err(refused) => refused,
+            };
+            let now = Instant::now();
+            if now >= deadline || self.inner.shutting_down.load(Ordering::Acquire) {
+                return Err(PoolError::ScaleUpLimit {
+                    block: block_pool.target.block.name.clone(),
+                    limit,
+                    waited: now.duration_since(started),
+                    retry_after: wait,
+                });
+            }
+            let nap = wait.min(deadline - now);
+            tokio::select! {
+                () = idle_ready => {}
+                () = tokio::time::sleep(nap) => {}
+            }
+        }
     }
 
     /// Admits a cold start against the account's instance and memory quotas and takes
@@ -583,6 +748,7 @@ impl InstancePool {
             }
         };
         let mut instance = Instance::new(sandbox, channel, channels.logs, reservation);
+        instance.live = Some(block_pool.live_guard());
         self.register(&instance, target, InstanceState::Starting);
         // A shutdown that began while this instance was being created has already swept the
         // registry: don't let it slip past.
@@ -641,8 +807,25 @@ impl InstancePool {
         }
     }
 
-    /// Freezes the instance and keeps it warm, or discards it if it may not be kept.
-    async fn release(&self, block_pool: &BlockPool, instance: Instance) {
+    /// After an invocation: keeps the instance warm for the keep-alive window, or — when the
+    /// adaptive policy pre-warms this block and the instance is not part of its `min_warm`
+    /// floor — lets it go now and schedules a fresh one for the pre-warm time.
+    async fn release(&self, block_pool: &BlockPool, instance: Instance, window: Window) {
+        let now = Instant::now();
+        if !window.prewarm.is_zero() && block_pool.above_floor() && !block_pool.is_retired() {
+            let at = now + window.prewarm;
+            block_pool.schedule_prewarm(at, at + window.keep_alive);
+            self.inner.metrics.reap(&block_pool.labels);
+            self.discard(instance).await;
+            return;
+        }
+        self.park(block_pool, instance, now + window.keep_alive)
+            .await;
+    }
+
+    /// Freezes the instance and keeps it warm until `expires`, or discards it if it may not
+    /// be kept.
+    async fn park(&self, block_pool: &BlockPool, instance: Instance, expires: Instant) {
         if block_pool.is_retired() || self.inner.shutting_down.load(Ordering::Acquire) {
             self.discard(instance).await;
             return;
@@ -671,7 +854,7 @@ impl InstancePool {
                 entry.info.invocations = instance.invocations;
             }
         }
-        if let Some(instance) = block_pool.push_idle(instance) {
+        if let Some(instance) = block_pool.push_idle(instance, expires) {
             // Retired while it was being frozen.
             self.discard(instance).await;
         }
@@ -687,18 +870,108 @@ impl InstancePool {
         (oom, instance.log_tail())
     }
 
-    fn reap_expired(&self) {
+    /// The reaper's round: destroys idle instances past their keep-alive (never a block's
+    /// `min_warm` floor), starts due adaptive pre-warms, and tops blocks back up to
+    /// `min_warm` after discards.
+    fn upkeep(&self) {
         let now = Instant::now();
         let block_pools: Vec<Arc<BlockPool>> = lock(&self.inner.blocks).values().cloned().collect();
         for block_pool in block_pools {
-            for instance in block_pool.take_expired(now) {
+            let upkeep = block_pool.upkeep(now);
+            for instance in upkeep.expired {
                 tracing::debug!(instance = instance.id(), "reaping idle instance");
+                self.inner.metrics.reap(&block_pool.labels);
                 let pool = self.clone();
                 tokio::spawn(async move {
                     pool.discard(instance).await;
                 });
             }
+            if let Some(until) = upkeep.prewarm_until {
+                self.start_ahead(&block_pool, until, AheadReason::prewarm);
+            }
+            if upkeep.provision > 0 {
+                let keep = now + block_pool.history_window().keep_alive;
+                for _ in 0..upkeep.provision {
+                    self.start_ahead(&block_pool, keep, AheadReason::provisioned);
+                }
+            }
         }
+    }
+
+    /// Starts one instance of the block ahead of traffic (a pre-warm or a provisioned
+    /// instance) in a task of its own and parks it frozen until `expires`.
+    fn start_ahead(&self, block_pool: &Arc<BlockPool>, expires: Instant, reason: AheadReason) {
+        block_pool.starting_ahead();
+        let pool = self.clone();
+        let block_pool = block_pool.clone();
+        tokio::spawn(async move {
+            pool.start_and_park(&block_pool, expires, reason).await;
+            block_pool.started_ahead();
+        });
+    }
+
+    async fn start_and_park(
+        &self,
+        block_pool: &BlockPool,
+        expires: Instant,
+        reason: AheadReason,
+    ) -> bool {
+        if self.inner.shutting_down.load(Ordering::Acquire) || block_pool.is_retired() {
+            return false;
+        }
+        let target = &block_pool.target;
+        let account = self.inner.accounts.get(&target.account_id);
+        match self.start_instance(block_pool, &account).await {
+            Ok((instance, _init)) => {
+                block_pool.provision_succeeded();
+                self.inner.metrics.started_ahead(&block_pool.labels, reason);
+                self.park(block_pool, instance, expires).await;
+                true
+            }
+            Err(StartFailure::Host(e)) => {
+                block_pool.provision_failed(Instant::now());
+                tracing::warn!(account = %target.account_id, project = %target.project, block = %target.block.name, error = %e, "cannot start an instance ahead of traffic; retrying later");
+                false
+            }
+            Err(StartFailure::Init { error, .. }) => {
+                block_pool.provision_failed(Instant::now());
+                tracing::warn!(account = %target.account_id, project = %target.project, block = %target.block.name, error = %error.message, "an instance started ahead of traffic failed to load the block; retrying later");
+                false
+            }
+        }
+    }
+
+    /// Provisioned concurrency: starts each block's `min_warm` instances now (a deploy or
+    /// rollback made its deployment live, or the server started), before any traffic.
+    /// What does not fit the account's quota (or fails to load) is logged and retried by
+    /// the reaper, backing off from 5 s to 5 min.
+    pub async fn provision(&self, targets: Vec<BlockTarget>) {
+        let pool = self.clone();
+        // In a task of its own: a cancelled caller (an HTTP handler) must not leave
+        // half-started instances behind.
+        let provisioning = tokio::spawn(async move {
+            for target in targets.into_iter().filter(|t| t.block.min_warm > 0) {
+                let block_pool = match pool.block_pool(&target).await {
+                    Ok(block_pool) => block_pool,
+                    Err(e) => {
+                        tracing::warn!(block = %target.block.name, error = %e, "cannot provision block");
+                        continue;
+                    }
+                };
+                let keep = Instant::now() + block_pool.history_window().keep_alive;
+                for _ in 0..block_pool.provision_deficit() {
+                    block_pool.starting_ahead();
+                    let started = pool
+                        .start_and_park(&block_pool, keep, AheadReason::provisioned)
+                        .await;
+                    block_pool.started_ahead();
+                    if !started {
+                        break;
+                    }
+                }
+            }
+        });
+        let _ = provisioning.await;
     }
 
     fn register(&self, instance: &Instance, target: &BlockTarget, state: InstanceState) {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use refinery_cli::{ClientArgs, ClientCommand};
-use refinery_server::{Quota, ServeConfig};
+use refinery_server::{KeepAliveMode, Quota, ScaleUpLimit, ServeConfig, DEFAULT_MAX_LABEL_SETS};
 
 /// The hidden first argument that turns this process into a sandbox's init.
 const SANDBOX_INIT_ARG: &str = "__sandbox-init";
@@ -66,6 +66,28 @@ struct ServeArgs {
     /// pre-initialised runtime (slower cold starts; for comparison and troubleshooting).
     #[arg(long)]
     no_zygotes: bool,
+    /// Keep-alive policy for blocks without their own keep_alive_s: `fixed` (every idle
+    /// instance kept for --keep-alive) or `adaptive` (per block from its idle-time
+    /// histogram, pre-warming periodic blocks; --keep-alive until the histogram is
+    /// representative).
+    #[arg(long, default_value = "fixed", value_name = "fixed|adaptive")]
+    keep_alive_policy: KeepAliveMode,
+    /// Bin width of the adaptive policy's idle-time histogram (240 bins, so the range is
+    /// 240 × this); the paper uses one minute.
+    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+    adaptive_bin: Duration,
+    /// Per-block scale-up limit: new instances (cold starts) per window, a token bucket.
+    /// Warm reuse is never limited by it.
+    #[arg(long, default_value = "1000/10s", value_name = "COLD_STARTS/DURATION")]
+    scale_up_limit: ScaleUpLimit,
+    /// How long an invocation may wait for an instance (a block at max_concurrency or at
+    /// its scale-up limit) before it is refused with 429.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    queue_timeout: Duration,
+    /// Distinct (account, project, block) label sets in /metrics; later ones are counted
+    /// under account="_other",project="_other",block="_other".
+    #[arg(long, default_value_t = DEFAULT_MAX_LABEL_SETS, value_name = "N")]
+    metrics_max_label_sets: usize,
 }
 
 fn main() -> ExitCode {
@@ -117,6 +139,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
             rate: args.quota_rate,
             burst: args.quota_burst,
         },
+        keep_alive_policy: args.keep_alive_policy,
+        scale_up: args.scale_up_limit,
+        queue_timeout: args.queue_timeout,
+        metrics_max_label_sets: args.metrics_max_label_sets,
+        adaptive_bin: args.adaptive_bin,
     };
     refinery_server::serve(config, shutdown_signal(), |addr| {
         // A stable line scripts and tests wait for.

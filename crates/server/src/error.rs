@@ -33,7 +33,7 @@ pub enum ApiError {
     Throttled {
         message: String,
         retry_after: Duration,
-        /// Which limit: `max_concurrency`, `instances`, `memory_mb` or `rate`.
+        /// Which limit: `max_concurrency`, `instances`, `memory_mb`, `rate` or `scale_up`.
         limit: &'static str,
     },
     #[error("{0}")]
@@ -157,6 +157,12 @@ impl From<PoolError> for ApiError {
                 message: e.to_string(),
                 retry_after,
                 limit: "rate",
+            },
+            // The time until the block's scale-up bucket holds a token again.
+            PoolError::ScaleUpLimit { retry_after, .. } => ApiError::Throttled {
+                message: e.to_string(),
+                retry_after,
+                limit: "scale_up",
             },
             PoolError::ShuttingDown => ApiError::Unavailable(e.to_string()),
             other => ApiError::Internal(other.to_string()),

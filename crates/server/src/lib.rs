@@ -14,5 +14,5 @@ mod serve;
 mod state;
 
 pub use error::ApiError;
-pub use refinery_pool::Quota;
+pub use refinery_pool::{KeepAliveMode, Quota, ScaleUpLimit, DEFAULT_MAX_LABEL_SETS};
 pub use serve::{serve, ServeConfig, ServeError};

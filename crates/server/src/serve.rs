@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use refinery_pool::{InstancePool, PoolConfig, Quota};
+use refinery_pool::{BlockTarget, InstancePool, KeepAliveMode, PoolConfig, Quota, ScaleUpLimit};
 use refinery_sandbox::{HostConfig, SandboxHost, ZygoteSpec};
 use refinery_store::Store;
 use sha2::{Digest, Sha256};
@@ -35,6 +35,17 @@ pub struct ServeConfig {
     /// Every account's quota unless the operator set its own (`refinery accounts
     /// set-quota`).
     pub default_quota: Quota,
+    /// Fixed keep-alive, or adaptive per block from its idle-time histogram.
+    pub keep_alive_policy: KeepAliveMode,
+    /// Cold starts per block per window (a token bucket).
+    pub scale_up: ScaleUpLimit,
+    /// How long an invocation may wait for a free instance (max_concurrency or scale-up
+    /// limit) before it is refused with 429.
+    pub queue_timeout: Duration,
+    /// Distinct (account, project, block) label sets in `/metrics` before overflow.
+    pub metrics_max_label_sets: usize,
+    /// Bin width of the adaptive keep-alive histogram.
+    pub adaptive_bin: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,9 +139,13 @@ pub async fn serve(
             code_root: data_dir.join("code"),
             runtime_dir,
             default_keep_alive: config.keep_alive,
-            queue_timeout: Duration::from_secs(10),
-            reap_interval: reap_interval(config.keep_alive),
+            queue_timeout: config.queue_timeout,
+            reap_interval: reap_interval(config.keep_alive, config.adaptive_bin),
             default_quota: config.default_quota,
+            keep_alive_mode: config.keep_alive_policy,
+            scale_up: config.scale_up,
+            metrics_max_label_sets: config.metrics_max_label_sets,
+            adaptive_bin: config.adaptive_bin,
         },
     );
     for (account_id, overrides) in store.list_quotas().await? {
@@ -139,6 +154,7 @@ pub async fn serve(
             routes::pool_override(&overrides).over(&config.default_quota),
         );
     }
+    provision_live_deployments(&store, &pool).await?;
     let state = Arc::new(AppState::new(
         store.clone(),
         pool.clone(),
@@ -180,6 +196,40 @@ pub async fn serve(
     served
 }
 
+/// Provisioned concurrency survives restarts: every live deployment's `min_warm`
+/// instances are started before the listener opens.
+async fn provision_live_deployments(store: &Store, pool: &InstancePool) -> Result<(), ServeError> {
+    let mut targets = Vec::new();
+    for account in store.list_accounts().await? {
+        for project in store.list_projects(&account.id).await? {
+            let Some(live) = store.live_deployment(&account.id, &project.name).await? else {
+                continue;
+            };
+            targets.extend(
+                live.blocks
+                    .into_iter()
+                    .filter(|b| b.min_warm > 0)
+                    .map(|block| BlockTarget {
+                        account_id: account.id.clone(),
+                        account_name: account.name.clone(),
+                        project: live.project.clone(),
+                        deployment_id: live.id,
+                        deployment_number: live.number,
+                        block,
+                    }),
+            );
+        }
+    }
+    if !targets.is_empty() {
+        tracing::info!(
+            blocks = targets.len(),
+            "starting provisioned instances (min_warm)"
+        );
+        pool.provision(targets).await;
+    }
+    Ok(())
+}
+
 /// The data dir holds the database and keys: root only.
 fn create_private_dir(path: &Path) -> Result<(), ServeError> {
     let err = |source| ServeError::DataDir {
@@ -213,6 +263,10 @@ fn start_zygotes(host: &SandboxHost, runtime_dir: &std::path::Path) {
     }
 }
 
-fn reap_interval(keep_alive: Duration) -> Duration {
-    (keep_alive / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
+/// Often enough for the keep-alive to be honoured within a quarter of it, and for adaptive
+/// pre-warms to happen within half a histogram bin.
+fn reap_interval(keep_alive: Duration, adaptive_bin: Duration) -> Duration {
+    (keep_alive / 4)
+        .min(adaptive_bin / 2)
+        .clamp(Duration::from_millis(100), Duration::from_secs(5))
 }

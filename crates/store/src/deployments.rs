@@ -79,6 +79,7 @@ struct BlockRow {
     timeout_s: i64,
     max_concurrency: i64,
     keep_alive_s: Option<i64>,
+    min_warm: i64,
     tmp_mb: i64,
     env_json: String,
 }
@@ -100,6 +101,7 @@ impl BlockRow {
                 .keep_alive_s
                 .map(|v| stored_u32("keep_alive_s", v))
                 .transpose()?,
+            min_warm: stored_u32("min_warm", self.min_warm)?,
             tmp_mb: stored_u32("tmp_mb", self.tmp_mb)?,
             env,
             name: self.name,
@@ -418,8 +420,8 @@ async fn insert_block(
         .map_err(|_| StoreError::Corrupt(format!("{}: too many blocks", what())))?;
     sqlx::query(
         "INSERT INTO blocks (deployment_id, position, name, language, source_name, code, \
-         memory_mb, timeout_s, max_concurrency, keep_alive_s, tmp_mb, env_json) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         memory_mb, timeout_s, max_concurrency, keep_alive_s, tmp_mb, env_json, min_warm) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(deployment_id)
     .bind(position)
@@ -433,6 +435,7 @@ async fn insert_block(
     .bind(block.keep_alive_s.map(i64::from))
     .bind(i64::from(block.tmp_mb))
     .bind(env_json)
+    .bind(i64::from(block.min_warm))
     .execute(conn)
     .await
     .map_err(|e| {
@@ -482,7 +485,7 @@ async fn load_deployment(
 
     let blocks = sqlx::query_as::<_, BlockRow>(
         "SELECT name, language, source_name, code, memory_mb, timeout_s, max_concurrency, \
-         keep_alive_s, tmp_mb, env_json FROM blocks WHERE deployment_id = ? ORDER BY position",
+         keep_alive_s, min_warm, tmp_mb, env_json FROM blocks WHERE deployment_id = ? ORDER BY position",
     )
     .bind(row.id)
     .fetch_all(&mut *conn)

@@ -19,6 +19,7 @@ fn block(name: &str) -> BlockSpec {
         timeout_s: 30,
         max_concurrency: 10,
         keep_alive_s: Some(120),
+        min_warm: 2,
         tmp_mb: 64,
         env,
     }

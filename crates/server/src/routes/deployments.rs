@@ -7,6 +7,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use refinery_domain::Manifest;
+use refinery_pool::BlockTarget;
 use refinery_store::Deployment;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -50,6 +51,7 @@ pub async fn deploy(
             .ok_or_else(|| "the file was not uploaded with the manifest".to_string())
     };
     let manifest = Manifest::parse(&request.manifest, manifest_path, &resolve)?;
+    check_min_warm_fits(&state, account, &manifest)?;
 
     let deployment = state
         .store
@@ -62,6 +64,7 @@ pub async fn deploy(
         .await?;
     state.invalidate_live(&account.id, &manifest.name);
     retire_all_but_live(&state, &account.id, &manifest.name).await?;
+    provision(&state, account, &deployment).await;
     tracing::info!(account = %account.id, project = %deployment.project, deployment = deployment.number, "deployed");
     Ok((StatusCode::CREATED, Json(deployment_json(&deployment))))
 }
@@ -83,6 +86,54 @@ async fn retire_all_but_live(
         .collect();
     state.pool.retire_deployments(&replaced).await;
     Ok(())
+}
+
+/// Provisioned concurrency counts against the account's quota: a deployment whose
+/// `min_warm` instances alone exceed the account's instance or memory quota is refused.
+fn check_min_warm_fits(
+    state: &SharedState,
+    account: &refinery_store::Account,
+    manifest: &Manifest,
+) -> Result<(), ApiError> {
+    let quota = state.pool.account_usage(&account.id).quota;
+    let instances: u64 = manifest.blocks.iter().map(|b| u64::from(b.min_warm)).sum();
+    let memory_mb: u64 = manifest
+        .blocks
+        .iter()
+        .map(|b| u64::from(b.min_warm) * u64::from(b.memory_mb))
+        .sum();
+    if instances > u64::from(quota.instances) || memory_mb > quota.memory_mb {
+        return Err(ApiError::BadRequest(format!(
+            "the blocks' min_warm keep {instances} instances ({memory_mb} MB) warm, more than account {}'s quota of {} instances and {} MB; lower min_warm in refinery.toml or ask the operator to raise the quota (refinery accounts set-quota {} --instances N --memory-mb M)",
+            account.name, quota.instances, quota.memory_mb, account.name
+        )));
+    }
+    Ok(())
+}
+
+/// Starts the live deployment's provisioned (`min_warm`) instances before its first
+/// invocation; the reply comes once they are warm.
+async fn provision(
+    state: &SharedState,
+    account: &refinery_store::Account,
+    deployment: &Deployment,
+) {
+    let targets: Vec<BlockTarget> = deployment
+        .blocks
+        .iter()
+        .filter(|b| b.min_warm > 0)
+        .map(|block| BlockTarget {
+            account_id: account.id.clone(),
+            account_name: account.name.clone(),
+            project: deployment.project.clone(),
+            deployment_id: deployment.id,
+            deployment_number: deployment.number,
+            block: block.clone(),
+        })
+        .collect();
+    if !targets.is_empty() {
+        state.pool.provision(targets).await;
+    }
 }
 
 #[derive(Deserialize)]
@@ -107,6 +158,7 @@ pub async fn rollback(
         .await?;
     state.invalidate_live(&account.id, &project);
     retire_all_but_live(&state, &account.id, &project).await?;
+    provision(&state, account, &deployment).await;
     tracing::info!(account = %account.id, project = %project, deployment = deployment.number, "rolled back");
     Ok(Json(deployment_json(&deployment)))
 }
@@ -163,6 +215,7 @@ fn deployment_json(deployment: &Deployment) -> Value {
                 "timeout_s": b.timeout_s,
                 "max_concurrency": b.max_concurrency,
                 "keep_alive_s": b.keep_alive_s,
+                "min_warm": b.min_warm,
             })
         })
         .collect();

@@ -5,6 +5,7 @@ mod deployments;
 mod executions;
 mod instances;
 mod invoke;
+mod metrics;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -47,6 +48,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/projects/{project}/executions", get(executions::list))
         .route("/v1/executions/{id}", get(executions::show))
         .route("/v1/instances", get(instances::list))
+        .route("/metrics", get(metrics::metrics))
         .with_state(state)
 }
 

@@ -1,0 +1,27 @@
+//! `GET /metrics`: the pool's Prometheus metrics (OpenMetrics text), for the operator only.
+//!
+//! Why the operator key and not an open endpoint: the series are labelled with account
+//! ids, project and block names — what tenants run is tenant information — and the API
+//! listener is the one the tenants reach. Prometheus sends the key as a bearer token
+//! (`authorization: {credentials_file: .../operator.key}` in its scrape config).
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::state::SharedState;
+
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+pub async fn metrics(
+    State(state): State<SharedState>,
+    caller: Caller,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.require_operator()?;
+    Ok((
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        state.pool.render_metrics(),
+    ))
+}
