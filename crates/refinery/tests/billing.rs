@@ -84,7 +84,7 @@ async fn concurrent_usage_reconciles_to_the_cent_across_a_restart_and_an_idempot
     const GRANULARITY_MS: i64 = 10;
     let mut server = Server::start().await;
     let op = server.operator_key.clone();
-    let (_, key) = server.account("acme").await;
+    let (account_id, key) = server.account("acme").await;
     put(
         &server,
         "/v1/pricing",
@@ -147,8 +147,22 @@ async fn concurrent_usage_reconciles_to_the_cent_across_a_restart_and_an_idempot
     assert_eq!(usage["status"], "open");
     check_usage(&usage);
 
-    // Restart on the same data dir: nothing metered is lost.
+    // Restart on the same data dir: nothing metered is lost. While the server is down,
+    // the per-execution usage rows themselves sum to the same as the executions.
     server.stop();
+    {
+        let store = refinery_store::Store::open(&server.data_dir)
+            .await
+            .expect("open store");
+        let rows = store
+            .usage_from_rows(&account_id, period.parse().expect("period"))
+            .await
+            .expect("usage rows");
+        assert_eq!(rows.requests, N);
+        assert_eq!(rows.mb_ms, mb_ms);
+        assert_eq!(rows.egress_bytes, egress);
+        store.close().await;
+    }
     let server = Server::start_in(&server.data_dir.clone(), &[]).await;
     let usage = get(&server, &format!("/v1/usage?month={period}"), &key).await;
     check_usage(&usage);

@@ -284,3 +284,41 @@ async fn spending_against_the_cap() -> TestResult {
     assert_eq!(s.currency, "USD");
     Ok(())
 }
+
+#[tokio::test]
+async fn storage_is_code_bytes_held_pro_rata_over_the_month() -> TestResult {
+    use refinery_domain::{BlockSpec, Language};
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path()).await?;
+    let a = store.create_account("alpha", "ha", "pa").await?;
+    let block = |name: &str, code: &str| BlockSpec {
+        name: name.to_string(),
+        language: Language::Python,
+        source_name: format!("{name}.py"),
+        code: code.to_string(),
+        memory_mb: 128,
+        timeout_s: 10,
+        max_concurrency: 1,
+        keep_alive_s: None,
+        tmp_mb: 16,
+        env: Default::default(),
+    };
+    // 1000 bytes of code ("é" is two bytes: bytes count, not characters).
+    let code = format!("{}{}", "é".repeat(100), "x".repeat(800));
+    assert_eq!(code.len(), 1000);
+    let deployment = store
+        .create_deployment(&a.id, "p", "# m", &[block("b", &code)])
+        .await?;
+    let period = Period::containing(deployment.created_at_ms);
+    let held_ms = 3_600_000;
+    let bill = store
+        .bill(&a, period, deployment.created_at_ms + held_ms)
+        .await?;
+    // 1000 B × 1 h / (10⁹ B/GB × the month's length).
+    let expected = Decimal::from(1000) * Decimal::from(held_ms)
+        / Decimal::from(1_000_000_000)
+        / Decimal::from(period.length_ms());
+    assert_eq!(bill.usage.storage_gb_months, expected);
+    assert!(bill.usage.storage_gb_months > Decimal::ZERO);
+    Ok(())
+}
