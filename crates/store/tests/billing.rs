@@ -45,6 +45,20 @@ fn execution(
     }
 }
 
+/// $1 per request, nothing free, everything else at no cost.
+fn dollar_per_request() -> PriceList {
+    let mut free_tier = PriceList::default().free_tier;
+    free_tier.requests = 0;
+    PriceList {
+        per_million_requests: d("1000000"),
+        per_gb_second: d("0"),
+        per_gb_egress: d("0"),
+        per_gb_month_storage: d("0"),
+        free_tier,
+        ..PriceList::default()
+    }
+}
+
 fn usage(memory_mb: u32, ended_at_ms: i64, egress_bytes: u64) -> ExecutionUsage {
     ExecutionUsage {
         memory_mb,
@@ -97,8 +111,10 @@ async fn usage_is_written_with_its_execution_exactly_once() -> TestResult {
     assert_eq!(store.execution_period(&a.id, "e1").await?, Some(period));
 
     // A coarser granularity applies to executions metered after it is set.
-    let mut prices = PriceList::default();
-    prices.granularity_ms = 100;
+    let prices = PriceList {
+        granularity_ms: 100,
+        ..PriceList::default()
+    };
     store.set_price_list(&prices).await?;
     store
         .insert_execution(&execution(&a.id, "e3", 100.001, None), &usage(128, t, 0))
@@ -116,13 +132,7 @@ async fn closing_is_idempotent_immutable_and_later_usage_goes_to_the_next_month(
     let a = store.create_account("alpha", "ha", "pa").await?;
     let b = store.create_account("beta", "hb", "pb").await?;
     // $1 per request, nothing free, no markup for alpha, 37.5% for beta.
-    let mut prices = PriceList::default();
-    prices.per_million_requests = d("1000000");
-    prices.free_tier.requests = 0;
-    prices.per_gb_second = d("0");
-    prices.per_gb_egress = d("0");
-    prices.per_gb_month_storage = d("0");
-    store.set_price_list(&prices).await?;
+    store.set_price_list(&dollar_per_request()).await?;
     store
         .set_account_billing(
             &a.id,
@@ -254,10 +264,7 @@ async fn spending_against_the_cap() -> TestResult {
         None,
         "no cap, nothing to check"
     );
-    let mut prices = PriceList::default();
-    prices.per_million_requests = d("1000000");
-    prices.free_tier.requests = 0;
-    store.set_price_list(&prices).await?;
+    store.set_price_list(&dollar_per_request()).await?;
     store
         .set_account_billing(
             &a.id,
