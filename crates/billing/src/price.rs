@@ -11,6 +11,9 @@ use crate::money::de_decimal;
 
 /// Most decimal places a currency may have (minor unit).
 const MAX_DECIMAL_PLACES: u32 = 6;
+/// Largest amount, price, allowance or percentage accepted anywhere (10¹²): far above any
+/// real price, and far enough below `Decimal`'s 28 digits that no bill overflows.
+pub const MAX_AMOUNT: Decimal = Decimal::from_parts(0xD4A5_1000, 0xE8, 0, false, 0);
 /// Coarsest billing granularity: one minute.
 pub const MAX_GRANULARITY_MS: u32 = 60_000;
 
@@ -190,9 +193,30 @@ impl PriceList {
     }
 }
 
+/// An amount (price, allowance, fee, cap, percentage) must be 0 ≤ value ≤ [`MAX_AMOUNT`].
+pub fn check_amount(value: Decimal) -> Result<(), String> {
+    if value.is_sign_negative() && !value.is_zero() {
+        Err(format!("{value} is negative; amounts are ≥ 0"))
+    } else if value > MAX_AMOUNT {
+        Err(format!(
+            "{value} is too large; amounts are at most {MAX_AMOUNT}"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn max_amount_is_ten_to_the_twelfth() {
+        assert_eq!(MAX_AMOUNT, Decimal::from(1_000_000_000_000_i64));
+        assert!(check_amount(MAX_AMOUNT).is_ok());
+        assert!(check_amount(MAX_AMOUNT + Decimal::ONE).is_err());
+        assert!(check_amount(Decimal::NEGATIVE_ONE).is_err());
+    }
 
     #[test]
     fn reads_toml_with_strings_and_numbers() -> Result<(), PriceListError> {

@@ -119,7 +119,11 @@ fn line(
         free: free.normalize(),
         billable: billable.normalize(),
         unit_price: unit_price.normalize(),
-        amount: round(billable * unit_price, places),
+        // Saturates instead of overflowing (28 digits): only absurd prices get near it.
+        amount: round(
+            billable.checked_mul(unit_price).unwrap_or(Decimal::MAX),
+            places,
+        ),
     }
 }
 
@@ -164,9 +168,20 @@ pub fn rate(prices: &PriceList, usage: &Quantities, terms: &Terms) -> Bill {
             places,
         ),
     ];
-    let subtotal = round(lines.iter().map(|l| l.amount).sum(), places);
-    let markup = round(subtotal * terms.markup_percent / Decimal::from(100), places);
-    let spent = subtotal + markup;
+    let subtotal = round(
+        lines
+            .iter()
+            .try_fold(Decimal::ZERO, |sum, l| sum.checked_add(l.amount))
+            .unwrap_or(Decimal::MAX),
+        places,
+    );
+    let markup = round(
+        subtotal
+            .checked_mul(terms.markup_percent)
+            .map_or(Decimal::MAX, |m| m / Decimal::from(100)),
+        places,
+    );
+    let spent = subtotal.saturating_add(markup);
     let minimum_fee = round(terms.minimum_fee, places);
     let minimum_fee_adjustment = (minimum_fee - spent).max(round(Decimal::ZERO, places));
     Bill {
@@ -177,7 +192,7 @@ pub fn rate(prices: &PriceList, usage: &Quantities, terms: &Terms) -> Bill {
         markup,
         minimum_fee,
         minimum_fee_adjustment,
-        total: spent + minimum_fee_adjustment,
+        total: spent.saturating_add(minimum_fee_adjustment),
         spent,
     }
 }

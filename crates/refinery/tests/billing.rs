@@ -267,6 +267,17 @@ async fn a_reached_spending_cap_refuses_invocations_with_402_until_raised() {
         .await;
     assert_eq!(status, 403, "{body}");
 
+    let (status, body) = server
+        .request(
+            "PUT",
+            "/v1/accounts/trial/billing",
+            Some(&key),
+            Some(json!({ "spending_cap": "-1" })),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("negative"), "{body}");
+
     server.invoke_ok(&key, "metered", "pad", json!(1)).await;
     server.invoke_ok(&key, "metered", "pad", json!(2)).await;
     // 2 × $1 reached the $2 cap: refused, nothing run, nothing recorded.
@@ -433,6 +444,17 @@ async fn accounts_see_only_their_own_usage_and_bills_and_the_cli_drives_it_all()
         .filter_map(|u| u["account"].as_str())
         .collect();
     assert_eq!(accounts, ["alpha", "beta"]);
+
+    // Months that have not begun, or are not months, cannot be closed.
+    let (status, body) = server
+        .request("POST", "/v1/bills/2999-01/close", Some(&op), None)
+        .await;
+    assert_eq!(status, 409, "{body}");
+    let (status, body) = server
+        .request("POST", "/v1/bills/2026-13/close", Some(&op), None)
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("YYYY-MM"), "{body}");
 
     // Close (operator, CLI), twice; bills and CSV.
     let (code, first, err) = server.cli(&op, &["bills", "close", &period, "--json"], None);

@@ -17,6 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use refinery_billing::csv::{to_csv, CsvRow};
 use refinery_billing::money::de_decimal;
+use refinery_billing::price::check_amount;
 use refinery_billing::{Decimal, Period, PriceList};
 use refinery_store::{Account, AccountBilling, BillRecord, ExecutionUsage, Store};
 use serde::{Deserialize, Deserializer};
@@ -212,9 +213,9 @@ pub async fn set_account_billing(
     ] {
         if let Some(value) = change {
             let value = value.map(|Amount(d)| d);
-            if value.is_some_and(|d| d.is_sign_negative() && !d.is_zero()) {
+            if let Some(Err(problem)) = value.map(check_amount) {
                 return Err(ApiError::BadRequest(format!(
-                    "{field} must not be negative; use null to return to the default (no cap)"
+                    "{field}: {problem}; use null to return to the default (or, for spending_cap, to remove it)"
                 )));
             }
             *slot = value;
