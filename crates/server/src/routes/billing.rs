@@ -320,7 +320,11 @@ pub async fn list_bills(
     let period = query.month.as_deref().map(parse_period).transpose()?;
     let account_id = match (&caller, query.account.as_deref()) {
         (Caller::Operator, None) => None,
-        (_, named) => Some(accounts_for(&state, &caller, named).await?.remove(0).id),
+        (_, named) => accounts_for(&state, &caller, named)
+            .await?
+            .into_iter()
+            .next()
+            .map(|a| a.id),
     };
     let bills = state.store.bills(account_id.as_deref(), period).await?;
     respond(
