@@ -10,6 +10,7 @@ use refinery_domain::Manifest;
 use reqwest::Method;
 use serde_json::{json, Value};
 
+use crate::billing::{self, BillsCommand, PricingCommand, SetBillingArgs, UsageArgs};
 use crate::client::Client;
 
 /// Options shared by every client command.
@@ -71,6 +72,14 @@ pub enum ClientCommand {
     Logs { execution_id: String },
     /// List running and warm instances.
     Instances,
+    /// The operator's price list: `set FILE` (operator key) or `show`.
+    #[command(subcommand)]
+    Pricing(PricingCommand),
+    /// Usage and cost so far this month (or --month), per project and block.
+    Usage(UsageArgs),
+    /// Monthly bills: list, show, close (operator), --csv export.
+    #[command(subcommand)]
+    Bills(BillsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,6 +113,14 @@ pub enum AccountsCommand {
         /// The account's name or id.
         account: String,
     },
+    /// Set an account's markup, minimum fee (operator key) or spending cap (operator, or
+    /// the account itself).
+    SetBilling(SetBillingArgs),
+    /// Show an account's billing terms and spending this month.
+    Billing {
+        /// The account's name or id.
+        account: String,
+    },
 }
 
 /// Runs one client command; the exit code is non-zero when the server said no or the
@@ -112,7 +129,13 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
     let key = match (&args.api_key, &command) {
         (Some(key), _) => Some(key.clone()),
         // Quick start: the operator on the server's machine, default data dir.
-        (None, ClientCommand::Accounts(_)) => fs::read_to_string("refinery-data/operator.key")
+        (
+            None,
+            ClientCommand::Accounts(_)
+            | ClientCommand::Pricing(_)
+            | ClientCommand::Usage(_)
+            | ClientCommand::Bills(_),
+        ) => fs::read_to_string("refinery-data/operator.key")
             .ok()
             .map(|k| k.trim().to_string()),
         (None, _) => None,
@@ -120,6 +143,15 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
     let client = Client::new(&args.url, key);
     let json = args.json;
     match command {
+        ClientCommand::Pricing(command) => return billing::pricing(&client, json, command).await,
+        ClientCommand::Usage(args) => return billing::usage(&client, json, args).await,
+        ClientCommand::Bills(command) => return billing::bills(&client, json, command).await,
+        ClientCommand::Accounts(AccountsCommand::SetBilling(args)) => {
+            return billing::set_billing(&client, json, args).await
+        }
+        ClientCommand::Accounts(AccountsCommand::Billing { account }) => {
+            return billing::show_billing(&client, json, &account).await
+        }
         ClientCommand::Accounts(AccountsCommand::Create { name }) => {
             let reply = client
                 .post("/v1/accounts", &json!({ "name": name }))
@@ -421,7 +453,7 @@ fn deploy_request(path: &Path) -> Result<Value> {
 
 /// An account name or id as one URL path segment (names and ids are `[a-z0-9_-]`; anything
 /// else is percent-encoded so it cannot change the path).
-fn path_segment(text: &str) -> String {
+pub(crate) fn path_segment(text: &str) -> String {
     text.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.' {
@@ -461,7 +493,7 @@ fn quota_text(reply: &Value) -> String {
     )
 }
 
-fn print(json: bool, reply: &Value, human: impl FnOnce() -> String) {
+pub(crate) fn print(json: bool, reply: &Value, human: impl FnOnce() -> String) {
     if json {
         println!("{}", pretty(reply));
     } else {
@@ -469,7 +501,7 @@ fn print(json: bool, reply: &Value, human: impl FnOnce() -> String) {
     }
 }
 
-fn lines(list: &Value, line: impl Fn(&Value) -> String) -> String {
+pub(crate) fn lines(list: &Value, line: impl Fn(&Value) -> String) -> String {
     match list.as_array() {
         Some(items) if !items.is_empty() => items.iter().map(line).collect::<Vec<_>>().join("\n"),
         _ => "(none)".to_string(),

@@ -3,6 +3,7 @@
 //! summary or, with `--json`, the API's JSON. It holds no platform logic of its own
 //! beyond reading the manifest and its source files from disk.
 
+mod billing;
 mod client;
 mod commands;
 

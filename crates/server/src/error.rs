@@ -36,6 +36,9 @@ pub enum ApiError {
         /// Which limit: `max_concurrency`, `instances`, `memory_mb`, `rate` or `scale_up`.
         limit: &'static str,
     },
+    /// The account's spending cap is reached (billing): 402, nothing ran.
+    #[error("{0}")]
+    PaymentRequired(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -53,6 +56,7 @@ impl ApiError {
             ApiError::Manifest(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::PaymentRequired(_) => StatusCode::PAYMENT_REQUIRED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -68,6 +72,7 @@ impl ApiError {
             ApiError::Manifest(_) => "invalid_manifest",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::Throttled { .. } => "throttled",
+            ApiError::PaymentRequired(_) => "spending_cap_reached",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }

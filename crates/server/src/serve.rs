@@ -171,6 +171,9 @@ pub async fn serve(
     tracing::info!(%addr, "listening");
     on_ready(addr);
 
+    // Bills: each month is closed automatically once it is over.
+    let month_closer = tokio::spawn(routes::close_due_months(store.clone()));
+
     let stopping = Arc::new(Notify::new());
     let signal_stopping = stopping.clone();
     let server = axum::serve(listener, routes::router(state)).with_graceful_shutdown(async move {
@@ -183,6 +186,7 @@ pub async fn serve(
         pool.shutdown(config.shutdown_grace).await;
     };
     let (served, ()) = tokio::join!(async { server.await.map_err(ServeError::Http) }, drain);
+    month_closer.abort();
     // Anything started by a request that raced the shutdown.
     pool.shutdown(Duration::ZERO).await;
     let release_host = host.clone();

@@ -3,10 +3,15 @@
 //! Listing returns **full** records (input, output, error and logs included); payloads
 //! are already capped by the recorder (see `refinery_domain::limits`), and
 //! [`MAX_EXECUTION_LIST`] caps how many come back at once.
+//!
+//! An execution and its usage row (metering, see [`crate::usage`]) are written in one
+//! transaction: a crash leaves either both or neither, so no execution is ever unbilled
+//! or billed twice.
 
 use refinery_domain::{ExecutionRecord, UserError};
 use sqlx::FromRow;
 
+use crate::usage::{record_usage, ExecutionUsage};
 use crate::{is_foreign_key_violation, is_unique_violation, parse_stored, Store, StoreError};
 
 /// Most records [`Store::list_executions`] returns, whatever `limit` asks for.
@@ -72,11 +77,16 @@ impl ExecutionRow {
 }
 
 impl Store {
-    /// Records one execution, under `record.account_id`.
+    /// Records one execution, under `record.account_id`, with its usage (metered with
+    /// the granularity in force), in one transaction.
     ///
     /// The account must exist ([`StoreError::AccountNotFound`] otherwise) and the id
-    /// must be new.
-    pub async fn insert_execution(&self, record: &ExecutionRecord) -> Result<(), StoreError> {
+    /// must be new; on any failure nothing is written.
+    pub async fn insert_execution(
+        &self,
+        record: &ExecutionRecord,
+        usage: &ExecutionUsage,
+    ) -> Result<(), StoreError> {
         let error_json = record
             .error
             .as_ref()
@@ -85,6 +95,13 @@ impl Store {
             .map_err(|e| {
                 StoreError::Corrupt(format!("serialising error of execution {}: {e}", record.id))
             })?;
+        // IMMEDIATE: the write lock is held from the start, so the reads metering makes
+        // (granularity, closed months) cannot go stale before the commit.
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(StoreError::db(format!("recording execution {}", record.id)))?;
         sqlx::query(&format!(
             "INSERT INTO executions ({COLUMNS}) \
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -107,7 +124,7 @@ impl Store {
         .bind(error_json)
         .bind(&record.logs)
         .bind(record.logs_truncated)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(|e| {
             if is_foreign_key_violation(&e) {
@@ -121,6 +138,11 @@ impl Store {
                 StoreError::db(format!("inserting execution {}", record.id))(e)
             }
         })?;
+        record_usage(&mut tx, record, usage).await?;
+        tx.commit().await.map_err(StoreError::db(format!(
+            "committing execution {}",
+            record.id
+        )))?;
         Ok(())
     }
 

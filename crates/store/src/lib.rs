@@ -8,7 +8,9 @@
 //! - **Every SQL statement.** Other crates call typed methods on [`Store`]; none of them
 //!   writes SQL. Statements are grouped by concern: [`accounts`] (accounts and API key
 //!   hashes), [`deployments`] (projects, their numbered deployments and blocks) and
-//!   [`executions`] (invocation records) and [`quotas`] (per-account quota overrides).
+//!   [`executions`] (invocation records), [`quotas`] (per-account quota overrides),
+//!   [`usage`] (metering, written with each execution), [`pricing`] (price lists and
+//!   per-account terms) and [`bills`] (monthly bills; rating is `refinery_billing`'s).
 //!
 //! # What it must never do
 //!
@@ -37,10 +39,13 @@
 //! write (PostgreSQL would lock the project row with `SELECT ... FOR UPDATE` instead).
 
 pub mod accounts;
+pub mod bills;
 pub mod deployments;
 pub mod error;
 pub mod executions;
+pub mod pricing;
 pub mod quotas;
+pub mod usage;
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -51,10 +56,13 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::SqlitePool;
 
 pub use accounts::Account;
+pub use bills::{BillRecord, NotStarted, Spending};
 pub use deployments::{Deployment, DeploymentSummary, ProjectSummary};
 pub use error::StoreError;
 pub use executions::MAX_EXECUTION_LIST;
+pub use pricing::AccountBilling;
 pub use quotas::QuotaOverrides;
+pub use usage::{BlockUsage, ExecutionUsage};
 
 /// File name of the database inside the data directory.
 pub const DB_FILE_NAME: &str = "refinery.db";

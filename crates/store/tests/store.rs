@@ -3,7 +3,14 @@
 use std::collections::BTreeMap;
 
 use refinery_domain::{BlockSpec, ExecutionRecord, ExecutionStatus, Language, UserError};
-use refinery_store::{Store, StoreError};
+use refinery_store::{ExecutionUsage, Store, StoreError};
+
+/// Metering inputs for executions these tests record (billing has its own tests).
+const USAGE: ExecutionUsage = ExecutionUsage {
+    memory_mb: 128,
+    ended_at_ms: 1_000,
+    egress_bytes: 0,
+};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -277,7 +284,7 @@ async fn accounts_cannot_see_each_others_rows() -> TestResult {
 
     // Executions.
     store
-        .insert_execution(&execution(&a.id, "exec_a", "a", 1000))
+        .insert_execution(&execution(&a.id, "exec_a", "a", 1000), &USAGE)
         .await?;
     assert_eq!(store.execution(&b.id, "exec_a").await?, None);
     assert!(store
@@ -304,7 +311,7 @@ async fn executions_insert_list_filter_limit_get() -> TestResult {
             rec.init_ms = None;
             rec.cold = false;
         }
-        store.insert_execution(&rec).await?;
+        store.insert_execution(&rec, &USAGE).await?;
     }
 
     let all = store.list_executions(&acct.id, "shop", None, 100).await?;
@@ -345,12 +352,12 @@ async fn executions_insert_list_filter_limit_get() -> TestResult {
 
     // Duplicate ids and unknown accounts are refused.
     assert!(store
-        .insert_execution(&execution(&acct.id, "exec_1", "b", 5))
+        .insert_execution(&execution(&acct.id, "exec_1", "b", 5), &USAGE)
         .await
         .is_err());
     assert!(matches!(
         store
-            .insert_execution(&execution("acct_missing", "e9", "b", 5))
+            .insert_execution(&execution("acct_missing", "e9", "b", 5), &USAGE)
             .await,
         Err(StoreError::AccountNotFound(_))
     ));
@@ -371,7 +378,7 @@ async fn data_survives_close_and_reopen() -> TestResult {
             .await?;
         store.set_live(&acct.id, "shop", 1).await?;
         store
-            .insert_execution(&execution(&acct.id, "exec_1", "a", 1))
+            .insert_execution(&execution(&acct.id, "exec_1", "a", 1), &USAGE)
             .await?;
         store.close().await;
         (acct, d2)

@@ -165,7 +165,7 @@ pub fn pool_override(o: &QuotaOverrides) -> QuotaOverride {
 
 /// The account `name_or_id` names, if the caller may see it: the operator sees every
 /// account, an account only itself. Anything else is 404, as if it did not exist.
-async fn visible_account(
+pub(super) async fn visible_account(
     state: &SharedState,
     caller: &Caller,
     name_or_id: &str,

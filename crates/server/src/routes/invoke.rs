@@ -84,13 +84,17 @@ pub async fn invoke(
         block: spec,
     };
 
+    // Spending cap: refused (402) before anything runs.
+    super::billing::admit(&state, &account).await?;
+
     // Run and record in a task of its own: a client that disconnects must not cancel an
     // invocation half-way (its instance would be lost and its execution unrecorded).
     let input_text = String::from_utf8_lossy(&body).into_owned();
     let task = tokio::spawn(async move {
         let invocation = state.pool.invoke(&target, input, backpack).await?;
         let (record, reply) = finish(&target, input_text, invocation);
-        state.store.insert_execution(&record).await?;
+        let usage = super::billing::usage_of(target.block.memory_mb, &reply);
+        state.store.insert_execution(&record, &usage).await?;
         Ok::<Value, ApiError>(reply)
     });
     let reply = task

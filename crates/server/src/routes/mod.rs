@@ -1,6 +1,7 @@
 //! The REST API's routes, one module per resource.
 
 mod accounts;
+mod billing;
 mod deployments;
 mod executions;
 mod instances;
@@ -15,6 +16,7 @@ use serde_json::{json, Value};
 use crate::state::SharedState;
 
 pub use accounts::pool_override;
+pub use billing::close_due_months;
 
 /// Uploads (manifest + sources) may exceed the invocation payload limit.
 const DEPLOY_BODY_LIMIT: usize = 64 * 1024 * 1024;
@@ -49,7 +51,27 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/executions/{id}", get(executions::show))
         .route("/v1/instances", get(instances::list))
         .route("/metrics", get(metrics::metrics))
+        .merge(billing_routes())
         .with_state(state)
+}
+
+/// Pricing, per-account terms, usage and bills (`routes/billing.rs`).
+fn billing_routes() -> Router<SharedState> {
+    Router::new()
+        .route(
+            "/v1/pricing",
+            get(billing::pricing).put(billing::set_pricing),
+        )
+        .route(
+            "/v1/accounts/{account}/billing",
+            get(billing::account_billing)
+                .put(billing::set_account_billing)
+                .patch(billing::set_account_billing),
+        )
+        .route("/v1/usage", get(billing::usage))
+        .route("/v1/bills", get(billing::list_bills))
+        .route("/v1/bills/{month}", get(billing::show_bill))
+        .route("/v1/bills/{month}/close", post(billing::close))
 }
 
 async fn health() -> Json<Value> {
