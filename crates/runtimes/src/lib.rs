@@ -284,8 +284,10 @@ mod tests {
     fn entries_match_the_contract() {
         assert_eq!(
             entry(Language::Python, "main.py"),
-            RuntimeEntry::Exec {
-                argv: vec![
+            RuntimeEntry::Fork {
+                zygote: "python".into(),
+                args: vec!["/code/main.py".into()],
+                fallback: vec![
                     "/usr/bin/python3".into(),
                     "-I".into(),
                     "-B".into(),
@@ -293,6 +295,13 @@ mod tests {
                     "/code/main.py".into()
                 ]
             }
+        );
+        let zygotes = zygotes(Path::new("/data/runtime"));
+        assert_eq!(zygotes.len(), 1);
+        assert_eq!(zygotes[0].name, "python");
+        assert_eq!(
+            zygotes[0].preload,
+            Path::new("/data/runtime/python_shim.py")
         );
         assert_eq!(
             entry(Language::Shell, "x.sh"),

@@ -46,7 +46,7 @@ CLONE_NEWNET = 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 MNT_DETACH = 2
-PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 1, 24, 38, 47
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 1, 4, 24, 38, 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_LOG = 1, 2
 LANDLOCK_RULE_PATH_BENEATH = 1
@@ -217,6 +217,10 @@ def drop_privileges(config, spec):
     check(sys_call(config, "capset", ctypes.byref(header), ctypes.byref(data)), "capset(empty)")
     if (os.getuid(), os.geteuid(), os.getgid()) != (uid, uid, gid):
         raise SetupError("uid/gid did not change")
+    # The uid change made the process non-dumpable (its /proc files root-owned, /proc/self/ns
+    # unreadable to itself); an exec would reset that. Dumpable lets only the same uid — the
+    # instance's own processes — at it, and ptrace is refused by seccomp anyway.
+    prctl(PR_SET_DUMPABLE, 1, "PR_SET_DUMPABLE")
     # The uid change cleared the parent-death signal: re-arm it, then check the server is there.
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL, "PR_SET_PDEATHSIG")
     exit_if_orphaned()
@@ -289,6 +293,7 @@ def child(config, spec, fds, control, pidns_fd, shim):
         control.close()
         os.close(pidns_fd)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
         # Lift the received fds above 0..=4 first, so no dup2 below clobbers a later source.
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in fds]
         for target, fd in zip((0, 1, 2, 3, 4), (high[0], high[1], high[1], high[2], high[3])):
@@ -345,15 +350,20 @@ def reply(control, body, fds=()):
 def fork_instance(config, spec, fds, control, pidns_fd, shim):
     """unshare(CLONE_NEWPID) makes the next child pid 1 of a new pid namespace; setns back to
     our own namespace afterwards, so the next fork gets a namespace of its own too."""
-    check(libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+    # SIGCHLD stays blocked until the pidfd is open: the reaper (the signal handler) cannot
+    # collect the child, so its pid cannot be reused, before the pidfd pins it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     try:
-        pid = os.fork()
-        if pid == 0:
-            child(config, spec, fds, control, pidns_fd, shim)
+        check(libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+        try:
+            pid = os.fork()
+            if pid == 0:
+                child(config, spec, fds, control, pidns_fd, shim)
+        finally:
+            check(libc.setns(pidns_fd, CLONE_NEWPID), "setns back to the zygote's pid namespace")
+        return pid, check(sys_call(config, "pidfd_open", pid, 0), "pidfd_open")
     finally:
-        check(libc.setns(pidns_fd, CLONE_NEWPID), "setns back to the zygote's pid namespace")
-    pidfd = check(sys_call(config, "pidfd_open", pid, 0), "pidfd_open")
-    return pid, pidfd
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
 
 
 def load_shim(path):
@@ -367,6 +377,9 @@ def main():
     if len(sys.argv) != 2:
         print("usage: zygote_python.py SHIM.py", file=sys.stderr)
         return 2
+    # The host's spawner thread runs with every signal blocked and we inherit its mask: unblock
+    # them, or SIGCHLD never reaches the reaper below.
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     control = socket.socket(fileno=CONTROL_FD)
     shim = load_shim(sys.argv[1])
     signal.signal(signal.SIGCHLD, reap)
