@@ -551,6 +551,7 @@ impl InstancePool {
             tmp_mb: block.tmp_mb,
             pids_max: refinery_domain::limits::INSTANCE_PIDS_MAX,
             cpu_percent: 100,
+            network: block.network,
         };
         let host_error = |message: String| {
             StartFailure::Host(PoolError::StartInstance {

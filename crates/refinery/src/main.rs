@@ -62,6 +62,11 @@ struct ServeArgs {
     /// Default per-account quota: invocations allowed in a burst above the rate.
     #[arg(long, default_value_t = Quota::DEFAULT.burst, value_name = "N")]
     quota_burst: u32,
+    /// Lets `network = true` blocks reach this address range although the egress deny list
+    /// (loopback, link-local, private ranges, the host's own addresses) covers it, e.g. an
+    /// internal API at 10.1.2.0/24. Repeatable. Every block with network gets it.
+    #[arg(long = "network-allow", value_name = "CIDR")]
+    network_allow: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -112,6 +117,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             rate: args.quota_rate,
             burst: args.quota_burst,
         },
+        network_allow: args.network_allow,
     };
     refinery_server::serve(config, shutdown_signal(), |addr| {
         // A stable line scripts and tests wait for.

@@ -33,6 +33,9 @@ pub struct ServeConfig {
     /// Every account's quota unless the operator set its own (`refinery accounts
     /// set-quota`).
     pub default_quota: Quota,
+    /// The operator's exceptions to the egress deny list of `network = true` blocks
+    /// (`--network-allow`, CIDRs).
+    pub network_allow: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,12 +102,16 @@ pub async fn serve(
 
     let store = Store::open(data_dir).await?;
 
-    let host = Arc::new(SandboxHost::detect(HostConfig {
+    let mut host = SandboxHost::detect(HostConfig {
         init_exe: config.init_exe.clone(),
         init_args: vec!["__sandbox-init".into()],
         state_dir: data_dir.join("sandbox"),
         cgroup_root_name: cgroup_root_name(data_dir),
-    })?);
+    })?;
+    // Fails the start when pasta or nft is missing: a server that accepted `network = true`
+    // deployments it cannot run would only fail later, at the first invocation.
+    host.enable_network(&config.network_allow)?;
+    let host = Arc::new(host);
     let stale = host.cleanup_stale()?;
     if stale > 0 {
         tracing::warn!(count = stale, "removed instances left by a previous run");

@@ -81,6 +81,7 @@ struct BlockRow {
     keep_alive_s: Option<i64>,
     tmp_mb: i64,
     env_json: String,
+    network: bool,
 }
 
 impl BlockRow {
@@ -102,6 +103,7 @@ impl BlockRow {
                 .transpose()?,
             tmp_mb: stored_u32("tmp_mb", self.tmp_mb)?,
             env,
+            network: self.network,
             name: self.name,
             source_name: self.source_name,
             code: self.code,
@@ -418,8 +420,8 @@ async fn insert_block(
         .map_err(|_| StoreError::Corrupt(format!("{}: too many blocks", what())))?;
     sqlx::query(
         "INSERT INTO blocks (deployment_id, position, name, language, source_name, code, \
-         memory_mb, timeout_s, max_concurrency, keep_alive_s, tmp_mb, env_json) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         memory_mb, timeout_s, max_concurrency, keep_alive_s, tmp_mb, env_json, network) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(deployment_id)
     .bind(position)
@@ -433,6 +435,7 @@ async fn insert_block(
     .bind(block.keep_alive_s.map(i64::from))
     .bind(i64::from(block.tmp_mb))
     .bind(env_json)
+    .bind(block.network)
     .execute(conn)
     .await
     .map_err(|e| {
@@ -482,7 +485,7 @@ async fn load_deployment(
 
     let blocks = sqlx::query_as::<_, BlockRow>(
         "SELECT name, language, source_name, code, memory_mb, timeout_s, max_concurrency, \
-         keep_alive_s, tmp_mb, env_json FROM blocks WHERE deployment_id = ? ORDER BY position",
+         keep_alive_s, tmp_mb, env_json, network FROM blocks WHERE deployment_id = ? ORDER BY position",
     )
     .bind(row.id)
     .fetch_all(&mut *conn)

@@ -21,6 +21,7 @@ fn block(name: &str) -> BlockSpec {
         keep_alive_s: Some(120),
         tmp_mb: 64,
         env,
+        network: false,
     }
 }
 
