@@ -15,7 +15,7 @@ use common::{eventually, host_addresses, process_alive, Server};
 use serde_json::{json, Value};
 
 const PRELUDE: &str = r#"
-import errno, json, os, socket, subprocess
+import errno, json, os, socket, struct, subprocess
 
 def ename(e):
     return errno.errorcode.get(e, str(e))
@@ -93,6 +93,34 @@ fn greeter(addr: &str, token: &str) -> Greeter {
     Greeter { port, hits }
 }
 
+/// Whether the first resolver of this host's /etc/resolv.conf answers a query from here.
+fn host_resolver_answers() -> bool {
+    let Some(server) = std::fs::read_to_string("/etc/resolv.conf")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("nameserver").map(|a| a.trim().to_string()))
+        })
+    else {
+        return false;
+    };
+    let Ok(ip) = server.parse::<IpAddr>() else {
+        return false;
+    };
+    let Ok(sock) = std::net::UdpSocket::bind(if ip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" })
+    else {
+        return false;
+    };
+    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    query.extend_from_slice(b"\x07example\x03com\x00\x00\x01\x00\x01");
+    let _ = sock.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut buf = [0u8; 512];
+    sock.send_to(&query, (ip, 53)).is_ok()
+        && sock
+            .recv(&mut buf)
+            .is_ok_and(|n| n >= 2 && buf[..2] == [0x12, 0x34])
+}
+
 fn api_port(server: &Server) -> u16 {
     server
         .url
@@ -166,9 +194,20 @@ fn dead(pid: i64) -> bool {
 }
 
 const EGRESS: &str = r#"
+def dns(server):
+    """One DNS query over UDP; "reply <id>" if any answer came back."""
+    q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + b"\x07example\x03com\x00" + struct.pack(">HH", 1, 1)
+    def go():
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(5)
+            s.sendto(q, (server, 53))
+            return "reply " + s.recv(512)[:2].hex()
+    return attempt(go)
+
 def main(block_input, backpack):
     return {
         "fetch": fetch(block_input["host"], block_input["port"]),
+        "dns": dns("169.254.0.53"),
         "resolv": attempt(lambda: open("/etc/resolv.conf").read()),
         "ifaces": sorted(l.split(":")[0].strip() for l in open("/proc/net/dev").read().splitlines()[2:]),
     }
@@ -207,6 +246,7 @@ async fn a_network_block_reaches_an_allowed_destination_and_a_plain_block_does_n
     let off = run(&server, &key, "egress", "off", input).await;
     assert_eq!(off["fetch"], "ENETUNREACH", "{off}");
     assert_eq!(off["resolv"], "ENOENT", "{off}");
+    assert_eq!(off["dns"], "ENETUNREACH", "{off}");
     assert_eq!(off["ifaces"], json!(["lo"]), "{off}");
     assert_eq!(
         target.hits.load(Ordering::SeqCst),

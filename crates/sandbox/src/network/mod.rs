@@ -20,6 +20,7 @@ mod pasta;
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 pub use egress::{Cidr, DNS_FORWARD};
 
@@ -81,10 +82,19 @@ impl NetworkHost {
     /// still waiting for its setup frame, so none of the block's code has run). Must be called
     /// after the namespace exists and before the setup frame is sent.
     pub(crate) fn attach(&self, init_pid: libc::pid_t) -> Result<Attachment, String> {
+        let started = Instant::now();
         let netns = open_netns(init_pid)?;
         let ruleset = egress::ruleset(&self.allow, &host_addresses());
         nft::load(&self.nft, &netns, &ruleset)?;
+        let filtered = started.elapsed();
         let pasta = pasta::start(&self.pasta, &netns)?;
+        tracing::debug!(
+            init_pid,
+            pasta_pid = pasta.pid(),
+            filter_ms = filtered.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            "network instance connected"
+        );
         Ok(Attachment { pasta })
     }
 }
