@@ -219,7 +219,7 @@ mod tests {
     use super::*;
 
     fn ip(s: &str) -> IpAddr {
-        s.parse().unwrap()
+        s.parse().expect("valid")
     }
 
     #[test]
@@ -260,32 +260,32 @@ mod tests {
     #[test]
     fn cidr_parsing_accepts_ranges_and_addresses_and_explains_mistakes() {
         assert_eq!(
-            "203.0.113.0/24".parse::<Cidr>().unwrap().to_string(),
+            "203.0.113.0/24".parse::<Cidr>().expect("valid").to_string(),
             "203.0.113.0/24"
         );
         assert_eq!(
-            "198.51.100.7".parse::<Cidr>().unwrap().to_string(),
+            "198.51.100.7".parse::<Cidr>().expect("valid").to_string(),
             "198.51.100.7/32"
         );
         assert_eq!(
-            "2001:db8::/32".parse::<Cidr>().unwrap().to_string(),
+            "2001:db8::/32".parse::<Cidr>().expect("valid").to_string(),
             "2001:db8::/32"
         );
-        let e = "10.1.2.3/8".parse::<Cidr>().unwrap_err();
+        let e = "10.1.2.3/8".parse::<Cidr>().expect_err("invalid");
         assert!(e.contains("did you mean 10.0.0.0/8"), "{e}");
-        let e = "10.0.0.0/33".parse::<Cidr>().unwrap_err();
+        let e = "10.0.0.0/33".parse::<Cidr>().expect_err("invalid");
         assert!(e.contains("0 to 32"), "{e}");
-        let e = "example.com".parse::<Cidr>().unwrap_err();
+        let e = "example.com".parse::<Cidr>().expect_err("invalid");
         assert!(e.contains("not an IP address range"), "{e}");
-        let all = "0.0.0.0/0".parse::<Cidr>().unwrap();
+        let all = "0.0.0.0/0".parse::<Cidr>().expect("valid");
         assert!(all.contains(ip("127.0.0.1")) && !all.contains(ip("::1")));
     }
 
     #[test]
     fn ruleset_orders_dns_then_allow_then_deny_and_adds_host_addresses() {
         let allow = [
-            "198.51.100.7/32".parse().unwrap(),
-            "2001:db8::/32".parse().unwrap(),
+            "198.51.100.7/32".parse().expect("valid"),
+            "2001:db8::/32".parse().expect("valid"),
         ];
         let text = ruleset(
             &allow,
