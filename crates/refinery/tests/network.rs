@@ -130,7 +130,7 @@ fn api_port(server: &Server) -> u16 {
         .expect("port")
 }
 
-async fn deploy(server: &Server, key: &str, project: &str, blocks: &[(&str, &str, bool)]) {
+async fn deploy(server: &Server, key: &str, project: &str, blocks: &[(&str, &str, bool)]) -> Value {
     let mut manifest = format!("name = \"{project}\"\n");
     let mut files = Vec::new();
     for (name, body, network) in blocks {
@@ -145,6 +145,7 @@ async fn deploy(server: &Server, key: &str, project: &str, blocks: &[(&str, &str
         .collect();
     let (status, body) = server.deploy(key, &manifest, &files).await;
     assert_eq!(status, 201, "deploy {project}: {body}");
+    body
 }
 
 async fn run(server: &Server, key: &str, project: &str, block: &str, input: Value) -> Value {
@@ -220,13 +221,15 @@ async fn a_network_block_reaches_an_allowed_destination_and_a_plain_block_does_n
     let allow = format!("{dest}/32");
     let server = Server::start_with(&["--network-allow", &allow]).await;
     let (_, key) = server.account("netty").await;
-    deploy(
+    let deployed = deploy(
         &server,
         &key,
         "egress",
         &[("on", EGRESS, true), ("off", EGRESS, false)],
     )
     .await;
+    assert_eq!(deployed["blocks"][0]["network"], true, "{deployed}");
+    assert_eq!(deployed["blocks"][1]["network"], false, "{deployed}");
     let input = json!({ "host": dest, "port": target.port });
 
     let on = run(&server, &key, "egress", "on", input.clone()).await;

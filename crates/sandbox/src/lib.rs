@@ -14,7 +14,10 @@
 //!   live instance;
 //! - creating instances ([`SandboxHost::spawn`]) from one dedicated spawner thread, and their
 //!   whole life up to [`SandboxedInstance::destroy`];
-//! - the in-sandbox init ([`init_main`]) that builds the sandbox around itself.
+//! - the in-sandbox init ([`init_main`]) that builds the sandbox around itself;
+//! - outbound network for instances that ask for it (`network/`: one pasta per instance and
+//!   an nftables egress filter in its namespace, attached before its code runs; killed with
+//!   the instance), enabled by [`SandboxHost::enable_network`].
 //!
 //! What it must never do:
 //! - leak a process, a cgroup or a uid: every instance is destroyed at the latest on drop;

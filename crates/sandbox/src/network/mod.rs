@@ -84,7 +84,7 @@ impl NetworkHost {
     pub(crate) fn attach(&self, init_pid: libc::pid_t) -> Result<Attachment, String> {
         let started = Instant::now();
         let netns = open_netns(init_pid)?;
-        let ruleset = egress::ruleset(&self.allow, &host_addresses());
+        let ruleset = egress::ruleset(&self.allow, &host_addresses()?);
         nft::load(&self.nft, &netns, &ruleset)?;
         let filtered = started.elapsed();
         let pasta = pasta::start(&self.pasta, &netns)?;
@@ -107,11 +107,11 @@ fn open_netns(pid: libc::pid_t) -> Result<OwnedFd, String> {
 }
 
 /// Every address of the host (all interfaces): connections to them would reach the host's own
-/// services through pasta, so the ruleset denies them.
-fn host_addresses() -> Vec<IpAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
-    };
+/// services through pasta, so the ruleset denies them. An error fails the start (never a
+/// ruleset without them).
+fn host_addresses() -> Result<Vec<IpAddr>, String> {
+    let addrs = nix::ifaddrs::getifaddrs()
+        .map_err(|e| format!("listing the host's addresses (getifaddrs): {e}"))?;
     let mut out: Vec<IpAddr> = Vec::new();
     for a in addrs {
         let Some(sa) = a.address else { continue };
@@ -126,7 +126,7 @@ fn host_addresses() -> Vec<IpAddr> {
             out.push(ip);
         }
     }
-    out
+    Ok(out)
 }
 
 /// The mount-table changes of a network instance: a resolver, and DNS in the lookup order.

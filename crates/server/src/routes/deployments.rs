@@ -163,6 +163,7 @@ fn deployment_json(deployment: &Deployment) -> Value {
                 "timeout_s": b.timeout_s,
                 "max_concurrency": b.max_concurrency,
                 "keep_alive_s": b.keep_alive_s,
+                "network": b.network,
             })
         })
         .collect();
