@@ -273,6 +273,12 @@ def main(block_input, backpack):
     tcp = {}
     for host, port in block_input["targets"]:
         tcp["%s:%d" % (host, port)] = fetch(host, port)
+    udp = {}
+    for host, port in block_input["udp"]:
+        def send(host=host, port=port):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(b"leak", (host, port))
+        udp["%s:%d" % (host, port)] = attempt(send)
     other = {}
     other["nft flush ruleset"] = attempt(lambda: subprocess.run(
         ["/usr/sbin/nft", "flush", "ruleset"], capture_output=True, timeout=20).returncode)
@@ -283,7 +289,7 @@ def main(block_input, backpack):
         ["/usr/sbin/ip", "link", "set", "lo", "down"], capture_output=True, timeout=20).returncode)
     # After the tampering: still filtered.
     retry = {"%s:%d" % (h, p): fetch(h, p) for h, p in block_input["targets"][:2]}
-    return {"tcp": tcp, "other": other, "retry": retry}
+    return {"tcp": tcp, "udp": udp, "other": other, "retry": retry}
 "#;
 
 const LISTEN: &str = r#"
@@ -306,6 +312,17 @@ async fn a_network_block_cannot_reach_the_host_its_api_metadata_or_other_instanc
     let meta = greeter(metadata, "metadata-secrets");
     let private = greeter(host_only, "host-service");
     let loopback = greeter("127.0.0.1", "loopback-service");
+    let udp_sinks: Vec<std::net::UdpSocket> = ["127.0.0.1", metadata, host_only]
+        .iter()
+        .map(|a| std::net::UdpSocket::bind((*a, 0)).expect("bind udp"))
+        .collect();
+    let udp_targets: Vec<(String, u16)> = udp_sinks
+        .iter()
+        .map(|s| {
+            let a = s.local_addr().expect("udp addr");
+            (a.ip().to_string(), a.port())
+        })
+        .collect();
     let server = Server::start().await;
     let api = api_port(&server);
     let (_, key) = server.account("mallory").await;
@@ -340,7 +357,14 @@ async fn a_network_block_cannot_reach_the_host_its_api_metadata_or_other_instanc
         targets.push((addr.clone(), api));
         targets.push((addr, instance_port));
     }
-    let r = run(&server, &key, "attack", "a", json!({ "targets": targets })).await;
+    let r = run(
+        &server,
+        &key,
+        "attack",
+        "a",
+        json!({ "targets": targets, "udp": udp_targets }),
+    )
+    .await;
     let refused = [
         "EHOSTUNREACH",
         "ECONNREFUSED",
@@ -366,6 +390,21 @@ async fn a_network_block_cannot_reach_the_host_its_api_metadata_or_other_instanc
             result.as_i64().is_some_and(|code| code != 0)
                 || ["EPERM", "EACCES", "ENOENT"].contains(&result.as_str().unwrap_or("ok")),
             "{what} = {result}: {r}"
+        );
+    }
+    for (target, result) in r["udp"].as_object().expect("udp") {
+        assert!(
+            ["EPERM", "EHOSTUNREACH", "EACCES"].contains(&result.as_str().unwrap_or("ok")),
+            "udp {target} = {result}: {r}"
+        );
+    }
+    for sink in &udp_sinks {
+        sink.set_nonblocking(true).expect("nonblocking");
+        let mut buf = [0u8; 16];
+        assert!(
+            sink.recv(&mut buf).is_err(),
+            "{:?} received a datagram",
+            sink.local_addr()
         );
     }
     assert_eq!(meta.hits.load(Ordering::SeqCst), 0);

@@ -106,24 +106,26 @@ fn open_netns(pid: libc::pid_t) -> Result<OwnedFd, String> {
         .map_err(|e| format!("opening {path}: {e}"))
 }
 
-/// Every address of the host (all interfaces): connections to them would reach the host's own
-/// services through pasta, so the ruleset denies them. An error fails the start (never a
+/// Every address of the host (all interfaces), and their broadcast addresses: connections to
+/// them would reach the host's own services (or its whole subnet) through pasta, so the
+/// ruleset denies them. An error fails the start (never a
 /// ruleset without them).
 fn host_addresses() -> Result<Vec<IpAddr>, String> {
     let addrs = nix::ifaddrs::getifaddrs()
         .map_err(|e| format!("listing the host's addresses (getifaddrs): {e}"))?;
     let mut out: Vec<IpAddr> = Vec::new();
     for a in addrs {
-        let Some(sa) = a.address else { continue };
-        let ip = if let Some(v4) = sa.as_sockaddr_in() {
-            IpAddr::V4(v4.ip())
-        } else if let Some(v6) = sa.as_sockaddr_in6() {
-            IpAddr::V6(v6.ip())
-        } else {
-            continue;
-        };
-        if !out.contains(&ip) {
-            out.push(ip);
+        for sa in [a.address, a.broadcast].into_iter().flatten() {
+            let ip = if let Some(v4) = sa.as_sockaddr_in() {
+                IpAddr::V4(v4.ip())
+            } else if let Some(v6) = sa.as_sockaddr_in6() {
+                IpAddr::V6(v6.ip())
+            } else {
+                continue;
+            };
+            if !out.contains(&ip) {
+                out.push(ip);
+            }
         }
     }
     Ok(out)
