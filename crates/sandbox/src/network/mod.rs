@@ -63,16 +63,21 @@ fn is_executable(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
+/// (what is wrong, how to fix it) for a missing binary.
+fn missing(bin: &str, package: &str) -> (String, String) {
+    (
+        format!(
+            "`{bin}` was not found on PATH or in {} (needed for blocks with network = true)",
+            FALLBACK_DIRS.join(", ")
+        ),
+        format!("install it: apt-get install {package} (or the equivalent for this distribution)"),
+    )
+}
+
 impl NetworkHost {
     /// Finds `pasta` and `nft`; `allow` are the operator's exceptions to the deny list.
     /// The error says which package is missing.
     pub(crate) fn detect(allow: Vec<Cidr>) -> Result<NetworkHost, (String, String)> {
-        let missing = |bin: &str, package: &str| {
-            (
-                format!("`{bin}` was not found on PATH or in /usr/sbin (needed for blocks with network = true)"),
-                format!("install it: apt-get install {package} (or the equivalent for this distribution)"),
-            )
-        };
         let pasta = find_binary("pasta").ok_or_else(|| missing("pasta", "passt"))?;
         let nft = find_binary("nft").ok_or_else(|| missing("nft", "nftables"))?;
         Ok(NetworkHost { pasta, nft, allow })
@@ -175,6 +180,14 @@ mod tests {
         assert_eq!(pair("--netns"), "/proc/self/fd/7");
         assert_eq!(pair("--pid"), "/proc/self/fd/8");
         assert_eq!(pair("--dns-forward"), DNS_FORWARD.to_string());
+    }
+
+    #[test]
+    fn a_missing_binary_names_its_package() {
+        assert_eq!(find_binary("refinery-no-such-tool"), None);
+        let (what, fix) = missing("pasta", "passt");
+        assert!(what.contains("`pasta` was not found"), "{what}");
+        assert!(fix.contains("apt-get install passt"), "{fix}");
     }
 
     #[test]
