@@ -42,7 +42,7 @@ const READY_BUDGET: Duration = Duration::from_secs(10);
 pub(crate) struct Pasta {
     child: Child,
     /// Read end of pasta's stderr, kept open so pasta's (non-blocking) writes never hit EPIPE.
-    _stderr: OwnedFd,
+    stderr: OwnedFd,
 }
 
 impl Drop for Pasta {
@@ -193,7 +193,7 @@ pub(crate) fn start(pasta: &Path, netns: &OwnedFd) -> Result<Pasta, String> {
     drop(pid_w);
     let mut pasta = Pasta {
         child,
-        _stderr: err_r,
+        stderr: err_r,
     };
     match wait_ready(&pid_r) {
         Ok(()) => Ok(pasta),
@@ -206,13 +206,8 @@ pub(crate) fn start(pasta: &Path, netns: &OwnedFd) -> Result<Pasta, String> {
                 .unwrap_or_default();
             let mut log = [0u8; 4096];
             // SAFETY: reads into a valid buffer from our non-blocking pipe end.
-            let n = unsafe {
-                libc::read(
-                    pasta._stderr.as_raw_fd(),
-                    log.as_mut_ptr().cast(),
-                    log.len(),
-                )
-            };
+            let n =
+                unsafe { libc::read(pasta.stderr.as_raw_fd(), log.as_mut_ptr().cast(), log.len()) };
             let log = if n > 0 {
                 String::from_utf8_lossy(&log[..n as usize])
                     .trim()
