@@ -66,4 +66,8 @@ pub struct BlockSpec {
     /// Size of the instance's private `/tmp`.
     pub tmp_mb: u32,
     pub env: BTreeMap<String, String>,
+    /// Outbound network (`network = true`): through a user-mode stack, never to the host's
+    /// loopback, link-local or private ranges. False (the default): no network at all.
+    #[serde(default)]
+    pub network: bool,
 }

@@ -85,6 +85,7 @@ struct RawBlock {
     tmp_mb: Option<Spanned<i64>>,
     #[serde(default)]
     env: Option<Spanned<BTreeMap<String, String>>>,
+    network: Option<Spanned<bool>>,
 }
 
 /// Variables the platform sets itself; a block may not override them.
@@ -355,6 +356,7 @@ impl Context<'_> {
             min_warm,
             tmp_mb,
             env,
+            network: block.network.as_ref().is_some_and(|n| *n.get_ref()),
         })
     }
 }
@@ -525,5 +527,17 @@ code = "cat"
         assert!(err.message.contains("no blocks"), "{err}");
         let err = parse(&format!("name = \"Bad Name\"\n{block}")).expect_err("name");
         assert_eq!(err.line, Some(1));
+    }
+
+    #[test]
+    fn network_is_opt_in_and_must_be_a_boolean() {
+        let block = "[[blocks]]\nname = \"b\"\nlanguage = \"shell\"\ncode = \"x\"\n";
+        let m = parse(&format!("name = \"p\"\n{block}")).expect("valid");
+        assert!(!m.blocks[0].network);
+        let m = parse(&format!("name = \"p\"\n{block}network = true\n")).expect("valid");
+        assert!(m.blocks[0].network);
+        let err = parse(&format!("name = \"p\"\n{block}network = \"yes\"\n")).expect_err("type");
+        assert_eq!(err.line, Some(6), "{err}");
+        assert!(err.message.contains("bool"), "{err}");
     }
 }

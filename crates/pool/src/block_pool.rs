@@ -330,6 +330,7 @@ mod tests {
                 min_warm,
                 tmp_mb: 16,
                 env: BTreeMap::new(),
+                network: false,
             },
         };
         let labels = BlockLabels {

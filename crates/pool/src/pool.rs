@@ -452,6 +452,11 @@ impl InstancePool {
     }
 
     /// The quota every account has unless it has its own.
+    /// Whether this host can run `network = true` blocks (pasta and nft found at start).
+    pub fn network_enabled(&self) -> bool {
+        self.inner.host.network_enabled()
+    }
+
     pub fn default_quota(&self) -> Quota {
         self.inner.accounts.defaults()
     }
@@ -725,6 +730,7 @@ impl InstancePool {
             tmp_mb: block.tmp_mb,
             pids_max: refinery_domain::limits::INSTANCE_PIDS_MAX,
             cpu_percent: 100,
+            network: block.network,
         };
         let host_error = |message: String| {
             StartFailure::Host(PoolError::StartInstance {

@@ -88,6 +88,11 @@ struct ServeArgs {
     /// under account="_other",project="_other",block="_other".
     #[arg(long, default_value_t = DEFAULT_MAX_LABEL_SETS, value_name = "N")]
     metrics_max_label_sets: usize,
+    /// Lets `network = true` blocks reach this address range although the egress deny list
+    /// (loopback, link-local, private ranges, the host's own addresses) covers it, e.g. an
+    /// internal API at 10.1.2.0/24. Repeatable. Every block with network gets it.
+    #[arg(long = "network-allow", value_name = "CIDR")]
+    network_allow: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -144,6 +149,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         queue_timeout: args.queue_timeout,
         metrics_max_label_sets: args.metrics_max_label_sets,
         adaptive_bin: args.adaptive_bin,
+        network_allow: args.network_allow,
     };
     refinery_server::serve(config, shutdown_signal(), |addr| {
         // A stable line scripts and tests wait for.

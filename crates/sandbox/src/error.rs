@@ -46,6 +46,8 @@ pub enum SandboxError {
     },
 
     /// The dedicated spawner thread is gone (it never exits on its own; this is a bug).
+    #[error("connecting instance {instance} to the network: {what}")]
+    Network { instance: String, what: String },
     #[error("the sandbox spawner thread is gone")]
     SpawnerGone,
 

@@ -7,6 +7,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::cgroup::{FreezerState, InstanceCgroups};
+use crate::network::Attachment;
 use crate::uid::UidLease;
 use crate::SandboxError;
 
@@ -34,6 +35,8 @@ struct State {
     /// Wait status of the init once reaped.
     exit: Option<String>,
     report: Option<ExitReport>,
+    /// The pasta of a network instance; dropped (pasta killed) once the instance is reaped.
+    network: Option<Attachment>,
 }
 
 /// How the host holds an instance's pid 1.
@@ -101,6 +104,7 @@ impl SandboxedInstance {
                 uid: Some(uid),
                 exit: None,
                 report: None,
+                network: None,
             }),
         }
     }
@@ -117,6 +121,15 @@ impl SandboxedInstance {
     /// The instance's uid (= gid) inside and outside the sandbox.
     pub fn uid(&self) -> Option<u32> {
         self.lock().uid.as_ref().map(UidLease::uid)
+    }
+
+    pub(crate) fn set_network(&self, attachment: Attachment) {
+        self.lock().network = Some(attachment);
+    }
+
+    /// Host pid of the instance's pasta (network instances only).
+    pub fn pasta_pid(&self) -> Option<u32> {
+        self.lock().network.as_ref().map(Attachment::pasta_pid)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -268,6 +281,7 @@ impl SandboxedInstance {
         // The namespace's init is gone, so is every process of its pid namespace. Free the uid
         // and remove the cgroups (processes leave a v1 cgroup asynchronously: retry while busy).
         state.uid = None;
+        state.network = None;
         let oom_killed = self.cgroups.oom_killed();
         if !self.cgroups.is_empty() {
             self.cgroups.kill_all();

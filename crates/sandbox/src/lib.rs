@@ -14,7 +14,10 @@
 //!   live instance;
 //! - creating instances ([`SandboxHost::spawn`]) from one dedicated spawner thread, and their
 //!   whole life up to [`SandboxedInstance::destroy`];
-//! - the in-sandbox init ([`init_main`]) that builds the sandbox around itself.
+//! - the in-sandbox init ([`init_main`]) that builds the sandbox around itself;
+//! - outbound network for instances that ask for it (`network/`: one pasta per instance and
+//!   an nftables egress filter in its namespace, attached before its code runs; killed with
+//!   the instance), enabled by [`SandboxHost::enable_network`].
 //!
 //! What it must never do:
 //! - leak a process, a cgroup or a uid: every instance is destroyed at the latest on drop;
@@ -30,6 +33,7 @@ mod fs_access;
 mod init;
 mod instance;
 mod mounts;
+mod network;
 mod seccomp;
 mod spawn;
 mod spec;
@@ -48,12 +52,14 @@ pub use cgroup::{CgroupLayout, FreezerState};
 pub use error::SandboxError;
 pub use init::init_main;
 pub use instance::{ExitReport, SandboxedInstance};
+pub use network::{Cidr, DNS_FORWARD};
 pub use uid::{FIRST_UID, LAST_UID};
 pub use zygote::ZygoteSpec;
 
 use cgroup::{CgroupHost, Limits};
 use instance::Pid1;
 use mounts::{HostRootfs, InstanceFs};
+use network::NetworkHost;
 use spec::{InitSpec, Rlimit, RlimitKind};
 use uid::UidLease;
 use zygote::{ZygoteConfig, Zygotes};
@@ -95,6 +101,15 @@ pub fn seccomp_deny_list() -> Vec<SyscallDenial> {
             by_argument: matches!(d.when, seccomp::When::Any(_)),
             why: d.why,
         })
+        .collect()
+}
+
+/// The egress deny list of network instances as (range, why) rows (see `network/egress.rs`);
+/// the host's own addresses are denied as well, the operator's `allow` ranges are exempt.
+pub fn egress_deny_list() -> Vec<(&'static str, &'static str)> {
+    network::egress::DENY
+        .iter()
+        .map(|d| (d.cidr, d.why))
         .collect()
 }
 
@@ -149,6 +164,9 @@ pub struct InstanceSpec {
     pub pids_max: u32,
     /// 100 = one core (cfs quota / cpu.max); 0 = unlimited.
     pub cpu_percent: u32,
+    /// Outbound network through pasta and the egress filter (`network = true`); needs
+    /// [`SandboxHost::enable_network`]. False: an empty network namespace.
+    pub network: bool,
 }
 
 /// The host ends of an instance's pipes.
@@ -179,6 +197,8 @@ pub struct SandboxHost {
     staging_dir: PathBuf,
     landlock_abi: Option<u32>,
     zygotes: Zygotes,
+    /// Set by [`SandboxHost::enable_network`]; None = `network` instances are refused.
+    network: Option<NetworkHost>,
 }
 
 fn detect_err(what: impl Into<String>, fix: impl Into<String>) -> SandboxError {
@@ -269,7 +289,27 @@ impl SandboxHost {
             staging_dir,
             landlock_abi,
             zygotes,
+            network: None,
         })
+    }
+
+    /// Lets instances ask for outbound network ([`InstanceSpec::network`]): checks that `pasta`
+    /// (package passt) and `nft` (package nftables) are installed and parses the operator's
+    /// exceptions to the egress deny list (`allow`, CIDRs such as `203.0.113.0/24`).
+    pub fn enable_network(&mut self, allow: &[String]) -> Result<(), SandboxError> {
+        let allow = allow
+            .iter()
+            .map(|s| s.parse::<Cidr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| SandboxError::InvalidSpec(format!("network allow list: {e}")))?;
+        let host = NetworkHost::detect(allow).map_err(|(what, fix)| detect_err(what, fix))?;
+        self.network = Some(host);
+        Ok(())
+    }
+
+    /// Whether [`SandboxHost::enable_network`] succeeded.
+    pub fn network_enabled(&self) -> bool {
+        self.network.is_some()
     }
 
     /// The Landlock ABI version instances are restricted with (the kernel's), or None when the
@@ -364,6 +404,13 @@ impl SandboxHost {
                 ));
             }
         }
+        if spec.network && self.network.is_none() {
+            return bad(format!(
+                "instance {} asks for network but this host has outbound network off \
+                 (SandboxHost::enable_network was not called)",
+                spec.instance_id
+            ));
+        }
         if spec.memory_mb == 0 || spec.tmp_mb == 0 || spec.pids_max == 0 {
             return bad("memory_mb, tmp_mb and pids_max must be positive".into());
         }
@@ -398,11 +445,15 @@ impl SandboxHost {
             env.retain(|(have, _)| have != k);
             env.push((k.clone(), v.clone()));
         }
+        let mut mounts = mounts::layout(&self.rootfs, &fs);
+        if spec.network {
+            network::adjust_mounts(&mut mounts);
+        }
         InitSpec {
             instance_id: spec.instance_id.clone(),
             cgroup_procs: procs,
             staging_dir: self.staging_dir.clone(),
-            mounts: mounts::layout(&self.rootfs, &fs),
+            mounts,
             hostname: HOSTNAME.into(),
             workdir: WORKDIR.into(),
             uid,
@@ -438,7 +489,14 @@ impl SandboxHost {
                 args,
                 fallback,
             } => {
-                let forked = if self.zygotes.has(zygote) {
+                // A forked child builds its sandbox and runs at once; the network hook needs the
+                // instance to wait for it, which only the exec-started init does.
+                let forked = if spec.network {
+                    Err(SandboxError::Zygote {
+                        zygote: zygote.clone(),
+                        what: "network instances start by exec".into(),
+                    })
+                } else if self.zygotes.has(zygote) {
                     self.start(spec, Launch::Fork { zygote, args })
                 } else {
                     Err(SandboxError::Zygote {
@@ -511,6 +569,21 @@ impl SandboxHost {
         // From here on the instance owns the process: dropping it on error destroys everything.
         let instance = SandboxedInstance::new(spec.instance_id.clone(), pid1, cgroups, uid);
         if let Some(frame) = frame {
+            // Network hook: the namespace exists, the init waits for its setup frame (none of
+            // the block's code has run). Connect it now or not at all. (Network instances are
+            // never forked: see `spawn`.)
+            if let (true, Some(net)) = (spec.network, &self.network) {
+                match net.attach(instance.pid()) {
+                    Ok(attachment) => instance.set_network(attachment),
+                    Err(what) => {
+                        let _ = instance.destroy();
+                        return Err(SandboxError::Network {
+                            instance: spec.instance_id.clone(),
+                            what,
+                        });
+                    }
+                }
+            }
             if let Err(source) = spawn::write_frame(&host_fds.requests, &frame) {
                 let _ = instance.destroy();
                 return Err(SandboxError::SendSpec {

@@ -414,6 +414,7 @@ fn helper_server_process() {
         tmp_mb: 4,
         pids_max: 16,
         cpu_percent: 50,
+        network: false,
     };
     let spawned = host.spawn(&spec).expect("spawn");
     let mut buf = [0u8; 3];

@@ -24,6 +24,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     Conflict(String),
+    /// A well-formed request this server cannot honour as asked: 422.
+    #[error("{0}")]
+    Unprocessable(String),
     #[error("invalid manifest: {0}")]
     Manifest(#[from] ManifestError),
     #[error("{}the limit is {limit} bytes (6 MB); send a smaller payload, or a reference to the data (e.g. a URL) instead", size.map(|s| format!("the request body is {s} bytes; ")).unwrap_or_default())]
@@ -53,7 +56,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::Manifest(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Manifest(_) | ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PaymentRequired(_) => StatusCode::PAYMENT_REQUIRED,
@@ -70,6 +73,7 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Conflict(_) => "conflict",
             ApiError::Manifest(_) => "invalid_manifest",
+            ApiError::Unprocessable(_) => "unsupported_here",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
             ApiError::Throttled { .. } => "throttled",
             ApiError::PaymentRequired(_) => "spending_cap_reached",

@@ -46,6 +46,9 @@ pub struct ServeConfig {
     pub metrics_max_label_sets: usize,
     /// Bin width of the adaptive keep-alive histogram.
     pub adaptive_bin: Duration,
+    /// The operator's exceptions to the egress deny list of `network = true` blocks
+    /// (`--network-allow`, CIDRs).
+    pub network_allow: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -112,12 +115,24 @@ pub async fn serve(
 
     let store = Store::open(data_dir).await?;
 
-    let host = Arc::new(SandboxHost::detect(HostConfig {
+    let mut host = SandboxHost::detect(HostConfig {
         init_exe: config.init_exe.clone(),
         init_args: vec!["__sandbox-init".into()],
         state_dir: data_dir.join("sandbox"),
         cgroup_root_name: cgroup_root_name(data_dir),
-    })?);
+    })?;
+    // Without pasta or nft the server still starts (the quick start needs nothing but the
+    // binary), and refuses `network = true` deployments with a message naming the packages.
+    // An operator who asked for `--network-allow` wants network: then it is an error.
+    match host.enable_network(&config.network_allow) {
+        Err(refinery_sandbox::SandboxError::Detect { what, fix })
+            if config.network_allow.is_empty() =>
+        {
+            tracing::warn!(%what, %fix, "outbound network for blocks is unavailable; `network = true` deployments will be refused");
+        }
+        other => other?,
+    }
+    let host = Arc::new(host);
     let stale = host.cleanup_stale()?;
     if stale > 0 {
         tracing::warn!(count = stale, "removed instances left by a previous run");

@@ -82,6 +82,7 @@ struct BlockRow {
     min_warm: i64,
     tmp_mb: i64,
     env_json: String,
+    network: bool,
 }
 
 impl BlockRow {
@@ -104,6 +105,7 @@ impl BlockRow {
             min_warm: stored_u32("min_warm", self.min_warm)?,
             tmp_mb: stored_u32("tmp_mb", self.tmp_mb)?,
             env,
+            network: self.network,
             name: self.name,
             source_name: self.source_name,
             code: self.code,
@@ -420,8 +422,8 @@ async fn insert_block(
         .map_err(|_| StoreError::Corrupt(format!("{}: too many blocks", what())))?;
     sqlx::query(
         "INSERT INTO blocks (deployment_id, position, name, language, source_name, code, \
-         memory_mb, timeout_s, max_concurrency, keep_alive_s, tmp_mb, env_json, min_warm) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         memory_mb, timeout_s, max_concurrency, keep_alive_s, tmp_mb, env_json, min_warm, network) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(deployment_id)
     .bind(position)
@@ -436,6 +438,7 @@ async fn insert_block(
     .bind(i64::from(block.tmp_mb))
     .bind(env_json)
     .bind(i64::from(block.min_warm))
+    .bind(block.network)
     .execute(conn)
     .await
     .map_err(|e| {
@@ -485,7 +488,7 @@ async fn load_deployment(
 
     let blocks = sqlx::query_as::<_, BlockRow>(
         "SELECT name, language, source_name, code, memory_mb, timeout_s, max_concurrency, \
-         keep_alive_s, min_warm, tmp_mb, env_json FROM blocks WHERE deployment_id = ? ORDER BY position",
+         keep_alive_s, min_warm, tmp_mb, env_json, network FROM blocks WHERE deployment_id = ? ORDER BY position",
     )
     .bind(row.id)
     .fetch_all(&mut *conn)

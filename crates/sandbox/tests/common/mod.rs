@@ -79,6 +79,7 @@ impl TestHost {
             tmp_mb: 16,
             pids_max: 64,
             cpu_percent: 100,
+            network: false,
         }
     }
 

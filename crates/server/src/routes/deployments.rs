@@ -52,6 +52,16 @@ pub async fn deploy(
     };
     let manifest = Manifest::parse(&request.manifest, manifest_path, &resolve)?;
     check_min_warm_fits(&state, account, &manifest)?;
+    if let Some(block) = manifest.blocks.iter().find(|b| b.network) {
+        if !state.pool.network_enabled() {
+            return Err(ApiError::Unprocessable(format!(
+                "block `{}` sets `network = true`, but this server has no outbound network \
+                 support: the operator must install Debian's `passt` and `nftables` packages and \
+                 restart `refinery serve` (or remove `network = true`)",
+                block.name
+            )));
+        }
+    }
 
     let deployment = state
         .store
@@ -216,6 +226,7 @@ fn deployment_json(deployment: &Deployment) -> Value {
                 "max_concurrency": b.max_concurrency,
                 "keep_alive_s": b.keep_alive_s,
                 "min_warm": b.min_warm,
+                "network": b.network,
             })
         })
         .collect();
