@@ -806,7 +806,7 @@ def main(block_input, backpack):
     for d in ["/", "/code", "/runtime", "/usr", "/usr/bin", "/etc", "/dev", "/bin", "/lib", "/proc"]:
         create[d] = attempt(lambda d=d: os.close(os.open(os.path.join(d, "pwned"), os.O_CREAT | os.O_WRONLY, 0o644)))
     code = "/code/" + os.listdir("/code")[0]
-    for f in [code, "/runtime/python_shim.py", "/runtime/node_shim.mjs", "/etc/passwd", "/etc/hosts",
+    for f in [code, "/runtime/python_shim.py", "/runtime/node_shim.cjs", "/etc/passwd", "/etc/hosts",
               "/usr/bin/python3", "/etc/ld.so.cache"]:
         overwrite[f] = attempt(lambda f=f: os.close(os.open(f, os.O_WRONLY)))
     other["unlink shim"] = attempt(os.unlink, "/runtime/python_shim.py")

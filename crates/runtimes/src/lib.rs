@@ -2,7 +2,7 @@
 //!
 //! This crate owns the *inside* of an instance and the protocol to it:
 //!
-//! - the shims — `python_shim.py`, `node_shim.mjs` ([`install`]ed under `/runtime`) and the
+//! - the shims — `python_shim.py`, `node_shim.cjs` ([`install`]ed under `/runtime`) and the
 //!   shell runtime (Rust, [`run_builtin`]) — which load a block's code once, report
 //!   `ready` or `init_error`, then serve invocations one at a time, capturing logs;
 //! - what an instance executes for a block ([`entry`]) and the files its code dir holds
@@ -39,10 +39,10 @@ pub const CODE_DIR: &str = "/code";
 const PYTHON: &str = "/usr/bin/python3";
 const NODE: &str = "/usr/bin/node";
 const PYTHON_SHIM: &str = "python_shim.py";
-const NODE_SHIM: &str = "node_shim.mjs";
+const NODE_SHIM: &str = "node_shim.cjs";
 
 const PYTHON_SHIM_SOURCE: &str = include_str!("shims/python_shim.py");
-const NODE_SHIM_SOURCE: &str = include_str!("shims/node_shim.mjs");
+const NODE_SHIM_SOURCE: &str = include_str!("shims/node_shim.cjs");
 
 /// The protocol's descriptors inside an instance (set up by the sandbox).
 const REQUESTS_FD: RawFd = 3;
@@ -316,7 +316,7 @@ mod tests {
         assert_eq!(argv.first().map(String::as_str), Some("/usr/bin/node"));
         assert_eq!(
             argv[argv.len() - 2..],
-            ["/runtime/node_shim.mjs", "/code/h.js"]
+            ["/runtime/node_shim.cjs", "/code/h.js"]
         );
     }
 
