@@ -25,6 +25,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use refinery_pool::InstancePool;
@@ -271,6 +272,14 @@ impl Holders {
     }
 }
 
+/// Whether a watcher of this process is reading the kernel log (the trail is being kept).
+static WATCHING: AtomicBool = AtomicBool::new(false);
+
+/// Whether refused syscalls are being recorded (false: no `/dev/kmsg`, or not started yet).
+pub fn watching() -> bool {
+    WATCHING.load(Ordering::Relaxed)
+}
+
 /// Opens the kernel log at its current end, non-blocking.
 fn open_kmsg() -> std::io::Result<File> {
     let mut file = OpenOptions::new()
@@ -297,6 +306,7 @@ pub async fn watch(pool: InstancePool, store: Store) {
         }
     };
     tracing::info!(target: "refinery::audit", path = KMSG, "watching for refused syscalls");
+    WATCHING.store(true, Ordering::Relaxed);
     let names = SyscallNames::default();
     let mut holders = Holders::default();
     let mut refresh = tokio::time::interval(REFRESH);
@@ -309,6 +319,7 @@ pub async fn watch(pool: InstancePool, store: Store) {
                 Ok(guard) => guard,
                 Err(error) => {
                     tracing::warn!(target: "refinery::audit", %error, "reading the kernel log failed; the audit trail stops");
+                    WATCHING.store(false, Ordering::Relaxed);
                     return;
                 }
             },
@@ -336,6 +347,7 @@ pub async fn watch(pool: InstancePool, store: Store) {
                 Ok(Err(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Ok(Err(error)) => {
                     tracing::warn!(target: "refinery::audit", %error, "reading the kernel log failed; the audit trail stops");
+                    WATCHING.store(false, Ordering::Relaxed);
                     return;
                 }
                 // Drained: wait for the next record.
