@@ -396,4 +396,29 @@ mod tests {
             "{text}"
         );
     }
+
+    #[test]
+    fn refused_syscalls_are_counted_per_block_and_unattributed() {
+        let metrics = PoolMetrics::new(10);
+        let labels = metrics.labels("acc1", "p", "a");
+        metrics.refused_syscall(&labels);
+        metrics.refused_syscall(&labels);
+        metrics.refused_syscall_unattributed();
+        metrics.audit_records_suppressed(7);
+        let text = metrics.render(&[]);
+        assert!(
+            text.contains(
+                "refinery_refused_syscalls_total{account=\"acc1\",project=\"p\",block=\"a\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("refinery_refused_syscalls_unattributed_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("refinery_audit_records_suppressed_total 7"),
+            "{text}"
+        );
+    }
 }

@@ -105,7 +105,10 @@ async fn refused_syscalls_are_logged_per_account() {
         if REFUSED.contains(&syscall) {
             assert_eq!(event["action"], "errno EPERM", "{event}");
         }
-        assert!(!event["comm"].as_str().unwrap_or_default().is_empty(), "{event}");
+        assert!(
+            !event["comm"].as_str().unwrap_or_default().is_empty(),
+            "{event}"
+        );
         // Host details are the operator's.
         assert!(event.get("uid").is_none(), "{event}");
         assert!(event.get("account_id").is_none(), "{event}");
@@ -149,7 +152,10 @@ async fn refused_syscalls_are_logged_per_account() {
     let mine = events(&reply);
     assert_eq!(mine.len(), 1, "limit=1: {reply}");
     assert_eq!(mine[0]["account_id"], alpha_id.as_str(), "{reply}");
-    assert!(mine[0]["uid"].as_u64().is_some_and(|u| u >= 100_000), "{reply}");
+    assert!(
+        mine[0]["uid"].as_u64().is_some_and(|u| u >= 100_000),
+        "{reply}"
+    );
 
     // The counter, labelled by account, project and block.
     let metrics = server

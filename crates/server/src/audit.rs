@@ -90,7 +90,10 @@ pub fn parse_kmsg(record: &str) -> KmsgLine {
     let message = message.trim();
     if let Some(rest) = message.strip_prefix("kauditd_printk_skb:") {
         return match rest.trim().strip_suffix("callbacks suppressed") {
-            Some(n) => n.trim().parse().map_or(KmsgLine::Other, KmsgLine::Suppressed),
+            Some(n) => n
+                .trim()
+                .parse()
+                .map_or(KmsgLine::Other, KmsgLine::Suppressed),
             None => KmsgLine::Other,
         };
     }
@@ -98,7 +101,10 @@ pub fn parse_kmsg(record: &str) -> KmsgLine {
 }
 
 fn parse_seccomp(message: &str) -> Option<SeccompRecord> {
-    let message = message.strip_prefix("audit:").unwrap_or(message).trim_start();
+    let message = message
+        .strip_prefix("audit:")
+        .unwrap_or(message)
+        .trim_start();
     let rest = message.strip_prefix("type=")?;
     let (kind, rest) = rest.split_once(' ')?;
     if kind != AUDIT_SECCOMP {
@@ -443,7 +449,10 @@ mod tests {
             }
         );
         let r = seccomp(DMESG);
-        assert_eq!((r.uid, r.syscall, r.comm.as_str()), (128_600, 429, "python3"));
+        assert_eq!(
+            (r.uid, r.syscall, r.comm.as_str()),
+            (128_600, 429, "python3")
+        );
         // With continuation lines (the kernel's dictionary) after the message.
         let r = seccomp(&format!("{REAL}\n SUBSYSTEM=x\n"));
         assert_eq!(r.syscall, 435);

@@ -44,11 +44,7 @@ impl Store {
             return Ok(());
         }
         let operation = "recording security events";
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(StoreError::db(operation))?;
+        let mut tx = self.pool.begin().await.map_err(StoreError::db(operation))?;
         for e in events {
             sqlx::query(
                 "INSERT INTO security_events \
@@ -146,15 +142,25 @@ mod tests {
 
         let of_a = store.list_security_events(Some(&a), MAX_AUDIT_LIST).await?;
         assert_eq!(of_a.len() as i64, MAX_AUDIT_EVENTS_PER_ACCOUNT);
-        assert_eq!(of_a[0].at_ms, MAX_AUDIT_EVENTS_PER_ACCOUNT + 4, "newest first");
-        assert!(of_a.iter().all(|e| e.account_id.as_deref() == Some(a.as_str())));
+        assert_eq!(
+            of_a[0].at_ms,
+            MAX_AUDIT_EVENTS_PER_ACCOUNT + 4,
+            "newest first"
+        );
+        assert!(of_a
+            .iter()
+            .all(|e| e.account_id.as_deref() == Some(a.as_str())));
 
         let of_b = store.list_security_events(Some(&b), 10).await?;
         assert_eq!(of_b, vec![event(Some(&b), 1)]);
 
         let all = store.list_security_events(None, 3).await?;
         assert_eq!(all.len(), 3);
-        assert_eq!(all[0], event(None, 2), "the operator sees unattributed events");
+        assert_eq!(
+            all[0],
+            event(None, 2),
+            "the operator sees unattributed events"
+        );
         Ok(())
     }
 }

@@ -26,7 +26,10 @@ pub async fn list(
     caller: Caller,
     Query(query): Query<AuditQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = query.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_AUDIT_LIST);
+    let limit = query
+        .limit
+        .unwrap_or(DEFAULT_LIMIT)
+        .clamp(1, MAX_AUDIT_LIST);
     let (account, operator) = match &caller {
         Caller::Operator => (query.account.clone(), true),
         Caller::Account(own) => {
