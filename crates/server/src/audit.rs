@@ -162,7 +162,7 @@ fn fields(text: &str) -> HashMap<&str, String> {
 }
 
 fn decode_hex(value: &str) -> Option<String> {
-    if value.is_empty() || value.len() % 2 != 0 {
+    if value.is_empty() || !value.len().is_multiple_of(2) {
         return None;
     }
     let bytes = (0..value.len())
