@@ -72,6 +72,15 @@ pub enum ClientCommand {
     Logs { execution_id: String },
     /// List running and warm instances.
     Instances,
+    /// Syscalls the sandbox refused to the account's instances (the operator: everyone's),
+    /// newest first.
+    Audit {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        /// Operator only: one account's events.
+        #[arg(long)]
+        account: Option<String>,
+    },
     /// The operator's price list: `set FILE` (operator key) or `show`.
     #[command(subcommand)]
     Pricing(PricingCommand),
@@ -418,6 +427,33 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
                         i["invocations"]
                     )
                 })
+            });
+        }
+        ClientCommand::Audit { limit, account } => {
+            let mut path = format!("/v1/audit?limit={limit}");
+            if let Some(account) = account {
+                path.push_str(&format!("&account={}", path_segment(&account)));
+            }
+            let reply = client.get(&path).await?;
+            print(json, &reply, || {
+                let mut text = String::new();
+                if reply["watching"].as_bool() != Some(true) {
+                    text.push_str("(the server cannot read the kernel log: refused syscalls are not being recorded)\n");
+                }
+                text.push_str(&lines(&reply["events"], |e| {
+                    let or_unknown = |v: &Value| v.as_str().unwrap_or("?").to_string();
+                    format!(
+                        "{}  {}/{}  {}  {:<16} {:<14} {}",
+                        e["at"].as_str().unwrap_or_default(),
+                        or_unknown(&e["project"]),
+                        or_unknown(&e["block"]),
+                        or_unknown(&e["instance_id"]),
+                        e["syscall"].as_str().unwrap_or_default(),
+                        e["action"].as_str().unwrap_or_default(),
+                        e["comm"].as_str().unwrap_or_default(),
+                    )
+                }));
+                text
             });
         }
     }

@@ -111,6 +111,9 @@ pub struct PoolMetrics {
     timeouts: Family<BlockLabels, Counter>,
     reaps: Family<BlockLabels, Counter>,
     ahead: Family<AheadLabels, Counter>,
+    refused_syscalls: Family<BlockLabels, Counter>,
+    refused_unattributed: Counter,
+    audit_suppressed: Counter,
     /// Serialises scrapes: the instance gauges are rebuilt from the registry on each.
     render: Mutex<()>,
 }
@@ -130,6 +133,9 @@ impl PoolMetrics {
         let reaps = Family::<BlockLabels, Counter>::default();
         let ahead = Family::<AheadLabels, Counter>::default();
         let overflowed = Counter::default();
+        let refused_syscalls = Family::<BlockLabels, Counter>::default();
+        let refused_unattributed = Counter::default();
+        let audit_suppressed = Counter::default();
         registry.register(
             "invocations",
             "Invocations by outcome: ok, error, timeout, oom, crashed, init_error, throttled, unavailable, failed (the platform could not start an instance)",
@@ -186,6 +192,21 @@ impl PoolMetrics {
             ahead.clone(),
         );
         registry.register(
+            "refused_syscalls",
+            "Syscalls an instance's seccomp filter refused, as read back from the kernel's audit records (which the kernel rate-limits)",
+            refused_syscalls.clone(),
+        );
+        registry.register(
+            "refused_syscalls_unattributed",
+            "Refused-syscall audit records whose uid matched no instance this server knew (already gone)",
+            refused_unattributed.clone(),
+        );
+        registry.register(
+            "audit_records_suppressed",
+            "Kernel audit records the kernel dropped by its printk rate limit (`kauditd_printk_skb: N callbacks suppressed`), refused syscalls among them",
+            audit_suppressed.clone(),
+        );
+        registry.register(
             "metrics_label_sets_overflowed",
             "Samples counted under the _other label set because the label-set cap was reached",
             overflowed.clone(),
@@ -206,6 +227,9 @@ impl PoolMetrics {
             timeouts,
             reaps,
             ahead,
+            refused_syscalls,
+            refused_unattributed,
+            audit_suppressed,
             render: Mutex::new(()),
         }
     }
@@ -310,6 +334,18 @@ impl PoolMetrics {
             .inc();
     }
 
+    pub fn refused_syscall(&self, labels: &BlockLabels) {
+        self.refused_syscalls.get_or_create(labels).inc();
+    }
+
+    pub fn refused_syscall_unattributed(&self) {
+        self.refused_unattributed.inc();
+    }
+
+    pub fn audit_records_suppressed(&self, count: u64) {
+        self.audit_suppressed.inc_by(count);
+    }
+
     /// The text exposition, with the instance gauges taken from `instances` now.
     pub fn render(&self, instances: &[InstanceInfo]) -> String {
         let _one_at_a_time = crate::pool::lock(&self.render);
@@ -357,6 +393,31 @@ mod tests {
         assert!(text.contains("refinery_invocations_total{account=\"_other\",project=\"_other\",block=\"_other\",status=\"ok\"} 1"), "{text}");
         assert!(
             text.contains("refinery_metrics_label_sets_overflowed_total 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn refused_syscalls_are_counted_per_block_and_unattributed() {
+        let metrics = PoolMetrics::new(10);
+        let labels = metrics.labels("acc1", "p", "a");
+        metrics.refused_syscall(&labels);
+        metrics.refused_syscall(&labels);
+        metrics.refused_syscall_unattributed();
+        metrics.audit_records_suppressed(7);
+        let text = metrics.render(&[]);
+        assert!(
+            text.contains(
+                "refinery_refused_syscalls_total{account=\"acc1\",project=\"p\",block=\"a\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("refinery_refused_syscalls_unattributed_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("refinery_audit_records_suppressed_total 7"),
             "{text}"
         );
     }

@@ -254,6 +254,23 @@ impl InstancePool {
         }
     }
 
+    /// Counts one syscall refused by an instance of (account, project, block), or with
+    /// `None` one whose instance is unknown (the server's audit watcher reports both).
+    pub fn count_refused_syscall(&self, block: Option<(&str, &str, &str)>) {
+        let metrics = &self.inner.metrics;
+        match block {
+            Some((account, project, block)) => {
+                metrics.refused_syscall(&metrics.labels(account, project, block))
+            }
+            None => metrics.refused_syscall_unattributed(),
+        }
+    }
+
+    /// Counts kernel audit records the kernel's rate limit dropped.
+    pub fn count_suppressed_audit_records(&self, count: u64) {
+        self.inner.metrics.audit_records_suppressed(count);
+    }
+
     /// The Prometheus text exposition of the pool's metrics.
     pub fn render_metrics(&self) -> String {
         let instances = self.instances();

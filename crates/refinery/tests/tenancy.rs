@@ -242,7 +242,7 @@ async fn every_endpoint_refuses_another_accounts_key() {
     );
 
     // Account-wide lists show B only B's own (nothing).
-    for path in ["/v1/projects", "/v1/instances"] {
+    for path in ["/v1/projects", "/v1/instances", "/v1/audit"] {
         let (status, got) = server.request("GET", path, Some(&key_b), None).await;
         assert_eq!(status, 200, "{path}: {got}");
         assert!(

@@ -6,6 +6,7 @@
 //! to the caller's account before anything reaches the store or the pool; this crate never
 //! runs user code itself (the pool does) and never writes SQL (the store does).
 
+mod audit;
 mod auth;
 mod error;
 mod keys;

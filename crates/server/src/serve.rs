@@ -188,6 +188,8 @@ pub async fn serve(
 
     // Bills: each month is closed automatically once it is over.
     let month_closer = tokio::spawn(routes::close_due_months(store.clone()));
+    // Refused syscalls, read back from the kernel log (`audit.rs`).
+    let audit_watcher = tokio::spawn(crate::audit::watch(pool.clone(), store.clone()));
 
     let stopping = Arc::new(Notify::new());
     let signal_stopping = stopping.clone();
@@ -202,6 +204,7 @@ pub async fn serve(
     };
     let (served, ()) = tokio::join!(async { server.await.map_err(ServeError::Http) }, drain);
     month_closer.abort();
+    audit_watcher.abort();
     // Anything started by a request that raced the shutdown.
     pool.shutdown(Duration::ZERO).await;
     let release_host = host.clone();

@@ -10,7 +10,8 @@
 //!   hashes), [`deployments`] (projects, their numbered deployments and blocks) and
 //!   [`executions`] (invocation records), [`quotas`] (per-account quota overrides),
 //!   [`usage`] (metering, written with each execution), [`pricing`] (price lists and
-//!   per-account terms) and [`bills`] (monthly bills; rating is `refinery_billing`'s).
+//!   per-account terms), [`bills`] (monthly bills; rating is `refinery_billing`'s) and
+//!   [`audit`] (the security audit trail of refused syscalls, bounded per account).
 //!
 //! # What it must never do
 //!
@@ -39,6 +40,7 @@
 //! write (PostgreSQL would lock the project row with `SELECT ... FOR UPDATE` instead).
 
 pub mod accounts;
+pub mod audit;
 pub mod bills;
 pub mod deployments;
 pub mod error;
@@ -56,6 +58,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::SqlitePool;
 
 pub use accounts::Account;
+pub use audit::{SecurityEvent, MAX_AUDIT_EVENTS_PER_ACCOUNT, MAX_AUDIT_LIST};
 pub use bills::{BillRecord, NotStarted, Spending};
 pub use deployments::{Deployment, DeploymentSummary, ProjectSummary};
 pub use error::StoreError;

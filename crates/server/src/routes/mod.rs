@@ -1,6 +1,7 @@
 //! The REST API's routes, one module per resource.
 
 mod accounts;
+mod audit;
 mod billing;
 mod deployments;
 mod executions;
@@ -50,6 +51,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/projects/{project}/executions", get(executions::list))
         .route("/v1/executions/{id}", get(executions::show))
         .route("/v1/instances", get(instances::list))
+        .route("/v1/audit", get(audit::list))
         .route("/metrics", get(metrics::metrics))
         .merge(billing_routes())
         .with_state(state)
