@@ -3,8 +3,9 @@
 //!
 //! The init installs it (after `no_new_privs`, as the instance's uid) right before the entry
 //! runs; every process and thread the instance starts inherits it and can only add filters,
-//! never remove one. Nothing is logged: a denied call simply fails with the row's errno, and the
-//! sandbox test suite proves each row from inside a real instance.
+//! never remove one. A denied call fails with the row's errno and leaves a kernel audit record
+//! (`SECCOMP_FILTER_FLAG_LOG`, below), which the server reads back into its audit trail
+//! (`server/src/audit.rs`); the sandbox test suite proves each row from inside a real instance.
 //!
 //! How it is compiled: seccompiler gives one action per filter, so the rows are grouped by errno
 //! and each group becomes one filter (the kernel runs every filter and the most restrictive
