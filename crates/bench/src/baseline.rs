@@ -4,7 +4,8 @@
 //! bubblewrap: fresh user/pid/net/ipc/uts/cgroup namespaces, a read-only bind of `/usr`, a
 //! fresh `/proc`, `/dev` and `/tmp`) — the container-style start without an image.
 //!
-//! Each sample is one process start to exit, wall clock, measured from this process.
+//! Each sample is one process start to exit, wall clock, measured from this process, with
+//! an empty environment (only `PATH`) in both modes.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -125,7 +126,9 @@ fn run_once(language: &str, mode: Mode, code_dir: &Path, bwrap: Option<&Path>) -
         (Mode::Bare, _) => {
             let line = command_line(language, &code_dir.display().to_string());
             let mut c = Command::new(&line[0]);
-            c.args(&line[1..]);
+            // A clean environment, as in a sandbox and under `bwrap --clearenv`: inherited
+            // variables change start-up (NODE_EXTRA_CA_CERTS makes node parse a CA bundle).
+            c.args(&line[1..]).env_clear().env("PATH", "/usr/bin:/bin");
             c
         }
         (Mode::Bwrap, Some(bwrap)) => {

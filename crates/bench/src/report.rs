@@ -257,7 +257,7 @@ fn cold(o: &mut String, r: &Results) {
     }
     let _ = writeln!(
         o,
-        "\nRatios of p50s (below 1× = Refinery's cold start, over HTTP, is faster than the baseline's bare start):\n"
+        "\nRatios of p50s (below 1× = Refinery's cold start, HTTP round trip included, is faster than the baseline's process start):\n"
     );
     let _ = writeln!(
         o,
