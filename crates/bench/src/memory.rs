@@ -7,10 +7,19 @@ use std::path::{Path, PathBuf};
 
 /// `Pss:` of `/proc/PID/smaps_rollup`, in KiB; `None` if the process is gone.
 pub fn pss_kib(pid: u32) -> Option<u64> {
+    rollup_kib(pid, "Pss:")
+}
+
+/// `Rss:` of `/proc/PID/smaps_rollup`, in KiB: every page the process maps, shared or not.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    rollup_kib(pid, "Rss:")
+}
+
+fn rollup_kib(pid: u32, field: &str) -> Option<u64> {
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
     rollup
         .lines()
-        .find(|l| l.starts_with("Pss:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
 }

@@ -77,8 +77,8 @@ pub fn suite(r: &Results) -> String {
     let shared = r.load_before.compilers + r.load_after.compilers > 0 || r.load_before.load1 > 0.5;
     let _ = writeln!(
         o,
-        "\nLoad average (1 min) {:.2} before the run, {:.2} after; {} / {} compiler processes of \
-         other work running at start / end.{}",
+        "\nLoad average (1 min) {:.2} before the run, {:.2} after it (the burst's own 500 \
+         instances included); {} / {} compiler processes of other work running at start / end.{}",
         r.load_before.load1,
         r.load_after.load1,
         r.load_before.compilers,
@@ -308,10 +308,11 @@ fn burst(o: &mut String, r: &Results) {
     );
     let _ = writeln!(
         o,
-        "| time until all answered | {} (first answer after {}; the handler itself sleeps {} s) |",
+        "| time until all answered | {} (first answer after {}; each handler sleeps {} s, so ≈ {:.1} s went to starting the instances and answering) |",
         ms(b.all_answered_ms),
         ms(b.first_answered_ms),
-        b.hold_s
+        b.hold_s,
+        (b.all_answered_ms / 1000.0 - b.hold_s).max(0.0)
     );
     let _ = writeln!(
         o,
@@ -344,7 +345,7 @@ fn burst(o: &mut String, r: &Results) {
     );
     let peak = match b.instances_peak_mib {
         Some(instances) => format!(
-            "{:.0} MiB = instances {:.0} MiB (memory cgroup high-water mark of the account's group) + server {:.1} MiB + zygote {:.1} MiB (peak PSS, sampled every 50 ms)",
+            "{:.0} MiB = instances {:.0} MiB (high-water mark of the memory cgroup holding the account's instances) + server {:.1} MiB (peak PSS) + zygote {:.1} MiB (peak RSS: the pages instances share with it), sampled every 50 ms",
             instances + b.server_peak_mib + b.zygote_peak_mib,
             instances,
             b.server_peak_mib,
@@ -352,11 +353,20 @@ fn burst(o: &mut String, r: &Results) {
         ),
         None => "instances' cgroup high-water mark unavailable".to_string(),
     };
-    let _ = writeln!(o, "| peak memory | {peak} |");
+    let _ = writeln!(o, "| peak memory (cgroup charge; a lower bound, see below) | {peak} |");
     let _ = writeln!(
         o,
-        "| peak memory, sampled | {:.0} MiB (server + zygote PSS + the charge of the server's whole instance cgroup tree, highest 50 ms sample) |",
+        "| peak memory, sampled | {:.0} MiB (server PSS + zygote RSS + the charge of the server's whole instance cgroup tree, highest 50 ms sample) |",
         b.sampled_total_peak_mib
+    );
+    let _ = writeln!(
+        o,
+        "| memory after the burst, its instances frozen (PSS, page by page) | {:.0} MiB in all: {} instances {:.0} MiB ({:.2} MiB each) + server and zygote {:.1} MiB |",
+        b.after_instances_pss_mib + b.after_server_zygote_pss_mib,
+        b.after_instances,
+        b.after_instances_pss_mib,
+        b.after_instances_pss_mib / b.after_instances.max(1) as f64,
+        b.after_server_zygote_pss_mib
     );
     let _ = writeln!(
         o,

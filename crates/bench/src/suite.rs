@@ -85,6 +85,11 @@ pub struct Burst {
     pub server_peak_mib: f64,
     pub zygote_peak_mib: f64,
     pub sampled_total_peak_mib: f64,
+    /// After the burst, all its instances frozen: PSS summed over every process of them, and
+    /// of the zygote and the server (MiB), and how many instances were counted.
+    pub after_instances_pss_mib: f64,
+    pub after_instances: usize,
+    pub after_server_zygote_pss_mib: f64,
     pub health_quiet: Summary,
     pub health_during: Summary,
     pub warm_quiet: Summary,
@@ -415,14 +420,16 @@ struct Peaks {
     total_bytes: u64,
 }
 
-/// Samples every 50 ms until `stop`: the server's and its zygotes' PSS and the charge of
-/// the server's whole instance cgroup tree.
+/// Samples every 50 ms until `stop`: the server's PSS, its zygotes' RSS and the charge of
+/// the server's whole instance cgroup tree. The zygotes count by RSS: a page a forked
+/// instance still shares with its zygote stays charged to the cgroup that first touched it
+/// (the zygote's, outside the instances' tree), so RSS is what counts those pages once.
 fn sample_memory(server_pid: u32, root: Option<PathBuf>, stop: Arc<AtomicBool>) -> Peaks {
     let mut peaks = Peaks::default();
     let zygotes = memory::zygotes(server_pid);
     while !stop.load(Ordering::Relaxed) {
         let server = memory::pss_kib(server_pid).unwrap_or(0);
-        let zygote: u64 = zygotes.iter().filter_map(|p| memory::pss_kib(*p)).sum();
+        let zygote: u64 = zygotes.iter().filter_map(|p| memory::rss_kib(*p)).sum();
         let instances = root
             .as_deref()
             .and_then(memory::cgroup_usage_bytes)
@@ -557,6 +564,16 @@ async fn burst(
         .find_map(|i| memory::memory_cgroup(&cgroups_of(i)))
         .and_then(|p| memory::cgroup_peak_bytes(p.parent()?))
         .map(|b| b as f64 / 1024.0 / 1024.0);
+    let burst_instances = instances_of(api, server, "burst").await?;
+    let after: Vec<u64> = burst_instances
+        .iter()
+        .filter_map(|i| memory::instance_pss_kib(&cgroups_of(i)))
+        .collect();
+    let server_zygote_kib: u64 = memory::pss_kib(server.pid()).unwrap_or(0)
+        + memory::zygotes(server.pid())
+            .into_iter()
+            .filter_map(memory::pss_kib)
+            .sum::<u64>();
     let answered_summary = summary(&answered);
     Ok(Burst {
         invocations: n,
@@ -574,6 +591,9 @@ async fn burst(
         server_peak_mib: peaks.server_kib as f64 / 1024.0,
         zygote_peak_mib: peaks.zygote_kib as f64 / 1024.0,
         sampled_total_peak_mib: peaks.total_bytes as f64 / 1024.0 / 1024.0,
+        after_instances_pss_mib: after.iter().sum::<u64>() as f64 / 1024.0,
+        after_instances: after.len(),
+        after_server_zygote_pss_mib: server_zygote_kib as f64 / 1024.0,
         health_quiet: summary(&health_quiet),
         health_during: summary(&health_during),
         warm_quiet: summary(&warm_quiet),
