@@ -12,6 +12,7 @@
 //! isolation between two accounts).
 
 mod baseline;
+mod cpu;
 mod doc;
 mod keep_alive_sim;
 mod machine;

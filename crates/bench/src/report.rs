@@ -176,19 +176,22 @@ fn warm(o: &mut String, r: &Results) {
     let _ = writeln!(o, "\n### Warm invocation over HTTP (no-op Python)\n");
     let _ = writeln!(
         o,
-        "| clients | p50 | p99 | invocations/s | instances serving | cold starts among them |"
+        "| clients | p50 | p99 | invocations/s | instances serving | cold starts among them | CPU per invocation: server / instances / load generator |"
     );
-    let _ = writeln!(o, "|---|---|---|---|---|---|");
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|");
     for w in &r.warm {
         let _ = writeln!(
             o,
-            "| {} | {} | {} | {:.0} | {} | {} |",
+            "| {} | {} | {} | {:.0} | {} | {} | {:.0} / {:.0} / {:.0} µs |",
             w.concurrency,
             ms(w.latency.p50),
             ms(w.latency.p99),
             w.per_second,
             w.instances,
-            w.cold_seen
+            w.cold_seen,
+            w.server_cpu_us,
+            w.instances_cpu_us,
+            w.client_cpu_us
         );
     }
 }
@@ -353,7 +356,10 @@ fn burst(o: &mut String, r: &Results) {
         ),
         None => "instances' cgroup high-water mark unavailable".to_string(),
     };
-    let _ = writeln!(o, "| peak memory (cgroup charge; a lower bound, see below) | {peak} |");
+    let _ = writeln!(
+        o,
+        "| peak memory (cgroup charge; a lower bound, see below) | {peak} |"
+    );
     let _ = writeln!(
         o,
         "| peak memory, sampled | {:.0} MiB (server PSS + zygote RSS + the charge of the server's whole instance cgroup tree, highest 50 ms sample) |",

@@ -58,6 +58,10 @@ pub struct WarmRow {
     pub per_second: f64,
     pub instances: usize,
     pub cold_seen: usize,
+    /// CPU µs per invocation: the server process, the instances, this load generator.
+    pub server_cpu_us: f64,
+    pub instances_cpu_us: f64,
+    pub client_cpu_us: f64,
 }
 
 pub struct IdleRow {
@@ -160,8 +164,8 @@ pub async fn run(config: SuiteConfig) -> Result<Results> {
         let cold = cold_starts(&api, &key, config.cold, &["python", "node", "shell"], "").await?;
         eprintln!("bench: warm invocations");
         let warm = vec![
-            warm_run(&api, &key, 1, config.warm).await?,
-            warm_run(&api, &key, config.concurrency, config.warm * 2).await?,
+            warm_run(&api, &server, &key, 1, config.warm).await?,
+            warm_run(&api, &server, &key, config.concurrency, config.warm * 2).await?,
         ];
         eprintln!("bench: idle memory (1 and {} instances)", config.idle_many);
         let idle = idle_memory(&api, &server, &key, config.idle_many).await?;
@@ -258,7 +262,13 @@ async fn cold_starts(
 
 /// `concurrency` clients invoking the no-op block back to back, `total` invocations in all,
 /// after a warm-up that starts the instances they need.
-async fn warm_run(api: &Api, key: &str, concurrency: usize, total: usize) -> Result<WarmRow> {
+async fn warm_run(
+    api: &Api,
+    server: &Server,
+    key: &str,
+    concurrency: usize,
+    total: usize,
+) -> Result<WarmRow> {
     let path = invoke_path("bench", "noop");
     let client = |n: usize| {
         let (api, key, path) = (api.clone(), key.to_string(), path.clone());
@@ -275,6 +285,22 @@ async fn warm_run(api: &Api, key: &str, concurrency: usize, total: usize) -> Res
         task.await??;
     }
     let per_client = total.div_ceil(concurrency);
+    let instance_pids: Vec<u32> = instances_of(api, server, "bench")
+        .await?
+        .iter()
+        .filter(|i| i["block"] == "noop")
+        .flat_map(|i| {
+            cgroups_of(i)
+                .first()
+                .map(|dir| memory::cgroup_pids(dir))
+                .unwrap_or_default()
+        })
+        .collect();
+    let cpu_before = (
+        crate::cpu::seconds(server.pid()).unwrap_or(f64::NAN),
+        crate::cpu::seconds_of(&instance_pids),
+        crate::cpu::seconds(std::process::id()).unwrap_or(f64::NAN),
+    );
     let started = Instant::now();
     let tasks: Vec<_> = (0..concurrency).map(|_| client(per_client)).collect();
     let mut samples = Vec::new();
@@ -292,7 +318,21 @@ async fn warm_run(api: &Api, key: &str, concurrency: usize, total: usize) -> Res
         }
     }
     let secs = started.elapsed().as_secs_f64();
+    let n = samples.len().max(1) as f64;
+    let per_invocation_us = |after: f64, before: f64| (after - before) * 1e6 / n;
+    let server_cpu_us = per_invocation_us(
+        crate::cpu::seconds(server.pid()).unwrap_or(f64::NAN),
+        cpu_before.0,
+    );
+    let instances_cpu_us = per_invocation_us(crate::cpu::seconds_of(&instance_pids), cpu_before.1);
+    let client_cpu_us = per_invocation_us(
+        crate::cpu::seconds(std::process::id()).unwrap_or(f64::NAN),
+        cpu_before.2,
+    );
     Ok(WarmRow {
+        server_cpu_us,
+        instances_cpu_us,
+        client_cpu_us,
         concurrency,
         per_second: samples.len() as f64 / secs,
         latency: summary(&samples),
