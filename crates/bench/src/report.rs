@@ -74,21 +74,23 @@ pub fn suite(r: &Results) -> String {
         },
         r.elapsed.as_secs_f64()
     );
-    let shared = r.load_before.compilers + r.load_after.compilers > 0 || r.load_before.load1 > 0.5;
+    let note = if r.load_before.compilers + r.load_after.compilers > 0 {
+        " **The machine was shared with other builds during this run**: figures are noisier \
+         and slower than on an idle machine."
+    } else if r.load_before.load1 > 1.0 {
+        " No other build was running at start or end, but other work had been running shortly \
+         before (the load average decays over minutes)."
+    } else {
+        ""
+    };
     let _ = writeln!(
         o,
         "\nLoad average (1 min) {:.2} before the run, {:.2} after it (the burst's own 500 \
-         instances included); {} / {} compiler processes of other work running at start / end.{}",
+         instances included); {} / {} compiler processes of other work running at start / end.{note}",
         r.load_before.load1,
         r.load_after.load1,
         r.load_before.compilers,
         r.load_after.compilers,
-        if shared {
-            " **The machine was shared with other builds during this run**: figures are \
-             noisier and slower than on an idle machine."
-        } else {
-            ""
-        }
     );
 
     targets(&mut o, r);
