@@ -17,6 +17,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -316,12 +317,16 @@ fn policies() -> Vec<(&'static str, KeepAlivePolicy)> {
     ]
 }
 
-fn report(title: &str, functions: &[Function], per_function: bool) {
-    println!("\n### {title}\n");
+fn report(out: &mut String, title: &str, functions: &[Function], per_function: bool) {
+    let _ = writeln!(out, "\n### {title}\n");
     let invocations: usize = functions.iter().map(|f| f.arrivals.len()).sum();
-    println!("{} blocks, {invocations} invocations.\n", functions.len());
-    println!("| policy | cold starts | cold % | idle GB-s | cold starts per idle GB-s | warm starts per idle GB-s |");
-    println!("|---|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "{} blocks, {invocations} invocations.\n",
+        functions.len()
+    );
+    let _ = writeln!(out, "| policy | cold starts | cold % | idle GB-s | cold starts per idle GB-s | warm starts per idle GB-s |");
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
     let mut rows = Vec::new();
     for (name, policy) in policies() {
         let mut total = Outcome::default();
@@ -332,7 +337,8 @@ fn report(title: &str, functions: &[Function], per_function: bool) {
             each.push(outcome);
         }
         let warm = total.invocations - total.cold;
-        println!(
+        let _ = writeln!(
+            out,
             "| {name} | {} | {:.2} % | {:.0} | {:.4} | {:.3} |",
             total.cold,
             100.0 * total.cold as f64 / total.invocations.max(1) as f64,
@@ -343,16 +349,17 @@ fn report(title: &str, functions: &[Function], per_function: bool) {
         rows.push((name, each));
     }
     if per_function {
-        println!("\nPer block (cold starts / idle GB-s):\n");
+        let _ = writeln!(out, "\nPer block (cold starts / idle GB-s):\n");
         let header: Vec<&str> = rows.iter().map(|r| r.0).collect();
-        println!("| block | invocations | {} |", header.join(" | "));
-        println!("|---|---|{}", "---|".repeat(header.len()));
+        let _ = writeln!(out, "| block | invocations | {} |", header.join(" | "));
+        let _ = writeln!(out, "|---|---|{}", "---|".repeat(header.len()));
         for (index, function) in functions.iter().enumerate() {
             let cells: Vec<String> = rows
                 .iter()
                 .map(|(_, each)| format!("{} / {:.0}", each[index].cold, each[index].idle_gb_s))
                 .collect();
-            println!(
+            let _ = writeln!(
+                out,
                 "| {} | {} | {} |",
                 function.name,
                 function.arrivals.len(),
@@ -362,10 +369,11 @@ fn report(title: &str, functions: &[Function], per_function: bool) {
     }
 }
 
-/// Runs the comparison and prints Markdown.
-pub fn run(azure_dir: Option<&Path>) -> Result<()> {
-    println!("## Keep-alive policy simulation (refinery-bench --keep-alive-sim)");
+/// Runs the comparison; Markdown subsections (`###`), one per trace.
+pub fn render(azure_dir: Option<&Path>) -> Result<String> {
+    let mut out = String::new();
     report(
+        &mut out,
         "Synthetic day: 5 periodic + 3 bursty blocks",
         &synthetic(),
         true,
@@ -373,12 +381,13 @@ pub fn run(azure_dir: Option<&Path>) -> Result<()> {
     if let Some(dir) = azure_dir {
         let functions = azure(dir)?;
         report(
+            &mut out,
             "Azure Functions 2019, 200-function sample, one day",
             &functions,
             false,
         );
     }
-    Ok(())
+    Ok(out)
 }
 
 #[cfg(test)]
