@@ -1,9 +1,9 @@
 //! What every request handler shares: the store, the pool, and small caches that keep
 //! the store off the invocation hot path.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use refinery_domain::BlockSpec;
 use refinery_pool::InstancePool;
@@ -25,6 +25,10 @@ pub struct AppState {
     live_generation: AtomicU64,
     /// Serialises quota changes (store, then pool) so the two never disagree.
     pub quota_updates: tokio::sync::Mutex<()>,
+    /// Accounts known to have no spending cap: their invocations need no billing query.
+    uncapped: RwLock<HashSet<String>>,
+    /// Bumped by every change of billing terms, like `live_generation`.
+    billing_generation: AtomicU64,
 }
 
 /// The live deployment of a project, indexed for invocation.
@@ -58,6 +62,8 @@ impl AppState {
             live: RwLock::new(HashMap::new()),
             live_generation: AtomicU64::new(0),
             quota_updates: tokio::sync::Mutex::new(()),
+            uncapped: RwLock::new(HashSet::new()),
+            billing_generation: AtomicU64::new(0),
         }
     }
 
@@ -125,3 +131,40 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 pub type SharedState = Arc<AppState>;
+
+/// The spending-cap cache (see `routes::billing::admit`).
+impl AppState {
+    pub fn known_uncapped(&self, account_id: &str) -> bool {
+        self.uncapped
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(account_id)
+    }
+
+    /// The generation to pass to [`AppState::note_uncapped`] after reading the terms.
+    pub fn billing_generation(&self) -> u64 {
+        self.billing_generation.load(Ordering::Acquire)
+    }
+
+    /// Remembers that the account had no cap when read at `generation`, unless terms changed
+    /// since (a concurrent `set-billing` must not be undone by a stale read).
+    pub fn note_uncapped(&self, account_id: &str, generation: u64) {
+        let mut set = self
+            .uncapped
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.billing_generation.load(Ordering::Acquire) == generation {
+            set.insert(account_id.to_string());
+        }
+    }
+
+    /// Call after any account's billing terms changed.
+    pub fn billing_changed(&self) {
+        let mut set = self
+            .uncapped
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.billing_generation.fetch_add(1, Ordering::AcqRel);
+        set.clear();
+    }
+}

@@ -9,9 +9,9 @@
 //! or billed twice.
 
 use refinery_domain::{ExecutionRecord, UserError};
-use sqlx::FromRow;
+use sqlx::{FromRow, SqliteConnection};
 
-use crate::usage::{record_usage, ExecutionUsage};
+use crate::usage::{record_usage, ExecutionUsage, MeteringReads};
 use crate::{is_foreign_key_violation, is_unique_violation, parse_stored, Store, StoreError};
 
 /// Most records [`Store::list_executions`] returns, whatever `limit` asks for.
@@ -87,63 +87,7 @@ impl Store {
         record: &ExecutionRecord,
         usage: &ExecutionUsage,
     ) -> Result<(), StoreError> {
-        let error_json = record
-            .error
-            .as_ref()
-            .map(serde_json::to_string)
-            .transpose()
-            .map_err(|e| {
-                StoreError::Corrupt(format!("serialising error of execution {}: {e}", record.id))
-            })?;
-        // IMMEDIATE: the write lock is held from the start, so the reads metering makes
-        // (granularity, closed months) cannot go stale before the commit.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(StoreError::db(format!("recording execution {}", record.id)))?;
-        sqlx::query(&format!(
-            "INSERT INTO executions ({COLUMNS}) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-        ))
-        .bind(&record.id)
-        .bind(&record.account_id)
-        .bind(&record.project)
-        .bind(record.deployment)
-        .bind(&record.block)
-        .bind(&record.instance_id)
-        .bind(record.cold)
-        .bind(record.started_at_ms)
-        .bind(record.duration_ms)
-        .bind(record.init_ms)
-        .bind(record.status.as_str())
-        .bind(&record.input)
-        .bind(record.input_truncated)
-        .bind(&record.output)
-        .bind(record.output_truncated)
-        .bind(error_json)
-        .bind(&record.logs)
-        .bind(record.logs_truncated)
-        .execute(&mut *tx)
-        .await
-        .map_err(|e| {
-            if is_foreign_key_violation(&e) {
-                StoreError::AccountNotFound(record.account_id.clone())
-            } else if is_unique_violation(&e) {
-                StoreError::db(format!(
-                    "inserting execution {} (an execution with this id already exists)",
-                    record.id
-                ))(e)
-            } else {
-                StoreError::db(format!("inserting execution {}", record.id))(e)
-            }
-        })?;
-        record_usage(&mut tx, record, usage).await?;
-        tx.commit().await.map_err(StoreError::db(format!(
-            "committing execution {}",
-            record.id
-        )))?;
-        Ok(())
+        self.writer.write(record.clone(), *usage).await
     }
 
     /// The account's executions of `project` (only of `block` if given), newest first,
@@ -207,4 +151,59 @@ impl Store {
         .map(ExecutionRow::into_record)
         .transpose()
     }
+}
+
+/// Inserts one execution and its usage inside the caller's (IMMEDIATE) transaction;
+/// `reads` caches metering's reads for that transaction.
+pub(crate) async fn insert_one(
+    conn: &mut SqliteConnection,
+    record: &ExecutionRecord,
+    usage: &ExecutionUsage,
+    reads: &mut MeteringReads,
+) -> Result<(), StoreError> {
+    let error_json = record
+        .error
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| {
+            StoreError::Corrupt(format!("serialising error of execution {}: {e}", record.id))
+        })?;
+    sqlx::query(&format!(
+        "INSERT INTO executions ({COLUMNS}) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    ))
+    .bind(&record.id)
+    .bind(&record.account_id)
+    .bind(&record.project)
+    .bind(record.deployment)
+    .bind(&record.block)
+    .bind(&record.instance_id)
+    .bind(record.cold)
+    .bind(record.started_at_ms)
+    .bind(record.duration_ms)
+    .bind(record.init_ms)
+    .bind(record.status.as_str())
+    .bind(&record.input)
+    .bind(record.input_truncated)
+    .bind(&record.output)
+    .bind(record.output_truncated)
+    .bind(error_json)
+    .bind(&record.logs)
+    .bind(record.logs_truncated)
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| {
+        if is_foreign_key_violation(&e) {
+            StoreError::AccountNotFound(record.account_id.clone())
+        } else if is_unique_violation(&e) {
+            StoreError::db(format!(
+                "inserting execution {} (an execution with this id already exists)",
+                record.id
+            ))(e)
+        } else {
+            StoreError::db(format!("inserting execution {}", record.id))(e)
+        }
+    })?;
+    record_usage(conn, record, usage, reads).await
 }

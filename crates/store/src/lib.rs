@@ -44,11 +44,13 @@ pub mod audit;
 pub mod bills;
 pub mod deployments;
 pub mod error;
+mod execution_writer;
 pub mod executions;
 pub mod pricing;
 pub mod quotas;
 pub mod usage;
 
+use execution_writer::ExecutionWriter;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -82,6 +84,8 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: SqlitePool,
+    /// Writes execution records (with their usage) in group-committed batches.
+    writer: ExecutionWriter,
     path: PathBuf,
 }
 
@@ -105,7 +109,7 @@ impl Store {
             .busy_timeout(BUSY_TIMEOUT);
         let pool = SqlitePoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(|source| StoreError::Open {
                 path: path.clone(),
@@ -118,8 +122,14 @@ impl Store {
                 path: path.clone(),
                 source,
             })?;
+        let writer = ExecutionWriter::start(&options)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
         tracing::debug!(path = %path.display(), "store opened");
-        Ok(Store { pool, path })
+        Ok(Store { pool, writer, path })
     }
 
     /// Path of the database file.
@@ -130,6 +140,7 @@ impl Store {
     /// Closes every connection, checkpointing the WAL. Later calls on this store (or
     /// its clones) fail; open the directory again to continue.
     pub async fn close(&self) {
+        self.writer.close().await;
         self.pool.close().await;
     }
 }

@@ -78,6 +78,39 @@ pub(crate) async fn open_period_from(
     }
 }
 
+/// What metering reads inside one write transaction (the price list's granularity, which
+/// months are closed), read once per transaction rather than once per execution: the
+/// transaction holds the write lock, so neither can change under it.
+#[derive(Debug, Default)]
+pub(crate) struct MeteringReads {
+    granularity_ms: Option<u32>,
+    open_period: std::collections::HashMap<Period, Period>,
+}
+
+impl MeteringReads {
+    async fn granularity_ms(&mut self, conn: &mut SqliteConnection) -> Result<u32, StoreError> {
+        if let Some(g) = self.granularity_ms {
+            return Ok(g);
+        }
+        let g = granularity_ms(conn).await?;
+        self.granularity_ms = Some(g);
+        Ok(g)
+    }
+
+    async fn open_period_from(
+        &mut self,
+        conn: &mut SqliteConnection,
+        period: Period,
+    ) -> Result<Period, StoreError> {
+        if let Some(open) = self.open_period.get(&period) {
+            return Ok(*open);
+        }
+        let open = open_period_from(conn, period).await?;
+        self.open_period.insert(period, open);
+        Ok(open)
+    }
+}
+
 /// Writes the usage row of `record` and adds it to the month's totals. Called inside the
 /// execution's transaction, after the execution row (so this connection already holds
 /// the write lock and the reads below cannot go stale).
@@ -85,10 +118,13 @@ pub(crate) async fn record_usage(
     conn: &mut SqliteConnection,
     record: &ExecutionRecord,
     usage: &ExecutionUsage,
+    reads: &mut MeteringReads,
 ) -> Result<(), StoreError> {
     let what = || format!("metering execution {}", record.id);
-    let granularity = granularity_ms(conn).await?;
-    let period = open_period_from(conn, Period::containing(usage.ended_at_ms)).await?;
+    let granularity = reads.granularity_ms(conn).await?;
+    let period = reads
+        .open_period_from(conn, Period::containing(usage.ended_at_ms))
+        .await?;
     let m = meter(
         record.duration_ms,
         record.init_ms,

@@ -43,7 +43,12 @@ fn now_ms() -> i64 {
 /// cost plus markup has reached its spending cap (HTTP 402). Accounts without a cap cost
 /// one indexed read.
 pub async fn admit(state: &AppState, account: &Account) -> Result<(), ApiError> {
+    if state.known_uncapped(&account.id) {
+        return Ok(());
+    }
+    let generation = state.billing_generation();
     let Some(spending) = state.store.spending(account, now_ms()).await? else {
+        state.note_uncapped(&account.id, generation);
         return Ok(());
     };
     if !spending.reached {
@@ -222,6 +227,7 @@ pub async fn set_account_billing(
         }
     }
     state.store.set_account_billing(&account.id, &terms).await?;
+    state.billing_changed();
     tracing::info!(account = %account.id, ?terms, "billing terms set");
     billing_json(&state, &account).await.map(Json)
 }
