@@ -373,6 +373,8 @@ impl CgroupHost {
         let mut cg = InstanceCgroups {
             layout: self.layout,
             dirs: Vec::new(),
+            freezer: std::sync::OnceLock::new(),
+            procs: std::sync::OnceLock::new(),
         };
         for h in &self.hierarchies {
             let root = h.mount.join(&self.root_name);
@@ -491,6 +493,8 @@ impl CgroupHost {
                     let key = (name_of(&group), name_of(&inst));
                     instances.insert(key);
                     all.push(InstanceCgroups {
+                        freezer: std::sync::OnceLock::new(),
+                        procs: std::sync::OnceLock::new(),
                         layout: self.layout,
                         dirs: vec![CgroupDir {
                             path: inst,
@@ -592,6 +596,11 @@ struct CgroupDir {
 pub(crate) struct InstanceCgroups {
     layout: CgroupLayout,
     dirs: Vec<CgroupDir>,
+    /// The freeze file, opened once: every invocation freezes and thaws its instance, and
+    /// an open + close per write is most of that cost.
+    freezer: std::sync::OnceLock<fs::File>,
+    /// The first hierarchy's cgroup.procs, opened once (read after every invocation).
+    procs: std::sync::OnceLock<fs::File>,
 }
 
 impl InstanceCgroups {
@@ -614,6 +623,32 @@ impl InstanceCgroups {
     }
 
     /// The file through which the instance is frozen: v1 freezer.state or v2 cgroup.freeze.
+    /// How many processes the instance holds (its first hierarchy's cgroup.procs; exited
+    /// tasks leave it before they are reaped, so zombies don't count).
+    pub(crate) fn process_count(&self) -> io::Result<usize> {
+        if self.procs.get().is_none() {
+            let path = self
+                .procs_files()
+                .into_iter()
+                .next()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup"))?;
+            let _ = self.procs.set(fs::File::open(path)?);
+        }
+        let Some(file) = self.procs.get() else {
+            return Ok(0);
+        };
+        let mut buf = [0u8; 4096];
+        let mut text = Vec::new();
+        loop {
+            let n = std::os::unix::fs::FileExt::read_at(file, &mut buf, text.len() as u64)?;
+            if n == 0 {
+                break;
+            }
+            text.extend_from_slice(&buf[..n]);
+        }
+        Ok(text.iter().filter(|b| **b == b'\n').count())
+    }
+
     pub(crate) fn freeze_file(&self) -> PathBuf {
         match self.layout {
             CgroupLayout::V2 => self
@@ -634,7 +669,15 @@ impl InstanceCgroups {
             (_, true) => "FROZEN",
             (_, false) => "THAWED",
         };
-        write_file(&file, value)
+        if self.freezer.get().is_none() {
+            let opened = fs::OpenOptions::new().write(true).open(&file)?;
+            let _ = self.freezer.set(opened);
+        }
+        match self.freezer.get() {
+            // One write at offset 0, as a fresh open would do.
+            Some(f) => std::os::unix::fs::FileExt::write_all_at(f, value.as_bytes(), 0),
+            None => write_file(&file, value),
+        }
     }
 
     pub(crate) fn freezer_state(&self) -> io::Result<FreezerState> {

@@ -159,15 +159,10 @@ impl SandboxedInstance {
     /// instance ([`Pid1::idle_processes`]). Exited tasks leave `cgroup.procs` before they are reaped, so zombies
     /// don't count. Costs one small read when there is nothing to wait for.
     fn wait_for_stragglers(&self) {
-        let Some(procs) = self.cgroups.procs_files().into_iter().next() else {
-            return;
-        };
         let deadline = Instant::now() + STRAGGLER_WAIT;
         let mut pause = Duration::from_micros(50);
         loop {
-            let count = std::fs::read_to_string(&procs)
-                .map(|text| text.lines().count())
-                .unwrap_or(0);
+            let count = self.cgroups.process_count().unwrap_or(0);
             if count <= self.pid1.idle_processes() || Instant::now() >= deadline {
                 return;
             }
