@@ -853,17 +853,23 @@ impl InstancePool {
             self.discard(instance).await;
             return;
         }
-        // Off the async workers: freezing first waits (bounded) for killed stragglers.
-        let sandbox = instance.sandbox.clone();
-        let frozen = tokio::task::spawn_blocking(move || sandbox.freeze())
-            .await
-            .unwrap_or_else(|e| {
-                Err(refinery_sandbox::SandboxError::Freeze {
-                    instance: instance.id().to_string(),
-                    path: Default::default(),
-                    source: std::io::Error::other(e.to_string()),
-                })
-            });
+        // At once when nothing is left to wait for; otherwise off the async workers, since
+        // freezing then first waits (bounded) for killed stragglers.
+        let frozen = match instance.sandbox.freeze_if_settled() {
+            Some(frozen) => frozen,
+            None => {
+                let sandbox = instance.sandbox.clone();
+                tokio::task::spawn_blocking(move || sandbox.freeze())
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(refinery_sandbox::SandboxError::Freeze {
+                            instance: instance.id().to_string(),
+                            path: Default::default(),
+                            source: std::io::Error::other(e.to_string()),
+                        })
+                    })
+            }
+        };
         if let Err(e) = frozen {
             tracing::warn!(instance = instance.id(), error = %e, "cannot freeze instance; discarding it");
             self.discard(instance).await;

@@ -136,6 +136,27 @@ impl SandboxedInstance {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Freezes at once when the instance holds nothing but its idle processes — the common
+    /// case, a few microseconds, fine on an async worker. None when stragglers are still
+    /// dying: call [`SandboxedInstance::freeze`] (which waits for them) off the async workers.
+    pub fn freeze_if_settled(&self) -> Option<Result<(), SandboxError>> {
+        let count = self.cgroups.process_count().unwrap_or(usize::MAX);
+        if count > self.pid1.idle_processes() {
+            return None;
+        }
+        Some(self.freeze_now())
+    }
+
+    fn freeze_now(&self) -> Result<(), SandboxError> {
+        self.cgroups
+            .set_frozen(true)
+            .map_err(|source| SandboxError::Freeze {
+                instance: self.id.clone(),
+                path: self.cgroups.freeze_file(),
+                source,
+            })
+    }
+
     /// Freeze every process of the instance. Does not wait for the kernel to report the cgroup
     /// frozen (v1 passes through FREEZING): nothing needs that confirmation, and thawing a
     /// freezing cgroup is fine, so the invocation's reply is not held up by it.
@@ -145,19 +166,12 @@ impl SandboxedInstance {
     /// dead-on-thaw, until the next invocation.
     pub fn freeze(&self) -> Result<(), SandboxError> {
         self.wait_for_stragglers();
-        self.cgroups
-            .set_frozen(true)
-            .map_err(|source| SandboxError::Freeze {
-                instance: self.id.clone(),
-                path: self.cgroups.freeze_file(),
-                source,
-            })?;
-        Ok(())
+        self.freeze_now()
     }
 
     /// Waits (at most [`STRAGGLER_WAIT`]) until the cgroup holds only the processes of an idle
-    /// instance ([`Pid1::idle_processes`]). Exited tasks leave `cgroup.procs` before they are reaped, so zombies
-    /// don't count. Costs one small read when there is nothing to wait for.
+    /// instance ([`Pid1::idle_processes`]). Exited tasks leave `cgroup.procs` before they are
+    /// reaped, so zombies don't count. Costs one small read when there is nothing to wait for.
     fn wait_for_stragglers(&self) {
         let deadline = Instant::now() + STRAGGLER_WAIT;
         let mut pause = Duration::from_micros(50);
