@@ -74,11 +74,25 @@ pub enum StoreError {
     },
 
     /// A stored row holds a value this binary cannot read back.
+    /// A failure of the execution writer (its own connection, see `execution_writer.rs`).
+    #[error("{operation}: {source}")]
+    Write {
+        operation: String,
+        source: rusqlite::Error,
+    },
+
     #[error("database holds invalid data ({0}); restore from a backup or report a bug")]
     Corrupt(String),
 }
 
 impl StoreError {
+    pub(crate) fn write(
+        operation: impl Into<String>,
+    ) -> impl FnOnce(rusqlite::Error) -> StoreError {
+        let operation = operation.into();
+        move |source| StoreError::Write { operation, source }
+    }
+
     /// Wraps a sqlx error with the operation that failed, e.g. `inserting execution X`.
     pub(crate) fn db(operation: impl Into<String>) -> impl FnOnce(sqlx::Error) -> StoreError {
         let operation = operation.into();

@@ -9,10 +9,10 @@
 //! or billed twice.
 
 use refinery_domain::{ExecutionRecord, UserError};
-use sqlx::{FromRow, SqliteConnection};
+use sqlx::FromRow;
 
-use crate::usage::{record_usage, ExecutionUsage, MeteringReads};
-use crate::{is_foreign_key_violation, is_unique_violation, parse_stored, Store, StoreError};
+use crate::usage::ExecutionUsage;
+use crate::{parse_stored, Store, StoreError};
 
 /// Most records [`Store::list_executions`] returns, whatever `limit` asks for.
 pub const MAX_EXECUTION_LIST: u32 = 1000;
@@ -151,59 +151,4 @@ impl Store {
         .map(ExecutionRow::into_record)
         .transpose()
     }
-}
-
-/// Inserts one execution and its usage inside the caller's (IMMEDIATE) transaction;
-/// `reads` caches metering's reads for that transaction.
-pub(crate) async fn insert_one(
-    conn: &mut SqliteConnection,
-    record: &ExecutionRecord,
-    usage: &ExecutionUsage,
-    reads: &mut MeteringReads,
-) -> Result<(), StoreError> {
-    let error_json = record
-        .error
-        .as_ref()
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(|e| {
-            StoreError::Corrupt(format!("serialising error of execution {}: {e}", record.id))
-        })?;
-    sqlx::query(&format!(
-        "INSERT INTO executions ({COLUMNS}) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    ))
-    .bind(&record.id)
-    .bind(&record.account_id)
-    .bind(&record.project)
-    .bind(record.deployment)
-    .bind(&record.block)
-    .bind(&record.instance_id)
-    .bind(record.cold)
-    .bind(record.started_at_ms)
-    .bind(record.duration_ms)
-    .bind(record.init_ms)
-    .bind(record.status.as_str())
-    .bind(&record.input)
-    .bind(record.input_truncated)
-    .bind(&record.output)
-    .bind(record.output_truncated)
-    .bind(error_json)
-    .bind(&record.logs)
-    .bind(record.logs_truncated)
-    .execute(&mut *conn)
-    .await
-    .map_err(|e| {
-        if is_foreign_key_violation(&e) {
-            StoreError::AccountNotFound(record.account_id.clone())
-        } else if is_unique_violation(&e) {
-            StoreError::db(format!(
-                "inserting execution {} (an execution with this id already exists)",
-                record.id
-            ))(e)
-        } else {
-            StoreError::db(format!("inserting execution {}", record.id))(e)
-        }
-    })?;
-    record_usage(conn, record, usage, reads).await
 }

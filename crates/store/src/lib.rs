@@ -122,12 +122,7 @@ impl Store {
                 path: path.clone(),
                 source,
             })?;
-        let writer = ExecutionWriter::start(&options)
-            .await
-            .map_err(|source| StoreError::Open {
-                path: path.clone(),
-                source,
-            })?;
+        let writer = ExecutionWriter::start(&path)?;
         tracing::debug!(path = %path.display(), "store opened");
         Ok(Store { pool, writer, path })
     }

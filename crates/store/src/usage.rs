@@ -1,8 +1,7 @@
 //! Metering: one usage row per execution, written in the execution's own transaction,
 //! and running totals per (account, month, project, block) for reports, caps and bills.
 
-use refinery_billing::{meter, Period};
-use refinery_domain::ExecutionRecord;
+use refinery_billing::Period;
 use serde::{Deserialize, Serialize};
 use sqlx::{FromRow, SqliteConnection};
 
@@ -45,19 +44,6 @@ impl BlockUsage {
     }
 }
 
-/// Granularity of the price list in force (1 ms when the operator set none).
-pub(crate) async fn granularity_ms(conn: &mut SqliteConnection) -> Result<u32, StoreError> {
-    let row: Option<(i64,)> =
-        sqlx::query_as("SELECT granularity_ms FROM price_lists ORDER BY id DESC LIMIT 1")
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(StoreError::db("reading the billing granularity"))?;
-    match row {
-        Some((g,)) => crate::stored_u32("price list granularity_ms", g),
-        None => Ok(refinery_billing::PriceList::default().granularity_ms),
-    }
-}
-
 /// The first month at or after `period` that is not closed: where usage ending in
 /// `period` is counted.
 pub(crate) async fn open_period_from(
@@ -76,104 +62,6 @@ pub(crate) async fn open_period_from(
         }
         period = period.next();
     }
-}
-
-/// What metering reads inside one write transaction (the price list's granularity, which
-/// months are closed), read once per transaction rather than once per execution: the
-/// transaction holds the write lock, so neither can change under it.
-#[derive(Debug, Default)]
-pub(crate) struct MeteringReads {
-    granularity_ms: Option<u32>,
-    open_period: std::collections::HashMap<Period, Period>,
-}
-
-impl MeteringReads {
-    async fn granularity_ms(&mut self, conn: &mut SqliteConnection) -> Result<u32, StoreError> {
-        if let Some(g) = self.granularity_ms {
-            return Ok(g);
-        }
-        let g = granularity_ms(conn).await?;
-        self.granularity_ms = Some(g);
-        Ok(g)
-    }
-
-    async fn open_period_from(
-        &mut self,
-        conn: &mut SqliteConnection,
-        period: Period,
-    ) -> Result<Period, StoreError> {
-        if let Some(open) = self.open_period.get(&period) {
-            return Ok(*open);
-        }
-        let open = open_period_from(conn, period).await?;
-        self.open_period.insert(period, open);
-        Ok(open)
-    }
-}
-
-/// Writes the usage row of `record` and adds it to the month's totals. Called inside the
-/// execution's transaction, after the execution row (so this connection already holds
-/// the write lock and the reads below cannot go stale).
-pub(crate) async fn record_usage(
-    conn: &mut SqliteConnection,
-    record: &ExecutionRecord,
-    usage: &ExecutionUsage,
-    reads: &mut MeteringReads,
-) -> Result<(), StoreError> {
-    let what = || format!("metering execution {}", record.id);
-    let granularity = reads.granularity_ms(conn).await?;
-    let period = reads
-        .open_period_from(conn, Period::containing(usage.ended_at_ms))
-        .await?;
-    let m = meter(
-        record.duration_ms,
-        record.init_ms,
-        usage.memory_mb,
-        granularity,
-    );
-    let egress = i64::try_from(usage.egress_bytes).unwrap_or(i64::MAX);
-    sqlx::query(
-        "INSERT INTO usage (execution_id, account_id, period, project, block, ended_at_ms, \
-         memory_mb, billed_ms, init_billed_ms, mb_ms, init_mb_ms, egress_bytes) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&record.id)
-    .bind(&record.account_id)
-    .bind(period.to_string())
-    .bind(&record.project)
-    .bind(&record.block)
-    .bind(usage.ended_at_ms)
-    .bind(i64::from(usage.memory_mb))
-    .bind(m.billed_ms)
-    .bind(m.init_billed_ms)
-    .bind(m.mb_ms)
-    .bind(m.init_mb_ms)
-    .bind(egress)
-    .execute(&mut *conn)
-    .await
-    .map_err(StoreError::db(what()))?;
-    sqlx::query(
-        "INSERT INTO usage_totals (account_id, period, project, block, requests, billed_ms, \
-         init_billed_ms, mb_ms, init_mb_ms, egress_bytes) VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?) \
-         ON CONFLICT (account_id, period, project, block) DO UPDATE SET \
-         requests = requests + 1, billed_ms = billed_ms + excluded.billed_ms, \
-         init_billed_ms = init_billed_ms + excluded.init_billed_ms, \
-         mb_ms = mb_ms + excluded.mb_ms, init_mb_ms = init_mb_ms + excluded.init_mb_ms, \
-         egress_bytes = egress_bytes + excluded.egress_bytes",
-    )
-    .bind(&record.account_id)
-    .bind(period.to_string())
-    .bind(&record.project)
-    .bind(&record.block)
-    .bind(m.billed_ms)
-    .bind(m.init_billed_ms)
-    .bind(m.mb_ms)
-    .bind(m.init_mb_ms)
-    .bind(egress)
-    .execute(&mut *conn)
-    .await
-    .map_err(StoreError::db(what()))?;
-    Ok(())
 }
 
 /// The month's totals of one account, per project and block.
