@@ -1,5 +1,8 @@
 //! Refinery's persistence: accounts, API keys, projects, deployments and executions,
-//! kept in one embedded SQLite database (`<data_dir>/refinery.db`) through sqlx.
+//! kept in one embedded SQLite database (`<data_dir>/refinery.db`) through sqlx — except the
+//! hot path, execution records with their usage, which one writer thread of its own writes
+//! through a synchronous `rusqlite` connection in group-committed batches
+//! (`execution_writer.rs`).
 //!
 //! # What this crate owns
 //!
