@@ -167,7 +167,8 @@ impl Zygotes {
         let slot = slots
             .get_mut(name)
             .ok_or_else(|| zygote_err(name, "no such zygote"))?;
-        for attempt in 0..2 {
+        let mut restarted = false;
+        loop {
             let running = match slot.running.take() {
                 Some(r) => r,
                 None => self.start(&slot.spec)?,
@@ -179,14 +180,14 @@ impl Zygotes {
                 }
                 Err(e) => {
                     stop(running);
-                    if attempt == 1 {
+                    if restarted {
                         return Err(zygote_err(name, format!("fork request failed: {e}")));
                     }
+                    restarted = true;
                     tracing::warn!(zygote = name, error = %e, "zygote gone; restarting it");
                 }
             }
         }
-        Err(zygote_err(name, "unreachable"))
     }
 
     fn start(&self, spec: &ZygoteSpec) -> Result<Running, SandboxError> {
@@ -226,7 +227,7 @@ impl Zygotes {
             .map_err(|e| e.to_string())
             .and_then(|()| round_trip(&running.control, &self.config, &[]).map(|(r, _)| r));
         match ready {
-            Ok(reply) if reply_kind(&reply) == Some("ready") => {
+            Ok(reply) if is_ready(&reply) => {
                 tracing::info!(zygote = name, pid, "pre-initialised runtime ready");
                 Ok(running)
             }
@@ -257,9 +258,9 @@ impl Zygotes {
     }
 }
 
-fn reply_kind(reply: &[u8]) -> Option<&'static str> {
-    let value: serde_json::Value = serde_json::from_slice(reply).ok()?;
-    (value.get("type")?.as_str()? == "ready").then_some("ready")
+fn is_ready(reply: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(reply)
+        .is_ok_and(|v| v.get("type").and_then(|t| t.as_str()) == Some("ready"))
 }
 
 fn parse_fork_reply(
