@@ -271,3 +271,66 @@ async fn idle_instances_are_frozen_then_reaped_after_keep_alive() {
         .await;
     assert_eq!(again["cold"], true);
 }
+
+/// Parent pid of `pid`, from /proc.
+fn parent_of(pid: i64) -> Option<i64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit(')')
+        .next()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+const PY_ONLY: &str = r#"
+name = "pyonly"
+[[blocks]]
+name = "py"
+language = "python"
+code = """
+import os
+def main(block_input, backpack):
+    return {"pid": os.getpid(), "uid": os.getuid(), "n": block_input}
+"""
+"#;
+
+/// Python instances are forked from the pre-initialised runtime by default, and started by
+/// exec with `--no-zygotes`; both answer the same way, both as pid 1 of their namespace
+/// (the exec'd one under its reaper), both as an unprivileged uid.
+#[tokio::test]
+async fn python_instances_fork_from_the_zygote_or_exec_without_it() {
+    for (args, forked) in [(&[][..], true), (&["--no-zygotes"][..], false)] {
+        let server = Server::start_with(args).await;
+        let (_, key) = server.account("zy").await;
+        server.deploy_ok(&key, PY_ONLY).await;
+        let reply = server.invoke_ok(&key, "pyonly", "py", json!(7)).await;
+        assert_eq!(reply["status"], "ok", "{reply}");
+        assert_eq!(reply["output"]["n"], 7);
+        assert!(reply["output"]["uid"]
+            .as_i64()
+            .is_some_and(|u| u >= 100_000));
+        let expected_pid = if forked { 1 } else { 2 };
+        assert_eq!(reply["output"]["pid"], expected_pid, "{args:?}: {reply}");
+        let instances = server.instances().await;
+        let pid = instances[0]["pid"]
+            .as_i64()
+            .expect("the operator sees the pid");
+        let parent = parent_of(pid).expect("the instance's parent");
+        if forked {
+            assert_ne!(parent, i64::from(server.pid()), "forked by the zygote");
+            let zygote_cmd = std::fs::read(format!("/proc/{parent}/cmdline")).unwrap_or_default();
+            assert!(
+                String::from_utf8_lossy(&zygote_cmd).contains("zygote_python.py"),
+                "parent of a forked instance: {}",
+                String::from_utf8_lossy(&zygote_cmd)
+            );
+        } else {
+            assert_eq!(
+                parent,
+                i64::from(server.pid()),
+                "cloned by the server itself"
+            );
+        }
+    }
+}
