@@ -570,6 +570,16 @@ impl InstancePool {
     /// A warm instance, thawed, if the block has one.
     async fn take_warm(&self, block_pool: &BlockPool) -> Option<Instance> {
         while let Some(instance) = block_pool.pop_idle() {
+            // An idle instance can have died without the pool knowing (its zygote was
+            // killed, an operator killed it): never hand a dead one an invocation.
+            if instance.sandbox.has_exited() {
+                tracing::warn!(
+                    instance = instance.id(),
+                    "idle instance found dead; discarding it"
+                );
+                self.discard(instance).await;
+                continue;
+            }
             match instance.sandbox.thaw() {
                 Ok(()) => return Some(instance),
                 Err(e) => {

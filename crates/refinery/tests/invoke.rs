@@ -334,3 +334,45 @@ async fn python_instances_fork_from_the_zygote_or_exec_without_it() {
         }
     }
 }
+
+/// If the zygote dies, its instances die with it (parent-death signal; a frozen one once
+/// thawed): the pool never hands such an idle instance an invocation, and the next fork
+/// restarts the zygote.
+#[tokio::test]
+async fn a_killed_zygote_costs_a_cold_start_never_a_failed_invocation() {
+    let server = Server::start().await;
+    let (_, key) = server.account("zk").await;
+    server.deploy_ok(&key, PY_ONLY).await;
+    let first = server.invoke_ok(&key, "pyonly", "py", json!(1)).await;
+    assert_eq!(first["status"], "ok", "{first}");
+    let pid = server.instances().await[0]["pid"]
+        .as_i64()
+        .expect("instance pid");
+    let zygote = parent_of(pid).expect("the zygote");
+    // SAFETY: kill(2) on the zygote's pid, read from /proc a moment ago.
+    unsafe { libc::kill(zygote as i32, libc::SIGKILL) };
+    let dead = |pid: i64| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true)
+    };
+    assert!(eventually(Duration::from_secs(10), || dead(zygote)).await);
+
+    let second = server.invoke_ok(&key, "pyonly", "py", json!(2)).await;
+    assert_eq!(second["status"], "ok", "{second}");
+    assert_eq!(
+        second["cold"], true,
+        "the dead instance was not reused: {second}"
+    );
+    let instances = server.instances().await;
+    assert_eq!(instances.len(), 1, "the dead one is gone: {instances:?}");
+    let new_pid = instances[0]["pid"].as_i64().expect("instance pid");
+    let new_zygote = parent_of(new_pid).expect("a zygote again");
+    assert_ne!(new_zygote, zygote, "a new zygote");
+}

@@ -47,7 +47,13 @@ pub(crate) enum Pid1 {
     Child(libc::pid_t),
     /// Forked by a zygote (which reaps it): watched and signalled through a pidfd, so a reused
     /// pid can never be hit. Idle, the instance is one process: the runtime as pid 1.
-    Forked { pid: libc::pid_t, pidfd: OwnedFd },
+    Forked {
+        pid: libc::pid_t,
+        pidfd: OwnedFd,
+        /// The zygote's pidfd: once it is readable the zygote is gone, and so is this
+        /// instance (at the latest when thawed).
+        zygote: std::sync::Arc<OwnedFd>,
+    },
 }
 
 impl Pid1 {
@@ -218,20 +224,28 @@ impl SandboxedInstance {
         self.cgroups.oom_killed()
     }
 
+    /// Whether the instance's pid 1 has exited (a cheap non-blocking check; the status is kept
+    /// for [`SandboxedInstance::destroy`]).
+    pub fn has_exited(&self) -> bool {
+        let mut state = self.lock();
+        if state.exit.is_none() {
+            state.exit = self.try_reap();
+        }
+        state.exit.is_some()
+    }
+
     /// Reap the init without blocking; Some(status) once it has exited.
     fn try_reap(&self) -> Option<String> {
         let pid = match &self.pid1 {
             Pid1::Child(pid) => *pid,
-            Pid1::Forked { pidfd, .. } => {
-                let mut pfd = libc::pollfd {
-                    fd: pidfd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
+            Pid1::Forked { pidfd, zygote, .. } => {
+                return if exited(pidfd) {
+                    Some("exited (reaped by its zygote)".to_string())
+                } else if exited(zygote) {
+                    Some("killed with its zygote".to_string())
+                } else {
+                    None
                 };
-                // SAFETY: polls one valid pollfd without waiting; a pidfd is readable once the
-                // process has exited (its zygote collects the status).
-                let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
-                return (rc > 0).then(|| "exited (reaped by its zygote)".to_string());
             }
         };
         let mut status: libc::c_int = 0;
@@ -317,4 +331,15 @@ impl Drop for SandboxedInstance {
             tracing::error!(instance = %self.id, error = %e, "destroying sandbox instance on drop failed");
         }
     }
+}
+
+/// Whether the process behind `pidfd` has exited (a pidfd is readable from then on).
+fn exited(pidfd: &OwnedFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polls one valid pollfd without waiting.
+    unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
 }

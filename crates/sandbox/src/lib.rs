@@ -556,7 +556,7 @@ impl SandboxHost {
             Launch::Fork { zygote, .. } => self
                 .zygotes
                 .fork(zygote, &init, &child_fds)
-                .map(|(pid, pidfd)| (Pid1::Forked { pid, pidfd }, None)),
+                .map(|(pid, pidfd, zygote)| (Pid1::Forked { pid, pidfd, zygote }, None)),
         };
         let (pid1, frame) = match launched {
             Ok(l) => l,

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use nix::sys::socket::{
@@ -68,6 +68,9 @@ pub(crate) struct ZygoteConfig {
 struct Running {
     pid: libc::pid_t,
     control: OwnedFd,
+    /// A pidfd of the zygote, shared with every instance it forked: they die with it (their
+    /// parent-death signal) — a frozen one only once thawed — so they check it.
+    alive: Arc<OwnedFd>,
 }
 
 struct Slot {
@@ -148,7 +151,7 @@ impl Zygotes {
         name: &str,
         spec: &InitSpec,
         child: &ChildFds,
-    ) -> Result<(libc::pid_t, OwnedFd), SandboxError> {
+    ) -> Result<(libc::pid_t, OwnedFd, Arc<OwnedFd>), SandboxError> {
         #[derive(Serialize)]
         struct Request<'a> {
             #[serde(rename = "type")]
@@ -175,8 +178,10 @@ impl Zygotes {
             };
             match round_trip(&running.control, &message, &fds) {
                 Ok((reply, pidfd)) => {
+                    let zygote = running.alive.clone();
                     slot.running = Some(running);
-                    return parse_fork_reply(name, &reply, pidfd);
+                    let (pid, pidfd) = parse_fork_reply(name, &reply, pidfd)?;
+                    return Ok((pid, pidfd, zygote));
                 }
                 Err(e) => {
                     stop(running);
@@ -217,10 +222,24 @@ impl Zygotes {
         let child = spawn::zygote_fds(child_end).map_err(|e| err(format!("fds: {e}")))?;
         let pid = spawn::clone_on_spawner(cstr(&exe)?, argv_c, &child, 0)?
             .map_err(|e| err(format!("clone: {e}")))?;
+        // SAFETY: pidfd_open on our own unreaped child; returns a new fd or -1.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if raw < 0 {
+            let e = std::io::Error::last_os_error();
+            stop(Running {
+                pid,
+                control: host_end,
+                alive: Arc::new(child.stdin),
+            });
+            return Err(err(format!("pidfd_open: {e}")));
+        }
+        // SAFETY: `raw` is a fresh pidfd nobody else owns.
+        let alive = Arc::new(unsafe { OwnedFd::from_raw_fd(raw as RawFd) });
         drop(child);
         let running = Running {
             pid,
             control: host_end,
+            alive,
         };
         let timeout = TimeVal::new(REPLY_TIMEOUT.as_secs() as _, 0);
         let ready = setsockopt(&running.control, sockopt::ReceiveTimeout, &timeout)
