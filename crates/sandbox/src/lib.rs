@@ -552,11 +552,15 @@ impl SandboxHost {
         let launched = match launch {
             Launch::Exec(_) => self
                 .clone_init(&init, &child_fds)
-                .map(|(pid, frame)| (Pid1::Child(pid), Some(frame))),
-            Launch::Fork { zygote, .. } => self
-                .zygotes
-                .fork(zygote, &init, &child_fds)
-                .map(|(pid, pidfd, zygote)| (Pid1::Forked { pid, pidfd, zygote }, None)),
+                .map(|(pid, frame)| (Pid1::Child(pid), frame)),
+            // The forked instance reads the same frame from its own pipe: the zygote never
+            // sees it.
+            Launch::Fork { zygote, .. } => spec::encode(&init)
+                .map_err(|e| SandboxError::InvalidSpec(format!("encoding the setup spec: {e}")))
+                .and_then(|frame| {
+                    let (pid, pidfd, zygote) = self.zygotes.fork(zygote, &child_fds)?;
+                    Ok((Pid1::Forked { pid, pidfd, zygote }, frame))
+                }),
         };
         let (pid1, frame) = match launched {
             Ok(l) => l,
@@ -568,30 +572,28 @@ impl SandboxHost {
         drop(child_fds);
         // From here on the instance owns the process: dropping it on error destroys everything.
         let instance = SandboxedInstance::new(spec.instance_id.clone(), pid1, cgroups, uid);
-        if let Some(frame) = frame {
-            // Network hook: the namespace exists, the init waits for its setup frame (none of
-            // the block's code has run). Connect it now or not at all. (Network instances are
-            // never forked: see `spawn`.)
-            if let (true, Some(net)) = (spec.network, &self.network) {
-                match net.attach(instance.pid()) {
-                    Ok(attachment) => instance.set_network(attachment),
-                    Err(what) => {
-                        let _ = instance.destroy();
-                        return Err(SandboxError::Network {
-                            instance: spec.instance_id.clone(),
-                            what,
-                        });
-                    }
+        // Network hook: the namespace exists, the init waits for its setup frame (none of
+        // the block's code has run). Connect it now or not at all. (Network instances are
+        // never forked: see `spawn`.)
+        if let (true, Some(net)) = (spec.network, &self.network) {
+            match net.attach(instance.pid()) {
+                Ok(attachment) => instance.set_network(attachment),
+                Err(what) => {
+                    let _ = instance.destroy();
+                    return Err(SandboxError::Network {
+                        instance: spec.instance_id.clone(),
+                        what,
+                    });
                 }
             }
-            if let Err(source) = spawn::write_frame(&host_fds.requests, &frame) {
-                let _ = instance.destroy();
-                return Err(SandboxError::SendSpec {
-                    instance: spec.instance_id.clone(),
-                    log: spawn::drain_log(&host_fds.logs),
-                    source,
-                });
-            }
+        }
+        if let Err(source) = spawn::write_frame(&host_fds.requests, &frame) {
+            let _ = instance.destroy();
+            return Err(SandboxError::SendSpec {
+                instance: spec.instance_id.clone(),
+                log: spawn::drain_log(&host_fds.logs),
+                source,
+            });
         }
         Ok(Spawned {
             instance,

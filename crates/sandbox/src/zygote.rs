@@ -5,9 +5,10 @@
 //! in the host's namespaces, with an empty environment and one open descriptor: the host end of
 //! a `SOCK_SEQPACKET` control socket (its fd 3). Its own stdout/stderr are the server's stderr.
 //! The protocol (one datagram per message, descriptors as `SCM_RIGHTS`) is documented at the top
-//! of `zygote_python.py`, the only zygote so far. The fork builds the same sandbox as the Rust
-//! init, from the same host-built [`InitSpec`]; the constant parts (syscall numbers, the compiled
-//! seccomp filters, the Landlock masks) are sent once, at start, in [`ZygoteConfig`].
+//! of `zygote_python.py`, the only zygote so far. The fork reads the same host-built setup frame
+//! as the Rust init, from its own requests pipe, and builds the same sandbox; the constant parts
+//! (syscall numbers, the compiled seccomp filters, the Landlock masks) are sent to the zygote
+//! once, at start, in [`ZygoteConfig`].
 //!
 //! The forked instance is not the host's child: the host holds a pidfd of it (sent by the
 //! zygote, which opens it before it could reap the pid), signals through it and polls it to see
@@ -28,7 +29,6 @@ use nix::sys::time::TimeVal;
 use serde::Serialize;
 
 use crate::spawn::{self, ChildFds};
-use crate::spec::InitSpec;
 use crate::SandboxError;
 
 /// The Python zygote's source, written into the sandbox state dir at start.
@@ -143,23 +143,18 @@ impl Zygotes {
         self.lock().contains_key(name)
     }
 
-    /// Forks an instance from zygote `name`: it builds its sandbox from `spec` with `child` as its
-    /// fds 0..=4. Returns the instance's host pid and a pidfd of it. A zygote found dead is
-    /// restarted once.
+    /// Forks an instance from zygote `name` with `child` as its fds 0..=4; the instance then
+    /// waits for its setup frame on its requests pipe (fd 3), which the caller writes.
+    /// Returns the instance's host pid, a pidfd of it, and the zygote's pidfd. A zygote found
+    /// dead is restarted once.
     pub(crate) fn fork(
         &self,
         name: &str,
-        spec: &InitSpec,
         child: &ChildFds,
     ) -> Result<(libc::pid_t, OwnedFd, Arc<OwnedFd>), SandboxError> {
-        #[derive(Serialize)]
-        struct Request<'a> {
-            #[serde(rename = "type")]
-            kind: &'static str,
-            spec: &'a InitSpec,
-        }
-        let message = serde_json::to_vec(&Request { kind: "fork", spec })
-            .map_err(|e| zygote_err(name, format!("encoding the fork request: {e}")))?;
+        // Only descriptors go through the zygote, never what the instance is for: the zygote's
+        // memory, which every later fork inherits, must hold nothing of any account.
+        let message = br#"{"type":"fork"}"#;
         let fds = [
             child.stdin.as_raw_fd(),
             child.log.as_raw_fd(),
@@ -176,7 +171,7 @@ impl Zygotes {
                 Some(r) => r,
                 None => self.start(&slot.spec)?,
             };
-            match round_trip(&running.control, &message, &fds) {
+            match round_trip(&running.control, message, &fds) {
                 Ok((reply, pidfd)) => {
                     let zygote = running.alive.clone();
                     slot.running = Some(running);

@@ -7,18 +7,22 @@ Python cold start), then serves fork requests forever:
 
   host -> zygote   {"type": "config", ...}                     once: syscall numbers, filters
   zygote -> host   {"type": "ready"}
-  host -> zygote   {"type": "fork", "spec": InitSpec}          + fds: stdin, log, requests, responses
+  host -> zygote   {"type": "fork"}          + fds: stdin, log, requests, responses
   zygote -> host   {"pid": N} + a pidfd of the instance, or {"error": "..."}
+  host -> instance its InitSpec, as one frame on its requests pipe (as for the Rust init)
 
-Each instance is a fork that becomes pid 1 of a fresh pid namespace, then builds its sandbox
-around itself exactly as the Rust init (`init.rs`) does, from the same host-built plan: join its
+Each instance is a fork that becomes pid 1 of a fresh pid namespace, reads its plan, then builds
+its sandbox around itself exactly as the Rust init (`init.rs`) does, from the same plan: join its
 cgroups, new cgroup/mount/net/ipc/uts namespaces, the mount table (`mounts.rs` ops), pivot_root,
 hostname, rlimits, capabilities and uid, no_new_privs, Landlock (`fs_access.rs` rules, as access
 masks) and seccomp (`seccomp.rs`, as compiled BPF). Any failed step ends the child with status
 125 before a line of the block's code runs. Only then does it call the shim's `main`.
 
-This process never runs user code and holds nothing of any account: the spec it receives per
-fork goes only to that fork. See SECURITY.md ("Pre-initialised runtimes").
+This process never runs user code and never holds anything of any account: a fork request
+carries only descriptors, and each instance reads its own setup plan (its mounts, uid,
+cgroups, the block's environment) from its own pipe after the fork, so no instance can find
+another's in memory it inherited from the zygote. See SECURITY.md ("Pre-initialised
+runtimes").
 """
 
 import ctypes
@@ -35,6 +39,7 @@ import sys
 
 CONTROL_FD = 3
 MAX_MESSAGE = 1 << 20
+MAX_SPEC = 4 * 1024 * 1024  # spec.rs MAX_FRAME
 
 # <linux/sched.h>, <linux/mount.h>, <linux/prctl.h> (stable across architectures).
 CLONE_NEWNS = 0x00020000
@@ -286,7 +291,26 @@ def enter(config, spec):
 # ------------------------------------------------------------------ the fork server
 
 
-def child(config, spec, fds, control, pidns_fd, shim):
+def read_exact(fd, n):
+    data = b""
+    while len(data) < n:
+        chunk = os.read(fd, n - len(data))
+        if not chunk:
+            raise SetupError("the host closed the requests pipe before the setup frame")
+        data += chunk
+    return data
+
+
+def read_spec():
+    """The instance's setup frame, from its own requests pipe (fd 3), exactly as the Rust init
+    reads it: the zygote itself never sees what an instance is for."""
+    (length,) = struct.unpack(">I", read_exact(3, 4))
+    if length > MAX_SPEC:
+        raise SetupError(f"setup frame of {length} bytes exceeds {MAX_SPEC}")
+    return json.loads(read_exact(3, length))
+
+
+def child(config, fds, control, pidns_fd, shim):
     """The new instance: never returns."""
     status = 125
     try:
@@ -299,6 +323,7 @@ def child(config, spec, fds, control, pidns_fd, shim):
         for target, fd in zip((0, 1, 2, 3, 4), (high[0], high[1], high[1], high[2], high[3])):
             os.dup2(fd, target)
         os.closerange(5, 65536)
+        spec = read_spec()
         enter(config, spec)
     except BaseException as e:  # noqa: BLE001 - any failure ends this child, never the zygote
         os.write(2, f"refinery-sandbox: {e}\n".encode(errors="replace"))
@@ -347,7 +372,7 @@ def reply(control, body, fds=()):
         control.sendmsg([data])
 
 
-def fork_instance(config, spec, fds, control, pidns_fd, shim):
+def fork_instance(config, fds, control, pidns_fd, shim):
     """unshare(CLONE_NEWPID) makes the next child pid 1 of a new pid namespace; setns back to
     our own namespace afterwards, so the next fork gets a namespace of its own too."""
     # SIGCHLD stays blocked until the pidfd is open: the reaper (the signal handler) cannot
@@ -358,7 +383,7 @@ def fork_instance(config, spec, fds, control, pidns_fd, shim):
         try:
             pid = os.fork()
             if pid == 0:
-                child(config, spec, fds, control, pidns_fd, shim)
+                child(config, fds, control, pidns_fd, shim)
         finally:
             check(libc.setns(pidns_fd, CLONE_NEWPID), "setns back to the zygote's pid namespace")
         return pid, check(sys_call(config, "pidfd_open", pid, 0), "pidfd_open")
@@ -397,7 +422,9 @@ def main():
             request = json.loads(msg)
             if len(fds) != 4:
                 raise SetupError(f"a fork request needs 4 fds, got {len(fds)}")
-            pid, pidfd = fork_instance(config, request["spec"], fds, control, pidns_fd, shim)
+            if request.get("type") != "fork":
+                raise SetupError(f"unknown request {request.get('type')!r}")
+            pid, pidfd = fork_instance(config, fds, control, pidns_fd, shim)
         except (OSError, SetupError, ValueError, KeyError) as e:
             reply(control, {"error": str(e)})
         else:

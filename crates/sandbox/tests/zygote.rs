@@ -262,3 +262,58 @@ fn concurrent_forks_get_separate_namespaces() {
         instance.destroy().expect("destroy");
     }
 }
+
+/// Every byte `pid` has mapped writable or private (its heap, stacks, anonymous memory).
+fn memory_of(pid: i32) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("mem");
+    let mut all = Vec::new();
+    for line in maps.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        if !perms.starts_with("rw") {
+            continue;
+        }
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        else {
+            continue;
+        };
+        let mut buf = vec![0u8; (end - start) as usize];
+        if mem.read_exact_at(&mut buf, start).is_ok() {
+            all.extend_from_slice(&buf);
+        }
+    }
+    all
+}
+
+#[test]
+fn the_zygote_never_holds_what_an_instance_is_for() {
+    let t = with_probe_zygote();
+    let secret = format!("zygote-leak-canary-{}", std::process::id());
+    let env = BTreeMap::from([("API_TOKEN".to_string(), secret.clone())]);
+    let (facts, zygote, _) = probe(&t, env);
+    assert_eq!(
+        facts["env"]["API_TOKEN"],
+        secret.as_str(),
+        "the instance got it"
+    );
+    let memory = memory_of(zygote);
+    assert!(memory.len() > 1_000_000, "read the zygote's memory");
+    // The scan does find what the zygote was sent: its own (public) configuration.
+    let config_key = b"landlock_create_ruleset";
+    assert!(
+        memory.windows(config_key.len()).any(|w| w == config_key),
+        "the scan should see the zygote's configuration"
+    );
+    let found = memory.windows(secret.len()).any(|w| w == secret.as_bytes());
+    assert!(
+        !found,
+        "the block's secret is in the zygote's memory, where later forks would inherit it"
+    );
+}
