@@ -626,16 +626,17 @@ impl InstanceCgroups {
     /// How many processes the instance holds (its first hierarchy's cgroup.procs; exited
     /// tasks leave it before they are reaped, so zombies don't count).
     pub(crate) fn process_count(&self) -> io::Result<usize> {
-        if self.procs.get().is_none() {
-            let path = self
-                .procs_files()
-                .into_iter()
-                .next()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup"))?;
-            let _ = self.procs.set(fs::File::open(path)?);
-        }
-        let Some(file) = self.procs.get() else {
-            return Ok(0);
+        let file = match self.procs.get() {
+            Some(f) => f,
+            None => {
+                let path = self
+                    .procs_files()
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup"))?;
+                let opened = fs::File::open(path)?;
+                self.procs.get_or_init(|| opened)
+            }
         };
         let mut buf = [0u8; 4096];
         let mut text = Vec::new();
@@ -669,15 +670,15 @@ impl InstanceCgroups {
             (_, true) => "FROZEN",
             (_, false) => "THAWED",
         };
-        if self.freezer.get().is_none() {
-            let opened = fs::OpenOptions::new().write(true).open(&file)?;
-            let _ = self.freezer.set(opened);
-        }
-        match self.freezer.get() {
-            // One write at offset 0, as a fresh open would do.
-            Some(f) => std::os::unix::fs::FileExt::write_all_at(f, value.as_bytes(), 0),
-            None => write_file(&file, value),
-        }
+        let freezer = match self.freezer.get() {
+            Some(f) => f,
+            None => {
+                let opened = fs::OpenOptions::new().write(true).open(&file)?;
+                self.freezer.get_or_init(|| opened)
+            }
+        };
+        // One write at offset 0, as a fresh open would do.
+        std::os::unix::fs::FileExt::write_all_at(freezer, value.as_bytes(), 0)
     }
 
     pub(crate) fn freezer_state(&self) -> io::Result<FreezerState> {

@@ -549,19 +549,20 @@ impl SandboxHost {
             },
         };
         let init = self.init_spec(spec, entry, uid.uid(), cgroups.procs_files());
-        let launched = match launch {
-            Launch::Exec(_) => self
-                .clone_init(&init, &child_fds)
-                .map(|(pid, frame)| (Pid1::Child(pid), frame)),
-            // The forked instance reads the same frame from its own pipe: the zygote never
-            // sees it.
-            Launch::Fork { zygote, .. } => spec::encode(&init)
-                .map_err(|e| SandboxError::InvalidSpec(format!("encoding the setup spec: {e}")))
-                .and_then(|frame| {
-                    let (pid, pidfd, zygote) = self.zygotes.fork(zygote, &child_fds)?;
-                    Ok((Pid1::Forked { pid, pidfd, zygote }, frame))
-                }),
-        };
+        // Both kinds of first process read this same frame from their own fd 3 (so the zygote
+        // never sees what an instance is for).
+        let launched = spec::encode(&init)
+            .map_err(|e| SandboxError::InvalidSpec(format!("encoding the setup spec: {e}")))
+            .and_then(|frame| {
+                let pid1 = match launch {
+                    Launch::Exec(_) => Pid1::Child(self.clone_init(&init, &child_fds)?),
+                    Launch::Fork { zygote, .. } => {
+                        let (pid, pidfd, zygote) = self.zygotes.fork(zygote, &child_fds)?;
+                        Pid1::Forked { pid, pidfd, zygote }
+                    }
+                };
+                Ok((pid1, frame))
+            });
         let (pid1, frame) = match launched {
             Ok(l) => l,
             Err(e) => {
@@ -605,14 +606,12 @@ impl SandboxHost {
         })
     }
 
-    /// clone(2) the Rust init into fresh namespaces; returns its pid and the setup frame to send.
+    /// clone(2) the Rust init into fresh namespaces; returns its pid.
     fn clone_init(
         &self,
         init: &InitSpec,
         child_fds: &spawn::ChildFds,
-    ) -> Result<(libc::pid_t, Vec<u8>), SandboxError> {
-        let frame = spec::encode(init)
-            .map_err(|e| SandboxError::InvalidSpec(format!("encoding the setup spec: {e}")))?;
+    ) -> Result<libc::pid_t, SandboxError> {
         let mut argv = vec![self.init_exe.clone()];
         for a in &self.config.init_args {
             argv.push(CString::new(a.as_bytes()).map_err(|_| {
@@ -629,7 +628,7 @@ impl SandboxHost {
             instance: init.instance_id.clone(),
             source,
         })?;
-        Ok((pid, frame))
+        Ok(pid)
     }
 }
 

@@ -221,11 +221,7 @@ impl Zygotes {
         let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         if raw < 0 {
             let e = std::io::Error::last_os_error();
-            stop(Running {
-                pid,
-                control: host_end,
-                alive: Arc::new(child.stdin),
-            });
+            kill_and_reap(pid);
             return Err(err(format!("pidfd_open: {e}")));
         }
         // SAFETY: `raw` is a fresh pidfd nobody else owns.
@@ -349,10 +345,14 @@ fn round_trip(
 /// is only stopped at shutdown or when it stopped answering.
 fn stop(running: Running) {
     drop(running.control);
+    kill_and_reap(running.pid);
+}
+
+fn kill_and_reap(pid: libc::pid_t) {
     // SAFETY: kill and waitpid on a child of this process that nobody else reaps.
     unsafe {
-        libc::kill(running.pid, libc::SIGKILL);
-        libc::waitpid(running.pid, std::ptr::null_mut(), libc::__WALL);
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), libc::__WALL);
     }
 }
 

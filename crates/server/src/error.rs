@@ -137,6 +137,7 @@ impl From<StoreError> for ApiError {
             StoreError::ProjectNotFound(_)
             | StoreError::DeploymentNotFound { .. }
             | StoreError::AccountNotFound(_) => ApiError::NotFound(e.to_string()),
+            StoreError::Closed(_) => ApiError::Unavailable(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -81,6 +81,15 @@ pub enum StoreError {
         source: rusqlite::Error,
     },
 
+    #[error("starting the thread of {what}: {source}; check the process and thread limits")]
+    Thread {
+        what: &'static str,
+        source: std::io::Error,
+    },
+
+    #[error("the store is closed (the server is shutting down): {0} can no longer be written")]
+    Closed(&'static str),
+
     #[error("database holds invalid data ({0}); restore from a backup or report a bug")]
     Corrupt(String),
 }

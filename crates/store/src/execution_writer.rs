@@ -50,7 +50,7 @@ pub(crate) struct ExecutionWriter {
 }
 
 fn gone() -> StoreError {
-    StoreError::Corrupt("the store is closed: execution records can no longer be written".into())
+    StoreError::Closed("execution records")
 }
 
 impl ExecutionWriter {
@@ -76,7 +76,10 @@ impl ExecutionWriter {
         std::thread::Builder::new()
             .name("refinery-execution-writer".into())
             .spawn(move || run(conn, jobs))
-            .map_err(|e| StoreError::Corrupt(format!("starting the execution writer: {e}")))?;
+            .map_err(|source| StoreError::Thread {
+                what: "the execution writer",
+                source,
+            })?;
         Ok(ExecutionWriter { queue })
     }
 
