@@ -256,6 +256,11 @@ impl InstancePool {
 
     /// Counts one syscall refused by an instance of (account, project, block), or with
     /// `None` one whose instance is unknown (the server's audit watcher reports both).
+    /// The uids of the sandbox host's standby sandboxes (adopted by no account yet).
+    pub fn standby_uids(&self) -> Vec<u32> {
+        self.inner.host.standby_uids()
+    }
+
     pub fn count_refused_syscall(&self, block: Option<(&str, &str, &str)>) {
         let metrics = &self.inner.metrics;
         match block {
@@ -739,7 +744,7 @@ impl InstancePool {
             group: cgroup_safe(&target.account_id),
             code_dir: block_pool.code_dir.clone(),
             runtime_dir: self.inner.config.runtime_dir.clone(),
-            entry: match refinery_runtimes::entry(block.language, &block.source_name) {
+            entry: match refinery_runtimes::entry(block.language, &block.source_name, &block.env) {
                 RuntimeEntry::Exec { argv } => Entry::Exec { argv },
                 RuntimeEntry::Builtin { name, args } => Entry::Builtin { name, args },
                 RuntimeEntry::Fork {
@@ -748,6 +753,15 @@ impl InstancePool {
                     fallback,
                 } => Entry::Fork {
                     zygote,
+                    args,
+                    fallback: Some(fallback),
+                },
+                RuntimeEntry::Standby {
+                    runtime,
+                    args,
+                    fallback,
+                } => Entry::Standby {
+                    runtime,
                     args,
                     fallback: Some(fallback),
                 },

@@ -62,10 +62,14 @@ struct ServeArgs {
     /// Default per-account quota: invocations allowed in a burst above the rate.
     #[arg(long, default_value_t = Quota::DEFAULT.burst, value_name = "N")]
     quota_burst: u32,
-    /// Start every instance by exec instead of forking Python instances from a
-    /// pre-initialised runtime (slower cold starts; for comparison and troubleshooting).
+    /// Start every instance by exec: no pre-initialised runtimes (Python's zygote, Node's
+    /// standby sandboxes). Slower cold starts; for comparison and troubleshooting.
     #[arg(long)]
     no_zygotes: bool,
+    /// Node sandboxes kept started and waiting, shim loaded, for Node cold starts to adopt
+    /// (each ≈ the memory of an idle `node`); 0 = Node instances always start by exec.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    node_standby: usize,
     /// Keep-alive policy for blocks without their own keep_alive_s: `fixed` (every idle
     /// instance kept for --keep-alive) or `adaptive` (per block from its idle-time
     /// histogram, pre-warming periodic blocks; --keep-alive until the histogram is
@@ -138,6 +142,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         shutdown_grace: args.shutdown_grace,
         init_exe,
         zygotes: !args.no_zygotes,
+        node_standby: args.node_standby,
         default_quota: Quota {
             instances: args.quota_instances,
             memory_mb: args.quota_memory_mb,

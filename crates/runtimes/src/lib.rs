@@ -63,6 +63,14 @@ pub enum RuntimeEntry {
         args: Vec<String>,
         fallback: Vec<String>,
     },
+    /// Adopt a sandbox of the standby runtime named `runtime` (see [`standby_runtimes`]),
+    /// started ahead of time with its shim loaded, which then serves `args`; exec `fallback`
+    /// if none is waiting.
+    Standby {
+        runtime: String,
+        args: Vec<String>,
+        fallback: Vec<String>,
+    },
 }
 
 impl RuntimeEntry {
@@ -70,7 +78,9 @@ impl RuntimeEntry {
     /// fallback of a `Fork` (for running shims outside a sandbox).
     pub fn exec_argv(&self) -> Option<&[String]> {
         match self {
-            RuntimeEntry::Exec { argv } | RuntimeEntry::Fork { fallback: argv, .. } => Some(argv),
+            RuntimeEntry::Exec { argv }
+            | RuntimeEntry::Fork { fallback: argv, .. }
+            | RuntimeEntry::Standby { fallback: argv, .. } => Some(argv),
             RuntimeEntry::Builtin { .. } => None,
         }
     }
@@ -98,6 +108,45 @@ pub fn zygotes(runtime_dir: &Path) -> Vec<Zygote> {
 }
 
 const PYTHON_ZYGOTE: &str = "python";
+const NODE_STANDBY: &str = "node";
+
+/// A runtime the host should keep standby sandboxes of: each runs `argv` (paths inside the
+/// sandbox), the shim loaded and waiting for its adoption frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StandbyRuntime {
+    pub name: String,
+    pub argv: Vec<String>,
+}
+
+/// The runtimes that start instances from standby sandboxes: Node, whose multi-threaded
+/// runtime cannot be forked from a zygote, so its start-up (≈ 30 ms) is paid ahead of time
+/// instead, once per instance.
+pub fn standby_runtimes() -> Vec<StandbyRuntime> {
+    let mut argv = node_argv(RUNTIME_DIR);
+    argv.push("--standby".into());
+    vec![StandbyRuntime {
+        name: NODE_STANDBY.into(),
+        argv,
+    }]
+}
+
+/// Node and its shim (the block's source comes after).
+fn node_argv(runtime_dir: &str) -> Vec<String> {
+    vec![
+        NODE.into(),
+        // Warnings would land in the instance's stray output, not the user's logs.
+        "--disable-warning=ExperimentalWarning".into(),
+        format!("{runtime_dir}/{NODE_SHIM}"),
+    ]
+}
+
+/// Whether Node reads variable `name` while it starts, before the shim runs: a block that
+/// sets one gets an instance started by exec with it, since a standby sandbox started
+/// without it. (`TZ` is not one: Node re-reads it when it changes.)
+fn read_by_node_at_start(name: &str) -> bool {
+    const PREFIXES: &[&str] = &["NODE_", "UV_", "OPENSSL_", "SSL_CERT_", "LC_"];
+    PREFIXES.iter().any(|p| name.starts_with(p)) || matches!(name, "LANG" | "LANGUAGE")
+}
 
 /// -I: ignore PYTHON* variables and the user site dir; -B: /code is read-only.
 fn python_interpreter() -> Vec<String> {
@@ -130,9 +179,27 @@ fn fill_bounds(source: &str) -> String {
         .replace("__LOG_CAP_BYTES__", &protocol::LOG_CAP_BYTES.to_string())
 }
 
-/// What the sandbox runs for a block whose source is `/code/<source_name>`.
-pub fn entry(language: Language, source_name: &str) -> RuntimeEntry {
-    entry_in(language, source_name, RUNTIME_DIR, CODE_DIR)
+/// What the sandbox runs for a block whose source is `/code/<source_name>` and whose
+/// variables are `env`.
+pub fn entry(
+    language: Language,
+    source_name: &str,
+    env: &std::collections::BTreeMap<String, String>,
+) -> RuntimeEntry {
+    let entry = entry_in(language, source_name, RUNTIME_DIR, CODE_DIR);
+    match entry {
+        RuntimeEntry::Exec { argv } if language == Language::Node => {
+            if env.keys().any(|k| read_by_node_at_start(k)) {
+                return RuntimeEntry::Exec { argv };
+            }
+            RuntimeEntry::Standby {
+                runtime: NODE_STANDBY.into(),
+                args: argv[argv.len() - 1..].to_vec(),
+                fallback: argv,
+            }
+        }
+        other => other,
+    }
 }
 
 /// [`entry`] with the runtime and code directories given explicitly: for running shims
@@ -156,15 +223,11 @@ pub fn entry_in(
                 fallback,
             }
         }
-        Language::Node => RuntimeEntry::Exec {
-            // Warnings would land in the instance's stray output, not the user's logs.
-            argv: vec![
-                NODE.into(),
-                "--disable-warning=ExperimentalWarning".into(),
-                format!("{runtime_dir}/{NODE_SHIM}"),
-                source,
-            ],
-        },
+        Language::Node => {
+            let mut argv = node_argv(runtime_dir);
+            argv.push(source);
+            RuntimeEntry::Exec { argv }
+        }
         Language::Shell => RuntimeEntry::Builtin {
             name: "shell".into(),
             args: vec![source],
@@ -282,8 +345,9 @@ mod tests {
 
     #[test]
     fn entries_match_the_contract() {
+        let no_env = std::collections::BTreeMap::new();
         assert_eq!(
-            entry(Language::Python, "main.py"),
+            entry(Language::Python, "main.py", &no_env),
             RuntimeEntry::Fork {
                 zygote: "python".into(),
                 args: vec!["/code/main.py".into()],
@@ -304,20 +368,61 @@ mod tests {
             Path::new("/data/runtime/python_shim.py")
         );
         assert_eq!(
-            entry(Language::Shell, "x.sh"),
+            entry(Language::Shell, "x.sh", &no_env),
             RuntimeEntry::Builtin {
                 name: "shell".into(),
                 args: vec!["/code/x.sh".into()]
             }
         );
-        let RuntimeEntry::Exec { argv } = entry(Language::Node, "h.js") else {
-            panic!("node is an exec entry");
+        let RuntimeEntry::Standby {
+            runtime,
+            args,
+            fallback,
+        } = entry(Language::Node, "h.js", &no_env)
+        else {
+            panic!("node adopts a standby sandbox");
         };
-        assert_eq!(argv.first().map(String::as_str), Some("/usr/bin/node"));
+        assert_eq!(runtime, "node");
+        assert_eq!(args, ["/code/h.js"]);
+        assert_eq!(fallback.first().map(String::as_str), Some("/usr/bin/node"));
         assert_eq!(
-            argv[argv.len() - 2..],
+            fallback[fallback.len() - 2..],
             ["/runtime/node_shim.cjs", "/code/h.js"]
         );
+        let standby = standby_runtimes();
+        assert_eq!(standby.len(), 1);
+        assert_eq!(standby[0].name, "node");
+        assert_eq!(
+            standby[0].argv[standby[0].argv.len() - 2..],
+            ["/runtime/node_shim.cjs", "--standby"]
+        );
+    }
+
+    #[test]
+    fn node_variables_read_at_start_mean_exec() {
+        for name in [
+            "NODE_OPTIONS",
+            "NODE_EXTRA_CA_CERTS",
+            "UV_THREADPOOL_SIZE",
+            "LANG",
+        ] {
+            let env = std::collections::BTreeMap::from([(name.to_string(), "x".to_string())]);
+            assert!(
+                matches!(
+                    entry(Language::Node, "h.js", &env),
+                    RuntimeEntry::Exec { .. }
+                ),
+                "{name}"
+            );
+        }
+        let env = std::collections::BTreeMap::from([
+            ("TZ".to_string(), "UTC".to_string()),
+            ("GREETING".to_string(), "hi".to_string()),
+        ]);
+        assert!(matches!(
+            entry(Language::Node, "h.js", &env),
+            RuntimeEntry::Standby { .. }
+        ));
     }
 
     #[test]

@@ -45,9 +45,15 @@ pub enum SandboxError {
         source: io::Error,
     },
 
-    /// The dedicated spawner thread is gone (it never exits on its own; this is a bug).
+    /// Attaching a network instance's pasta or egress filter failed.
     #[error("connecting instance {instance} to the network: {what}")]
     Network { instance: String, what: String },
+
+    /// A standby sandbox could not be adopted (the caller starts the instance by exec).
+    #[error("standby runtime `{runtime}`: {what}")]
+    Standby { runtime: String, what: String },
+
+    /// The dedicated spawner thread is gone (it never exits on its own; this is a bug).
     #[error("the sandbox spawner thread is gone")]
     SpawnerGone,
 
@@ -60,10 +66,11 @@ pub enum SandboxError {
         source: io::Error,
     },
 
-    /// Freezing an instance's cgroup failed.
+    /// A zygote could not start or fork an instance.
     #[error("zygote `{zygote}`: {what}")]
     Zygote { zygote: String, what: String },
 
+    /// Freezing an instance's cgroup failed.
     #[error("freezing instance {instance} via {path}: {source}")]
     Freeze {
         instance: String,

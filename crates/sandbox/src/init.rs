@@ -248,6 +248,9 @@ fn run() -> Result<(String, Vec<String>), InitError> {
         Entry::Fork { zygote, .. } => Err(InitError(format!(
             "a zygote entry ({zygote}) reached the exec init; the host resolves it before clone"
         ))),
+        Entry::Standby { runtime, .. } => Err(InitError(format!(
+            "a standby entry ({runtime}) reached the exec init; the host resolves it before clone"
+        ))),
     }
 }
 

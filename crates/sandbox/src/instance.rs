@@ -37,6 +37,9 @@ struct State {
     report: Option<ExitReport>,
     /// The pasta of a network instance; dropped (pasta killed) once the instance is reaped.
     network: Option<Attachment>,
+    /// A host directory of this instance's own bound at its /code (adopted standby
+    /// sandboxes), removed once the instance is reaped.
+    code_copy: Option<PathBuf>,
 }
 
 /// How the host holds an instance's pid 1.
@@ -111,6 +114,7 @@ impl SandboxedInstance {
                 exit: None,
                 report: None,
                 network: None,
+                code_copy: None,
             }),
         }
     }
@@ -131,6 +135,31 @@ impl SandboxedInstance {
 
     pub(crate) fn set_network(&self, attachment: Attachment) {
         self.lock().network = Some(attachment);
+    }
+
+    pub(crate) fn set_code_copy(&self, dir: PathBuf) {
+        self.lock().code_copy = Some(dir);
+    }
+
+    /// The host directory bound at this instance's /code when it is its own copy.
+    pub(crate) fn code_copy(&self) -> Option<PathBuf> {
+        self.lock().code_copy.clone()
+    }
+
+    /// Gives the instance a new id and cgroups (an adopted standby sandbox, whose processes
+    /// were just moved into `cgroups`); returns the old cgroups for the caller to remove.
+    pub(crate) fn rehome(&mut self, id: String, cgroups: InstanceCgroups) -> InstanceCgroups {
+        self.id = id;
+        std::mem::replace(&mut self.cgroups, cgroups)
+    }
+
+    /// The host pids of the instance's processes (its first cgroup's members).
+    pub(crate) fn process_ids(&self) -> std::io::Result<Vec<libc::pid_t>> {
+        self.cgroups.pids()
+    }
+
+    pub(crate) fn move_processes_to(&self, to: &InstanceCgroups) -> std::io::Result<()> {
+        self.cgroups.move_processes_to(to)
     }
 
     /// Host pid of the instance's pasta (network instances only).
@@ -305,6 +334,9 @@ impl SandboxedInstance {
         // and remove the cgroups (processes leave a v1 cgroup asynchronously: retry while busy).
         state.uid = None;
         state.network = None;
+        if let Some(dir) = state.code_copy.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         let oom_killed = self.cgroups.oom_killed();
         if !self.cgroups.is_empty() {
             self.cgroups.kill_all();

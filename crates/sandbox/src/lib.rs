@@ -37,6 +37,8 @@ mod network;
 mod seccomp;
 mod spawn;
 mod spec;
+mod standby;
+mod superblock;
 mod uid;
 mod zygote;
 
@@ -45,6 +47,7 @@ use std::ffi::CString;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -53,6 +56,7 @@ pub use error::SandboxError;
 pub use init::init_main;
 pub use instance::{ExitReport, SandboxedInstance};
 pub use network::{Cidr, DNS_FORWARD};
+pub use standby::StandbySpec;
 pub use uid::{FIRST_UID, LAST_UID};
 pub use zygote::ZygoteSpec;
 
@@ -60,7 +64,8 @@ use cgroup::{CgroupHost, Limits};
 use instance::Pid1;
 use mounts::{HostRootfs, InstanceFs};
 use network::NetworkHost;
-use spec::{InitSpec, Rlimit, RlimitKind};
+use spec::{AdoptFrame, InitSpec, Rlimit, RlimitKind};
+use standby::{Standby, Standbys};
 use uid::UidLease;
 use zygote::{ZygoteConfig, Zygotes};
 
@@ -142,6 +147,14 @@ pub enum Entry {
         args: Vec<String>,
         fallback: Option<Vec<String>>,
     },
+    /// Adopt a waiting sandbox of the standby runtime `runtime` ([`SandboxHost::add_standby`]),
+    /// which then serves `args` with the instance's environment. If none is waiting or it
+    /// cannot be adopted, exec `fallback` instead (when given).
+    Standby {
+        runtime: String,
+        args: Vec<String>,
+        fallback: Option<Vec<String>>,
+    },
 }
 
 /// One instance to start.
@@ -197,6 +210,7 @@ pub struct SandboxHost {
     staging_dir: PathBuf,
     landlock_abi: Option<u32>,
     zygotes: Zygotes,
+    standbys: Arc<Standbys>,
     /// Set by [`SandboxHost::enable_network`]; None = `network` instances are refused.
     network: Option<NetworkHost>,
 }
@@ -289,6 +303,7 @@ impl SandboxHost {
             staging_dir,
             landlock_abi,
             zygotes,
+            standbys: Arc::default(),
             network: None,
         })
     }
@@ -356,6 +371,7 @@ impl SandboxHost {
     /// run; returns how many instances it removed. Call it at start-up, before any spawn: it
     /// would also kill this host's live instances.
     pub fn cleanup_stale(&self) -> Result<usize, SandboxError> {
+        standby::remove_code_dirs(&self.config.state_dir);
         self.cgroups.cleanup_stale()
     }
 
@@ -363,6 +379,7 @@ impl SandboxHost {
     /// call it once, when the server stops. Returns how many instances were still there.
     pub fn release(&self) -> Result<usize, SandboxError> {
         self.zygotes.stop_all();
+        self.standbys.stop();
         self.cgroups.release()
     }
 
@@ -370,6 +387,30 @@ impl SandboxHost {
     /// (replacing a running one of the same name). Fails if it does not come up.
     pub fn add_zygote(&self, spec: ZygoteSpec) -> Result<(), SandboxError> {
         self.zygotes.add(spec)
+    }
+
+    /// Keeps `spec.count` sandboxes of a runtime that cannot be forked started and waiting
+    /// (replacing a runtime of the same name); [`Entry::Standby`] entries naming it adopt one.
+    /// A keeper thread starts them in the background, now and after every adoption; one that
+    /// fails to start is logged and retried later, its instances starting by exec meanwhile.
+    pub fn add_standby(self: &Arc<Self>, spec: StandbySpec) -> Result<(), SandboxError> {
+        if spec.argv.first().is_none_or(|a| !a.starts_with('/')) {
+            return Err(SandboxError::InvalidSpec(format!(
+                "standby argv {:?} must start with an absolute path",
+                spec.argv
+            )));
+        }
+        self.standbys.add(Arc::downgrade(self), spec)
+    }
+
+    /// How many sandboxes of standby runtime `name` are waiting to be adopted.
+    pub fn standby_waiting(&self, name: &str) -> usize {
+        self.standbys.waiting(name)
+    }
+
+    /// The uids of the standby sandboxes waiting now (none of them is any account's yet).
+    pub fn standby_uids(&self) -> Vec<u32> {
+        self.standbys.uids()
     }
 
     fn validate(&self, spec: &InstanceSpec) -> Result<(), SandboxError> {
@@ -437,14 +478,7 @@ impl SandboxHost {
             gid: uid,
             hostname: HOSTNAME,
         };
-        let mut env: Vec<(String, String)> = BASE_ENV
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        for (k, v) in &spec.env {
-            env.retain(|(have, _)| have != k);
-            env.push((k.clone(), v.clone()));
-        }
+        let env = instance_env(spec);
         let mut mounts = mounts::layout(&self.rootfs, &fs);
         if spec.network {
             network::adjust_mounts(&mut mounts);
@@ -513,8 +547,155 @@ impl SandboxHost {
                     (Err(e), None) => Err(e),
                 }
             }
+            Entry::Standby {
+                runtime,
+                args,
+                fallback,
+            } => {
+                // Network instances need their hook before the entry starts (see above).
+                let adopted = if spec.network {
+                    Err(SandboxError::Standby {
+                        runtime: runtime.clone(),
+                        what: "network instances start by exec".into(),
+                    })
+                } else {
+                    self.adopt(spec, runtime, args)
+                };
+                match (adopted, fallback) {
+                    (Ok(spawned), _) => Ok(spawned),
+                    (Err(e), Some(argv)) => {
+                        tracing::debug!(error = %e, "no standby sandbox adopted; starting by exec");
+                        self.start(spec, Launch::Exec(Entry::Exec { argv: argv.clone() }))
+                    }
+                    (Err(e), None) => Err(e),
+                }
+            }
             entry => self.start(spec, Launch::Exec(entry.clone())),
         }
+    }
+
+    /// Starts one standby sandbox of `runtime`: an instance like any other, in the
+    /// [`standby::STANDBY_GROUP`] group, with an empty code dir of its own and no
+    /// environment but [`BASE_ENV`].
+    fn start_standby(&self, runtime: &StandbySpec) -> Result<Standby, SandboxError> {
+        let id = Standbys::next_id();
+        let code_dir = standby::create_code_dir(&self.config.state_dir, &id).map_err(|e| {
+            SandboxError::Standby {
+                runtime: runtime.name.clone(),
+                what: format!("creating its code dir: {e}"),
+            }
+        })?;
+        let spec = InstanceSpec {
+            instance_id: id,
+            group: standby::STANDBY_GROUP.into(),
+            code_dir: code_dir.clone(),
+            runtime_dir: runtime.runtime_dir.clone(),
+            entry: Entry::Exec {
+                argv: runtime.argv.clone(),
+            },
+            env: BTreeMap::new(),
+            memory_mb: runtime.memory_mb,
+            tmp_mb: runtime.tmp_mb,
+            pids_max: runtime.pids_max,
+            cpu_percent: 100,
+            network: false,
+        };
+        match self.spawn(&spec) {
+            Ok(spawned) => {
+                spawned.instance.set_code_copy(code_dir);
+                Ok(Standby {
+                    spawned,
+                    tmp_mb: runtime.tmp_mb,
+                })
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&code_dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes a waiting sandbox of `runtime` the instance `spec` (see `standby.rs` for the
+    /// steps). Any failure destroys that sandbox; the caller may then start one by exec.
+    fn adopt(
+        &self,
+        spec: &InstanceSpec,
+        runtime: &str,
+        args: &[String],
+    ) -> Result<Spawned, SandboxError> {
+        let err = |what: String| SandboxError::Standby {
+            runtime: runtime.to_string(),
+            what,
+        };
+        let Standby { spawned, tmp_mb } = loop {
+            let standby = self
+                .standbys
+                .take(runtime)
+                .ok_or_else(|| err("none waiting".into()))?;
+            if standby.spawned.instance.has_exited() {
+                let log = spawn::drain_log(&standby.spawned.channels.logs);
+                tracing::warn!(runtime, %log, "a standby sandbox had exited; discarded");
+                continue; // dropped: destroyed
+            }
+            break standby;
+        };
+        let Spawned {
+            mut instance,
+            channels,
+        } = spawned;
+        let limits = Limits {
+            memory_mb: spec.memory_mb,
+            pids_max: spec.pids_max,
+            cpu_percent: spec.cpu_percent,
+        };
+        let cgroups = self
+            .cgroups
+            .create_instance(&spec.group, &spec.instance_id, &limits)?;
+        if let Err(e) = instance.move_processes_to(&cgroups) {
+            // Its processes may now be split between the two: kill them all.
+            drop(instance);
+            cgroups.kill_all();
+            let _ = cgroups.remove(std::time::Duration::from_millis(500));
+            return Err(err(format!("moving it into its cgroups: {e}")));
+        }
+        let standby_cgroups = instance.rehome(spec.instance_id.clone(), cgroups);
+        if let Err((path, e)) = standby_cgroups.remove(std::time::Duration::from_millis(500)) {
+            // Empty now; removed with the subtree at shutdown or the next start.
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove an adopted standby's cgroup");
+        }
+        // From here on the instance is the block's: dropping it on error destroys everything.
+        let code_dir = instance
+            .code_copy()
+            .ok_or_else(|| err("it has no code dir of its own".into()))?;
+        standby::copy_code(&spec.code_dir, &code_dir)
+            .map_err(|e| err(format!("copying the block's code: {e}")))?;
+        if spec.tmp_mb != tmp_mb {
+            standby::resize_tmp(instance.pid(), spec.tmp_mb)
+                .map_err(|e| err(format!("resizing its /tmp to {} MB: {e}", spec.tmp_mb)))?;
+            let bytes = u64::from(spec.tmp_mb) * 1024 * 1024;
+            let pids = instance
+                .process_ids()
+                .map_err(|e| err(format!("listing its processes: {e}")))?;
+            for pid in pids {
+                standby::set_fsize_limit(pid, bytes)
+                    .map_err(|e| err(format!("setting RLIMIT_FSIZE of pid {pid}: {e}")))?;
+            }
+        }
+        let env = instance_env(spec);
+        let frame = spec::encode(&AdoptFrame {
+            kind: "adopt",
+            env: &env,
+            args,
+        })
+        .map_err(|e| err(format!("encoding the adoption frame: {e}")))?;
+        if let Err(source) = spawn::write_frame(&channels.requests, &frame) {
+            return Err(SandboxError::SendSpec {
+                instance: spec.instance_id.clone(),
+                log: spawn::drain_log(&channels.logs),
+                source,
+            });
+        }
+        Ok(Spawned { instance, channels })
     }
 
     fn start(&self, spec: &InstanceSpec, launch: Launch<'_>) -> Result<Spawned, SandboxError> {
@@ -630,6 +811,20 @@ impl SandboxHost {
         })?;
         Ok(pid)
     }
+}
+
+/// The complete environment of an instance: [`BASE_ENV`], overridden and extended by the
+/// block's variables.
+fn instance_env(spec: &InstanceSpec) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = BASE_ENV
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    for (k, v) in &spec.env {
+        env.retain(|(have, _)| have != k);
+        env.push((k.clone(), v.clone()));
+    }
+    env
 }
 
 /// How [`SandboxHost::start`] creates the instance's first process.

@@ -45,8 +45,20 @@ pub(crate) struct InitSpec {
     pub entry: Entry,
 }
 
-/// Encode a spec as one frame.
-pub(crate) fn encode(spec: &InitSpec) -> Result<Vec<u8>, serde_json::Error> {
+/// What an adopted standby sandbox reads from its fd 3 (see [`crate::StandbySpec::argv`]):
+/// who it now works for is only ever told after it started.
+#[derive(Serialize, Debug)]
+pub(crate) struct AdoptFrame<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// The complete environment, as an exec'd entry would have been given it.
+    pub env: &'a [(String, String)],
+    /// The entry's arguments (for a shim: the block's source path).
+    pub args: &'a [String],
+}
+
+/// Encode a spec (or any frame the host sends before the runtime protocol) as one frame.
+pub(crate) fn encode(spec: &impl Serialize) -> Result<Vec<u8>, serde_json::Error> {
     let json = serde_json::to_vec(spec)?;
     let mut frame = Vec::with_capacity(json.len() + 4);
     frame.extend_from_slice(&(json.len() as u32).to_be_bytes());

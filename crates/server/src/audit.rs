@@ -254,16 +254,21 @@ struct Holder {
     seen: Instant,
 }
 
-/// uid → the instance holding it now or lately (for records read after it was destroyed).
+/// uid → the instance holding it now or lately (for records read after it was destroyed),
+/// and the uids of standby sandboxes lately (no account's: their records are the runtime's
+/// own start-up).
 #[derive(Default)]
-struct Holders(HashMap<u32, Holder>);
+struct Holders {
+    instances: HashMap<u32, Holder>,
+    standby: HashMap<u32, Instant>,
+}
 
 impl Holders {
     fn refresh(&mut self, pool: &InstancePool) {
         let now = Instant::now();
         for info in pool.instances() {
             let Some(uid) = info.uid else { continue };
-            self.0.insert(
+            self.instances.insert(
                 uid,
                 Holder {
                     account_id: info.account_id,
@@ -274,7 +279,13 @@ impl Holders {
                 },
             );
         }
-        self.0.retain(|_, h| now.duration_since(h.seen) < REMEMBER);
+        self.instances
+            .retain(|_, h| now.duration_since(h.seen) < REMEMBER);
+        for uid in pool.standby_uids() {
+            self.standby.insert(uid, now);
+        }
+        self.standby
+            .retain(|_, seen| now.duration_since(*seen) < REMEMBER);
     }
 }
 
@@ -375,24 +386,33 @@ pub async fn watch(pool: InstancePool, store: Store) {
         holders.refresh(&pool);
         let events: Vec<SecurityEvent> = records
             .iter()
-            .map(|r| attribute(r, &holders, &names, &pool))
+            .filter_map(|r| attribute(r, &holders, &names, &pool))
             .collect();
+        if events.is_empty() {
+            continue;
+        }
         if let Err(error) = store.record_security_events(&events).await {
             tracing::warn!(target: "refinery::audit", %error, count = events.len(), "storing refused syscalls failed");
         }
     }
 }
 
-/// One record → the event stored, after logging and counting it.
+/// One record → the event stored, after logging and counting it; None for a standby
+/// sandbox's record (logged at debug level only: no account's code ran there).
 fn attribute(
     record: &SeccompRecord,
     holders: &Holders,
     names: &SyscallNames,
     pool: &InstancePool,
-) -> SecurityEvent {
+) -> Option<SecurityEvent> {
     let syscall = names.name(record);
     let action = names.action(record);
-    let holder = holders.0.get(&record.uid);
+    let holder = holders.instances.get(&record.uid);
+    if holder.is_none() && holders.standby.contains_key(&record.uid) {
+        tracing::debug!(target: "refinery::audit", uid = record.uid, %syscall,
+            comm = %record.comm, %action, "refused syscall of a standby sandbox (its runtime starting)");
+        return None;
+    }
     match holder {
         Some(h) => {
             pool.count_refused_syscall(Some((&h.account_id, &h.project, &h.block)));
@@ -406,7 +426,7 @@ fn attribute(
                 comm = %record.comm, %action, "refused syscall of an instance no longer known");
         }
     }
-    SecurityEvent {
+    Some(SecurityEvent {
         account_id: holder.map(|h| h.account_id.clone()),
         at_ms: record.at_ms,
         project: holder.map(|h| h.project.clone()),
@@ -416,7 +436,7 @@ fn attribute(
         syscall,
         comm: record.comm.clone(),
         action,
-    }
+    })
 }
 
 #[cfg(test)]

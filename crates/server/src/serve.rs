@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use refinery_pool::{BlockTarget, InstancePool, KeepAliveMode, PoolConfig, Quota, ScaleUpLimit};
-use refinery_sandbox::{HostConfig, SandboxHost, ZygoteSpec};
+use refinery_sandbox::{HostConfig, SandboxHost, StandbySpec, ZygoteSpec};
 use refinery_store::Store;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
@@ -30,8 +30,11 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// The `refinery` executable, re-executed as each sandbox's init.
     pub init_exe: PathBuf,
-    /// Fork Python instances from a pre-initialised runtime (`--no-zygotes` turns it off).
+    /// Pre-initialised runtimes: Python instances fork from a zygote, Node instances adopt a
+    /// standby sandbox (`--no-zygotes` turns both off).
     pub zygotes: bool,
+    /// How many Node standby sandboxes to keep waiting (`--node-standby`; 0 = none).
+    pub node_standby: usize,
     /// Every account's quota unless the operator set its own (`refinery accounts
     /// set-quota`).
     pub default_quota: Quota,
@@ -146,6 +149,7 @@ pub async fn serve(
     })?;
     if config.zygotes {
         start_zygotes(&host, &runtime_dir);
+        start_standbys(&host, &runtime_dir, config.node_standby);
     }
 
     let pool = InstancePool::new(
@@ -281,6 +285,30 @@ fn start_zygotes(host: &SandboxHost, runtime_dir: &std::path::Path) {
         };
         if let Err(error) = host.add_zygote(spec) {
             tracing::warn!(zygote = %name, %error, "pre-initialised runtime unavailable; its instances start by exec");
+        }
+    }
+}
+
+/// Keeps standby sandboxes of the runtimes that cannot fork (Node) waiting, `count` each,
+/// started in the background. Until they are up (or if they cannot start, which is logged),
+/// those instances start by exec.
+fn start_standbys(host: &Arc<SandboxHost>, runtime_dir: &std::path::Path, count: usize) {
+    if count == 0 {
+        return;
+    }
+    for runtime in refinery_runtimes::standby_runtimes() {
+        let name = runtime.name.clone();
+        let spec = StandbySpec {
+            name: runtime.name,
+            argv: runtime.argv,
+            runtime_dir: runtime_dir.to_path_buf(),
+            count,
+            memory_mb: refinery_domain::limits::MIN_MEMORY_MB,
+            pids_max: refinery_domain::limits::INSTANCE_PIDS_MAX,
+            tmp_mb: refinery_domain::limits::DEFAULT_TMP_MB,
+        };
+        if let Err(error) = host.add_standby(spec) {
+            tracing::warn!(runtime = %name, %error, "standby sandboxes unavailable; its instances start by exec");
         }
     }
 }

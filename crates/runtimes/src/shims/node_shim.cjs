@@ -2,6 +2,8 @@
 //
 // Runs inside a sandboxed instance as
 //     node node_shim.cjs /code/<source>
+// or, started ahead of time in a standby sandbox, as `node node_shim.cjs --standby` (see
+// adopt() below).
 // Loads the block's module once (require() for CommonJS, import() for ES modules), then serves
 // invocations one at a time over the framed protocol: requests on fd 3, responses on fd 4,
 // each frame a 4-byte big-endian length followed by UTF-8 JSON. Requests are read
@@ -307,12 +309,43 @@ async function invoke(handler, capture, request) {
   return `{"type":"error","error":${JSON.stringify(outcome)}${tail}`;
 }
 
-async function serve() {
-  const file = process.argv[2];
-  if (process.argv.length !== 3) {
-    process.stderr.write('usage: node node_shim.cjs /code/<source>\n');
+/**
+ * Standby mode (`node node_shim.cjs --standby`): the sandbox was started before any block
+ * was assigned to it, with this shim loaded and no code. The host's one adoption frame says
+ * what it now is: the complete environment, replacing this one, and the shim's arguments.
+ * Returns those arguments, or null if the host closed the pipe first.
+ */
+function adopt() {
+  const frame = readMessage();
+  if (frame === null) return null;
+  if (
+    frame?.type !== 'adopt' ||
+    !Array.isArray(frame.env) ||
+    !Array.isArray(frame.args) ||
+    !frame.args.every((a) => typeof a === 'string')
+  ) {
+    throw new Error('expected an adopt frame');
+  }
+  for (const key of Object.keys(process.env)) delete process.env[key];
+  for (const [key, value] of frame.env) process.env[key] = value;
+  process.argv = [process.argv[0], __filename, ...frame.args];
+  return frame.args;
+}
+
+async function main() {
+  let args = process.argv.slice(2);
+  if (args.length === 1 && args[0] === '--standby') {
+    args = adopt();
+    if (args === null) return 0;
+  }
+  if (args.length !== 1) {
+    process.stderr.write('usage: node node_shim.cjs /code/<source> | --standby\n');
     return 2;
   }
+  return serve(args[0]);
+}
+
+async function serve(file) {
   const started = performance.now();
   const resolved = path.resolve(file);
   let handler;
@@ -347,7 +380,7 @@ async function serve() {
 
 // Exit explicitly: timers or sockets the block left open must not keep a finished
 // instance alive, and the host's closing of the pipe is the signal to stop.
-serve().then(
+main().then(
   (code) => process.exit(code),
   (err) => {
     process.stderr.write(`refinery node shim: ${err?.stack ?? err}\n`);

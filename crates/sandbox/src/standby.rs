@@ -1,0 +1,327 @@
+//! Standby sandboxes: pre-initialised runtimes for languages that cannot be forked.
+//!
+//! Node's runtime is multi-threaded (V8's platform workers, libuv), so a loaded `node` cannot
+//! fork instances the way the Python zygote does. Instead the host keeps a few complete
+//! sandboxes waiting per such runtime: each was started exactly like any instance (same
+//! namespaces, mounts, uid, Landlock, seccomp, see `init.rs`), runs the interpreter with its
+//! shim already loaded, belongs to no account, holds no code and has run no one's code. It
+//! blocks on its fd 3 for one *adoption frame*.
+//!
+//! A cold start of that language adopts the oldest waiting one ([`Standbys::take`]; the host
+//! does the rest in `SandboxHost::adopt`):
+//! 1. its processes move into the new instance's cgroups `<root>/<account>/<instance>` (the
+//!    block's memory, pids and CPU limits), and its standby cgroups are removed;
+//! 2. the block's code files are copied into the host directory its `/code` is bound to
+//!    (read-only inside);
+//! 3. its `/tmp` is resized to the block's `tmp_mb` if that differs ([`resize_tmp`]);
+//! 4. the adoption frame gives it the block's environment and the shim's arguments.
+//!
+//! An adopted sandbox is the block's instance from then on and never returns to standby. A
+//! keeper thread tops every runtime back up to its count after each adoption. Each standby is
+//! a separate `exec`, so unlike forked instances they share no memory layout or hash secrets.
+//!
+//! What it costs: the memory the runtime used before adoption (the interpreter and shim,
+//! ≈ 10 MB of Node heap) stays charged to the `standby` cgroup group, not to the account —
+//! as a forked instance's pages shared with its zygote stay charged to the zygote.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use crate::superblock::{self, Param};
+use crate::{SandboxError, SandboxHost, Spawned};
+
+/// The cgroup group standby sandboxes live in until adopted. Account groups are derived from
+/// account ids (`acct-…`), so it cannot collide with one.
+pub(crate) const STANDBY_GROUP: &str = "standby";
+/// How long the keeper waits before trying again after a standby failed to start.
+const RETRY_AFTER: Duration = Duration::from_secs(10);
+/// How often an idle keeper checks that its host still exists.
+const KEEPER_TICK: Duration = Duration::from_secs(1);
+
+/// A runtime the host keeps standby sandboxes of.
+#[derive(Clone, Debug)]
+pub struct StandbySpec {
+    /// What [`crate::Entry::Standby`] names it by, e.g. "node".
+    pub name: String,
+    /// What each standby sandbox runs (paths inside the sandbox): the interpreter loading its
+    /// shim in standby mode. It must read one adoption frame from fd 3 before anything else:
+    /// a 4-byte big-endian length and JSON `{"type":"adopt","env":[[k,v],…],"args":[…]}`;
+    /// replace its whole environment with `env`, then serve the block given by `args`.
+    pub argv: Vec<String>,
+    /// Host directory mounted read-only at /runtime (holds the shim).
+    pub runtime_dir: PathBuf,
+    /// How many to keep waiting. Each costs the runtime's idle memory.
+    pub count: usize,
+    /// Limits while waiting (the adopting block's replace them).
+    pub memory_mb: u32,
+    pub pids_max: u32,
+    /// Size of /tmp when started; resized on adoption to the block's.
+    pub tmp_mb: u32,
+}
+
+/// One waiting sandbox. Its instance owns the host directory bound at its /code (empty until
+/// adoption; see `SandboxedInstance::code_copy`).
+pub(crate) struct Standby {
+    pub spawned: Spawned,
+    /// The size its /tmp was started with.
+    pub tmp_mb: u32,
+}
+
+struct Runtime {
+    spec: StandbySpec,
+    waiting: VecDeque<Standby>,
+    /// Set after a failed start: the keeper leaves this runtime alone until then.
+    retry_at: Option<std::time::Instant>,
+}
+
+#[derive(Default)]
+struct State {
+    runtimes: HashMap<String, Runtime>,
+    keeper_running: bool,
+    stopped: bool,
+}
+
+/// The host's standby runtimes; shared with the keeper thread.
+#[derive(Default)]
+pub(crate) struct Standbys {
+    state: Mutex<State>,
+    wake: Condvar,
+}
+
+/// Standby ids are unique in the process (tests run several hosts in one).
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+impl std::fmt::Debug for Standbys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Standbys").finish_non_exhaustive()
+    }
+}
+
+impl Standbys {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers `spec` (replacing a runtime of the same name, whose waiting sandboxes are
+    /// destroyed) and makes sure a keeper thread fills it. `host` is the host the keeper starts
+    /// sandboxes on; the keeper ends when the host is gone or [`Standbys::stop`] is called.
+    pub(crate) fn add(
+        self: &Arc<Self>,
+        host: Weak<SandboxHost>,
+        spec: StandbySpec,
+    ) -> Result<(), SandboxError> {
+        let replaced = {
+            let mut state = self.lock();
+            if state.stopped {
+                return Err(SandboxError::InvalidSpec(
+                    "the sandbox host was released; no standby runtimes can be added".into(),
+                ));
+            }
+            let replaced = state.runtimes.insert(
+                spec.name.clone(),
+                Runtime {
+                    spec,
+                    waiting: VecDeque::new(),
+                    retry_at: None,
+                },
+            );
+            let start_keeper = !state.keeper_running;
+            state.keeper_running = true;
+            if start_keeper {
+                let standbys = Arc::clone(self);
+                let spawned = std::thread::Builder::new()
+                    .name("refinery-standby-keeper".into())
+                    .spawn(move || standbys.keep(host));
+                if let Err(e) = spawned {
+                    state.keeper_running = false;
+                    return Err(SandboxError::InvalidSpec(format!(
+                        "starting the standby keeper thread: {e}"
+                    )));
+                }
+            }
+            replaced
+        };
+        drop(replaced);
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    /// The oldest waiting sandbox of `name` (the likeliest to have finished loading), if any;
+    /// wakes the keeper to replace it.
+    pub(crate) fn take(&self, name: &str) -> Option<Standby> {
+        let taken = self
+            .lock()
+            .runtimes
+            .get_mut(name)
+            .and_then(|r| r.waiting.pop_front());
+        self.wake.notify_all();
+        taken
+    }
+
+    /// How many sandboxes of `name` are waiting now.
+    pub(crate) fn waiting(&self, name: &str) -> usize {
+        self.lock()
+            .runtimes
+            .get(name)
+            .map_or(0, |r| r.waiting.len())
+    }
+
+    /// A fresh id for a standby sandbox (unique within this process; the cgroup subtree and
+    /// the state dir are per server).
+    pub(crate) fn next_id() -> String {
+        format!("sb-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The uids of the waiting sandboxes (their kernel audit records are the runtime's own
+    /// start-up, no account's).
+    pub(crate) fn uids(&self) -> Vec<u32> {
+        self.lock()
+            .runtimes
+            .values()
+            .flat_map(|r| r.waiting.iter())
+            .filter_map(|s| s.spawned.instance.uid())
+            .collect()
+    }
+
+    /// Stops the keeper and destroys every waiting sandbox (at shutdown).
+    pub(crate) fn stop(&self) {
+        let runtimes = {
+            let mut state = self.lock();
+            state.stopped = true;
+            std::mem::take(&mut state.runtimes)
+        };
+        self.wake.notify_all();
+        drop(runtimes);
+    }
+
+    /// The keeper thread: tops every runtime up to its count, one sandbox at a time, then
+    /// sleeps until one is taken.
+    fn keep(self: Arc<Self>, host: Weak<SandboxHost>) {
+        loop {
+            let due = {
+                let mut state = self.lock();
+                loop {
+                    if state.stopped {
+                        state.keeper_running = false;
+                        return;
+                    }
+                    let now = std::time::Instant::now();
+                    let due = state.runtimes.values().find_map(|r| {
+                        let ready = r.retry_at.is_none_or(|at| at <= now);
+                        (ready && r.waiting.len() < r.spec.count).then(|| r.spec.clone())
+                    });
+                    if let Some(spec) = due {
+                        break spec;
+                    }
+                    state = self
+                        .wake
+                        .wait_timeout(state, KEEPER_TICK)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                    if host.strong_count() == 0 {
+                        state.keeper_running = false;
+                        return;
+                    }
+                }
+            };
+            let Some(host) = host.upgrade() else {
+                self.lock().keeper_running = false;
+                return;
+            };
+            let started = host.start_standby(&due);
+            drop(host);
+            let mut state = self.lock();
+            let Some(runtime) = state.runtimes.get_mut(&due.name) else {
+                continue; // removed meanwhile: the new sandbox is dropped (destroyed)
+            };
+            match started {
+                Ok(standby) => {
+                    runtime.retry_at = None;
+                    runtime.waiting.push_back(standby);
+                }
+                Err(error) => {
+                    tracing::warn!(runtime = %due.name, %error, retry_in = ?RETRY_AFTER, "cannot start a standby sandbox; this language's instances start by exec meanwhile");
+                    runtime.retry_at = Some(std::time::Instant::now() + RETRY_AFTER);
+                }
+            }
+        }
+    }
+}
+
+/// The host directory a standby's /code is bound to: `<state>/standby/<id>`, empty and
+/// world-readable (the instance's uid must read its code).
+pub(crate) fn create_code_dir(state_dir: &Path, id: &str) -> io::Result<PathBuf> {
+    let parent = state_dir.join("standby");
+    fs::create_dir_all(&parent)?;
+    let dir = parent.join(id);
+    match fs::create_dir(&dir) {
+        Ok(()) => {}
+        // Left by a crashed run with the same id: start empty.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            fs::remove_dir_all(&dir)?;
+            fs::create_dir(&dir)?;
+        }
+        Err(e) => return Err(e),
+    }
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+    Ok(dir)
+}
+
+/// Removes every standby code dir (left by a crashed run, or at start-up).
+pub(crate) fn remove_code_dirs(state_dir: &Path) {
+    let _ = fs::remove_dir_all(state_dir.join("standby"));
+}
+
+/// Copies the block's code files (a flat directory of regular files) into a standby's code
+/// dir, world-readable as the pool lays them out. Anything else is refused: the caller then
+/// starts the instance by exec, which mounts the block's own directory.
+pub(crate) fn copy_code(from: &Path, to: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        if !entry.file_type()?.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "{} is not a regular file (standby sandboxes take flat code dirs)",
+                    entry.path().display()
+                ),
+            ));
+        }
+        let target = to.join(entry.file_name());
+        fs::copy(entry.path(), &target)?;
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o644))?;
+    }
+    Ok(())
+}
+
+/// Resizes the tmpfs at the sandbox's /tmp to `tmp_mb` from the host, through
+/// `/proc/<pid>/root/tmp` (see `superblock.rs`). That path must be the mount's root, so a
+/// replaced /tmp could not redirect it; and no code of any block has run in a standby
+/// sandbox anyway.
+pub(crate) fn resize_tmp(pid: libc::pid_t, tmp_mb: u32) -> io::Result<()> {
+    let size = format!("{tmp_mb}m");
+    superblock::reconfigure(
+        Path::new(&format!("/proc/{pid}/root/tmp")),
+        &[Param::Value("size", &size)],
+    )
+}
+
+/// Sets RLIMIT_FSIZE (soft and hard) of process `pid` from the host, as the init set it for
+/// an instance of `tmp_mb`.
+pub(crate) fn set_fsize_limit(pid: libc::pid_t, bytes: u64) -> io::Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: bytes,
+        rlim_max: bytes,
+    };
+    // SAFETY: prlimit with a valid new-limit pointer and no old-limit pointer.
+    if unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
