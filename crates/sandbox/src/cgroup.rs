@@ -809,17 +809,6 @@ impl InstanceCgroups {
         Ok(())
     }
 
-    /// The host pids of the processes in the first hierarchy's cgroup.
-    pub(crate) fn pids(&self) -> io::Result<Vec<libc::pid_t>> {
-        let Some(dir) = self.dirs.first() else {
-            return Ok(Vec::new());
-        };
-        Ok(fs::read_to_string(dir.path.join("cgroup.procs"))?
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect())
-    }
-
     /// Are all cgroups of the instance empty?
     pub(crate) fn is_empty(&self) -> bool {
         self.dirs.iter().all(|d| {

@@ -153,11 +153,6 @@ impl SandboxedInstance {
         std::mem::replace(&mut self.cgroups, cgroups)
     }
 
-    /// The host pids of the instance's processes (its first cgroup's members).
-    pub(crate) fn process_ids(&self) -> std::io::Result<Vec<libc::pid_t>> {
-        self.cgroups.pids()
-    }
-
     pub(crate) fn move_processes_to(&self, to: &InstanceCgroups) -> std::io::Result<()> {
         self.cgroups.move_processes_to(to)
     }

@@ -672,14 +672,6 @@ impl SandboxHost {
         if spec.tmp_mb != tmp_mb {
             standby::resize_tmp(instance.pid(), spec.tmp_mb)
                 .map_err(|e| err(format!("resizing its /tmp to {} MB: {e}", spec.tmp_mb)))?;
-            let bytes = u64::from(spec.tmp_mb) * 1024 * 1024;
-            let pids = instance
-                .process_ids()
-                .map_err(|e| err(format!("listing its processes: {e}")))?;
-            for pid in pids {
-                standby::set_fsize_limit(pid, bytes)
-                    .map_err(|e| err(format!("setting RLIMIT_FSIZE of pid {pid}: {e}")))?;
-            }
         }
         let env = instance_env(spec);
         let frame = spec::encode(&AdoptFrame {

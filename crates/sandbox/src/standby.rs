@@ -61,7 +61,11 @@ pub struct StandbySpec {
     /// Limits while waiting (the adopting block's replace them).
     pub memory_mb: u32,
     pub pids_max: u32,
-    /// Size of /tmp when started; resized on adoption to the block's.
+    /// Size of /tmp and RLIMIT_FSIZE when started: the largest `tmp_mb` a block may ask for.
+    /// On adoption /tmp is resized to the block's; RLIMIT_FSIZE stays (lowering another
+    /// uid's limit takes CAP_SYS_RESOURCE, which not every host grants its root), which is
+    /// harmless: /tmp is an instance's only writable filesystem, and its size bounds every
+    /// file.
     pub tmp_mb: u32,
 }
 
@@ -310,18 +314,4 @@ pub(crate) fn resize_tmp(pid: libc::pid_t, tmp_mb: u32) -> io::Result<()> {
         Path::new(&format!("/proc/{pid}/root/tmp")),
         &[Param::Value("size", &size)],
     )
-}
-
-/// Sets RLIMIT_FSIZE (soft and hard) of process `pid` from the host, as the init set it for
-/// an instance of `tmp_mb`.
-pub(crate) fn set_fsize_limit(pid: libc::pid_t, bytes: u64) -> io::Result<()> {
-    let limit = libc::rlimit {
-        rlim_cur: bytes,
-        rlim_max: bytes,
-    };
-    // SAFETY: prlimit with a valid new-limit pointer and no old-limit pointer.
-    if unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }

@@ -22,8 +22,8 @@ fn network_instances_need_the_host_to_enable_network() {
 #[test]
 fn the_allow_list_is_validated() {
     let mut t = test_host();
-    let err = t
-        .host
+    let err = std::sync::Arc::get_mut(&mut t.host)
+        .expect("not shared yet")
         .enable_network(&["10.1.2.3/8".into()])
         .expect_err("host bits");
     assert!(err.to_string().contains("did you mean 10.0.0.0/8"), "{err}");
@@ -33,7 +33,8 @@ fn the_allow_list_is_validated() {
 #[test]
 fn a_network_instance_is_connected_and_its_pasta_dies_with_it() {
     let mut t = test_host();
-    t.host
+    std::sync::Arc::get_mut(&mut t.host)
+        .expect("not shared yet")
         .enable_network(&[])
         .expect("pasta (passt) and nft (nftables) are installed");
     let mut spec = t.spec(sh(

@@ -305,7 +305,7 @@ fn start_standbys(host: &Arc<SandboxHost>, runtime_dir: &std::path::Path, count:
             count,
             memory_mb: refinery_domain::limits::MIN_MEMORY_MB,
             pids_max: refinery_domain::limits::INSTANCE_PIDS_MAX,
-            tmp_mb: refinery_domain::limits::DEFAULT_TMP_MB,
+            tmp_mb: refinery_domain::limits::MAX_TMP_MB,
         };
         if let Err(error) = host.add_standby(spec) {
             tracing::warn!(runtime = %name, %error, "standby sandboxes unavailable; its instances start by exec");

@@ -19,7 +19,7 @@ pub const GROUP: &str = "acct-1";
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 pub struct TestHost {
-    pub host: SandboxHost,
+    pub host: std::sync::Arc<SandboxHost>,
     pub state: tempfile::TempDir,
     pub code: tempfile::TempDir,
     pub runtime: tempfile::TempDir,
@@ -48,7 +48,9 @@ pub fn test_host() -> TestHost {
     std::fs::write(code.path().join("main.sh"), "echo from-code\n").expect("write code");
     let runtime = tempfile::tempdir().expect("tempdir");
     std::fs::write(runtime.path().join("runtime.txt"), "rt\n").expect("write runtime");
-    let host = SandboxHost::detect(config(state.path(), unique("refinery-test"))).expect("detect");
+    let host = std::sync::Arc::new(
+        SandboxHost::detect(config(state.path(), unique("refinery-test"))).expect("detect"),
+    );
     TestHost {
         host,
         state,
@@ -59,6 +61,7 @@ pub fn test_host() -> TestHost {
 
 impl Drop for TestHost {
     fn drop(&mut self) {
+        let _ = self.host.release();
         let _ = self.host.cleanup_stale();
         for root in self.host.cgroup_root_paths() {
             let _ = std::fs::remove_dir(root);
