@@ -79,6 +79,11 @@ struct AheadLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RuntimeLabels {
+    runtime: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct StateLabels {
     account: String,
     project: String,
@@ -106,6 +111,7 @@ pub struct PoolMetrics {
     init_seconds: HistogramFamily,
     run_seconds: HistogramFamily,
     instances: Family<StateLabels, Gauge>,
+    standby: Family<RuntimeLabels, Gauge>,
     throttles: Family<ThrottleLabels, Counter>,
     oom_kills: Family<BlockLabels, Counter>,
     timeouts: Family<BlockLabels, Counter>,
@@ -127,6 +133,7 @@ impl PoolMetrics {
         let init_seconds: HistogramFamily = Family::new_with_constructor(duration_histogram);
         let run_seconds: HistogramFamily = Family::new_with_constructor(duration_histogram);
         let instances = Family::<StateLabels, Gauge>::default();
+        let standby = Family::<RuntimeLabels, Gauge>::default();
         let throttles = Family::<ThrottleLabels, Counter>::default();
         let oom_kills = Family::<BlockLabels, Counter>::default();
         let timeouts = Family::<BlockLabels, Counter>::default();
@@ -165,6 +172,11 @@ impl PoolMetrics {
             "instances",
             "Live instances by state: starting, busy, frozen",
             instances.clone(),
+        );
+        registry.register(
+            "standby_sandboxes",
+            "Sandboxes started ahead of time for runtimes that cannot fork (Node), waiting for a cold start to adopt them; at 0, that runtime's cold starts start by exec",
+            standby.clone(),
         );
         registry.register(
             "throttles",
@@ -222,6 +234,7 @@ impl PoolMetrics {
             init_seconds,
             run_seconds,
             instances,
+            standby,
             throttles,
             oom_kills,
             timeouts,
@@ -346,9 +359,17 @@ impl PoolMetrics {
         self.audit_suppressed.inc_by(count);
     }
 
-    /// The text exposition, with the instance gauges taken from `instances` now.
-    pub fn render(&self, instances: &[InstanceInfo]) -> String {
+    /// The text exposition, with the instance gauges taken from `instances` now and the
+    /// standby gauge from `standby` (waiting sandboxes by runtime).
+    pub fn render(&self, instances: &[InstanceInfo], standby: &[(String, usize)]) -> String {
         let _one_at_a_time = crate::pool::lock(&self.render);
+        for (runtime, waiting) in standby {
+            self.standby
+                .get_or_create(&RuntimeLabels {
+                    runtime: runtime.clone(),
+                })
+                .set(i64::try_from(*waiting).unwrap_or(i64::MAX));
+        }
         self.instances.clear();
         for info in instances {
             let labels = self.admit(&info.account_id, &info.project, &info.block, false);
@@ -389,7 +410,7 @@ mod tests {
         // Admitted ones keep their series.
         assert_eq!(metrics.labels("acc1", "p", "a").block, "a");
         metrics.invocation(&c, "ok");
-        let text = metrics.render(&[]);
+        let text = metrics.render(&[], &[]);
         assert!(text.contains("refinery_invocations_total{account=\"_other\",project=\"_other\",block=\"_other\",status=\"ok\"} 1"), "{text}");
         assert!(
             text.contains("refinery_metrics_label_sets_overflowed_total 1"),
@@ -405,7 +426,7 @@ mod tests {
         metrics.refused_syscall(&labels);
         metrics.refused_syscall_unattributed();
         metrics.audit_records_suppressed(7);
-        let text = metrics.render(&[]);
+        let text = metrics.render(&[], &[]);
         assert!(
             text.contains(
                 "refinery_refused_syscalls_total{account=\"acc1\",project=\"p\",block=\"a\"} 2"

@@ -279,7 +279,8 @@ impl InstancePool {
     /// The Prometheus text exposition of the pool's metrics.
     pub fn render_metrics(&self) -> String {
         let instances = self.instances();
-        self.inner.metrics.render(&instances)
+        let standby = self.inner.host.standby_counts();
+        self.inner.metrics.render(&instances, &standby)
     }
 
     async fn run_invocation(

@@ -376,3 +376,122 @@ async fn a_killed_zygote_costs_a_cold_start_never_a_failed_invocation() {
     let new_zygote = parent_of(new_pid).expect("a zygote again");
     assert_ne!(new_zygote, zygote, "a new zygote");
 }
+
+const NODE_ONLY: &str = r#"
+name = "nodeonly"
+
+[[blocks]]
+name = "js"
+language = "node"
+tmp_mb = 32
+code = """
+const fs = require('node:fs');
+exports.main = (n) => {
+  const tmp = fs.statfsSync('/tmp');
+  return {
+    n,
+    cmdline: fs.readFileSync('/proc/self/cmdline', 'utf8').split('\\0').filter(Boolean),
+    argv: process.argv.slice(1),
+    env: process.env,
+    pid: process.pid,
+    uid: process.getuid(),
+    tmp_mb: (tmp.blocks * tmp.bsize) / (1024 * 1024),
+  };
+};
+"""
+env = { GREETING = "hi" }
+
+[[blocks]]
+name = "opts"
+language = "node"
+code = """
+exports.main = () => require('node:fs').readFileSync('/proc/self/cmdline', 'utf8');
+"""
+env = { NODE_OPTIONS = "--max-old-space-size=64" }
+"#;
+
+/// How many Node standby sandboxes the server reports waiting.
+async fn node_standbys(server: &Server) -> Option<i64> {
+    let text = server
+        .http
+        .get(format!("{}/metrics", server.url))
+        .bearer_auth(&server.operator_key)
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("refinery_standby_sandboxes{runtime=\"node\"} "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Node cannot fork from a zygote, so by default its cold starts adopt a standby sandbox
+/// (started ahead of time, shim loaded); with `--no-zygotes` or `--node-standby 0` they start
+/// by exec. Either way the block sees the same instance: argv, environment (exactly the
+/// block's), pid 2 under the reaper, its own uid, its own /tmp size. A block that sets a
+/// variable Node reads while starting (NODE_OPTIONS) always starts by exec, with it.
+#[tokio::test]
+async fn node_instances_adopt_standby_sandboxes_or_exec_without_them() {
+    for (args, standby) in [
+        (&[][..], true),
+        (&["--no-zygotes"][..], false),
+        (&["--node-standby", "0"][..], false),
+    ] {
+        let server = Server::start_with(args).await;
+        if standby {
+            assert!(
+                wait_for_standbys(&server).await,
+                "the server keeps Node standbys waiting"
+            );
+        }
+        let (_, key) = server.account("nd").await;
+        server.deploy_ok(&key, NODE_ONLY).await;
+        let reply = server.invoke_ok(&key, "nodeonly", "js", json!(5)).await;
+        assert_eq!(reply["status"], "ok", "{args:?}: {reply}");
+        let out = &reply["output"];
+        assert_eq!(out["n"], 5);
+        let cmdline = out["cmdline"].to_string();
+        assert_eq!(
+            cmdline.contains("--standby"),
+            standby,
+            "{args:?}: adopted a standby sandbox? {cmdline}"
+        );
+        assert_eq!(
+            out["argv"],
+            json!(["/runtime/node_shim.cjs", "/code/js.js"])
+        );
+        assert_eq!(
+            out["env"],
+            json!({"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp",
+                   "LANG": "C.UTF-8", "GREETING": "hi"}),
+            "{args:?}"
+        );
+        assert_eq!(out["pid"], 2, "{args:?}");
+        assert!(out["uid"].as_i64().is_some_and(|u| u >= 100_000));
+        assert_eq!(out["tmp_mb"], 32, "{args:?}: the block's tmp_mb");
+
+        let opts = server
+            .invoke_ok(&key, "nodeonly", "opts", json!(null))
+            .await;
+        assert_eq!(opts["status"], "ok", "{opts}");
+        let cmdline = opts["output"].as_str().unwrap_or_default();
+        assert!(
+            !cmdline.contains("--standby"),
+            "NODE_OPTIONS means exec: {cmdline:?}"
+        );
+    }
+}
+
+/// Waits until the server reports at least one Node standby sandbox waiting.
+async fn wait_for_standbys(server: &Server) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if node_standbys(server).await.is_some_and(|n| n > 0) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}

@@ -405,7 +405,16 @@ impl SandboxHost {
 
     /// How many sandboxes of standby runtime `name` are waiting to be adopted.
     pub fn standby_waiting(&self, name: &str) -> usize {
-        self.standbys.waiting(name)
+        self.standbys
+            .waiting()
+            .into_iter()
+            .find(|(runtime, _)| runtime == name)
+            .map_or(0, |(_, n)| n)
+    }
+
+    /// How many standby sandboxes are waiting, by runtime (every registered runtime).
+    pub fn standby_counts(&self) -> Vec<(String, usize)> {
+        self.standbys.waiting()
     }
 
     /// The uids of the standby sandboxes waiting now (none of them is any account's yet).

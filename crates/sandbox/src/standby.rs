@@ -168,12 +168,16 @@ impl Standbys {
         taken
     }
 
-    /// How many sandboxes of `name` are waiting now.
-    pub(crate) fn waiting(&self, name: &str) -> usize {
-        self.lock()
+    /// How many sandboxes are waiting now, by runtime.
+    pub(crate) fn waiting(&self) -> Vec<(String, usize)> {
+        let mut counts: Vec<(String, usize)> = self
+            .lock()
             .runtimes
-            .get(name)
-            .map_or(0, |r| r.waiting.len())
+            .iter()
+            .map(|(name, r)| (name.clone(), r.waiting.len()))
+            .collect();
+        counts.sort();
+        counts
     }
 
     /// A fresh id for a standby sandbox (unique within this process; the cgroup subtree and

@@ -169,10 +169,18 @@ fn an_adopted_standby_is_the_blocks_instance() {
             dir.display()
         );
         let pids = pids_in(dir);
-        assert!(pids.contains(&instance.pid()), "{}: {pids:?}", dir.display());
+        assert!(
+            pids.contains(&instance.pid()),
+            "{}: {pids:?}",
+            dir.display()
+        );
     }
     for dir in &standby_dirs {
-        assert!(!dir.exists(), "the standby cgroup {} is removed", dir.display());
+        assert!(
+            !dir.exists(),
+            "the standby cgroup {} is removed",
+            dir.display()
+        );
     }
 
     let out = read_to_end(channels.responses);
@@ -192,8 +200,16 @@ fn an_adopted_standby_is_the_blocks_instance() {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     expected.insert("SECRET".into(), "s3".into());
-    assert_eq!(facts["env"], json!(expected), "exactly the block's environment");
-    assert_eq!(facts["code"], json!(["main.sh"]), "the block's code, nothing else");
+    assert_eq!(
+        facts["env"],
+        json!(expected),
+        "exactly the block's environment"
+    );
+    assert_eq!(
+        facts["code"],
+        json!(["main.sh"]),
+        "the block's code, nothing else"
+    );
     assert_eq!(facts["main"], "echo from-code\n");
     assert_ne!(facts["write_code"], "allowed", "/code is read-only");
     assert_eq!(facts["tmp_mb"], 16, "/tmp resized to the block's tmp_mb");
@@ -246,7 +262,11 @@ fn the_keeper_replaces_adopted_standbys_and_their_code_dirs_go_with_them() {
         drop(spawned.channels);
         spawned.instance.destroy().expect("destroy");
     }
-    assert_eq!(code_dirs(), 2, "an adopted instance's code copy goes with it");
+    assert_eq!(
+        code_dirs(),
+        2,
+        "an adopted instance's code copy goes with it"
+    );
 }
 
 #[test]
