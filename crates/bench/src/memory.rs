@@ -88,6 +88,20 @@ pub fn children(pid: u32) -> Vec<u32> {
     out
 }
 
+/// The processes of the server's waiting standby sandboxes (each a reaper and its `node`):
+/// its children still in the `standby` cgroup group, and their children.
+pub fn standby_processes(server_pid: u32) -> Vec<u32> {
+    children(server_pid)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .map(|c| c.contains("/standby/sb-"))
+                .unwrap_or(false)
+        })
+        .flat_map(|pid| std::iter::once(pid).chain(children(pid)))
+        .collect()
+}
+
 /// The server's zygotes: its children whose command line names a zygote.
 pub fn zygotes(server_pid: u32) -> Vec<u32> {
     children(server_pid)

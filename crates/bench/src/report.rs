@@ -403,20 +403,22 @@ fn idle(o: &mut String, r: &Results) {
     let _ = writeln!(o, "\n### Idle frozen instances: memory (PSS)\n");
     let _ = writeln!(
         o,
-        "| instances | measured | PSS per instance p50 | mean | max | total | the Python zygote's own PSS |"
+        "| instances | measured | PSS per instance p50 | mean | max | total | the Python zygote's own PSS | Node standby sandboxes waiting (PSS) |"
     );
-    let _ = writeln!(o, "|---|---|---|---|---|---|---|");
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
     for row in &r.idle {
         let _ = writeln!(
             o,
-            "| {} | {} | {:.2} MiB | {:.2} MiB | {:.2} MiB | {:.1} MiB | {:.2} MiB |",
+            "| {} | {} | {:.2} MiB | {:.2} MiB | {:.2} MiB | {:.1} MiB | {:.2} MiB | {} ({:.1} MiB) |",
             row.requested,
             row.measured,
             row.pss.p50,
             row.pss.mean,
             row.pss.max,
             row.total_mib,
-            row.zygote_mib
+            row.zygote_mib,
+            row.standbys,
+            row.standby_mib
         );
     }
 }

@@ -71,6 +71,9 @@ pub struct IdleRow {
     pub pss: Summary,
     pub total_mib: f64,
     pub zygote_mib: f64,
+    /// The waiting Node standby sandboxes: how many, and their PSS together.
+    pub standbys: usize,
+    pub standby_mib: f64,
 }
 
 pub struct Burst {
@@ -175,7 +178,7 @@ pub async fn run(config: SuiteConfig) -> Result<Results> {
         (cold, warm, idle, burst)
     };
     {
-        eprintln!("bench: cold starts without zygotes");
+        eprintln!("bench: cold starts without pre-initialised runtimes");
         let server = server::start(&config.refinery, &["--no-zygotes"])?;
         let api = Api::new(&server)?;
         let key = api.account(&server.operator_key, "bench").await?;
@@ -183,7 +186,7 @@ pub async fn run(config: SuiteConfig) -> Result<Results> {
             &api,
             &key,
             config.cold,
-            &["python"],
+            &["python", "node"],
             " (--no-zygotes: exec)",
         )
         .await?;
@@ -412,6 +415,12 @@ async fn idle_row(api: &Api, server: &Server, key: &str, n: usize) -> Result<Idl
         total_mib: pss.iter().sum(),
         pss: summary(&pss),
         zygote_mib: zygote_mib(server),
+        standbys: memory::standby_processes(server.pid()).len() / 2,
+        standby_mib: memory::standby_processes(server.pid())
+            .into_iter()
+            .filter_map(memory::pss_kib)
+            .sum::<u64>() as f64
+            / 1024.0,
     })
 }
 
