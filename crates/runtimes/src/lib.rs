@@ -140,12 +140,22 @@ fn node_argv(runtime_dir: &str) -> Vec<String> {
     ]
 }
 
-/// Whether Node reads variable `name` while it starts, before the shim runs: a block that
-/// sets one gets an instance started by exec with it, since a standby sandbox started
-/// without it. (`TZ` is not one: Node re-reads it when it changes.)
+/// Whether Node (or the dynamic loader and libc under it) reads variable `name` while it
+/// starts, before the shim runs: a block that sets one gets an instance started by exec with
+/// it, since a standby sandbox started without it. (`TZ` is not one: Node re-reads it when it
+/// changes.)
 fn read_by_node_at_start(name: &str) -> bool {
-    const PREFIXES: &[&str] = &["NODE_", "UV_", "OPENSSL_", "SSL_CERT_", "LC_"];
-    PREFIXES.iter().any(|p| name.starts_with(p)) || matches!(name, "LANG" | "LANGUAGE")
+    const PREFIXES: &[&str] = &[
+        "NODE_",
+        "UV_",
+        "OPENSSL_",
+        "SSL_CERT_",
+        "LC_",
+        "LD_",
+        "MALLOC_",
+    ];
+    PREFIXES.iter().any(|p| name.starts_with(p))
+        || matches!(name, "LANG" | "LANGUAGE" | "GLIBC_TUNABLES")
 }
 
 /// -I: ignore PYTHON* variables and the user site dir; -B: /code is read-only.
@@ -405,6 +415,8 @@ mod tests {
             "NODE_EXTRA_CA_CERTS",
             "UV_THREADPOOL_SIZE",
             "LANG",
+            "LD_PRELOAD",
+            "GLIBC_TUNABLES",
         ] {
             let env = std::collections::BTreeMap::from([(name.to_string(), "x".to_string())]);
             assert!(

@@ -263,12 +263,20 @@ fn favor_dynamic_modifications(mountinfo: &str, mount: &Path) {
         .map(|o| Param::Flag(o))
         .collect();
     params.push(Param::Flag("favordynmods"));
-    match superblock::reconfigure(mount, &params) {
+    let outcome = superblock::reconfigure(mount, &params).and_then(|()| {
+        // Outside the initial cgroup namespace the kernel accepts and ignores it.
+        let now = fs::read_to_string("/proc/self/mountinfo")?;
+        match v2_super_options(&now, mount) {
+            Some(options) if options.iter().any(|o| o == "favordynmods") => Ok(()),
+            _ => Err(io::Error::other("the kernel did not apply it")),
+        }
+    });
+    match outcome {
         Ok(()) => {
             tracing::info!(mount = %mount.display(), "cgroup2 favordynmods on: moving processes between cgroups no longer waits for RCU grace periods")
         }
         Err(e) => {
-            tracing::warn!(mount = %mount.display(), error = %e, "cannot turn on cgroup2 favordynmods (Linux 6.0+); each cold start may wait ≈ 10 ms for the kernel's cgroup lock")
+            tracing::warn!(mount = %mount.display(), error = %e, "cannot turn on cgroup2 favordynmods (Linux 6.0+, initial cgroup namespace); each cold start may wait ≈ 10 ms for the kernel's cgroup lock")
         }
     }
 }

@@ -609,19 +609,42 @@ impl SandboxHost {
             cpu_percent: 100,
             network: false,
         };
-        match self.spawn(&spec) {
-            Ok(spawned) => {
-                spawned.instance.set_code_copy(code_dir);
-                Ok(Standby {
-                    spawned,
-                    tmp_mb: runtime.tmp_mb,
-                })
-            }
+        let spawned = match self.spawn(&spec) {
+            Ok(spawned) => spawned,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&code_dir);
-                Err(e)
+                return Err(e);
             }
+        };
+        // Removed with the instance from here on.
+        spawned.instance.set_code_copy(code_dir);
+        // Offered for adoption only once it says it is waiting: its init has joined its
+        // cgroups and pivoted, and its processes are settled.
+        let waiting = spawn::read_frame(&spawned.channels.responses, 4096, standby::READY_TIMEOUT)
+            .map_err(|e| e.to_string())
+            .and_then(|frame| {
+                let kind = serde_json::from_slice::<serde_json::Value>(&frame)
+                    .ok()
+                    .and_then(|v| v.get("type")?.as_str().map(str::to_string));
+                match kind.as_deref() {
+                    Some("standby") => Ok(()),
+                    _ => Err(format!(
+                        "unexpected first frame {:?}",
+                        String::from_utf8_lossy(&frame)
+                    )),
+                }
+            });
+        if let Err(what) = waiting {
+            let log = spawn::drain_log(&spawned.channels.logs);
+            return Err(SandboxError::Standby {
+                runtime: runtime.name.clone(),
+                what: format!("it did not report waiting ({what}); its output: {log}"),
+            });
         }
+        Ok(Standby {
+            spawned,
+            tmp_mb: runtime.tmp_mb,
+        })
     }
 
     /// Makes a waiting sandbox of `runtime` the instance `spec` (see `standby.rs` for the
@@ -669,8 +692,14 @@ impl SandboxHost {
         }
         let standby_cgroups = instance.rehome(spec.instance_id.clone(), cgroups);
         if let Err((path, e)) = standby_cgroups.remove(std::time::Duration::from_millis(500)) {
-            // Empty now; removed with the subtree at shutdown or the next start.
-            tracing::warn!(path = %path.display(), error = %e, "cannot remove an adopted standby's cgroup");
+            // Something stayed outside the block's limits: it all goes.
+            drop(instance);
+            standby_cgroups.kill_all();
+            let _ = standby_cgroups.remove(std::time::Duration::from_secs(2));
+            return Err(err(format!(
+                "removing its standby cgroup {}: {e}",
+                path.display()
+            )));
         }
         // From here on the instance is the block's: dropping it on error destroys everything.
         let code_dir = instance

@@ -11,6 +11,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::mpsc;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use crate::SandboxError;
 
@@ -228,6 +229,69 @@ pub(crate) fn clone_on_spawner(
         .send(req)
         .map_err(|_| SandboxError::SpawnerGone)?;
     result.recv().map_err(|_| SandboxError::SpawnerGone)
+}
+
+/// Reads one frame (a 4-byte big-endian length, then at most `max` bytes) from `fd` within
+/// `timeout`: for the one frame the sandbox itself reads from an instance (a standby saying
+/// it is waiting), before the runtime protocol takes the pipe over.
+pub(crate) fn read_frame(fd: &OwnedFd, max: usize, timeout: Duration) -> io::Result<Vec<u8>> {
+    let deadline = Instant::now() + timeout;
+    let mut header = [0u8; 4];
+    read_exact_until(fd, &mut header, deadline)?;
+    let len = u32::from_be_bytes(header) as usize;
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a frame of {len} bytes (at most {max} expected)"),
+        ));
+    }
+    let mut body = vec![0u8; len];
+    read_exact_until(fd, &mut body, deadline)?;
+    Ok(body)
+}
+
+fn read_exact_until(fd: &OwnedFd, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    let mut off = 0;
+    while off < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
+        }
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let wait_ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+        // SAFETY: polls one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, wait_ms) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if pfd.revents == 0 {
+            continue;
+        }
+        let rest = &mut buf[off..];
+        // SAFETY: reads at most rest.len() bytes into memory we own.
+        let n = unsafe { libc::read(fd.as_raw_fd(), rest.as_mut_ptr().cast(), rest.len()) };
+        match n {
+            0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if !matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                ) {
+                    return Err(e);
+                }
+            }
+            n => off += n as usize,
+        }
+    }
+    Ok(())
 }
 
 /// Write one frame to the requests pipe.

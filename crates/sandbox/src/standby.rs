@@ -43,6 +43,8 @@ pub(crate) const STANDBY_GROUP: &str = "standby";
 const RETRY_AFTER: Duration = Duration::from_secs(10);
 /// How often an idle keeper checks that its host still exists.
 const KEEPER_TICK: Duration = Duration::from_secs(1);
+/// How long a standby may take to say it is waiting.
+pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A runtime the host keeps standby sandboxes of.
 #[derive(Clone, Debug)]
@@ -50,9 +52,11 @@ pub struct StandbySpec {
     /// What [`crate::Entry::Standby`] names it by, e.g. "node".
     pub name: String,
     /// What each standby sandbox runs (paths inside the sandbox): the interpreter loading its
-    /// shim in standby mode. It must read one adoption frame from fd 3 before anything else:
-    /// a 4-byte big-endian length and JSON `{"type":"adopt","env":[[k,v],…],"args":[…]}`;
-    /// replace its whole environment with `env`, then serve the block given by `args`.
+    /// shim in standby mode. Frames are a 4-byte big-endian length and JSON. Once loaded it
+    /// must write `{"type":"standby"}` on fd 4 (only then is it offered for adoption: its
+    /// sandbox is complete and its processes settled), then read one adoption frame from fd
+    /// 3, `{"type":"adopt","env":[[k,v],…],"args":[…]}`, replace its whole environment with
+    /// `env`, and serve the block given by `args`.
     pub argv: Vec<String>,
     /// Host directory mounted read-only at /runtime (holds the shim).
     pub runtime_dir: PathBuf,
@@ -87,7 +91,8 @@ struct Runtime {
 #[derive(Default)]
 struct State {
     runtimes: HashMap<String, Runtime>,
-    keeper_running: bool,
+    /// The keeper thread; joined by [`Standbys::stop`] so that nothing is started after it.
+    keeper: Option<std::thread::JoinHandle<()>>,
     stopped: bool,
 }
 
@@ -135,19 +140,17 @@ impl Standbys {
                     retry_at: None,
                 },
             );
-            let start_keeper = !state.keeper_running;
-            state.keeper_running = true;
-            if start_keeper {
+            if state.keeper.as_ref().is_none_or(|k| k.is_finished()) {
                 let standbys = Arc::clone(self);
-                let spawned = std::thread::Builder::new()
+                let keeper = std::thread::Builder::new()
                     .name("refinery-standby-keeper".into())
-                    .spawn(move || standbys.keep(host));
-                if let Err(e) = spawned {
-                    state.keeper_running = false;
-                    return Err(SandboxError::InvalidSpec(format!(
-                        "starting the standby keeper thread: {e}"
-                    )));
-                }
+                    .spawn(move || standbys.keep(host))
+                    .map_err(|e| {
+                        SandboxError::InvalidSpec(format!(
+                            "starting the standby keeper thread: {e}"
+                        ))
+                    })?;
+                state.keeper = Some(keeper);
             }
             replaced
         };
@@ -197,14 +200,18 @@ impl Standbys {
             .collect()
     }
 
-    /// Stops the keeper and destroys every waiting sandbox (at shutdown).
+    /// Stops the keeper (waiting for a sandbox it is starting) and destroys every waiting
+    /// sandbox (at shutdown).
     pub(crate) fn stop(&self) {
-        let runtimes = {
+        let (runtimes, keeper) = {
             let mut state = self.lock();
             state.stopped = true;
-            std::mem::take(&mut state.runtimes)
+            (std::mem::take(&mut state.runtimes), state.keeper.take())
         };
         self.wake.notify_all();
+        if let Some(keeper) = keeper {
+            let _ = keeper.join();
+        }
         drop(runtimes);
     }
 
@@ -216,7 +223,6 @@ impl Standbys {
                 let mut state = self.lock();
                 loop {
                     if state.stopped {
-                        state.keeper_running = false;
                         return;
                     }
                     let now = std::time::Instant::now();
@@ -233,19 +239,18 @@ impl Standbys {
                         .unwrap_or_else(PoisonError::into_inner)
                         .0;
                     if host.strong_count() == 0 {
-                        state.keeper_running = false;
                         return;
                     }
                 }
             };
             let Some(host) = host.upgrade() else {
-                self.lock().keeper_running = false;
                 return;
             };
             let started = host.start_standby(&due);
             drop(host);
             let mut state = self.lock();
             let Some(runtime) = state.runtimes.get_mut(&due.name) else {
+                drop(state);
                 continue; // removed meanwhile: the new sandbox is dropped (destroyed)
             };
             match started {

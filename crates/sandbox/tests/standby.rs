@@ -13,7 +13,8 @@ use common::{read_to_end, sh, test_host, wait_gone, TestHost, GROUP};
 use refinery_sandbox::{Entry, SandboxError, Spawned, StandbySpec, BASE_ENV};
 use serde_json::{json, Value};
 
-/// A stand-in for a shim in standby mode: it waits for the adoption frame on fd 3, takes the
+/// A stand-in for a shim in standby mode: it says it is waiting, reads the adoption frame on
+/// fd 3, takes the
 /// environment it carries, then reports what the instance looks like from inside on fd 4 (or,
 /// given `alloc`, allocates until the memory limit stops it).
 const PROBE: &str = r#"
@@ -44,6 +45,8 @@ def write_code():
     with open("/code/x", "w") as f:
         f.write("x")
 
+waiting = json.dumps({"type": "standby"}).encode()
+os.write(4, struct.pack(">I", len(waiting)) + waiting)
 (length,) = struct.unpack(">I", read_exact(4))
 frame = json.loads(read_exact(length))
 assert frame["type"] == "adopt", frame

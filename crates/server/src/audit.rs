@@ -255,12 +255,13 @@ struct Holder {
 }
 
 /// uid → the instance holding it now or lately (for records read after it was destroyed),
-/// and the uids of standby sandboxes lately (no account's: their records are the runtime's
-/// own start-up).
+/// and the uids of the standby sandboxes waiting now (no account's: their records are the
+/// runtime's own start-up). Only those waiting now: once adopted, a uid's records are the
+/// block's, even before the pool lists its instance.
 #[derive(Default)]
 struct Holders {
     instances: HashMap<u32, Holder>,
-    standby: HashMap<u32, Instant>,
+    standby: std::collections::HashSet<u32>,
 }
 
 impl Holders {
@@ -281,11 +282,7 @@ impl Holders {
         }
         self.instances
             .retain(|_, h| now.duration_since(h.seen) < REMEMBER);
-        for uid in pool.standby_uids() {
-            self.standby.insert(uid, now);
-        }
-        self.standby
-            .retain(|_, seen| now.duration_since(*seen) < REMEMBER);
+        self.standby = pool.standby_uids().into_iter().collect();
     }
 }
 
@@ -408,7 +405,7 @@ fn attribute(
     let syscall = names.name(record);
     let action = names.action(record);
     let holder = holders.instances.get(&record.uid);
-    if holder.is_none() && holders.standby.contains_key(&record.uid) {
+    if holder.is_none() && holders.standby.contains(&record.uid) {
         tracing::debug!(target: "refinery::audit", uid = record.uid, %syscall,
             comm = %record.comm, %action, "refused syscall of a standby sandbox (its runtime starting)");
         return None;

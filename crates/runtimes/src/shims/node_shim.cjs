@@ -311,11 +311,13 @@ async function invoke(handler, capture, request) {
 
 /**
  * Standby mode (`node node_shim.cjs --standby`): the sandbox was started before any block
- * was assigned to it, with this shim loaded and no code. The host's one adoption frame says
- * what it now is: the complete environment, replacing this one, and the shim's arguments.
- * Returns those arguments, or null if the host closed the pipe first.
+ * was assigned to it, with this shim loaded and no code. It tells the host it is waiting,
+ * then the host's one adoption frame says what it now is: the complete environment,
+ * replacing this one, and the shim's arguments. Returns those arguments, or null if the host
+ * closed the pipe first.
  */
 function adopt() {
+  writeFrame(JSON.stringify({ type: 'standby' }));
   const frame = readMessage();
   if (frame === null) return null;
   if (
