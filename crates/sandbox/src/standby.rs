@@ -24,7 +24,7 @@
 //! ≈ 10 MB of Node heap) stays charged to the `standby` cgroup group, not to the account —
 //! as a forked instance's pages shared with its zygote stay charged to the zygote.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -33,8 +33,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
+use crate::cgroup::Limits;
+use crate::spec::{self, AdoptFrame};
 use crate::superblock::{self, Param};
-use crate::{SandboxError, SandboxHost, Spawned};
+use crate::{instance_env, spawn, Entry, InstanceSpec, SandboxError, SandboxHost, Spawned};
 
 /// The cgroup group standby sandboxes live in until adopted. Account groups are derived from
 /// account ids (`acct-…`), so it cannot collide with one.
@@ -264,6 +266,152 @@ impl Standbys {
                 }
             }
         }
+    }
+}
+
+impl SandboxHost {
+    /// Starts one standby sandbox of `runtime`: an instance like any other, in the
+    /// [`STANDBY_GROUP`] group, with an empty code dir of its own and no
+    /// environment but [`crate::BASE_ENV`].
+    pub(crate) fn start_standby(&self, runtime: &StandbySpec) -> Result<Standby, SandboxError> {
+        let id = Standbys::next_id();
+        let code_dir =
+            create_code_dir(&self.config.state_dir, &id).map_err(|e| SandboxError::Standby {
+                runtime: runtime.name.clone(),
+                what: format!("creating its code dir: {e}"),
+            })?;
+        let spec = InstanceSpec {
+            instance_id: id,
+            group: STANDBY_GROUP.into(),
+            code_dir: code_dir.clone(),
+            runtime_dir: runtime.runtime_dir.clone(),
+            entry: Entry::Exec {
+                argv: runtime.argv.clone(),
+            },
+            env: BTreeMap::new(),
+            memory_mb: runtime.memory_mb,
+            tmp_mb: runtime.tmp_mb,
+            pids_max: runtime.pids_max,
+            cpu_percent: 100,
+            network: false,
+        };
+        let spawned = match self.spawn(&spec) {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&code_dir);
+                return Err(e);
+            }
+        };
+        // Removed with the instance from here on.
+        spawned.instance.set_code_copy(code_dir);
+        // Offered for adoption only once it says it is waiting: its init has joined its
+        // cgroups and pivoted, and its processes are settled.
+        let waiting = spawn::read_frame(&spawned.channels.responses, 4096, READY_TIMEOUT)
+            .map_err(|e| e.to_string())
+            .and_then(|frame| {
+                let kind = serde_json::from_slice::<serde_json::Value>(&frame)
+                    .ok()
+                    .and_then(|v| v.get("type")?.as_str().map(str::to_string));
+                match kind.as_deref() {
+                    Some("standby") => Ok(()),
+                    _ => Err(format!(
+                        "unexpected first frame {:?}",
+                        String::from_utf8_lossy(&frame)
+                    )),
+                }
+            });
+        if let Err(what) = waiting {
+            let log = spawn::drain_log(&spawned.channels.logs);
+            return Err(SandboxError::Standby {
+                runtime: runtime.name.clone(),
+                what: format!("it did not report waiting ({what}); its output: {log}"),
+            });
+        }
+        Ok(Standby {
+            spawned,
+            tmp_mb: runtime.tmp_mb,
+        })
+    }
+
+    /// Makes a waiting sandbox of `runtime` the instance `spec` (see `standby.rs` for the
+    /// steps). Any failure destroys that sandbox; the caller may then start one by exec.
+    pub(crate) fn adopt(
+        &self,
+        spec: &InstanceSpec,
+        runtime: &str,
+        args: &[String],
+    ) -> Result<Spawned, SandboxError> {
+        let err = |what: String| SandboxError::Standby {
+            runtime: runtime.to_string(),
+            what,
+        };
+        let Standby { spawned, tmp_mb } = loop {
+            let standby = self
+                .standbys
+                .take(runtime)
+                .ok_or_else(|| err("none waiting".into()))?;
+            if standby.spawned.instance.has_exited() {
+                let log = spawn::drain_log(&standby.spawned.channels.logs);
+                tracing::warn!(runtime, %log, "a standby sandbox had exited; discarded");
+                continue; // dropped: destroyed
+            }
+            break standby;
+        };
+        let Spawned {
+            mut instance,
+            channels,
+        } = spawned;
+        let limits = Limits {
+            memory_mb: spec.memory_mb,
+            pids_max: spec.pids_max,
+            cpu_percent: spec.cpu_percent,
+        };
+        let cgroups = self
+            .cgroups
+            .create_instance(&spec.group, &spec.instance_id, &limits)?;
+        if let Err(e) = instance.move_processes_to(&cgroups) {
+            // Its processes may now be split between the two: kill them all.
+            drop(instance);
+            cgroups.kill_all();
+            let _ = cgroups.remove(std::time::Duration::from_millis(500));
+            return Err(err(format!("moving it into its cgroups: {e}")));
+        }
+        let standby_cgroups = instance.rehome(spec.instance_id.clone(), cgroups);
+        if let Err((path, e)) = standby_cgroups.remove(std::time::Duration::from_millis(500)) {
+            // Something stayed outside the block's limits: it all goes.
+            drop(instance);
+            standby_cgroups.kill_all();
+            let _ = standby_cgroups.remove(std::time::Duration::from_secs(2));
+            return Err(err(format!(
+                "removing its standby cgroup {}: {e}",
+                path.display()
+            )));
+        }
+        // From here on the instance is the block's: dropping it on error destroys everything.
+        let code_dir = instance
+            .code_copy()
+            .ok_or_else(|| err("it has no code dir of its own".into()))?;
+        copy_code(&spec.code_dir, &code_dir)
+            .map_err(|e| err(format!("copying the block's code: {e}")))?;
+        if spec.tmp_mb != tmp_mb {
+            resize_tmp(instance.pid(), spec.tmp_mb)
+                .map_err(|e| err(format!("resizing its /tmp to {} MB: {e}", spec.tmp_mb)))?;
+        }
+        let env = instance_env(spec);
+        let frame = spec::encode(&AdoptFrame {
+            kind: "adopt",
+            env: &env,
+            args,
+        })
+        .map_err(|e| err(format!("encoding the adoption frame: {e}")))?;
+        if let Err(source) = spawn::write_frame(&channels.requests, &frame) {
+            return Err(SandboxError::SendSpec {
+                instance: spec.instance_id.clone(),
+                log: spawn::drain_log(&channels.logs),
+                source,
+            });
+        }
+        Ok(Spawned { instance, channels })
     }
 }
 
