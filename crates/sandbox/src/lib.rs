@@ -583,16 +583,23 @@ impl SandboxHost {
         }
     }
 
-    fn start(&self, spec: &InstanceSpec, launch: Launch<'_>) -> Result<Spawned, SandboxError> {
-        let uid = UidLease::allocate()?;
+    /// Creates the cgroups `<root>/<group>/<instance_id>` of `spec`, with its limits.
+    fn instance_cgroups(
+        &self,
+        spec: &InstanceSpec,
+    ) -> Result<cgroup::InstanceCgroups, SandboxError> {
         let limits = Limits {
             memory_mb: spec.memory_mb,
             pids_max: spec.pids_max,
             cpu_percent: spec.cpu_percent,
         };
-        let cgroups = self
-            .cgroups
-            .create_instance(&spec.group, &spec.instance_id, &limits)?;
+        self.cgroups
+            .create_instance(&spec.group, &spec.instance_id, &limits)
+    }
+
+    fn start(&self, spec: &InstanceSpec, launch: Launch<'_>) -> Result<Spawned, SandboxError> {
+        let uid = UidLease::allocate()?;
+        let cgroups = self.instance_cgroups(spec)?;
         let remove = |cg: &cgroup::InstanceCgroups| {
             let _ = cg.remove(std::time::Duration::from_millis(500));
         };

@@ -33,7 +33,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
-use crate::cgroup::Limits;
 use crate::spec::{self, AdoptFrame};
 use crate::superblock::{self, Param};
 use crate::{instance_env, spawn, Entry, InstanceSpec, SandboxError, SandboxHost, Spawned};
@@ -361,14 +360,7 @@ impl SandboxHost {
             mut instance,
             channels,
         } = spawned;
-        let limits = Limits {
-            memory_mb: spec.memory_mb,
-            pids_max: spec.pids_max,
-            cpu_percent: spec.cpu_percent,
-        };
-        let cgroups = self
-            .cgroups
-            .create_instance(&spec.group, &spec.instance_id, &limits)?;
+        let cgroups = self.instance_cgroups(spec)?;
         if let Err(e) = instance.move_processes_to(&cgroups) {
             // Its processes may now be split between the two: kill them all.
             drop(instance);
