@@ -15,6 +15,8 @@
 //! - creating instances ([`SandboxHost::spawn`]) from one dedicated spawner thread, and their
 //!   whole life up to [`SandboxedInstance::destroy`];
 //! - the in-sandbox init ([`init_main`]) that builds the sandbox around itself;
+//! - pre-initialised runtimes: zygotes that fork instances (`zygote.rs`, Python) and standby
+//!   sandboxes that cold starts adopt (`standby.rs`, Node);
 //! - outbound network for instances that ask for it (`network/`: one pasta per instance and
 //!   an nftables egress filter in its namespace, attached before its code runs; killed with
 //!   the instance), enabled by [`SandboxHost::enable_network`].

@@ -5,7 +5,8 @@
 //! sandboxes waiting per such runtime: each was started exactly like any instance (same
 //! namespaces, mounts, uid, Landlock, seccomp, see `init.rs`), runs the interpreter with its
 //! shim already loaded, belongs to no account, holds no code and has run no one's code. It
-//! blocks on its fd 3 for one *adoption frame*.
+//! says so on its fd 4 (only then is it offered), then blocks on its fd 3 for one *adoption
+//! frame*.
 //!
 //! A cold start of that language adopts the oldest waiting one ([`Standbys::take`]; the host
 //! does the rest in `SandboxHost::adopt`):
@@ -20,9 +21,10 @@
 //! keeper thread tops every runtime back up to its count after each adoption. Each standby is
 //! a separate `exec`, so unlike forked instances they share no memory layout or hash secrets.
 //!
-//! What it costs: the memory the runtime used before adoption (the interpreter and shim,
-//! ≈ 10 MB of Node heap) stays charged to the `standby` cgroup group, not to the account —
-//! as a forked instance's pages shared with its zygote stay charged to the zygote.
+//! What it costs: each waiting sandbox's memory (≈ 17 MiB PSS for Node, docs/BENCHMARKS.md);
+//! what the runtime allocated before adoption stays charged to the `standby` cgroup group,
+//! not to the account — as a forked instance's pages shared with its zygote stay charged to
+//! the zygote.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs;
