@@ -195,3 +195,71 @@ def main(block_input, backpack):
         assert!(!root.exists(), "cgroup root {} left behind", root.display());
     }
 }
+
+/// A server killed outright (SIGKILL: no shutdown, no cleanup) takes its instances with it —
+/// frozen idle ones included, which the v1 freezer would keep alive until thawed — and its
+/// next start in the same data dir leaves no cgroup of the old run behind.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_server_takes_its_frozen_instances_with_it() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let data_dir = root.path().join("data");
+    let mut server = Server::start_in(&data_dir, &[]).await;
+    let (_, key) = server.account("acme").await;
+    let manifest = r#"
+name = "idle"
+[[blocks]]
+name = "py"
+language = "python"
+code = "def main(block_input, backpack):\n    return 1\n"
+[[blocks]]
+name = "js"
+language = "node"
+code = "exports.main = () => 1;"
+[[blocks]]
+name = "sh"
+language = "shell"
+code = "echo 1"
+"#;
+    server.deploy_ok(&key, manifest).await;
+    for block in ["py", "js", "sh"] {
+        let reply = server.invoke_ok(&key, "idle", block, json!(null)).await;
+        assert_eq!(reply["status"], "ok", "{reply}");
+    }
+    let instances = server.instances().await;
+    assert_eq!(instances.len(), 3, "{instances:?}");
+    let frozen = eventually(Duration::from_secs(10), || {
+        instances.iter().all(|i| {
+            let cgroups = i["cgroups"].as_array().cloned().unwrap_or_default();
+            common::cgroup_frozen(&cgroups) == Some(true)
+        })
+    })
+    .await;
+    assert!(frozen, "the idle instances are frozen: {instances:?}");
+    let pids: Vec<i64> = instances.iter().filter_map(|i| i["pid"].as_i64()).collect();
+    assert_eq!(pids.len(), 3);
+
+    // SAFETY: kill(2) on the server process this test started.
+    unsafe { libc::kill(server.pid(), libc::SIGKILL) };
+    let _ = server.stop();
+    let gone = |pid: i64| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || pids.iter().all(|&p| gone(p))).await,
+        "frozen instances {pids:?} outlived the killed server"
+    );
+
+    // The next start cleans up the old run's cgroups.
+    let server = Server::start_in(&data_dir, &[]).await;
+    let reply = server.invoke_ok(&key, "idle", "py", json!(null)).await;
+    assert_eq!(reply["cold"], true, "{reply}");
+    assert!(!process_alive(pids[0]) || gone(pids[0]));
+}

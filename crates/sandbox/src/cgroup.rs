@@ -313,9 +313,13 @@ impl CgroupHost {
                     }),
                 }
             }
-            // The unified hierarchy of a hybrid host only adds cgroup.kill: use it when we may
-            // create cgroups there, otherwise run as plain v1.
-            let usable_v2 = v2.filter(|mount| mkdir_exist_ok(&mount.join(root_name)).is_ok());
+            // The unified hierarchy of a hybrid host adds cgroup.kill and cgroup.freeze (see
+            // `InstanceCgroups::freezer_dir`): use it when we may create cgroups there and it
+            // has cgroup.freeze (Linux 5.2+), otherwise run as plain v1.
+            let usable_v2 = v2.filter(|mount| {
+                let root = mount.join(root_name);
+                mkdir_exist_ok(&root).is_ok() && root.join("cgroup.freeze").exists()
+            });
             let layout = match usable_v2 {
                 Some(mount) => {
                     hierarchies.push(Hierarchy {
@@ -413,7 +417,7 @@ impl CgroupHost {
                         ))?;
                     }
                 }
-                // Hybrid freezes through the v1 freezer, so only pure v2 needs cgroup.freeze.
+                // Hybrid was checked for cgroup.freeze when its layout was chosen.
                 if self.layout == CgroupLayout::V2 && !root.join("cgroup.freeze").exists() {
                     return Err(detect_err(
                         "cgroup v2 has no cgroup.freeze (kernel older than 5.2)",
@@ -712,25 +716,43 @@ impl InstanceCgroups {
         Ok(text.iter().filter(|b| **b == b'\n').count())
     }
 
-    pub(crate) fn freeze_file(&self) -> PathBuf {
+    /// The cgroup the instance is frozen through, and whether it is a v2 one. Pure v2 and
+    /// hybrid hosts freeze through cgroup v2's `cgroup.freeze` (a hybrid host's unified
+    /// hierarchy has it without any controller): a task frozen that way still dies of
+    /// SIGKILL, so the instances of a server killed outright die with it (their parent-death
+    /// signal), where the v1 freezer would keep them frozen, alive and holding memory until
+    /// thawed. Pure v1 uses the v1 freezer. (A dir of the other kind, left by an older run,
+    /// is still found, so that cleaning up can thaw it.)
+    fn freezer_dir(&self) -> Option<&CgroupDir> {
+        let v2 = self.dirs.iter().find(|d| d.version == Version::V2);
+        let v1 = || self.dir_with(Version::V1, Controller::Freezer);
         match self.layout {
-            CgroupLayout::V2 => self
-                .dir_with(Version::V2, Controller::Freezer)
-                .map(|d| d.path.join("cgroup.freeze")),
-            CgroupLayout::V1 | CgroupLayout::Hybrid => self
-                .dir_with(Version::V1, Controller::Freezer)
-                .map(|d| d.path.join("freezer.state")),
+            CgroupLayout::V2 | CgroupLayout::Hybrid => v2.or_else(v1),
+            CgroupLayout::V1 => v1(),
         }
-        .unwrap_or_default()
+    }
+
+    /// The file through which the instance is frozen: v2 cgroup.freeze or v1 freezer.state.
+    pub(crate) fn freeze_file(&self) -> PathBuf {
+        self.freezer_dir()
+            .map(|d| match d.version {
+                Version::V2 => d.path.join("cgroup.freeze"),
+                Version::V1 => d.path.join("freezer.state"),
+            })
+            .unwrap_or_default()
+    }
+
+    fn freezes_through_v2(&self) -> bool {
+        self.freezer_dir().is_some_and(|d| d.version == Version::V2)
     }
 
     pub(crate) fn set_frozen(&self, frozen: bool) -> io::Result<()> {
         let file = self.freeze_file();
-        let value = match (self.layout, frozen) {
-            (CgroupLayout::V2, true) => "1",
-            (CgroupLayout::V2, false) => "0",
-            (_, true) => "FROZEN",
-            (_, false) => "THAWED",
+        let value = match (self.freezes_through_v2(), frozen) {
+            (true, true) => "1",
+            (true, false) => "0",
+            (false, true) => "FROZEN",
+            (false, false) => "THAWED",
         };
         let freezer = match self.freezer.get() {
             Some(f) => f,
@@ -745,14 +767,14 @@ impl InstanceCgroups {
 
     pub(crate) fn freezer_state(&self) -> io::Result<FreezerState> {
         let file = self.freeze_file();
-        if self.layout == CgroupLayout::V2 {
+        if self.freezes_through_v2() {
             let wanted = fs::read_to_string(&file)?;
             let events = fs::read_to_string(file.with_file_name("cgroup.events"))?;
             let frozen = events.lines().any(|l| l.trim() == "frozen 1");
             Ok(match (wanted.trim() == "1", frozen) {
-                (_, true) => FreezerState::Frozen,
+                (true, true) => FreezerState::Frozen,
                 (true, false) => FreezerState::Freezing,
-                (false, false) => FreezerState::Thawed,
+                (false, _) => FreezerState::Thawed,
             })
         } else {
             let s = fs::read_to_string(&file)?;

@@ -248,20 +248,26 @@ impl Drop for Server {
     }
 }
 
-/// Whether an instance's cgroup says it is frozen (v1 freezer.state or v2 cgroup.events).
+/// Whether an instance's cgroup says it is frozen: v2 `cgroup.events` where the instance
+/// has a v2 cgroup (pure v2 and hybrid hosts freeze through it), else v1 `freezer.state`.
 pub fn cgroup_frozen(cgroups: &[Value]) -> Option<bool> {
-    for path in cgroups.iter().filter_map(Value::as_str) {
-        let dir = Path::new(path);
-        if let Ok(state) = std::fs::read_to_string(dir.join("freezer.state")) {
-            return Some(state.trim() == "FROZEN");
-        }
+    let dirs: Vec<&Path> = cgroups
+        .iter()
+        .filter_map(Value::as_str)
+        .map(Path::new)
+        .collect();
+    for dir in &dirs {
         if let Ok(events) = std::fs::read_to_string(dir.join("cgroup.events")) {
             if let Some(line) = events.lines().find(|l| l.starts_with("frozen ")) {
                 return Some(line.trim_end().ends_with('1'));
             }
         }
     }
-    None
+    dirs.iter().find_map(|dir| {
+        std::fs::read_to_string(dir.join("freezer.state"))
+            .ok()
+            .map(|state| state.trim() == "FROZEN")
+    })
 }
 
 pub fn process_alive(pid: i64) -> bool {
