@@ -443,26 +443,11 @@ impl CgroupHost {
             procs: std::sync::OnceLock::new(),
         };
         for h in &self.hierarchies {
-            let root = h.mount.join(&self.root_name);
-            let group_dir = root.join(group);
-            let dir = group_dir.join(instance_id);
+            let dir = self.group_dir(h, group)?.join(instance_id);
             let setup_err = |path: &Path, source: io::Error| SandboxError::CgroupSetup {
                 path: path.to_path_buf(),
                 source,
             };
-            mkdir_exist_ok(&root).map_err(|e| setup_err(&root, e))?;
-            if h.version == Version::V2 && !h.controllers.is_empty() {
-                write_file(&root.join("cgroup.subtree_control"), V2_SUBTREE_CONTROL)
-                    .map_err(|e| setup_err(&root, e))?;
-            }
-            mkdir_exist_ok(&group_dir).map_err(|e| setup_err(&group_dir, e))?;
-            if h.version == Version::V2 && !h.controllers.is_empty() {
-                write_file(
-                    &group_dir.join("cgroup.subtree_control"),
-                    V2_SUBTREE_CONTROL,
-                )
-                .map_err(|e| setup_err(&group_dir, e))?;
-            }
             fs::create_dir(&dir).map_err(|e| setup_err(&dir, e))?;
             cg.dirs.push(CgroupDir {
                 path: dir.clone(),
@@ -487,6 +472,51 @@ impl CgroupHost {
         Ok(cg)
     }
 
+    /// Creates `<root_name>/<group>` in hierarchy `h` if missing (on v2, with the controllers
+    /// delegated down to it) and returns its path.
+    fn group_dir(&self, h: &Hierarchy, group: &str) -> Result<PathBuf, SandboxError> {
+        let setup_err = |path: &Path, source: io::Error| SandboxError::CgroupSetup {
+            path: path.to_path_buf(),
+            source,
+        };
+        let root = h.mount.join(&self.root_name);
+        let group_dir = root.join(group);
+        for dir in [&root, &group_dir] {
+            mkdir_exist_ok(dir).map_err(|e| setup_err(dir, e))?;
+            if h.version == Version::V2 && !h.controllers.is_empty() {
+                write_file(&dir.join("cgroup.subtree_control"), V2_SUBTREE_CONTROL)
+                    .map_err(|e| setup_err(dir, e))?;
+            }
+        }
+        Ok(group_dir)
+    }
+
+    /// Sets the CPU weight of the group cgroup `<root_name>/<group>` against its siblings
+    /// (100 = the default share; v2 `cpu.weight`, v1 `cpu.shares` scaled from 1024), creating
+    /// it if needed. It only matters when the CPU is contended.
+    pub(crate) fn set_group_cpu_weight(
+        &self,
+        group: &str,
+        weight: u32,
+    ) -> Result<(), SandboxError> {
+        for h in &self.hierarchies {
+            let group_dir = self.group_dir(h, group)?;
+            if !h.controllers.contains(&Controller::Cpu) {
+                continue;
+            }
+            let (file, value) = match h.version {
+                Version::V2 => ("cpu.weight", weight.clamp(1, 10_000)),
+                Version::V1 => ("cpu.shares", (weight.saturating_mul(1024) / 100).max(2)),
+            };
+            let file = group_dir.join(file);
+            write_file(&file, &value.to_string()).map_err(|source| SandboxError::CgroupSetup {
+                path: file.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
     /// Create `<root_name>/<group>` in every hierarchy (as [`Self::create_instance`] would) and
     /// set its memory limit in the hierarchy that has the memory controller. `None` = unlimited.
     pub(crate) fn set_group_memory(
@@ -499,21 +529,7 @@ impl CgroupHost {
             source,
         };
         for h in &self.hierarchies {
-            let root = h.mount.join(&self.root_name);
-            let group_dir = root.join(group);
-            mkdir_exist_ok(&root).map_err(|e| setup_err(&root, e))?;
-            if h.version == Version::V2 && !h.controllers.is_empty() {
-                write_file(&root.join("cgroup.subtree_control"), V2_SUBTREE_CONTROL)
-                    .map_err(|e| setup_err(&root, e))?;
-            }
-            mkdir_exist_ok(&group_dir).map_err(|e| setup_err(&group_dir, e))?;
-            if h.version == Version::V2 && !h.controllers.is_empty() {
-                write_file(
-                    &group_dir.join("cgroup.subtree_control"),
-                    V2_SUBTREE_CONTROL,
-                )
-                .map_err(|e| setup_err(&group_dir, e))?;
-            }
+            let group_dir = self.group_dir(h, group)?;
             if !h.controllers.contains(&Controller::Memory) {
                 continue;
             }

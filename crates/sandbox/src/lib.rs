@@ -402,6 +402,9 @@ impl SandboxHost {
                 spec.argv
             )));
         }
+        // Starting standbys is work done ahead of time: it yields the CPU to instances.
+        self.cgroups
+            .set_group_cpu_weight(standby::STANDBY_GROUP, standby::STANDBY_CPU_WEIGHT)?;
         self.standbys.add(Arc::downgrade(self), spec)
     }
 

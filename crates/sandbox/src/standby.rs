@@ -42,6 +42,9 @@ use crate::{instance_env, spawn, Entry, InstanceSpec, SandboxError, SandboxHost,
 /// The cgroup group standby sandboxes live in until adopted. Account groups are derived from
 /// account ids (`acct-…`), so it cannot collide with one.
 pub(crate) const STANDBY_GROUP: &str = "standby";
+/// The standby group's CPU weight (100 = an account group's): when the CPU is contended, a
+/// standby starting up yields to instances serving invocations, and never delays them much.
+pub(crate) const STANDBY_CPU_WEIGHT: u32 = 10;
 /// How long the keeper waits before trying again after a standby failed to start.
 const RETRY_AFTER: Duration = Duration::from_secs(10);
 /// How often an idle keeper checks that its host still exists.

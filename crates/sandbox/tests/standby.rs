@@ -154,6 +154,19 @@ fn an_adopted_standby_is_the_blocks_instance() {
     let standby_dirs = standby_cgroups(&t);
     assert!(!standby_dirs.is_empty(), "the standby lives in its group");
     let standby_uid = t.host.standby_uids()[0];
+    // Starting standbys yields the CPU to instances: a tenth of an account group's weight.
+    let weights: Vec<String> = t
+        .host
+        .cgroup_root_paths()
+        .iter()
+        .flat_map(|root| ["cpu.shares", "cpu.weight"].map(|f| root.join("standby").join(f)))
+        .filter_map(|file| std::fs::read_to_string(file).ok())
+        .map(|v| v.trim().to_string())
+        .collect();
+    assert!(
+        !weights.is_empty() && weights.iter().all(|w| w == "102" || w == "10"),
+        "{weights:?}"
+    );
 
     let mut spec = t.spec(standby_entry(&["/code/main.sh"], None));
     spec.env = BTreeMap::from([("SECRET".to_string(), "s3".to_string())]);
