@@ -254,13 +254,13 @@ impl InstancePool {
         }
     }
 
-    /// Counts one syscall refused by an instance of (account, project, block), or with
-    /// `None` one whose instance is unknown (the server's audit watcher reports both).
     /// The uids of the sandbox host's standby sandboxes (adopted by no account yet).
     pub fn standby_uids(&self) -> Vec<u32> {
         self.inner.host.standby_uids()
     }
 
+    /// Counts one syscall refused by an instance of (account, project, block), or with
+    /// `None` one whose instance is unknown (the server's audit watcher reports both).
     pub fn count_refused_syscall(&self, block: Option<(&str, &str, &str)>) {
         let metrics = &self.inner.metrics;
         match block {
