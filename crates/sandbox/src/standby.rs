@@ -45,8 +45,10 @@ pub(crate) const STANDBY_GROUP: &str = "standby";
 /// The standby group's CPU weight (100 = an account group's): when the CPU is contended, a
 /// standby starting up yields to instances serving invocations, and never delays them much.
 pub(crate) const STANDBY_CPU_WEIGHT: u32 = 10;
-/// How long the keeper waits before trying again after a standby failed to start.
+/// How long the keeper waits before trying again after a standby failed to start; doubled
+/// after each further failure in a row, up to [`RETRY_MAX`].
 const RETRY_AFTER: Duration = Duration::from_secs(10);
+const RETRY_MAX: Duration = Duration::from_secs(600);
 /// How often an idle keeper checks that its host still exists.
 const KEEPER_TICK: Duration = Duration::from_secs(1);
 /// How long a standby may take to say it is waiting.
@@ -92,6 +94,8 @@ struct Runtime {
     waiting: VecDeque<Standby>,
     /// Set after a failed start: the keeper leaves this runtime alone until then.
     retry_at: Option<std::time::Instant>,
+    /// Failed starts in a row (the retry delay doubles with each).
+    failures: u32,
 }
 
 #[derive(Default)]
@@ -144,6 +148,7 @@ impl Standbys {
                     spec,
                     waiting: VecDeque::new(),
                     retry_at: None,
+                    failures: 0,
                 },
             );
             if state.keeper.as_ref().is_none_or(|k| k.is_finished()) {
@@ -262,11 +267,16 @@ impl Standbys {
             match started {
                 Ok(standby) => {
                     runtime.retry_at = None;
+                    runtime.failures = 0;
                     runtime.waiting.push_back(standby);
                 }
                 Err(error) => {
-                    tracing::warn!(runtime = %due.name, %error, retry_in = ?RETRY_AFTER, "cannot start a standby sandbox; this language's instances start by exec meanwhile");
-                    runtime.retry_at = Some(std::time::Instant::now() + RETRY_AFTER);
+                    let delay = RETRY_AFTER
+                        .saturating_mul(1 << runtime.failures.min(6))
+                        .min(RETRY_MAX);
+                    runtime.failures += 1;
+                    tracing::warn!(runtime = %due.name, %error, retry_in = ?delay, "cannot start a standby sandbox; this language's instances start by exec meanwhile");
+                    runtime.retry_at = Some(std::time::Instant::now() + delay);
                 }
             }
         }

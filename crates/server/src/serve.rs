@@ -298,6 +298,13 @@ fn start_standbys(host: &Arc<SandboxHost>, runtime_dir: &std::path::Path, count:
     }
     for runtime in refinery_runtimes::standby_runtimes() {
         let name = runtime.name.clone();
+        // Instances see the host's /usr: a missing interpreter is missing inside too.
+        if let Some(interpreter) = runtime.argv.first() {
+            if !std::path::Path::new(interpreter).exists() {
+                tracing::warn!(runtime = %name, %interpreter, "not installed: no standby sandboxes for it");
+                continue;
+            }
+        }
         let spec = StandbySpec {
             name: runtime.name,
             argv: runtime.argv,
