@@ -745,28 +745,11 @@ impl InstancePool {
             group: cgroup_safe(&target.account_id),
             code_dir: block_pool.code_dir.clone(),
             runtime_dir: self.inner.config.runtime_dir.clone(),
-            entry: match refinery_runtimes::entry(block.language, &block.source_name, &block.env) {
-                RuntimeEntry::Exec { argv } => Entry::Exec { argv },
-                RuntimeEntry::Builtin { name, args } => Entry::Builtin { name, args },
-                RuntimeEntry::Fork {
-                    zygote,
-                    args,
-                    fallback,
-                } => Entry::Fork {
-                    zygote,
-                    args,
-                    fallback: Some(fallback),
-                },
-                RuntimeEntry::Standby {
-                    runtime,
-                    args,
-                    fallback,
-                } => Entry::Standby {
-                    runtime,
-                    args,
-                    fallback: Some(fallback),
-                },
-            },
+            entry: sandbox_entry(refinery_runtimes::entry(
+                block.language,
+                &block.source_name,
+                &block.env,
+            )),
             env: block.env.clone(),
             memory_mb: block.memory_mb,
             tmp_mb: block.tmp_mb,
@@ -1114,6 +1097,32 @@ fn crash_error(error: &ChannelError, log_tail: &str) -> UserError {
         user_error.traceback = Some(log_tail.to_string());
     }
     user_error
+}
+
+/// The runtimes' entry in the sandbox's terms (the two crates do not depend on each other).
+fn sandbox_entry(entry: RuntimeEntry) -> Entry {
+    match entry {
+        RuntimeEntry::Exec { argv } => Entry::Exec { argv },
+        RuntimeEntry::Builtin { name, args } => Entry::Builtin { name, args },
+        RuntimeEntry::Fork {
+            zygote,
+            args,
+            fallback,
+        } => Entry::Fork {
+            zygote,
+            args,
+            fallback: Some(fallback),
+        },
+        RuntimeEntry::Standby {
+            runtime,
+            args,
+            fallback,
+        } => Entry::Standby {
+            runtime,
+            args,
+            fallback: Some(Box::new(sandbox_entry(*fallback))),
+        },
+    }
 }
 
 fn new_instance_id() -> String {

@@ -62,14 +62,15 @@ struct ServeArgs {
     /// Default per-account quota: invocations allowed in a burst above the rate.
     #[arg(long, default_value_t = Quota::DEFAULT.burst, value_name = "N")]
     quota_burst: u32,
-    /// Start every instance by exec: no pre-initialised runtimes (Python's zygote, Node's
+    /// Start every instance by exec: no pre-initialised runtimes (Python's zygote, the
     /// standby sandboxes). Slower cold starts; for comparison and troubleshooting.
     #[arg(long)]
     no_zygotes: bool,
-    /// Node sandboxes kept started and waiting, shim loaded, for Node cold starts to adopt
-    /// (each ≈ the memory of an idle `node`); 0 = Node instances always start by exec.
+    /// Sandboxes kept started and waiting, shim loaded, for cold starts to adopt, per
+    /// language (Python and Node; each ≈ the memory of an idle interpreter). 0 = none:
+    /// Python instances fork from the zygote, Node instances start by exec.
     #[arg(long, default_value_t = 2, value_name = "N")]
-    node_standby: usize,
+    standby: usize,
     /// Keep-alive policy for blocks without their own keep_alive_s: `fixed` (every idle
     /// instance kept for --keep-alive) or `adaptive` (per block from its idle-time
     /// histogram, pre-warming periodic blocks; --keep-alive until the histogram is
@@ -142,7 +143,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         shutdown_grace: args.shutdown_grace,
         init_exe,
         zygotes: !args.no_zygotes,
-        node_standby: args.node_standby,
+        standby: args.standby,
         default_quota: Quota {
             instances: args.quota_instances,
             memory_mb: args.quota_memory_mb,

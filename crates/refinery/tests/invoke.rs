@@ -295,29 +295,62 @@ def main(block_input, backpack):
 """
 "#;
 
-/// Python instances are forked from the pre-initialised runtime by default, and started by
-/// exec with `--no-zygotes`; both answer the same way, both as pid 1 of their namespace
-/// (the exec'd one under its reaper), both as an unprivileged uid.
+const PY_CMDLINE: &str = r#"
+name = "pycmd"
+[[blocks]]
+name = "py"
+language = "python"
+code = """
+import os
+def main(block_input, backpack):
+    cmdline = open("/proc/self/cmdline", "rb").read().split(b"\\0")
+    return {"pid": os.getpid(), "uid": os.getuid(), "n": block_input, "env": dict(os.environ),
+            "standby": b"--standby" in cmdline}
+"""
+env = { GREETING = "hi" }
+"#;
+
+/// How a Python cold start is served: by default it adopts a standby sandbox (pid 2 under
+/// the sandbox's reaper, a child of the server); with `--standby 0` it is forked from the
+/// zygote (pid 1, a child of the zygote); with `--no-zygotes` it is exec'd (pid 2, a child of
+/// the server). All three answer the same way, as an unprivileged uid with exactly the
+/// block's environment.
 #[tokio::test]
-async fn python_instances_fork_from_the_zygote_or_exec_without_it() {
-    for (args, forked) in [(&[][..], true), (&["--no-zygotes"][..], false)] {
+async fn python_instances_adopt_a_standby_fork_from_the_zygote_or_exec() {
+    for (args, how) in [
+        (&[][..], "standby"),
+        (&["--standby", "0"][..], "zygote"),
+        (&["--no-zygotes"][..], "exec"),
+    ] {
         let server = Server::start_with(args).await;
+        if how == "standby" {
+            assert!(
+                wait_for_standbys(&server, "python").await,
+                "python standbys"
+            );
+        }
         let (_, key) = server.account("zy").await;
-        server.deploy_ok(&key, PY_ONLY).await;
-        let reply = server.invoke_ok(&key, "pyonly", "py", json!(7)).await;
+        server.deploy_ok(&key, PY_CMDLINE).await;
+        let reply = server.invoke_ok(&key, "pycmd", "py", json!(7)).await;
         assert_eq!(reply["status"], "ok", "{reply}");
-        assert_eq!(reply["output"]["n"], 7);
-        assert!(reply["output"]["uid"]
-            .as_i64()
-            .is_some_and(|u| u >= 100_000));
-        let expected_pid = if forked { 1 } else { 2 };
-        assert_eq!(reply["output"]["pid"], expected_pid, "{args:?}: {reply}");
+        let out = &reply["output"];
+        assert_eq!(out["n"], 7);
+        assert!(out["uid"].as_i64().is_some_and(|u| u >= 100_000));
+        assert_eq!(
+            out["env"],
+            json!({"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp",
+                   "LANG": "C.UTF-8", "GREETING": "hi"}),
+            "{args:?}"
+        );
+        assert_eq!(out["standby"], how == "standby", "{args:?}: {reply}");
+        let expected_pid = if how == "zygote" { 1 } else { 2 };
+        assert_eq!(out["pid"], expected_pid, "{args:?}: {reply}");
         let instances = server.instances().await;
         let pid = instances[0]["pid"]
             .as_i64()
             .expect("the operator sees the pid");
         let parent = parent_of(pid).expect("the instance's parent");
-        if forked {
+        if how == "zygote" {
             assert_ne!(parent, i64::from(server.pid()), "forked by the zygote");
             let zygote_cmd = std::fs::read(format!("/proc/{parent}/cmdline")).unwrap_or_default();
             assert!(
@@ -329,7 +362,7 @@ async fn python_instances_fork_from_the_zygote_or_exec_without_it() {
             assert_eq!(
                 parent,
                 i64::from(server.pid()),
-                "cloned by the server itself"
+                "{args:?}: cloned by the server itself"
             );
         }
     }
@@ -340,7 +373,8 @@ async fn python_instances_fork_from_the_zygote_or_exec_without_it() {
 /// restarts the zygote.
 #[tokio::test]
 async fn a_killed_zygote_costs_a_cold_start_never_a_failed_invocation() {
-    let server = Server::start().await;
+    // Without standbys every Python cold start forks from the zygote.
+    let server = Server::start_with(&["--standby", "0"]).await;
     let (_, key) = server.account("zk").await;
     server.deploy_ok(&key, PY_ONLY).await;
     let first = server.invoke_ok(&key, "pyonly", "py", json!(1)).await;
@@ -410,8 +444,8 @@ exports.main = () => require('node:fs').readFileSync('/proc/self/cmdline', 'utf8
 env = { NODE_OPTIONS = "--max-old-space-size=64" }
 "#;
 
-/// How many Node standby sandboxes the server reports waiting.
-async fn node_standbys(server: &Server) -> Option<i64> {
+/// How many standby sandboxes of `runtime` the server reports waiting.
+async fn standbys(server: &Server, runtime: &str) -> Option<i64> {
     let text = server
         .http
         .get(format!("{}/metrics", server.url))
@@ -423,12 +457,16 @@ async fn node_standbys(server: &Server) -> Option<i64> {
         .await
         .ok()?;
     text.lines()
-        .find_map(|l| l.strip_prefix("refinery_standby_sandboxes{runtime=\"node\"} "))
+        .find_map(|l| {
+            l.strip_prefix(&format!(
+                "refinery_standby_sandboxes{{runtime=\"{runtime}\"}} "
+            ))
+        })
         .and_then(|v| v.trim().parse().ok())
 }
 
 /// Node cannot fork from a zygote, so by default its cold starts adopt a standby sandbox
-/// (started ahead of time, shim loaded); with `--no-zygotes` or `--node-standby 0` they start
+/// (started ahead of time, shim loaded); with `--no-zygotes` or `--standby 0` they start
 /// by exec. Either way the block sees the same instance: argv, environment (exactly the
 /// block's), pid 2 under the reaper, its own uid, its own /tmp size. A block that sets a
 /// variable Node reads while starting (NODE_OPTIONS) always starts by exec, with it.
@@ -437,12 +475,12 @@ async fn node_instances_adopt_standby_sandboxes_or_exec_without_them() {
     for (args, standby) in [
         (&[][..], true),
         (&["--no-zygotes"][..], false),
-        (&["--node-standby", "0"][..], false),
+        (&["--standby", "0"][..], false),
     ] {
         let server = Server::start_with(args).await;
         if standby {
             assert!(
-                wait_for_standbys(&server).await,
+                wait_for_standbys(&server, "node").await,
                 "the server keeps Node standbys waiting"
             );
         }
@@ -484,11 +522,11 @@ async fn node_instances_adopt_standby_sandboxes_or_exec_without_them() {
     }
 }
 
-/// Waits until the server reports at least one Node standby sandbox waiting.
-async fn wait_for_standbys(server: &Server) -> bool {
+/// Waits until the server reports at least one standby sandbox of `runtime` waiting.
+async fn wait_for_standbys(server: &Server, runtime: &str) -> bool {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while std::time::Instant::now() < deadline {
-        if node_standbys(server).await.is_some_and(|n| n > 0) {
+        if standbys(server, runtime).await.is_some_and(|n| n > 0) {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -16,7 +16,7 @@
 //!   whole life up to [`SandboxedInstance::destroy`];
 //! - the in-sandbox init ([`init_main`]) that builds the sandbox around itself;
 //! - pre-initialised runtimes: zygotes that fork instances (`zygote.rs`, Python) and standby
-//!   sandboxes that cold starts adopt (`standby.rs`, Node);
+//!   sandboxes that cold starts adopt (`standby.rs`, Python and Node);
 //! - outbound network for instances that ask for it (`network/`: one pasta per instance and
 //!   an nftables egress filter in its namespace, attached before its code runs; killed with
 //!   the instance), enabled by [`SandboxHost::enable_network`].
@@ -151,11 +151,11 @@ pub enum Entry {
     },
     /// Adopt a waiting sandbox of the standby runtime `runtime` ([`SandboxHost::add_standby`]),
     /// which then serves `args` with the instance's environment. If none is waiting or it
-    /// cannot be adopted, exec `fallback` instead (when given).
+    /// cannot be adopted, start `fallback` instead (when given: a fork or an exec entry).
     Standby {
         runtime: String,
         args: Vec<String>,
-        fallback: Option<Vec<String>>,
+        fallback: Option<Box<Entry>>,
     },
 }
 
@@ -577,9 +577,11 @@ impl SandboxHost {
                 };
                 match (adopted, fallback) {
                     (Ok(spawned), _) => Ok(spawned),
-                    (Err(e), Some(argv)) => {
-                        tracing::debug!(error = %e, "no standby sandbox adopted; starting by exec");
-                        self.start(spec, Launch::Exec(Entry::Exec { argv: argv.clone() }))
+                    (Err(e), Some(fallback)) => {
+                        tracing::debug!(error = %e, "no standby sandbox adopted; starting its fallback");
+                        let mut fallback_spec = spec.clone();
+                        fallback_spec.entry = (**fallback).clone();
+                        self.spawn(&fallback_spec)
                     }
                     (Err(e), None) => Err(e),
                 }

@@ -1,8 +1,9 @@
-//! Standby sandboxes: pre-initialised runtimes for languages that cannot be forked.
+//! Standby sandboxes: a cold start whose sandbox and runtime were set up ahead of time.
 //!
 //! Node's runtime is multi-threaded (V8's platform workers, libuv), so a loaded `node` cannot
-//! fork instances the way the Python zygote does. Instead the host keeps a few complete
-//! sandboxes waiting per such runtime: each was started exactly like any instance (same
+//! fork instances the way the Python zygote does; and a zygote fork still builds its whole
+//! sandbox on the cold start's path. Instead the host keeps a few complete sandboxes waiting
+//! per standby runtime: each was started exactly like any instance (same
 //! namespaces, mounts, uid, Landlock, seccomp, see `init.rs`), runs the interpreter with its
 //! shim already loaded, belongs to no account, holds no code and has run no one's code. It
 //! says so on its fd 4 (only then is it offered), then blocks on its fd 3 for one *adoption
@@ -21,7 +22,7 @@
 //! keeper thread tops every runtime back up to its count after each adoption. Each standby is
 //! a separate `exec`, so unlike forked instances they share no memory layout or hash secrets.
 //!
-//! What it costs: each waiting sandbox's memory (≈ 17 MiB PSS for Node, docs/BENCHMARKS.md);
+//! What it costs: each waiting sandbox's memory (docs/BENCHMARKS.md);
 //! what the runtime allocated before adoption stays charged to the `standby` cgroup group,
 //! not to the account — as a forked instance's pages shared with its zygote stay charged to
 //! the zygote.

@@ -119,11 +119,11 @@ fn waiting_reaches(t: &TestHost, count: usize, budget: Duration) -> bool {
     true
 }
 
-fn standby_entry(args: &[&str], fallback: Option<Vec<String>>) -> Entry {
+fn standby_entry(args: &[&str], fallback: Option<Entry>) -> Entry {
     Entry::Standby {
         runtime: "probe".into(),
         args: args.iter().map(|a| a.to_string()).collect(),
-        fallback,
+        fallback: fallback.map(Box::new),
     }
 }
 
@@ -297,10 +297,7 @@ fn a_dead_standby_is_never_adopted() {
         }
     }
     std::thread::sleep(Duration::from_millis(200));
-    let fallback = match sh("echo exec-fallback") {
-        Entry::Exec { argv } => argv,
-        _ => unreachable!("sh() is an exec entry"),
-    };
+    let fallback = sh("echo exec-fallback");
     let spec = t.spec(standby_entry(&["/code/main.sh"], Some(fallback)));
     let (out, logs, _) = t.run(&spec);
     // Discarding the dead one wakes the keeper, which may have a fresh standby up before the
@@ -323,10 +320,7 @@ fn a_dead_standby_is_never_adopted() {
 #[test]
 fn without_a_standby_it_falls_back_to_exec_or_fails_clearly() {
     let t = test_host();
-    let fallback = match sh("echo exec-fallback") {
-        Entry::Exec { argv } => argv,
-        _ => unreachable!("sh() is an exec entry"),
-    };
+    let fallback = sh("echo exec-fallback");
     let (out, _, _) = t.run(&t.spec(standby_entry(&["x"], Some(fallback))));
     assert_eq!(out.trim(), "exec-fallback");
     match t.host.spawn(&t.spec(standby_entry(&["x"], None))) {

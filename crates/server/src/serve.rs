@@ -33,8 +33,9 @@ pub struct ServeConfig {
     /// Pre-initialised runtimes: Python instances fork from a zygote, Node instances adopt a
     /// standby sandbox (`--no-zygotes` turns both off).
     pub zygotes: bool,
-    /// How many Node standby sandboxes to keep waiting (`--node-standby`; 0 = none).
-    pub node_standby: usize,
+    /// How many standby sandboxes to keep waiting per standby runtime (Python, Node)
+    /// (`--standby`; 0 = none).
+    pub standby: usize,
     /// Every account's quota unless the operator set its own (`refinery accounts
     /// set-quota`).
     pub default_quota: Quota,
@@ -149,7 +150,7 @@ pub async fn serve(
     })?;
     if config.zygotes {
         start_zygotes(&host, &runtime_dir);
-        start_standbys(&host, &runtime_dir, config.node_standby);
+        start_standbys(&host, &runtime_dir, config.standby);
     }
 
     let pool = InstancePool::new(
@@ -289,9 +290,9 @@ fn start_zygotes(host: &SandboxHost, runtime_dir: &std::path::Path) {
     }
 }
 
-/// Keeps standby sandboxes of the runtimes that cannot fork (Node) waiting, `count` each,
+/// Keeps standby sandboxes of the standby runtimes (Python, Node) waiting, `count` each,
 /// started in the background. Until they are up (or if they cannot start, which is logged),
-/// those instances start by exec.
+/// those instances start from the zygote (Python) or by exec (Node).
 fn start_standbys(host: &Arc<SandboxHost>, runtime_dir: &std::path::Path, count: usize) {
     if count == 0 {
         return;

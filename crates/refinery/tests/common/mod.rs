@@ -23,9 +23,13 @@ pub struct Server {
 }
 
 impl Server {
-    /// A server with a fresh data dir and default settings.
+    /// A server with a fresh data dir and default settings, plus the flags in
+    /// `REFINERY_TEST_SERVE_ARGS` (space-separated): scripts/test runs the security suite
+    /// again with `--standby 0`, so that its attacks meet every way an instance starts.
     pub async fn start() -> Server {
-        Server::start_with(&[]).await
+        let extra = std::env::var("REFINERY_TEST_SERVE_ARGS").unwrap_or_default();
+        let args: Vec<&str> = extra.split_whitespace().collect();
+        Server::start_with(&args).await
     }
 
     pub async fn start_with(args: &[&str]) -> Server {

@@ -2,6 +2,8 @@
 
 Runs inside a sandboxed instance as
     python3 -I -B python_shim.py /code/<source>
+(or forked from the zygote with that sys.argv), or, started ahead of time in a standby
+sandbox, as `python3 -I -B python_shim.py --standby` (see adopt() below).
 Loads the block's module once, then serves invocations one at a time over the framed
 protocol: requests on fd 3, responses on fd 4, each frame a 4-byte big-endian length
 followed by UTF-8 JSON. After an init_error it exits.
@@ -319,9 +321,34 @@ def reply_for(handler, loop, capture, request):
     return ('{"type":"error","error":' + encode(outcome) + tail).encode("utf-8")
 
 
+def adopt():
+    """Standby mode: the sandbox was started before any block was assigned to it, with this
+    shim loaded and no code. Tell the host it is waiting; its one adoption frame says what
+    this instance now is: the complete environment, replacing this one, and the shim's
+    arguments. False if the host closed the pipe first."""
+    write_frame(encode({"type": "standby"}).encode("utf-8"))
+    frame = read_message()
+    if frame is None:
+        return False
+    if (
+        not isinstance(frame, dict)
+        or frame.get("type") != "adopt"
+        or not isinstance(frame.get("env"), list)
+        or not isinstance(frame.get("args"), list)
+        or not all(isinstance(a, str) for a in frame["args"])
+    ):
+        raise ProtocolError("expected an adopt frame")
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in frame["env"]})
+    sys.argv = [sys.argv[0], *frame["args"]]
+    return True
+
+
 def main():
+    if sys.argv[1:] == ["--standby"] and not adopt():
+        return 0
     if len(sys.argv) != 2:
-        print("usage: python_shim.py /code/<source>", file=sys.stderr)
+        print("usage: python_shim.py /code/<source> | --standby", file=sys.stderr)
         return 2
     path = sys.argv[1]
     unbuffered_stdio()
