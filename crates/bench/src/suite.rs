@@ -1,5 +1,5 @@
 //! The benchmark suite: one run measures every figure of docs/BENCHMARKS.md against a real
-//! server (and a second one started with `--no-zygotes`), with the baselines measured in the
+//! server (and others started with `--standby 0` and `--no-zygotes`), with the baselines measured in the
 //! same run. Each phase returns plain figures; `report` turns them into Markdown.
 
 use std::collections::{BTreeMap, HashSet};
@@ -177,6 +177,21 @@ pub async fn run(config: SuiteConfig) -> Result<Results> {
         eprintln!("bench: stopping the server");
         (cold, warm, idle, burst)
     };
+    {
+        eprintln!("bench: cold starts without standby sandboxes");
+        let server = server::start(&config.refinery, &["--standby", "0"])?;
+        let api = Api::new(&server)?;
+        let key = api.account(&server.operator_key, "bench").await?;
+        let rows = cold_starts(
+            &api,
+            &key,
+            config.cold,
+            &["python"],
+            " (--standby 0: zygote fork)",
+        )
+        .await?;
+        cold.extend(rows);
+    }
     {
         eprintln!("bench: cold starts without pre-initialised runtimes");
         let server = server::start(&config.refinery, &["--no-zygotes"])?;
