@@ -177,36 +177,26 @@ pub async fn run(config: SuiteConfig) -> Result<Results> {
         eprintln!("bench: stopping the server");
         (cold, warm, idle, burst)
     };
-    {
-        eprintln!("bench: cold starts without standby sandboxes");
-        let server = server::start(&config.refinery, &["--standby", "0"])?;
-        let api = Api::new(&server)?;
-        let key = api.account(&server.operator_key, "bench").await?;
-        let rows = cold_starts(
-            &api,
-            &key,
-            config.cold,
+    eprintln!("bench: cold starts without standby sandboxes");
+    cold.extend(
+        cold_starts_on(
+            &config,
+            &["--standby", "0"],
             &["python"],
             " (--standby 0: zygote fork)",
         )
-        .await?;
-        cold.extend(rows);
-    }
-    {
-        eprintln!("bench: cold starts without pre-initialised runtimes");
-        let server = server::start(&config.refinery, &["--no-zygotes"])?;
-        let api = Api::new(&server)?;
-        let key = api.account(&server.operator_key, "bench").await?;
-        let rows = cold_starts(
-            &api,
-            &key,
-            config.cold,
+        .await?,
+    );
+    eprintln!("bench: cold starts without pre-initialised runtimes");
+    cold.extend(
+        cold_starts_on(
+            &config,
+            &["--no-zygotes"],
             &["python", "node"],
             " (--no-zygotes: exec)",
         )
-        .await?;
-        cold.extend(rows);
-    }
+        .await?,
+    );
     let keep_alive = crate::keep_alive_sim::render(config.azure_trace.as_deref())?;
     Ok(Results {
         machine,
@@ -222,6 +212,19 @@ pub async fn run(config: SuiteConfig) -> Result<Results> {
         keep_alive,
         config,
     })
+}
+
+/// [`cold_starts`] on a server of its own, started with `flags`.
+async fn cold_starts_on(
+    config: &SuiteConfig,
+    flags: &[&str],
+    languages: &[&'static str],
+    suffix: &str,
+) -> Result<Vec<ColdRow>> {
+    let server = server::start(&config.refinery, flags)?;
+    let api = Api::new(&server)?;
+    let key = api.account(&server.operator_key, "bench").await?;
+    cold_starts(&api, &key, config.cold, languages, suffix).await
 }
 
 /// Cold starts: the project is redeployed before each round, which retires the previous

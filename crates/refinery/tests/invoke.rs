@@ -385,18 +385,7 @@ async fn a_killed_zygote_costs_a_cold_start_never_a_failed_invocation() {
     let zygote = parent_of(pid).expect("the zygote");
     // SAFETY: kill(2) on the zygote's pid, read from /proc a moment ago.
     unsafe { libc::kill(zygote as i32, libc::SIGKILL) };
-    let dead = |pid: i64| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|stat| {
-                stat.rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z')
-            })
-            .unwrap_or(true)
-    };
-    assert!(eventually(Duration::from_secs(10), || dead(zygote)).await);
+    assert!(eventually(Duration::from_secs(10), || common::exited(zygote)).await);
 
     let second = server.invoke_ok(&key, "pyonly", "py", json!(2)).await;
     assert_eq!(second["status"], "ok", "{second}");

@@ -241,19 +241,11 @@ code = "echo 1"
     // SAFETY: kill(2) on the server process this test started.
     unsafe { libc::kill(server.pid(), libc::SIGKILL) };
     let _ = server.stop();
-    let gone = |pid: i64| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|stat| {
-                stat.rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .trim_start()
-                    .starts_with('Z')
-            })
-            .unwrap_or(true)
-    };
     assert!(
-        eventually(Duration::from_secs(10), || pids.iter().all(|&p| gone(p))).await,
+        eventually(Duration::from_secs(10), || pids
+            .iter()
+            .all(|&p| common::exited(p)))
+        .await,
         "frozen instances {pids:?} outlived the killed server"
     );
 
@@ -261,5 +253,5 @@ code = "echo 1"
     let server = Server::start_in(&data_dir, &[]).await;
     let reply = server.invoke_ok(&key, "idle", "py", json!(null)).await;
     assert_eq!(reply["cold"], true, "{reply}");
-    assert!(!process_alive(pids[0]) || gone(pids[0]));
+    assert!(common::exited(pids[0]));
 }

@@ -274,6 +274,19 @@ pub fn cgroup_frozen(cgroups: &[Value]) -> Option<bool> {
     })
 }
 
+/// Whether process `pid` has exited: gone, or a zombie nobody reaped yet.
+pub fn exited(pid: i64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            stat.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(true)
+}
+
 pub fn process_alive(pid: i64) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
