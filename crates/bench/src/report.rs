@@ -102,7 +102,11 @@ pub fn suite(r: &Results) -> String {
 }
 
 fn python_cold(r: &Results) -> Option<&Summary> {
-    r.cold.iter().find(|c| c.label == "python").map(|c| &c.http)
+    cold_row(r, "python")
+}
+
+fn cold_row<'a>(r: &'a Results, label: &str) -> Option<&'a Summary> {
+    r.cold.iter().find(|c| c.label == label).map(|c| &c.http)
 }
 
 fn targets(o: &mut String, r: &Results) {
@@ -118,14 +122,19 @@ fn targets(o: &mut String, r: &Results) {
             verdict(w.latency.p50 <= 1.0 && w.latency.p99 <= 5.0)
         );
     }
-    if let Some(c) = python_cold(r) {
-        let _ = writeln!(
-            o,
-            "| cold start, Python, process tier (HTTP end to end) | p50 ≤ 10 ms | p50 {}, p99 {} | {} |",
-            ms(c.p50),
-            ms(c.p99),
-            verdict(c.p50 <= 10.0)
-        );
+    for (label, how) in [
+        ("python", "back to back"),
+        ("python (0.3 s apart)", "one at a time, 0.3 s apart"),
+    ] {
+        if let Some(c) = cold_row(r, label) {
+            let _ = writeln!(
+                o,
+                "| cold start, Python, process tier (HTTP end to end; {how}) | p50 ≤ 10 ms | p50 {}, p99 {} | {} |",
+                ms(c.p50),
+                ms(c.p99),
+                verdict(c.p50 <= 10.0)
+            );
+        }
     }
     let b = &r.burst;
     let ok = b.http_statuses.get(&200).copied().unwrap_or(0);
