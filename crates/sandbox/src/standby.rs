@@ -52,10 +52,6 @@ const RETRY_AFTER: Duration = Duration::from_secs(10);
 const RETRY_MAX: Duration = Duration::from_secs(600);
 /// How often an idle keeper checks that its host still exists.
 const KEEPER_TICK: Duration = Duration::from_secs(1);
-/// How long after an adoption the keeper waits before starting a replacement: long enough
-/// for the adopting cold start to load its block and answer its first invocation before a
-/// new sandbox is set up beside it.
-const REFILL_DELAY: Duration = Duration::from_millis(25);
 /// How long a standby may take to say it is waiting.
 pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -109,8 +105,6 @@ struct State {
     /// The keeper thread; joined by [`Standbys::stop`] so that nothing is started after it.
     keeper: Option<std::thread::JoinHandle<()>>,
     stopped: bool,
-    /// When a standby was last adopted (see [`REFILL_DELAY`]).
-    last_take: Option<std::time::Instant>,
 }
 
 /// The host's standby runtimes; shared with the keeper thread.
@@ -180,13 +174,11 @@ impl Standbys {
     /// The oldest waiting sandbox of `name` (the likeliest to have finished loading), if any;
     /// wakes the keeper to replace it.
     pub(crate) fn take(&self, name: &str) -> Option<Standby> {
-        let mut state = self.lock();
-        let taken = state
+        let taken = self
+            .lock()
             .runtimes
             .get_mut(name)
             .and_then(|r| r.waiting.pop_front());
-        state.last_take = Some(std::time::Instant::now());
-        drop(state);
         self.wake.notify_all();
         taken
     }
@@ -246,19 +238,16 @@ impl Standbys {
                         return;
                     }
                     let now = std::time::Instant::now();
-                    let refill_at = state.last_take.map(|at| at + REFILL_DELAY);
                     let due = state.runtimes.values().find_map(|r| {
                         let ready = r.retry_at.is_none_or(|at| at <= now);
                         (ready && r.waiting.len() < r.spec.count).then(|| r.spec.clone())
                     });
-                    let wait = match (due, refill_at) {
-                        (Some(_), Some(at)) if at > now => at - now,
-                        (Some(spec), _) => break spec,
-                        (None, _) => KEEPER_TICK,
-                    };
+                    if let Some(spec) = due {
+                        break spec;
+                    }
                     state = self
                         .wake
-                        .wait_timeout(state, wait)
+                        .wait_timeout(state, KEEPER_TICK)
                         .unwrap_or_else(PoisonError::into_inner)
                         .0;
                     if host.strong_count() == 0 {
