@@ -94,10 +94,9 @@ pub struct Zygote {
     pub preload: std::path::PathBuf,
 }
 
-/// The pre-initialised runtimes for the shims [`install`]ed in `runtime_dir` (a host path).
-/// Python only: a forked Python is a complete, working interpreter; Node's runtime is
-/// multi-threaded (V8 platform and libuv workers) and cannot be forked safely, so Node
-/// instances start by exec.
+/// The zygotes for the shims [`install`]ed in `runtime_dir` (a host path). Python only: a
+/// forked Python is a complete, working interpreter; Node's runtime is multi-threaded (V8
+/// platform and libuv workers) and cannot be forked safely (see [`standby_runtimes`]).
 pub fn zygotes(runtime_dir: &Path) -> Vec<Zygote> {
     vec![Zygote {
         name: PYTHON_ZYGOTE.into(),
