@@ -105,6 +105,8 @@ struct State {
     /// The keeper thread; joined by [`Standbys::stop`] so that nothing is started after it.
     keeper: Option<std::thread::JoinHandle<()>>,
     stopped: bool,
+    /// The uid of the sandbox the keeper is starting, before it is offered.
+    starting: Option<u32>,
 }
 
 /// The host's standby runtimes; shared with the keeper thread.
@@ -201,15 +203,21 @@ impl Standbys {
         format!("sb-{}", NEXT_ID.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// The uids of the waiting sandboxes (their kernel audit records are the runtime's own
-    /// start-up, no account's).
+    /// The uids of the sandboxes waiting or being started (their kernel audit records are
+    /// the runtime's own start-up, no account's).
     pub(crate) fn uids(&self) -> Vec<u32> {
-        self.lock()
+        let state = self.lock();
+        state
             .runtimes
             .values()
             .flat_map(|r| r.waiting.iter())
             .filter_map(|s| s.spawned.instance.uid())
+            .chain(state.starting)
             .collect()
+    }
+
+    fn set_starting(&self, uid: Option<u32>) {
+        self.lock().starting = uid;
     }
 
     /// Stops the keeper (waiting for a sandbox it is starting) and destroys every waiting
@@ -261,6 +269,9 @@ impl Standbys {
             let started = host.start_standby(&due);
             drop(host);
             let mut state = self.lock();
+            // Offered (or discarded) in this same critical section, so its uid is always in
+            // one of the two lists until then.
+            state.starting = None;
             let Some(runtime) = state.runtimes.get_mut(&due.name) else {
                 drop(state);
                 continue; // removed meanwhile: the new sandbox is dropped (destroyed)
@@ -319,6 +330,7 @@ impl SandboxHost {
         };
         // Removed with the instance from here on.
         spawned.instance.set_code_copy(code_dir);
+        self.standbys.set_starting(spawned.instance.uid());
         // Offered for adoption only once it says it is waiting: its init has joined its
         // cgroups and pivoted, and its processes are settled.
         let waiting = spawn::read_frame(&spawned.channels.responses, 4096, READY_TIMEOUT)
