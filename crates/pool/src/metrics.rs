@@ -175,7 +175,7 @@ impl PoolMetrics {
         );
         registry.register(
             "standby_sandboxes",
-            "Sandboxes started ahead of time, shim loaded, waiting for a cold start of their runtime (python, node) to adopt them; at 0, that runtime's cold starts fork from the zygote (Python) or start by exec (Node)",
+            "Sandboxes started ahead of time, shim loaded, waiting for a cold start of their runtime (python, node, shell) to adopt them; at 0, that runtime's cold starts fork from the zygote (Python) or start by exec",
             standby.clone(),
         );
         registry.register(

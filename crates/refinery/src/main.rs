@@ -66,9 +66,9 @@ struct ServeArgs {
     /// standby sandboxes). Slower cold starts; for comparison and troubleshooting.
     #[arg(long)]
     no_zygotes: bool,
-    /// Sandboxes kept started and waiting, shim loaded, for cold starts to adopt, per
-    /// language (Python and Node; each ≈ the memory of an idle interpreter). 0 = none:
-    /// Python instances fork from the zygote, Node instances start by exec.
+    /// Sandboxes kept started and waiting, runtime loaded, for cold starts to adopt, per
+    /// language (Python, Node, shell; each ≈ the memory of an idle interpreter). 0 = none:
+    /// Python instances fork from the zygote, the others start by exec.
     #[arg(long, default_value_t = 2, value_name = "N")]
     standby: usize,
     /// Keep-alive policy for blocks without their own keep_alive_s: `fixed` (every idle

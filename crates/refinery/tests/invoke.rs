@@ -522,3 +522,46 @@ async fn wait_for_standbys(server: &Server, runtime: &str) -> bool {
     }
     false
 }
+
+const SHELL_AGE: &str = r#"
+name = "shage"
+[[blocks]]
+name = "sh"
+language = "shell"
+tmp_mb = 16
+code = """
+uptime=$(cut -d' ' -f1 /proc/uptime)
+started=$(cut -d' ' -f22 /proc/2/stat)
+age=$(awk -v u="$uptime" -v s="$started" 'BEGIN { printf "%.2f", u - s / 100 }')
+tmp=$(df -m /tmp | awk 'NR == 2 { print $2 }')
+echo "{\\"age\\": $age, \\"greeting\\": \\"$GREETING\\", \\"tmp_mb\\": $tmp}"
+"""
+env = { GREETING = "hi" }
+"#;
+
+/// Shell cold starts adopt a standby sandbox too (the runtime is built in, so the sandbox is
+/// all of its start): its runtime process (pid 2) was started before the invocation; with
+/// `--standby 0` it starts during it. Either way the script gets its variables and /tmp.
+#[tokio::test]
+async fn shell_instances_adopt_standby_sandboxes_or_start_without_them() {
+    for (args, standby) in [(&[][..], true), (&["--standby", "0"][..], false)] {
+        let server = Server::start_with(args).await;
+        if standby {
+            assert!(wait_for_standbys(&server, "shell").await, "shell standbys");
+        }
+        let (_, key) = server.account("sh").await;
+        server.deploy_ok(&key, SHELL_AGE).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let reply = server.invoke_ok(&key, "shage", "sh", json!(null)).await;
+        assert_eq!(reply["status"], "ok", "{args:?}: {reply}");
+        let out = &reply["output"];
+        assert_eq!(out["greeting"], "hi", "{reply}");
+        assert_eq!(out["tmp_mb"], 16, "{reply}");
+        let age = out["age"].as_f64().expect("the runtime's age");
+        assert_eq!(
+            age >= 1.0,
+            standby,
+            "{args:?}: the runtime started {age} s before the script"
+        );
+    }
+}

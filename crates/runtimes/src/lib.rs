@@ -108,33 +108,45 @@ pub fn zygotes(runtime_dir: &Path) -> Vec<Zygote> {
 const PYTHON_ZYGOTE: &str = "python";
 const PYTHON_STANDBY: &str = "python";
 const NODE_STANDBY: &str = "node";
+const SHELL_STANDBY: &str = "shell";
+/// The argument that starts a shim (or the shell runtime) in standby mode.
+const STANDBY_FLAG: &str = "--standby";
 
-/// A runtime the host should keep standby sandboxes of: each runs `argv` (paths inside the
-/// sandbox), the shim loaded and waiting for its adoption frame.
+/// A runtime the host should keep standby sandboxes of: each runs `entry` (an `Exec` with
+/// paths inside the sandbox, or a `Builtin`), the shim loaded and waiting for its adoption
+/// frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StandbyRuntime {
     pub name: String,
-    pub argv: Vec<String>,
+    pub entry: RuntimeEntry,
 }
 
 /// The runtimes that start instances from standby sandboxes, their start-up paid ahead of
 /// time, once per instance: Node, whose multi-threaded runtime cannot be forked from a
-/// zygote; and Python, whose adopted standbys start faster than even a zygote fork (that
-/// builds its sandbox on the cold start's path) — the zygote serves Python cold starts that
-/// find no standby waiting, such as a burst's.
+/// zygote; Python, whose adopted standbys start faster than even a zygote fork (that builds
+/// its sandbox on the cold start's path) — the zygote serves Python cold starts that find no
+/// standby waiting, such as a burst's; and the shell runtime, whose sandbox set-up is all
+/// of its start.
 pub fn standby_runtimes() -> Vec<StandbyRuntime> {
     let mut node = node_argv(RUNTIME_DIR);
-    node.push("--standby".into());
+    node.push(STANDBY_FLAG.into());
     let mut python = python_interpreter();
-    python.extend([format!("{RUNTIME_DIR}/{PYTHON_SHIM}"), "--standby".into()]);
+    python.extend([format!("{RUNTIME_DIR}/{PYTHON_SHIM}"), STANDBY_FLAG.into()]);
     vec![
         StandbyRuntime {
             name: NODE_STANDBY.into(),
-            argv: node,
+            entry: RuntimeEntry::Exec { argv: node },
         },
         StandbyRuntime {
             name: PYTHON_STANDBY.into(),
-            argv: python,
+            entry: RuntimeEntry::Exec { argv: python },
+        },
+        StandbyRuntime {
+            name: SHELL_STANDBY.into(),
+            entry: RuntimeEntry::Builtin {
+                name: "shell".into(),
+                args: vec![STANDBY_FLAG.into()],
+            },
         },
     ]
 }
@@ -216,6 +228,12 @@ pub fn entry(
         },
         Language::Node if !env.keys().any(|k| read_by_node_at_start(k)) => RuntimeEntry::Standby {
             runtime: NODE_STANDBY.into(),
+            args,
+            fallback: Box::new(entry),
+        },
+        // The builtin applies the environment in-process, started or adopted alike.
+        Language::Shell => RuntimeEntry::Standby {
+            runtime: SHELL_STANDBY.into(),
             args,
             fallback: Box::new(entry),
         },
@@ -304,10 +322,6 @@ fn uses_esm_syntax(code: &str) -> bool {
 pub fn run_builtin(name: &str, args: &[String]) -> i32 {
     match name {
         "shell" => {
-            let [script] = args else {
-                eprintln!("refinery shell runtime: expected one argument, the script path");
-                return 2;
-            };
             let (requests, responses) = match protocol_fds() {
                 Ok(fds) => fds,
                 Err(e) => {
@@ -315,11 +329,33 @@ pub fn run_builtin(name: &str, args: &[String]) -> i32 {
                     return 2;
                 }
             };
-            match shell::serve(
-                fs::File::from(requests),
-                fs::File::from(responses),
-                Path::new(script),
-            ) {
+            let (mut requests, mut responses) =
+                (fs::File::from(requests), fs::File::from(responses));
+            let mut args = args.to_vec();
+            if args == [STANDBY_FLAG] {
+                match shell::await_adoption(&mut requests, &mut responses) {
+                    Ok(Some(adoption)) => {
+                        // Still one thread: the environment can be replaced safely.
+                        for (k, _) in std::env::vars_os() {
+                            std::env::remove_var(k);
+                        }
+                        for (k, v) in &adoption.env {
+                            std::env::set_var(k, v);
+                        }
+                        args = adoption.args;
+                    }
+                    Ok(None) => return 0,
+                    Err(e) => {
+                        eprintln!("refinery shell runtime: {e}");
+                        return 2;
+                    }
+                }
+            }
+            let [script] = args.as_slice() else {
+                eprintln!("refinery shell runtime: expected one argument, the script path");
+                return 2;
+            };
+            match shell::serve(requests, responses, Path::new(script)) {
                 Ok(()) => 0,
                 Err(shell::ShellError::InitFailed(_)) => 1,
                 Err(e) => {
@@ -392,13 +428,6 @@ mod tests {
             zygotes[0].preload,
             Path::new("/data/runtime/python_shim.py")
         );
-        assert_eq!(
-            entry(Language::Shell, "x.sh", &no_env),
-            RuntimeEntry::Builtin {
-                name: "shell".into(),
-                args: vec!["/code/x.sh".into()]
-            }
-        );
         let RuntimeEntry::Standby {
             runtime,
             args,
@@ -417,13 +446,14 @@ mod tests {
         );
         let standby = standby_runtimes();
         let names: Vec<&str> = standby.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["node", "python"]);
+        assert_eq!(names, ["node", "python", "shell"]);
+        let node = standby[0].entry.exec_argv().expect("node execs");
         assert_eq!(
-            standby[0].argv[standby[0].argv.len() - 2..],
+            node[node.len() - 2..],
             ["/runtime/node_shim.cjs", "--standby"]
         );
         assert_eq!(
-            standby[1].argv,
+            standby[1].entry.exec_argv().expect("python execs"),
             [
                 "/usr/bin/python3",
                 "-I",
@@ -431,6 +461,24 @@ mod tests {
                 "/runtime/python_shim.py",
                 "--standby"
             ]
+        );
+        assert_eq!(
+            standby[2].entry,
+            RuntimeEntry::Builtin {
+                name: "shell".into(),
+                args: vec!["--standby".into()]
+            }
+        );
+        assert_eq!(
+            entry(Language::Shell, "x.sh", &no_env),
+            RuntimeEntry::Standby {
+                runtime: "shell".into(),
+                args: vec!["/code/x.sh".into()],
+                fallback: Box::new(RuntimeEntry::Builtin {
+                    name: "shell".into(),
+                    args: vec!["/code/x.sh".into()]
+                })
+            }
         );
     }
 

@@ -42,6 +42,36 @@ pub enum ShellError {
     InitFailed(UserError),
 }
 
+/// What an adopted standby is told (the sandbox's adoption frame): the instance's whole
+/// environment and the runtime's arguments (the script's path).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct Adoption {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub env: Vec<(String, String)>,
+    pub args: Vec<String>,
+}
+
+/// Standby mode: says `{"type":"standby"}` on `responses`, then waits for the adoption frame
+/// on `requests`. `Ok(None)` if the host closed the pipe first.
+pub fn await_adoption(
+    mut requests: impl Read,
+    mut responses: impl Write,
+) -> Result<Option<Adoption>, FrameError> {
+    protocol::write_message(&mut responses, &serde_json::json!({"type": "standby"}))?;
+    let Some(body) = protocol::read_frame(&mut requests)? else {
+        return Ok(None);
+    };
+    let adoption: Adoption = protocol::decode(&body)?;
+    if adoption.kind != "adopt" {
+        return Err(FrameError::Malformed(format!(
+            "expected an adopt frame, got {:?}",
+            adoption.kind
+        )));
+    }
+    Ok(Some(adoption))
+}
+
 /// Serves the protocol for `script` until the host closes `requests`. Sends `ready` (or
 /// `init_error`, then returns `Err(InitFailed)`) first.
 pub fn serve(

@@ -151,3 +151,40 @@ fn oversized_request_frame_stops_the_runtime() -> TestResult {
     assert!(String::from_utf8_lossy(&responses).contains("\"ready\""));
     Ok(())
 }
+
+/// Standby mode: the runtime says it is waiting, then takes the sandbox's adoption frame
+/// (the environment and the script); a host that closes the pipe first ends it cleanly.
+#[test]
+fn a_standby_says_it_waits_then_takes_its_adoption() -> TestResult {
+    use std::io::{Read, Write};
+    let ((req_w, req_r), (resp_w, resp_r)) = pipes()?;
+    let waiter =
+        std::thread::spawn(move || shell::await_adoption(File::from(req_r), File::from(resp_w)));
+    let mut responses = File::from(resp_r);
+    let mut header = [0u8; 4];
+    responses.read_exact(&mut header)?;
+    let mut body = vec![0u8; u32::from_be_bytes(header) as usize];
+    responses.read_exact(&mut body)?;
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&body)?,
+        json!({"type": "standby"})
+    );
+    let frame = serde_json::to_vec(&json!({
+        "type": "adopt", "env": [["GREETING", "hi"]], "args": ["/code/x.sh"]
+    }))?;
+    let mut requests = File::from(req_w);
+    requests.write_all(&(frame.len() as u32).to_be_bytes())?;
+    requests.write_all(&frame)?;
+    let adoption = waiter
+        .join()
+        .map_err(|_| "panicked")??
+        .ok_or("no adoption")?;
+    assert_eq!(adoption.env, [("GREETING".to_string(), "hi".to_string())]);
+    assert_eq!(adoption.args, ["/code/x.sh"]);
+
+    let ((req_w, req_r), (resp_w, _resp_r)) = pipes()?;
+    drop(req_w);
+    let closed = shell::await_adoption(File::from(req_r), File::from(resp_w))?;
+    assert!(closed.is_none(), "a closed pipe is no adoption");
+    Ok(())
+}

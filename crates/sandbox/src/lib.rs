@@ -16,7 +16,7 @@
 //!   whole life up to [`SandboxedInstance::destroy`];
 //! - the in-sandbox init ([`init_main`]) that builds the sandbox around itself;
 //! - pre-initialised runtimes: zygotes that fork instances (`zygote.rs`, Python) and standby
-//!   sandboxes that cold starts adopt (`standby.rs`, Python and Node);
+//!   sandboxes that cold starts adopt (`standby.rs`, Python, Node and shell);
 //! - outbound network for instances that ask for it (`network/`: one pasta per instance and
 //!   an nftables egress filter in its namespace, attached before its code runs; killed with
 //!   the instance), enabled by [`SandboxHost::enable_network`].
@@ -396,10 +396,10 @@ impl SandboxHost {
     /// A keeper thread starts them in the background, now and after every adoption; one that
     /// fails to start is logged and retried later, its instances starting by exec meanwhile.
     pub fn add_standby(self: &Arc<Self>, spec: StandbySpec) -> Result<(), SandboxError> {
-        if spec.argv.first().is_none_or(|a| !a.starts_with('/')) {
+        if !matches!(spec.entry, Entry::Exec { .. } | Entry::Builtin { .. }) {
             return Err(SandboxError::InvalidSpec(format!(
-                "standby argv {:?} must start with an absolute path",
-                spec.argv
+                "standby runtime {}: its entry must be an exec or a builtin",
+                spec.name
             )));
         }
         // Starting standbys is work done ahead of time: it yields the CPU to instances.

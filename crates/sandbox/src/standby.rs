@@ -3,9 +3,9 @@
 //! Node's runtime is multi-threaded (V8's platform workers, libuv), so a loaded `node` cannot
 //! fork instances the way the Python zygote does; and a zygote fork still builds its whole
 //! sandbox on the cold start's path. Instead the host keeps a few complete sandboxes waiting
-//! per standby runtime: each was started exactly like any instance (same
-//! namespaces, mounts, uid, Landlock, seccomp, see `init.rs`), runs the interpreter with its
-//! shim already loaded, belongs to no account, holds no code and has run no one's code. It
+//! per standby runtime: each was started exactly like any instance (same namespaces, mounts,
+//! uid, Landlock, seccomp, see `init.rs`), runs its runtime already loaded (an interpreter
+//! and its shim, or the built-in shell runtime), belongs to no account, holds no code and has run no one's code. It
 //! says so on its fd 4 (only then is it offered), then blocks on its fd 3 for one *adoption
 //! frame*.
 //!
@@ -60,13 +60,13 @@ pub(crate) const READY_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct StandbySpec {
     /// What [`crate::Entry::Standby`] names it by, e.g. "node".
     pub name: String,
-    /// What each standby sandbox runs (paths inside the sandbox): the interpreter loading its
-    /// shim in standby mode. Frames are a 4-byte big-endian length and JSON. Once loaded it
-    /// must write `{"type":"standby"}` on fd 4 (only then is it offered for adoption: its
-    /// sandbox is complete and its processes settled), then read one adoption frame from fd
-    /// 3, `{"type":"adopt","env":[[k,v],…],"args":[…]}`, replace its whole environment with
-    /// `env`, and serve the block given by `args`.
-    pub argv: Vec<String>,
+    /// What each standby sandbox runs (an `Exec`, paths inside the sandbox, or a `Builtin`):
+    /// the runtime in standby mode. Frames are a 4-byte big-endian length and JSON. Once
+    /// loaded it must write `{"type":"standby"}` on fd 4 (only then is it offered for
+    /// adoption: its sandbox is complete and its processes settled), then read one adoption
+    /// frame from fd 3, `{"type":"adopt","env":[[k,v],…],"args":[…]}`, replace its whole
+    /// environment with `env`, and serve the block given by `args`.
+    pub entry: Entry,
     /// Host directory mounted read-only at /runtime (holds the shim).
     pub runtime_dir: PathBuf,
     /// How many to keep waiting. Each costs the runtime's idle memory.
@@ -311,9 +311,7 @@ impl SandboxHost {
             group: STANDBY_GROUP.into(),
             code_dir: code_dir.clone(),
             runtime_dir: runtime.runtime_dir.clone(),
-            entry: Entry::Exec {
-                argv: runtime.argv.clone(),
-            },
+            entry: runtime.entry.clone(),
             env: BTreeMap::new(),
             memory_mb: runtime.memory_mb,
             tmp_mb: runtime.tmp_mb,

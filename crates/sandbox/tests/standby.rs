@@ -88,12 +88,14 @@ fn with_standbys(count: usize) -> TestHost {
     t.host
         .add_standby(StandbySpec {
             name: "probe".into(),
-            argv: vec![
-                "/usr/bin/python3".into(),
-                "-I".into(),
-                "-B".into(),
-                "/runtime/standby_probe.py".into(),
-            ],
+            entry: Entry::Exec {
+                argv: vec![
+                    "/usr/bin/python3".into(),
+                    "-I".into(),
+                    "-B".into(),
+                    "/runtime/standby_probe.py".into(),
+                ],
+            },
             runtime_dir: t.runtime.path().to_path_buf(),
             count,
             memory_mb: 128,

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use refinery_pool::{BlockTarget, InstancePool, KeepAliveMode, PoolConfig, Quota, ScaleUpLimit};
-use refinery_sandbox::{HostConfig, SandboxHost, StandbySpec, ZygoteSpec};
+use refinery_runtimes::RuntimeEntry;
+use refinery_sandbox::{Entry, HostConfig, SandboxHost, StandbySpec, ZygoteSpec};
 use refinery_store::Store;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
@@ -33,7 +34,7 @@ pub struct ServeConfig {
     /// Pre-initialised runtimes: Python instances fork from a zygote, Node instances adopt a
     /// standby sandbox (`--no-zygotes` turns both off).
     pub zygotes: bool,
-    /// How many standby sandboxes to keep waiting per standby runtime (Python, Node)
+    /// How many standby sandboxes to keep waiting per standby runtime (Python, Node, shell)
     /// (`--standby`; 0 = none).
     pub standby: usize,
     /// Every account's quota unless the operator set its own (`refinery accounts
@@ -290,25 +291,34 @@ fn start_zygotes(host: &SandboxHost, runtime_dir: &std::path::Path) {
     }
 }
 
-/// Keeps standby sandboxes of the standby runtimes (Python, Node) waiting, `count` each,
-/// started in the background. Until they are up (or if they cannot start, which is logged),
-/// those instances start from the zygote (Python) or by exec (Node).
+/// Keeps standby sandboxes of the standby runtimes (Python, Node, shell) waiting, `count`
+/// each, started in the background. Until they are up (or if they cannot start, which is
+/// logged), those instances start from the zygote (Python) or by exec.
 fn start_standbys(host: &Arc<SandboxHost>, runtime_dir: &std::path::Path, count: usize) {
     if count == 0 {
         return;
     }
     for runtime in refinery_runtimes::standby_runtimes() {
         let name = runtime.name.clone();
-        // Instances see the host's /usr: a missing interpreter is missing inside too.
-        if let Some(interpreter) = runtime.argv.first() {
-            if !std::path::Path::new(interpreter).exists() {
-                tracing::warn!(runtime = %name, %interpreter, "not installed: no standby sandboxes for it");
+        let entry = match runtime.entry {
+            RuntimeEntry::Exec { argv } => {
+                // Instances see the host's /usr: a missing interpreter is missing inside too.
+                let interpreter = argv.first().cloned().unwrap_or_default();
+                if !std::path::Path::new(&interpreter).exists() {
+                    tracing::warn!(runtime = %name, %interpreter, "not installed: no standby sandboxes for it");
+                    continue;
+                }
+                Entry::Exec { argv }
+            }
+            RuntimeEntry::Builtin { name, args } => Entry::Builtin { name, args },
+            other => {
+                tracing::warn!(runtime = %name, entry = ?other, "a standby runtime must exec or be a builtin");
                 continue;
             }
-        }
+        };
         let spec = StandbySpec {
             name: runtime.name,
-            argv: runtime.argv,
+            entry,
             runtime_dir: runtime_dir.to_path_buf(),
             count,
             memory_mb: refinery_domain::limits::MIN_MEMORY_MB,
