@@ -88,7 +88,7 @@ pub fn children(pid: u32) -> Vec<u32> {
     out
 }
 
-/// The processes of the server's waiting standby sandboxes (each a reaper and its `node`):
+/// The processes of the server's waiting standby sandboxes (each a reaper and its runtime):
 /// its children still in the `standby` cgroup group, and their children.
 pub fn standby_processes(server_pid: u32) -> Vec<u32> {
     children(server_pid)

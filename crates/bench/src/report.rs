@@ -412,7 +412,7 @@ fn idle(o: &mut String, r: &Results) {
     let _ = writeln!(o, "\n### Idle frozen instances: memory (PSS)\n");
     let _ = writeln!(
         o,
-        "| instances | measured | PSS per instance p50 | mean | max | total | the Python zygote's own PSS | Node standby sandboxes waiting (PSS) |"
+        "| instances | measured | PSS per instance p50 | mean | max | total | the Python zygote's own PSS | standby sandboxes waiting, all languages (PSS) |"
     );
     let _ = writeln!(o, "|---|---|---|---|---|---|---|---|");
     for row in &r.idle {

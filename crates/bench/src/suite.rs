@@ -71,7 +71,7 @@ pub struct IdleRow {
     pub pss: Summary,
     pub total_mib: f64,
     pub zygote_mib: f64,
-    /// The waiting Node standby sandboxes: how many, and their PSS together.
+    /// The waiting standby sandboxes (every language): how many, and their PSS together.
     pub standbys: usize,
     pub standby_mib: f64,
 }
@@ -466,14 +466,16 @@ async fn idle_row(api: &Api, server: &Server, key: &str, n: usize) -> Result<Idl
         .filter_map(|i| memory::instance_pss_kib(&cgroups_of(i)))
         .map(|kib| kib as f64 / 1024.0)
         .collect();
+    let standby_processes = memory::standby_processes(server.pid());
     Ok(IdleRow {
         requested: n,
         measured: pss.len(),
         total_mib: pss.iter().sum(),
         pss: summary(&pss),
         zygote_mib: zygote_mib(server),
-        standbys: memory::standby_processes(server.pid()).len() / 2,
-        standby_mib: memory::standby_processes(server.pid())
+        // Each standby is two processes: its reaper and its runtime.
+        standbys: standby_processes.len() / 2,
+        standby_mib: standby_processes
             .into_iter()
             .filter_map(memory::pss_kib)
             .sum::<u64>() as f64

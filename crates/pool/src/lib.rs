@@ -34,6 +34,6 @@ pub use error::PoolError;
 pub use instance::{InstanceInfo, InstanceState};
 pub use keep_alive::{AdaptiveConfig, KeepAlivePolicy};
 pub use metrics::{DEFAULT_MAX_LABEL_SETS, OVERFLOW_LABEL};
-pub use pool::{BlockTarget, InstancePool, Invocation, KeepAliveMode, PoolConfig};
+pub use pool::{sandbox_entry, BlockTarget, InstancePool, Invocation, KeepAliveMode, PoolConfig};
 pub use quota::{AccountUsage, Quota, QuotaOverride};
 pub use scale_up::ScaleUpLimit;

@@ -1100,7 +1100,7 @@ fn crash_error(error: &ChannelError, log_tail: &str) -> UserError {
 }
 
 /// The runtimes' entry in the sandbox's terms (the two crates do not depend on each other).
-fn sandbox_entry(entry: RuntimeEntry) -> Entry {
+pub fn sandbox_entry(entry: RuntimeEntry) -> Entry {
     match entry {
         RuntimeEntry::Exec { argv } => Entry::Exec { argv },
         RuntimeEntry::Builtin { name, args } => Entry::Builtin { name, args },

@@ -190,34 +190,34 @@ fn unescape_mount_path(s: &str) -> PathBuf {
     PathBuf::from(std::ffi::OsString::from_vec(out))
 }
 
+/// The mounts of a mountinfo text as (mount point, filesystem type, superblock options).
+fn mounts(text: &str) -> impl Iterator<Item = (PathBuf, &str, &str)> {
+    text.lines().filter_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mountpoint = unescape_mount_path(left.split(' ').nth(4)?);
+        let mut right = right.split(' ');
+        let (Some(fstype), _, Some(super_opts)) = (right.next(), right.next(), right.next()) else {
+            return None;
+        };
+        Some((mountpoint, fstype, super_opts))
+    })
+}
+
 /// Cgroup mounts found in a mountinfo text: (v1 controller -> mountpoint, first cgroup2 mountpoint).
 fn parse_mountinfo(text: &str) -> (Vec<(Controller, PathBuf)>, Option<PathBuf>) {
     let mut v1: Vec<(Controller, PathBuf)> = Vec::new();
     let mut v2: Option<PathBuf> = None;
-    for line in text.lines() {
-        let Some((left, right)) = line.split_once(" - ") else {
-            continue;
-        };
-        let Some(mountpoint) = left.split(' ').nth(4) else {
-            continue;
-        };
-        let mut right = right.split(' ');
-        let (Some(fstype), _, Some(super_opts)) = (right.next(), right.next(), right.next()) else {
-            continue;
-        };
+    for (mountpoint, fstype, super_opts) in mounts(text) {
         match fstype {
-            "cgroup2" => {
-                let p = unescape_mount_path(mountpoint);
-                // Prefer the canonical locations if several are mounted.
-                if v2.is_none() || p == Path::new("/sys/fs/cgroup") {
-                    v2 = Some(p);
-                }
+            // Prefer the canonical location if several are mounted.
+            "cgroup2" if v2.is_none() || mountpoint == Path::new("/sys/fs/cgroup") => {
+                v2 = Some(mountpoint);
             }
             "cgroup" => {
                 for opt in super_opts.split(',') {
                     for c in Controller::ALL {
                         if opt == c.name() && !v1.iter().any(|(have, _)| *have == c) {
-                            v1.push((c, unescape_mount_path(mountpoint)));
+                            v1.push((c, mountpoint.clone()));
                         }
                     }
                 }
@@ -230,15 +230,9 @@ fn parse_mountinfo(text: &str) -> (Vec<(Controller, PathBuf)>, Option<PathBuf>) 
 
 /// The superblock options of the cgroup2 filesystem mounted at `mount`, from mountinfo.
 fn v2_super_options(mountinfo: &str, mount: &Path) -> Option<Vec<String>> {
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        let mountpoint = unescape_mount_path(left.split(' ').nth(4)?);
-        let mut right = right.split(' ');
-        let (Some("cgroup2"), _, Some(options)) = (right.next(), right.next(), right.next()) else {
-            return None;
-        };
-        (mountpoint == mount).then(|| options.split(',').map(str::to_string).collect())
-    })
+    mounts(mountinfo)
+        .find(|(mountpoint, fstype, _)| *fstype == "cgroup2" && mountpoint == mount)
+        .map(|(_, _, options)| options.split(',').map(str::to_string).collect())
 }
 
 /// Turns on cgroup2's `favordynmods` (Linux 6.0+) unless already on. Every cold start moves
@@ -678,9 +672,10 @@ struct CgroupDir {
 pub(crate) struct InstanceCgroups {
     layout: CgroupLayout,
     dirs: Vec<CgroupDir>,
-    /// The freeze file, opened once: every invocation freezes and thaws its instance, and
-    /// an open + close per write is most of that cost.
-    freezer: std::sync::OnceLock<fs::File>,
+    /// The freeze file, opened once, and whether it is v2's `cgroup.freeze`: every
+    /// invocation freezes and thaws its instance, and an open + close per write is most of
+    /// that cost.
+    freezer: std::sync::OnceLock<(fs::File, bool)>,
     /// The first hierarchy's cgroup.procs, opened once (read after every invocation).
     procs: std::sync::OnceLock<fs::File>,
 }
@@ -762,20 +757,24 @@ impl InstanceCgroups {
         self.freezer_dir().is_some_and(|d| d.version == Version::V2)
     }
 
+    /// Every invocation freezes and thaws: after the first call this is one write to the
+    /// file opened then, whose kind (v1 or v2) was decided with it.
     pub(crate) fn set_frozen(&self, frozen: bool) -> io::Result<()> {
-        let file = self.freeze_file();
-        let value = match (self.freezes_through_v2(), frozen) {
+        let (freezer, v2) = match self.freezer.get() {
+            Some(opened) => opened,
+            None => {
+                let file = fs::OpenOptions::new()
+                    .write(true)
+                    .open(self.freeze_file())?;
+                self.freezer
+                    .get_or_init(|| (file, self.freezes_through_v2()))
+            }
+        };
+        let value = match (v2, frozen) {
             (true, true) => "1",
             (true, false) => "0",
             (false, true) => "FROZEN",
             (false, false) => "THAWED",
-        };
-        let freezer = match self.freezer.get() {
-            Some(f) => f,
-            None => {
-                let opened = fs::OpenOptions::new().write(true).open(&file)?;
-                self.freezer.get_or_init(|| opened)
-            }
         };
         // One write at offset 0, as a fresh open would do.
         std::os::unix::fs::FileExt::write_all_at(freezer, value.as_bytes(), 0)

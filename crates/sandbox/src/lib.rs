@@ -408,15 +408,6 @@ impl SandboxHost {
         self.standbys.add(Arc::downgrade(self), spec)
     }
 
-    /// How many sandboxes of standby runtime `name` are waiting to be adopted.
-    pub fn standby_waiting(&self, name: &str) -> usize {
-        self.standbys
-            .waiting()
-            .into_iter()
-            .find(|(runtime, _)| runtime == name)
-            .map_or(0, |(_, n)| n)
-    }
-
     /// How many standby sandboxes are waiting, by runtime (every registered runtime).
     pub fn standby_counts(&self) -> Vec<(String, usize)> {
         self.standbys.waiting()

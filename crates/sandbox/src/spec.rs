@@ -45,7 +45,7 @@ pub(crate) struct InitSpec {
     pub entry: Entry,
 }
 
-/// What an adopted standby sandbox reads from its fd 3 (see [`crate::StandbySpec::argv`]):
+/// What an adopted standby sandbox reads from its fd 3 (see [`crate::StandbySpec::entry`]):
 /// who it now works for is only ever told after it started.
 #[derive(Serialize, Debug)]
 pub(crate) struct AdoptFrame<'a> {

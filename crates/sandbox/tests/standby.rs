@@ -112,7 +112,7 @@ fn with_standbys(count: usize) -> TestHost {
 
 fn waiting_reaches(t: &TestHost, count: usize, budget: Duration) -> bool {
     let deadline = Instant::now() + budget;
-    while t.host.standby_waiting("probe") != count {
+    while t.host.standby_counts() != [("probe".to_string(), count)] {
         if Instant::now() >= deadline {
             return false;
         }

@@ -255,8 +255,8 @@ struct Holder {
 }
 
 /// uid → the instance holding it now or lately (for records read after it was destroyed),
-/// and the uids of the standby sandboxes waiting now (no account's: their records are the
-/// runtime's own start-up). Only those waiting now: once adopted, a uid's records are the
+/// and the uids of the standby sandboxes starting or waiting now (no account's: their records
+/// are the runtime's own start-up). Only those of now: once adopted, a uid's records are the
 /// block's, even before the pool lists its instance.
 #[derive(Default)]
 struct Holders {

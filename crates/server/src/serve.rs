@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use refinery_pool::{BlockTarget, InstancePool, KeepAliveMode, PoolConfig, Quota, ScaleUpLimit};
-use refinery_runtimes::RuntimeEntry;
+use refinery_pool::{
+    sandbox_entry, BlockTarget, InstancePool, KeepAliveMode, PoolConfig, Quota, ScaleUpLimit,
+};
 use refinery_sandbox::{Entry, HostConfig, SandboxHost, StandbySpec, ZygoteSpec};
 use refinery_store::Store;
 use sha2::{Digest, Sha256};
@@ -31,8 +32,8 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// The `refinery` executable, re-executed as each sandbox's init.
     pub init_exe: PathBuf,
-    /// Pre-initialised runtimes: Python instances fork from a zygote, Node instances adopt a
-    /// standby sandbox (`--no-zygotes` turns both off).
+    /// Pre-initialised runtimes: standby sandboxes, and the Python zygote (`--no-zygotes`
+    /// turns both off).
     pub zygotes: bool,
     /// How many standby sandboxes to keep waiting per standby runtime (Python, Node, shell)
     /// (`--standby`; 0 = none).
@@ -300,22 +301,15 @@ fn start_standbys(host: &Arc<SandboxHost>, runtime_dir: &std::path::Path, count:
     }
     for runtime in refinery_runtimes::standby_runtimes() {
         let name = runtime.name.clone();
-        let entry = match runtime.entry {
-            RuntimeEntry::Exec { argv } => {
-                // Instances see the host's /usr: a missing interpreter is missing inside too.
-                let interpreter = argv.first().cloned().unwrap_or_default();
-                if !std::path::Path::new(&interpreter).exists() {
-                    tracing::warn!(runtime = %name, %interpreter, "not installed: no standby sandboxes for it");
-                    continue;
-                }
-                Entry::Exec { argv }
-            }
-            RuntimeEntry::Builtin { name, args } => Entry::Builtin { name, args },
-            other => {
-                tracing::warn!(runtime = %name, entry = ?other, "a standby runtime must exec or be a builtin");
+        let entry = sandbox_entry(runtime.entry);
+        // Instances see the host's /usr: a missing interpreter is missing inside too.
+        if let Entry::Exec { argv } = &entry {
+            let interpreter = argv.first().map(String::as_str).unwrap_or_default();
+            if !std::path::Path::new(interpreter).exists() {
+                tracing::warn!(runtime = %name, %interpreter, "not installed: no standby sandboxes for it");
                 continue;
             }
-        };
+        }
         let spec = StandbySpec {
             name: runtime.name,
             entry,
