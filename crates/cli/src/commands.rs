@@ -39,7 +39,7 @@ pub struct ClientArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
-    /// Manage accounts (operator key required).
+    /// Manage accounts (the operator key, except where a subcommand says otherwise).
     #[command(subcommand)]
     Accounts(AccountsCommand),
     /// Deploy a project from its refinery.toml; the new deployment goes live.
