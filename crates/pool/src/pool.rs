@@ -1,6 +1,6 @@
 //! The pool itself: admission (account rate, block concurrency, account instance and
 //! memory quotas), warm-or-cold instance choice, one invocation, release (freeze) or
-//! discard, reaping, retirement and shutdown.
+//! discard, reaping, retirement, disabled accounts and shutdown.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;

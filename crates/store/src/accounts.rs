@@ -1,4 +1,5 @@
-//! Accounts (tenants) and their API keys. Keys are stored only as SHA-256 hex hashes.
+//! Accounts (tenants), whether the operator disabled them, and their API keys (created,
+//! added, rotated). Keys are stored only as SHA-256 hex hashes.
 
 use serde::{Deserialize, Serialize};
 use sqlx::FromRow;
