@@ -70,12 +70,14 @@ impl Client {
             .as_str()
             .map(str::to_string)
             .unwrap_or_else(|| value.to_string());
-        let hint = if status == StatusCode::UNAUTHORIZED {
-            " (the key given is not known to this server: check REFINERY_API_KEY / --api-key and REFINERY_URL)"
-        } else {
-            ""
-        };
-        Err(anyhow!("{message}{hint} [HTTP {}]", status.as_u16()))
+        if status == StatusCode::UNAUTHORIZED {
+            // The server's message speaks of HTTP headers; say it once, in the CLI's terms.
+            bail!(
+                "the API key given (REFINERY_API_KEY or --api-key) is not valid on the server at {}: check it (a rotated key stops working) and REFINERY_URL [HTTP 401]",
+                self.base
+            );
+        }
+        Err(anyhow!("{message} [HTTP {}]", status.as_u16()))
     }
 }
 

@@ -260,6 +260,17 @@ async fn a_rotated_key_replaces_the_old_one_at_once() {
         .request("GET", "/v1/projects", Some(&old_key), None)
         .await;
     assert_eq!(status, 401, "the old key must stop working at once: {body}");
+    let (code, _, err) = server.cli(&old_key, &["projects"], None);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("is not valid on the server") && err.contains("HTTP 401"),
+        "{err}"
+    );
+    assert_eq!(
+        err.matches("REFINERY_API_KEY").count(),
+        1,
+        "said once: {err}"
+    );
     let (status, body) = server
         .request("GET", "/v1/projects", Some(&new_key), None)
         .await;
