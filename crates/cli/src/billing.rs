@@ -13,7 +13,8 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use crate::client::Client;
-use crate::commands::{lines, path_segment, print};
+use crate::commands::path_segment;
+use crate::output::{out_raw, plural, print, quantity, table, text as s};
 
 #[derive(Debug, Subcommand)]
 pub enum PricingCommand {
@@ -54,7 +55,8 @@ pub enum BillsCommand {
         #[arg(long)]
         csv: bool,
     },
-    /// Close a month into immutable bills (operator key). Closing twice returns the same bills.
+    /// Close a month that is over into immutable bills (operator key); the current month
+    /// cannot be closed. Closing twice returns the same bills.
     Close {
         #[arg(value_name = "YYYY-MM")]
         month: String,
@@ -108,7 +110,7 @@ pub async fn pricing(client: &Client, json: bool, command: PricingCommand) -> Re
         }
         PricingCommand::Show => client.get("/v1/pricing").await?,
     };
-    print(json, &reply, || pricing_text(&reply));
+    print(json, &reply, || pricing_text(&reply))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -122,7 +124,7 @@ pub async fn usage(client: &Client, json: bool, args: UsageArgs) -> Result<ExitC
     print(json, &reply, || match reply["usage"].as_array() {
         Some(all) => all.iter().map(usage_text).collect::<Vec<_>>().join("\n\n"),
         None => usage_text(&reply),
-    });
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -140,17 +142,19 @@ pub async fn bills(client: &Client, json: bool, command: BillsCommand) -> Result
                 return print_csv(&reply);
             }
             print(json, &reply, || {
-                lines(&reply["bills"], |b| {
-                    format!(
-                        "{}  {}  {}  {} {}",
-                        b["period"].as_str().unwrap_or_default(),
-                        b["account"].as_str().unwrap_or_default(),
-                        b["status"].as_str().unwrap_or_default(),
-                        b["bill"]["total"].as_str().unwrap_or_default(),
-                        b["bill"]["currency"].as_str().unwrap_or_default(),
-                    )
-                })
-            });
+                table(
+                    &reply["bills"],
+                    ["MONTH", "ACCOUNT", "STATUS", "TOTAL"],
+                    |b| {
+                        [
+                            s(&b["period"]),
+                            s(&b["account"]),
+                            s(&b["status"]),
+                            format!("{} {}", s(&b["bill"]["total"]), s(&b["bill"]["currency"])),
+                        ]
+                    },
+                )
+            })?;
         }
         BillsCommand::Show {
             month,
@@ -170,7 +174,7 @@ pub async fn bills(client: &Client, json: bool, command: BillsCommand) -> Result
             print(json, &reply, || match reply["bills"].as_array() {
                 Some(all) => all.iter().map(bill_text).collect::<Vec<_>>().join("\n\n"),
                 None => bill_text(&reply),
-            });
+            })?;
         }
         BillsCommand::Close { month } => {
             let reply = client
@@ -181,21 +185,22 @@ pub async fn bills(client: &Client, json: bool, command: BillsCommand) -> Result
                 .await?;
             print(json, &reply, || {
                 let mut text = format!(
-                    "{} closed at {}: {} bills.\n",
+                    "{} closed at {}: {}.\n",
                     reply["period"].as_str().unwrap_or_default(),
                     reply["closed_at"].as_str().unwrap_or_default(),
-                    reply["bills"].as_array().map_or(0, Vec::len)
-                );
-                text.push_str(&lines(&reply["bills"], |b| {
-                    format!(
-                        "  {}  {} {}",
-                        b["account"].as_str().unwrap_or_default(),
-                        b["bill"]["total"].as_str().unwrap_or_default(),
-                        b["bill"]["currency"].as_str().unwrap_or_default()
+                    plural(
+                        &reply["bills"].as_array().map_or(0, Vec::len).into(),
+                        "bill"
                     )
+                );
+                text.push_str(&table(&reply["bills"], ["ACCOUNT", "TOTAL"], |b| {
+                    [
+                        s(&b["account"]),
+                        format!("{} {}", s(&b["bill"]["total"]), s(&b["bill"]["currency"])),
+                    ]
                 }));
                 text
-            });
+            })?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -230,7 +235,7 @@ pub async fn set_billing(client: &Client, json: bool, args: SetBillingArgs) -> R
             &[],
         )
         .await?;
-    print(json, &reply, || billing_text(&reply));
+    print(json, &reply, || billing_text(&reply))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -238,7 +243,7 @@ pub async fn show_billing(client: &Client, json: bool, account: &str) -> Result<
     let reply = client
         .get(&format!("/v1/accounts/{}/billing", path_segment(account)))
         .await?;
-    print(json, &reply, || billing_text(&reply));
+    print(json, &reply, || billing_text(&reply))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -264,18 +269,10 @@ fn query(month: &Option<String>, account: &Option<String>, csv: bool) -> String 
 fn print_csv(reply: &Value) -> Result<ExitCode> {
     match reply.as_str() {
         Some(text) => {
-            print!("{text}");
+            out_raw(text)?;
             Ok(ExitCode::SUCCESS)
         }
         None => bail!("the server did not return CSV: {reply}"),
-    }
-}
-
-fn s(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
     }
 }
 
@@ -312,18 +309,18 @@ fn usage_text(u: &Value) -> String {
         s(&u["status"]),
         s(&u["as_of"]),
         s(&t["requests"]),
-        s(&t["gb_seconds"]),
-        s(&t["init_gb_seconds"]),
+        quantity(&t["gb_seconds"]),
+        quantity(&t["init_gb_seconds"]),
         s(&t["egress_bytes"]),
-        s(&t["storage_gb_months"]),
+        quantity(&t["storage_gb_months"]),
     );
     for b in u["blocks"].as_array().into_iter().flatten() {
         text.push_str(&format!(
-            "    {}/{}  {} requests  {} GB-s  {} bytes\n",
+            "    {}/{}  {}  {} GB-s  {} bytes\n",
             s(&b["project"]),
             s(&b["block"]),
-            s(&b["requests"]),
-            s(&b["gb_seconds"]),
+            plural(&b["requests"], "request"),
+            quantity(&b["gb_seconds"]),
             s(&b["egress_bytes"]),
         ));
     }
@@ -356,9 +353,9 @@ fn bill_text(b: &Value) -> String {
         text.push_str(&format!(
             "  {:<9} {} {} (free {}) × {} = {}\n",
             s(&l["item"]),
-            s(&l["quantity"]),
+            quantity(&l["quantity"]),
             s(&l["unit"]),
-            s(&l["free"]),
+            quantity(&l["free"]),
             s(&l["unit_price"]),
             s(&l["amount"]),
         ));

@@ -1,7 +1,7 @@
 //! A thin HTTP client of the Refinery API: base URL, bearer key, and errors that carry
 //! the server's own message.
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
@@ -12,12 +12,15 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(base: &str, key: Option<String>) -> Client {
-        Client {
+    /// A client of the server at `base` (`--url` / `REFINERY_URL`): `host:port` without a
+    /// scheme means `http://host:port`; anything that is not an http(s) URL is refused here,
+    /// with what was wrong, rather than reported as an unreachable server.
+    pub fn new(base: &str, key: Option<String>) -> Result<Client> {
+        Ok(Client {
             http: reqwest::Client::new(),
-            base: base.trim_end_matches('/').to_string(),
+            base: server_url(base)?,
             key,
-        }
+        })
     }
 
     pub async fn get(&self, path: &str) -> Result<Value> {
@@ -46,6 +49,11 @@ impl Client {
         if let Some(body) = body {
             request = request.json(body);
         }
+        if self.key.is_none() && !path.starts_with("/v1/health") {
+            bail!(
+                "no API key given: set REFINERY_API_KEY (or pass --api-key) to an account's key, or to the operator key (in the server's <data-dir>/operator.key) for operator commands"
+            );
+        }
         let response = request.send().await.with_context(|| {
             format!("cannot reach the Refinery server at {}: is `refinery serve` running? (set REFINERY_URL)", self.base)
         })?;
@@ -62,11 +70,70 @@ impl Client {
             .as_str()
             .map(str::to_string)
             .unwrap_or_else(|| value.to_string());
-        let hint = if status == StatusCode::UNAUTHORIZED && self.key.is_none() {
-            " (no key given: set REFINERY_API_KEY)"
-        } else {
-            ""
-        };
-        Err(anyhow!("{message}{hint} [HTTP {}]", status.as_u16()))
+        if status == StatusCode::UNAUTHORIZED {
+            // The server's message speaks of HTTP headers; say it once, in the CLI's terms.
+            bail!(
+                "the API key given (REFINERY_API_KEY or --api-key) is not valid on the server at {}: check it (a rotated key stops working) and REFINERY_URL [HTTP 401]",
+                self.base
+            );
+        }
+        Err(anyhow!("{message} [HTTP {}]", status.as_u16()))
+    }
+}
+
+/// The server's base URL from `--url` / `REFINERY_URL`, without a trailing `/`.
+fn server_url(given: &str) -> Result<String> {
+    let trimmed = given.trim();
+    let with_scheme = if trimmed.contains("://") {
+        trimmed.to_string()
+    } else {
+        format!("http://{trimmed}")
+    };
+    let explain = "expected the server's address, e.g. http://127.0.0.1:8710 or 127.0.0.1:8710";
+    let url = reqwest::Url::parse(&with_scheme)
+        .map_err(|e| anyhow!("REFINERY_URL / --url `{given}` is not a URL ({e}): {explain}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        bail!(
+            "REFINERY_URL / --url `{given}`: the scheme `{}` is not http or https: {explain}",
+            url.scheme()
+        );
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        bail!("REFINERY_URL / --url `{given}` names no host: {explain}");
+    }
+    Ok(url.as_str().trim_end_matches('/').to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_url;
+
+    #[test]
+    fn server_urls() {
+        assert_eq!(
+            server_url("127.0.0.1:8710").ok().as_deref(),
+            Some("http://127.0.0.1:8710")
+        );
+        assert_eq!(
+            server_url("localhost:8710/").ok().as_deref(),
+            Some("http://localhost:8710")
+        );
+        assert_eq!(
+            server_url("https://x.example").ok().as_deref(),
+            Some("https://x.example")
+        );
+        let bad = server_url("ftp://x")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(bad.contains("not http or https"), "{bad}");
+        let bad = server_url("http://")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            bad.contains("not a URL") || bad.contains("no host"),
+            "{bad}"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The client subcommands: arguments, the request each makes, and how each prints.
 
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -12,11 +13,15 @@ use serde_json::{json, Value};
 
 use crate::billing::{self, BillsCommand, PricingCommand, SetBillingArgs, UsageArgs};
 use crate::client::Client;
+use crate::output::{err_out, out, plural, pretty, print, table, text, user_error_text};
 
-/// Options shared by every client command.
+// Options shared by every client command (not `serve`): given after the command, e.g.
+// `refinery accounts list --json`, or through the environment. (A plain comment: a doc
+// comment here would replace the about text of every command these are added to.)
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Client options")]
 pub struct ClientArgs {
-    /// The server's URL.
+    /// The server's URL (`http://` is assumed when no scheme is given).
     #[arg(
         long,
         global = true,
@@ -34,7 +39,7 @@ pub struct ClientArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum ClientCommand {
-    /// Manage accounts (operator key required).
+    /// Manage accounts (the operator key, except where a subcommand says otherwise).
     #[command(subcommand)]
     Accounts(AccountsCommand),
     /// Deploy a project from its refinery.toml; the new deployment goes live.
@@ -53,8 +58,9 @@ pub enum ClientCommand {
     Invoke {
         project: String,
         block: String,
-        /// The block's input, as JSON.
-        #[arg(long, default_value = "null")]
+        /// The block's input: JSON text, `-` to read it from stdin, or `@FILE` to read it
+        /// from a file.
+        #[arg(long, default_value = "null", value_name = "JSON|-|@FILE")]
         input: String,
         /// The initial backpack, a JSON object.
         #[arg(long)]
@@ -95,8 +101,25 @@ pub enum ClientCommand {
 pub enum AccountsCommand {
     /// Create an account; prints its API key once.
     Create { name: String },
-    /// List accounts.
+    /// List accounts, with their state (active or disabled).
     List,
+    /// Disable an account (operator key): its keys are refused (403), its instances are
+    /// stopped and none of its code runs until it is enabled. Its data stays.
+    Disable {
+        /// The account's name or id.
+        account: String,
+    },
+    /// Enable a disabled account again (operator key).
+    Enable {
+        /// The account's name or id.
+        account: String,
+    },
+    /// Replace an account's API key with a new one, printed once; the old key stops
+    /// working at once (operator key, or the account's own key).
+    RotateKey {
+        /// The account's name or id.
+        account: String,
+    },
     /// Change an account's quota (operator key). Limits not given stay as they are.
     SetQuota {
         /// The account's name or id.
@@ -149,7 +172,7 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
             .map(|k| k.trim().to_string()),
         (None, _) => None,
     };
-    let client = Client::new(&args.url, key);
+    let client = Client::new(&args.url, key)?;
     let json = args.json;
     match command {
         ClientCommand::Pricing(command) => return billing::pricing(&client, json, command).await,
@@ -172,20 +195,74 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
                     reply["id"].as_str().unwrap_or_default(),
                     reply["api_key"].as_str().unwrap_or_default()
                 )
-            });
+            })?;
         }
         ClientCommand::Accounts(AccountsCommand::List) => {
             let reply = client.get("/v1/accounts").await?;
             print(json, &reply, || {
-                lines(&reply["accounts"], |a| {
-                    format!(
-                        "{}  {}  {}",
-                        a["id"].as_str().unwrap_or_default(),
-                        a["name"].as_str().unwrap_or_default(),
-                        a["created_at"].as_str().unwrap_or_default()
-                    )
-                })
-            });
+                table(
+                    &reply["accounts"],
+                    ["ID", "NAME", "STATE", "CREATED"],
+                    |a| {
+                        [
+                            text(&a["id"]),
+                            text(&a["name"]),
+                            match a["disabled_at"].as_str() {
+                                Some(at) => format!("disabled since {at}"),
+                                None => text(&a["state"]),
+                            },
+                            text(&a["created_at"]),
+                        ]
+                    },
+                )
+            })?;
+        }
+        ClientCommand::Accounts(AccountsCommand::Disable { account }) => {
+            let reply = client
+                .post(
+                    &format!("/v1/accounts/{}/disable", path_segment(&account)),
+                    &json!({}),
+                )
+                .await?;
+            print(json, &reply, || {
+                format!(
+                    "Account {} ({}) is disabled: its keys are refused and its instances stopped. `refinery accounts enable {}` restores it.",
+                    text(&reply["name"]),
+                    text(&reply["id"]),
+                    text(&reply["name"])
+                )
+            })?;
+        }
+        ClientCommand::Accounts(AccountsCommand::Enable { account }) => {
+            let reply = client
+                .post(
+                    &format!("/v1/accounts/{}/enable", path_segment(&account)),
+                    &json!({}),
+                )
+                .await?;
+            print(json, &reply, || {
+                format!(
+                    "Account {} ({}) is enabled.",
+                    text(&reply["name"]),
+                    text(&reply["id"])
+                )
+            })?;
+        }
+        ClientCommand::Accounts(AccountsCommand::RotateKey { account }) => {
+            let reply = client
+                .post(
+                    &format!("/v1/accounts/{}/rotate-key", path_segment(&account)),
+                    &json!({}),
+                )
+                .await?;
+            print(json, &reply, || {
+                format!(
+                    "New API key of account {} ({}); the old one no longer works.\nAPI key (shown once, keep it safe): {}",
+                    text(&reply["name"]),
+                    text(&reply["id"]),
+                    text(&reply["api_key"])
+                )
+            })?;
         }
         ClientCommand::Accounts(AccountsCommand::SetQuota {
             account,
@@ -225,13 +302,13 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
                     &[],
                 )
                 .await?;
-            print(json, &reply, || quota_text(&reply));
+            print(json, &reply, || quota_text(&reply))?;
         }
         ClientCommand::Accounts(AccountsCommand::Quota { account }) => {
             let reply = client
                 .get(&format!("/v1/accounts/{}/quota", path_segment(&account)))
                 .await?;
-            print(json, &reply, || quota_text(&reply));
+            print(json, &reply, || quota_text(&reply))?;
         }
         ClientCommand::Deploy { path } => {
             let body = deploy_request(&path)?;
@@ -247,34 +324,38 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
                     reply["deployment"],
                     blocks.join(", ")
                 )
-            });
+            })?;
         }
         ClientCommand::Deployments { project } => {
             let reply = client
                 .get(&format!("/v1/projects/{project}/deployments"))
                 .await?;
             print(json, &reply, || {
-                lines(&reply["deployments"], |d| {
-                    format!(
-                        "{:>4}  {}  {}{}",
-                        d["deployment"],
-                        d["created_at"].as_str().unwrap_or_default(),
-                        d["blocks"]
-                            .as_array()
-                            .map(|b| b
-                                .iter()
-                                .filter_map(Value::as_str)
-                                .collect::<Vec<_>>()
-                                .join(","))
-                            .unwrap_or_default(),
-                        if d["live"].as_bool() == Some(true) {
-                            "  (live)"
-                        } else {
-                            ""
-                        }
-                    )
-                })
-            });
+                table(
+                    &reply["deployments"],
+                    ["DEPLOYMENT", "CREATED", "BLOCKS", "LIVE"],
+                    |d| {
+                        [
+                            text(&d["deployment"]),
+                            text(&d["created_at"]),
+                            d["blocks"]
+                                .as_array()
+                                .map(|b| {
+                                    b.iter()
+                                        .filter_map(Value::as_str)
+                                        .collect::<Vec<_>>()
+                                        .join(",")
+                                })
+                                .unwrap_or_default(),
+                            if d["live"].as_bool() == Some(true) {
+                                "live".to_string()
+                            } else {
+                                String::new()
+                            },
+                        ]
+                    },
+                )
+            })?;
         }
         ClientCommand::Rollback {
             project,
@@ -288,19 +369,15 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
                 .await?;
             print(json, &reply, || {
                 format!("{project}: deployment {} is live.", reply["deployment"])
-            });
+            })?;
         }
         ClientCommand::Projects => {
             let reply = client.get("/v1/projects").await?;
             print(json, &reply, || {
-                lines(&reply["projects"], |p| {
-                    format!(
-                        "{}  live deployment {}",
-                        p["project"].as_str().unwrap_or_default(),
-                        p["live_deployment"]
-                    )
+                table(&reply["projects"], ["PROJECT", "LIVE DEPLOYMENT"], |p| {
+                    [text(&p["project"]), text(&p["live_deployment"])]
                 })
-            });
+            })?;
         }
         ClientCommand::Invoke {
             project,
@@ -308,8 +385,7 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
             input,
             backpack,
         } => {
-            let input: Value = serde_json::from_str(&input)
-                .with_context(|| format!("--input is not valid JSON: {input}"))?;
+            let input = read_input(&input)?;
             let mut headers = Vec::new();
             if let Some(backpack) = backpack {
                 let parsed: Value = serde_json::from_str(&backpack)
@@ -326,28 +402,23 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
                 .await?;
             let ok = reply["status"] == "ok";
             if json {
-                println!("{}", pretty(&reply));
+                out(&pretty(&reply))?;
             } else {
                 if let Some(logs) = reply["logs"].as_str().filter(|l| !l.is_empty()) {
-                    eprint!("{logs}");
+                    err_out(logs);
                     if !logs.ends_with('\n') {
-                        eprintln!();
+                        err_out("\n");
                     }
                 }
                 if ok {
-                    println!("{}", pretty(&reply["output"]));
+                    out(&pretty(&reply["output"]))?;
                 } else {
-                    let error = &reply["error"];
-                    eprintln!(
-                        "{} ({}): {}: {}",
+                    err_out(&format!(
+                        "{} ({}): {}\n",
                         reply["status"].as_str().unwrap_or_default(),
                         reply["execution_id"].as_str().unwrap_or_default(),
-                        error["type"].as_str().unwrap_or("Error"),
-                        error["message"].as_str().unwrap_or_default()
-                    );
-                    if let Some(traceback) = error["traceback"].as_str() {
-                        eprintln!("{traceback}");
-                    }
+                        user_error_text(&reply["error"])
+                    ));
                 }
             }
             return Ok(if ok {
@@ -367,22 +438,32 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
             }
             let reply = client.get(&path).await?;
             print(json, &reply, || {
-                lines(&reply["executions"], |e| {
-                    format!(
-                        "{}  {}  {:<10} {:<4} {:>9.2} ms  {}",
-                        e["execution_id"].as_str().unwrap_or_default(),
-                        e["started_at"].as_str().unwrap_or_default(),
-                        e["status"].as_str().unwrap_or_default(),
-                        if e["cold"].as_bool() == Some(true) {
-                            "cold"
-                        } else {
-                            "warm"
-                        },
-                        e["duration_ms"].as_f64().unwrap_or_default(),
-                        e["block"].as_str().unwrap_or_default()
-                    )
-                })
-            });
+                table(
+                    &reply["executions"],
+                    [
+                        "EXECUTION",
+                        "STARTED",
+                        "STATUS",
+                        "START",
+                        "DURATION",
+                        "BLOCK",
+                    ],
+                    |e| {
+                        [
+                            text(&e["execution_id"]),
+                            text(&e["started_at"]),
+                            text(&e["status"]),
+                            if e["cold"].as_bool() == Some(true) {
+                                "cold".to_string()
+                            } else {
+                                "warm".to_string()
+                            },
+                            format!("{:.2} ms", e["duration_ms"].as_f64().unwrap_or_default()),
+                            text(&e["block"]),
+                        ]
+                    },
+                )
+            })?;
         }
         ClientCommand::Logs { execution_id } => {
             let reply = client
@@ -406,28 +487,30 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
                 text.push_str(&format!("input:  {}\n", reply["input"]));
                 text.push_str(&format!("output: {}\n", reply["output"]));
                 if !reply["error"].is_null() {
-                    text.push_str(&format!("error:  {}\n", reply["error"]));
+                    text.push_str(&format!("error:  {}\n", user_error_text(&reply["error"])));
                 }
                 text.push_str("--- logs ---\n");
                 text.push_str(reply["logs"].as_str().unwrap_or_default());
                 text
-            });
+            })?;
         }
         ClientCommand::Instances => {
             let reply = client.get("/v1/instances").await?;
             print(json, &reply, || {
-                lines(&reply["instances"], |i| {
-                    format!(
-                        "{}  {}/{}  deployment {}  {}  {} invocations",
-                        i["id"].as_str().unwrap_or_default(),
-                        i["project"].as_str().unwrap_or_default(),
-                        i["block"].as_str().unwrap_or_default(),
-                        i["deployment"],
-                        i["state"].as_str().unwrap_or_default(),
-                        i["invocations"]
-                    )
-                })
-            });
+                table(
+                    &reply["instances"],
+                    ["INSTANCE", "BLOCK", "DEPLOYMENT", "STATE", "INVOCATIONS"],
+                    |i| {
+                        [
+                            text(&i["id"]),
+                            format!("{}/{}", text(&i["project"]), text(&i["block"])),
+                            text(&i["deployment"]),
+                            text(&i["state"]),
+                            plural(&i["invocations"], "invocation"),
+                        ]
+                    },
+                )
+            })?;
         }
         ClientCommand::Audit { limit, account } => {
             let mut path = format!("/v1/audit?limit={limit}");
@@ -436,28 +519,51 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
             }
             let reply = client.get(&path).await?;
             print(json, &reply, || {
-                let mut text = String::new();
+                let mut shown = String::new();
                 if reply["watching"].as_bool() != Some(true) {
-                    text.push_str("(the server cannot read the kernel log: refused syscalls are not being recorded)\n");
+                    shown.push_str("(the server cannot read the kernel log: refused syscalls are not being recorded)\n");
                 }
-                text.push_str(&lines(&reply["events"], |e| {
-                    let or_unknown = |v: &Value| v.as_str().unwrap_or("?").to_string();
-                    format!(
-                        "{}  {}/{}  {}  {:<16} {:<14} {}",
-                        e["at"].as_str().unwrap_or_default(),
-                        or_unknown(&e["project"]),
-                        or_unknown(&e["block"]),
-                        or_unknown(&e["instance_id"]),
-                        e["syscall"].as_str().unwrap_or_default(),
-                        e["action"].as_str().unwrap_or_default(),
-                        e["comm"].as_str().unwrap_or_default(),
-                    )
-                }));
-                text
-            });
+                shown.push_str(&table(
+                    &reply["events"],
+                    ["AT", "BLOCK", "INSTANCE", "SYSCALL", "ACTION", "PROCESS"],
+                    |e| {
+                        let or_unknown = |v: &Value| v.as_str().unwrap_or("?").to_string();
+                        [
+                            text(&e["at"]),
+                            format!("{}/{}", or_unknown(&e["project"]), or_unknown(&e["block"])),
+                            or_unknown(&e["instance_id"]),
+                            text(&e["syscall"]),
+                            text(&e["action"]),
+                            text(&e["comm"]),
+                        ]
+                    },
+                ));
+                shown
+            })?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The block's input from `--input`: `-` reads stdin, `@FILE` a file, anything else is
+/// the JSON itself. Whatever the source, it must be one JSON value.
+fn read_input(input: &str) -> Result<Value> {
+    let (text, source) = if input == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading the input from stdin (--input -)")?;
+        (text, "stdin (--input -)".to_string())
+    } else if let Some(path) = input.strip_prefix('@') {
+        let text = fs::read_to_string(path)
+            .with_context(|| format!("reading the input file {path} (--input @{path})"))?;
+        (text, format!("the input file {path}"))
+    } else {
+        return serde_json::from_str(input).with_context(|| {
+            format!("--input is not valid JSON: {input}; give JSON, `-` for stdin or @FILE")
+        });
+    };
+    serde_json::from_str(&text).with_context(|| format!("{source} is not valid JSON"))
 }
 
 /// Reads the manifest and the source files it names, checking it locally first so
@@ -527,23 +633,4 @@ fn quota_text(reply: &Value) -> String {
         origin("burst"),
         usage["tokens"],
     )
-}
-
-pub(crate) fn print(json: bool, reply: &Value, human: impl FnOnce() -> String) {
-    if json {
-        println!("{}", pretty(reply));
-    } else {
-        println!("{}", human().trim_end());
-    }
-}
-
-pub(crate) fn lines(list: &Value, line: impl Fn(&Value) -> String) -> String {
-    match list.as_array() {
-        Some(items) if !items.is_empty() => items.iter().map(line).collect::<Vec<_>>().join("\n"),
-        _ => "(none)".to_string(),
-    }
-}
-
-fn pretty(value: &Value) -> String {
-    serde_json::to_string_pretty(value).unwrap_or_else(|_| value.to_string())
 }

@@ -43,6 +43,9 @@ pub enum PoolError {
         waited: Duration,
         retry_after: Duration,
     },
+    /// The operator disabled the account: none of its code runs.
+    #[error("account {account} is disabled: none of its code runs; ask the operator to enable it (refinery accounts enable {account})")]
+    AccountDisabled { account: String },
     /// The server is stopping; it takes no new invocations.
     #[error("the server is shutting down and takes no new invocations")]
     ShuttingDown,

@@ -13,7 +13,9 @@
 //! Prometheus metrics ([`InstancePool::render_metrics`]).
 //!
 //! It also enforces per-account quotas (live instances, their total memory, invocation
-//! rate; see [`Quota`]) so one account cannot starve the others.
+//! rate; see [`Quota`]) so one account cannot starve the others, and runs nothing of an
+//! account the operator disabled ([`InstancePool::disable_account`]: its instances are
+//! destroyed, none starts until it is enabled).
 //!
 //! It never touches the database and never decides who may invoke what: the API layer
 //! authorises and records; the pool only runs. It is independent of the isolation tier

@@ -1,8 +1,8 @@
 //! The pool itself: admission (account rate, block concurrency, account instance and
 //! memory quotas), warm-or-cold instance choice, one invocation, release (freeze) or
-//! discard, reaping, retirement and shutdown.
+//! discard, reaping, retirement, disabled accounts and shutdown.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -125,6 +125,9 @@ struct Inner {
     registry: Mutex<HashMap<String, Registered>>,
     /// Every account's quota and usage ledger.
     accounts: Accounts,
+    /// Accounts the operator disabled: no instance of theirs is started or kept. Locked
+    /// after `blocks` when both are held.
+    disabled: Mutex<HashSet<String>>,
     shutting_down: AtomicBool,
     metrics: PoolMetrics,
     /// Time origin for the keep-alive histories.
@@ -167,6 +170,7 @@ impl InstancePool {
                 origin: Instant::now(),
                 config,
                 blocks: Mutex::new(HashMap::new()),
+                disabled: Mutex::new(HashSet::new()),
                 registry: Mutex::new(HashMap::new()),
                 shutting_down: AtomicBool::new(false),
             }),
@@ -464,6 +468,44 @@ impl InstancePool {
         let _ = destroying.await;
     }
 
+    /// Stops running anything of the account: from now on no instance of it starts
+    /// (invocations and provisioning are refused with [`PoolError::AccountDisabled`]), its
+    /// idle instances (`min_warm` ones included) are destroyed now and busy ones when their
+    /// invocation ends. Cancelling the caller does not stop the destruction.
+    pub async fn disable_account(&self, account_id: &str) {
+        let idle: Vec<Instance> = {
+            let mut blocks = lock(&self.inner.blocks);
+            lock(&self.inner.disabled).insert(account_id.to_string());
+            let keys: Vec<BlockKey> = blocks
+                .iter()
+                .filter(|(_, b)| b.target.account_id == account_id)
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.iter()
+                .filter_map(|k| blocks.remove(k))
+                .flat_map(|block_pool| block_pool.retire())
+                .collect()
+        };
+        let pool = self.clone();
+        let destroying = tokio::spawn(async move {
+            for instance in idle {
+                pool.discard(instance).await;
+            }
+        });
+        let _ = destroying.await;
+    }
+
+    /// Lets the account's instances start again (its provisioned instances are started by
+    /// the next [`InstancePool::provision`] of its live deployments).
+    pub fn enable_account(&self, account_id: &str) {
+        lock(&self.inner.disabled).remove(account_id);
+    }
+
+    /// Whether the account is disabled in this pool.
+    pub fn is_account_disabled(&self, account_id: &str) -> bool {
+        lock(&self.inner.disabled).contains(account_id)
+    }
+
     /// Every live instance, for operators (and, filtered, for their owners).
     pub fn instances(&self) -> Vec<InstanceInfo> {
         let mut list: Vec<InstanceInfo> = lock(&self.inner.registry)
@@ -560,6 +602,11 @@ impl InstancePool {
                 .metrics
                 .labels(&target.account_id, &target.project, &target.block.name);
         let mut blocks = lock(&self.inner.blocks);
+        if lock(&self.inner.disabled).contains(&target.account_id) {
+            return Err(PoolError::AccountDisabled {
+                account: target.account_name.clone(),
+            });
+        }
         let entry = blocks.entry(key).or_insert_with(|| {
             Arc::new(BlockPool::new(
                 target.clone(),
@@ -990,6 +1037,8 @@ impl InstancePool {
             for target in targets.into_iter().filter(|t| t.block.min_warm > 0) {
                 let block_pool = match pool.block_pool(&target).await {
                     Ok(block_pool) => block_pool,
+                    // Provisioned again when the operator enables it.
+                    Err(PoolError::AccountDisabled { .. }) => continue,
                     Err(e) => {
                         tracing::warn!(block = %target.block.name, error = %e, "cannot provision block");
                         continue;

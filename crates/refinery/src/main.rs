@@ -2,13 +2,14 @@
 //! in-sandbox init every instance starts as. `main` only parses arguments and wires the
 //! library crates together.
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use refinery_cli::{ClientArgs, ClientCommand};
 use refinery_server::{KeepAliveMode, Quota, ScaleUpLimit, ServeConfig, DEFAULT_MAX_LABEL_SETS};
 
@@ -22,10 +23,40 @@ const SANDBOX_INIT_ARG: &str = "__sandbox-init";
     about = "Refinery: a self-hosted serverless platform"
 )]
 struct Cli {
-    #[command(flatten)]
-    client: ClientArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+impl Cli {
+    /// Parses the command line. The client options (`--url`, `--api-key`, `--json`) are
+    /// added to every client command (and its subcommands), never to `serve`: they are
+    /// given after the command (`refinery accounts list --json`) or through the
+    /// environment. Exits with clap's message on bad arguments (and for --help).
+    fn parse_with_client_args() -> (Command, ClientArgs) {
+        let mut command = Cli::command();
+        let client_commands: Vec<String> = command
+            .get_subcommands()
+            .map(|c| c.get_name().to_string())
+            .filter(|name| name != "serve")
+            .collect();
+        for name in client_commands {
+            command = command.mut_subcommand(name, ClientArgs::augment_args);
+        }
+        let matches = command.get_matches();
+        let parsed = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        let client = match &parsed.command {
+            Command::Serve(_) => None,
+            Command::Client(_) => matches
+                .subcommand()
+                .map(|(_, sub)| ClientArgs::from_arg_matches(sub).unwrap_or_else(|e| e.exit())),
+        };
+        let client = client.unwrap_or_else(|| ClientArgs {
+            url: String::new(),
+            api_key: None,
+            json: false,
+        });
+        (parsed.command, client)
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,29 +140,47 @@ fn main() -> ExitCode {
         let code = refinery_sandbox::init_main(refinery_runtimes::run_builtin);
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
-    let cli = Cli::parse();
-    match run(cli) {
+    let (command, client) = Cli::parse_with_client_args();
+    match run(command, client) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", error_chain(&error));
             ExitCode::FAILURE
         }
     }
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
+fn run(command: Command, client: ClientArgs) -> Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    match cli.command {
+    match command {
         Command::Serve(args) => {
             init_tracing();
             runtime.block_on(serve(args))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Client(command) => runtime.block_on(refinery_cli::run(cli.client, command)),
+        Command::Client(command) => runtime.block_on(refinery_cli::run(client, command)),
     }
+}
+
+/// The error and its causes on one line, each said once: many errors already include
+/// their cause's text in their own message (`opening the store: <cause>`), and printing
+/// the chain as it is would repeat it.
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let message = cause.to_string();
+        if text.contains(&message) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&message);
+    }
+    text
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
@@ -185,8 +234,13 @@ async fn shutdown_signal() {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("REFINERY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only for a person at a terminal: a log file or journal gets plain text, and
+    // NO_COLOR (https://no-color.org) turns it off everywhere.
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .init();
 }

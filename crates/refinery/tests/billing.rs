@@ -1,6 +1,8 @@
 //! Metering and monthly bills over HTTP against a real server: usage reconciling with
 //! executions under concurrent load, a restart between usage and the close, idempotent
-//! close, the next-month rule, spending caps (402), tenancy, and the CLI.
+//! close, the next-month rule, spending caps (402), tenancy, and the CLI. A month can be
+//! closed only once it is over (409 before): the tests close the current month as the
+//! server would at its end, in the store of a stopped server, then start it again.
 //!
 //! Expected amounts are computed here by hand from the executions the server recorded,
 //! with integer arithmetic and exact decimals (no floats past the measured durations).
@@ -64,6 +66,24 @@ fn billed_ms(duration_ms: f64, granularity_ms: i64) -> i64 {
     let micros = (duration_ms * 1000.0).round() as i64;
     let granule = granularity_ms * 1000;
     (micros + granule - 1) / granule * granularity_ms
+}
+
+/// Closes `period` as the automatic closer will once the month is over: stops `server`,
+/// closes the month in its store at the month's end, and starts a server on the same data
+/// dir again. The caller keeps `server` alive (it owns the data dir).
+async fn close_as_if_over(server: &mut Server, period: &str) -> Server {
+    server.stop();
+    let period: refinery_billing::Period = period.parse().expect("period");
+    let store = refinery_store::Store::open(&server.data_dir)
+        .await
+        .expect("open store");
+    store
+        .close_period(period, period.end_ms())
+        .await
+        .expect("store")
+        .expect("a month is closed at its end");
+    store.close().await;
+    Server::start_in(&server.data_dir.clone(), &[]).await
 }
 
 async fn put(server: &Server, path: &str, key: &str, body: Value) -> Value {
@@ -163,11 +183,33 @@ async fn concurrent_usage_reconciles_to_the_cent_across_a_restart_and_an_idempot
         assert_eq!(rows.egress_bytes, egress);
         store.close().await;
     }
-    let server = Server::start_in(&server.data_dir.clone(), &[]).await;
+    let mut server = Server::start_in(&server.data_dir.clone(), &[]).await;
     let usage = get(&server, &format!("/v1/usage?month={period}"), &key).await;
     check_usage(&usage);
 
-    // Close the month: the bill, computed by hand.
+    // The month is not over: it cannot be closed yet, and nothing is stored.
+    let (status, early) = server
+        .request(
+            "POST",
+            &format!("/v1/bills/{period}/close"),
+            Some(&op),
+            None,
+        )
+        .await;
+    assert_eq!(status, 409, "{early}");
+    assert_eq!(early["error"]["code"], "conflict", "{early}");
+    let message = early["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("has not ended yet"), "{message}");
+    let from = format!("{}-01 00:00 UTC", next_month(&period));
+    assert!(
+        message.contains(&from),
+        "says when it can be closed: {message}"
+    );
+    assert_eq!(get(&server, "/v1/bills", &op).await["bills"], json!([]));
+    assert_eq!(get(&server, "/v1/usage", &key).await["period"], period);
+
+    // Closed at its end: the bill, computed by hand.
+    let server = close_as_if_over(&mut server, &period).await;
     let (status, closed) = server
         .request(
             "POST",
@@ -320,7 +362,7 @@ async fn a_reached_spending_cap_refuses_invocations_with_402_until_raised() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn accounts_see_only_their_own_usage_and_bills_and_the_cli_drives_it_all() {
-    let server = Server::start().await;
+    let mut server = Server::start().await;
     let op = server.operator_key.clone();
     let (alpha_id, alpha) = server.account("alpha").await;
     let (_, beta) = server.account("beta").await;
@@ -456,7 +498,15 @@ async fn accounts_see_only_their_own_usage_and_bills_and_the_cli_drives_it_all()
     assert_eq!(status, 400, "{body}");
     assert!(body.to_string().contains("YYYY-MM"), "{body}");
 
-    // Close (operator, CLI), twice; bills and CSV.
+    // The current month cannot be closed yet (CLI); once over, closing (operator, CLI)
+    // twice gives the same bills; bills and CSV.
+    let (code, out, err) = server.cli(&op, &["bills", "close", &period], None);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("has not ended yet") && err.contains("HTTP 409"),
+        "{err}"
+    );
+    let server = close_as_if_over(&mut server, &period).await;
     let (code, first, err) = server.cli(&op, &["bills", "close", &period, "--json"], None);
     assert_eq!(code, 0, "{first}{err}");
     let (code, second, err) = server.cli(&op, &["bills", "close", &period, "--json"], None);

@@ -64,6 +64,7 @@ impl FromRequestParts<SharedState> for Caller {
             return Ok(Caller::Operator);
         }
         match state.account_by_key_hash(&key_hash).await? {
+            Some(account) if account.is_disabled() => Err(ApiError::AccountDisabled(account.name)),
             Some(account) => Ok(Caller::Account(account)),
             None => Err(ApiError::Unauthorized),
         }

@@ -18,6 +18,9 @@ pub enum ApiError {
     Unauthorized,
     #[error("{0}")]
     Forbidden(String),
+    /// The key is an account's, but the operator disabled that account: 403.
+    #[error("account {0} is disabled by the operator: its keys are refused and none of its code runs; ask the operator to enable it (refinery accounts enable {0})")]
+    AccountDisabled(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -52,7 +55,7 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::Forbidden(_) | ApiError::AccountDisabled(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -69,6 +72,7 @@ impl ApiError {
         match self {
             ApiError::Unauthorized => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
+            ApiError::AccountDisabled(_) => "account_disabled",
             ApiError::NotFound(_) => "not_found",
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Conflict(_) => "conflict",
@@ -174,6 +178,7 @@ impl From<PoolError> for ApiError {
                 retry_after,
                 limit: "scale_up",
             },
+            PoolError::AccountDisabled { account } => ApiError::AccountDisabled(account),
             PoolError::ShuttingDown => ApiError::Unavailable(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }

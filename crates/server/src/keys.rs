@@ -33,9 +33,10 @@ pub fn display_prefix(key: &str) -> String {
     key.chars().take(KEY_PREFIX.len() + 6).collect()
 }
 
-/// Reads the operator key from `path`, or creates it (mode 0600) on first start.
-/// Returns the key and whether it was just created.
-pub fn load_or_create_operator_key(path: &Path) -> std::io::Result<(String, bool)> {
+/// Reads the operator key from `path`, or generates a new one on first start (not saved
+/// yet: [`save_operator_key`] writes it once the server is up). Returns the key and whether
+/// it is new.
+pub fn load_or_generate_operator_key(path: &Path) -> std::io::Result<(String, bool)> {
     match fs::read_to_string(path) {
         Ok(text) => {
             let key = text.trim().to_string();
@@ -49,19 +50,20 @@ pub fn load_or_create_operator_key(path: &Path) -> std::io::Result<(String, bool
             fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
             Ok((key, false))
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = generate_key();
-            let mut file = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)?;
-            writeln!(file, "{key}")?;
-            file.sync_all()?;
-            Ok((key, true))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((generate_key(), true)),
         Err(e) => Err(e),
     }
+}
+
+/// Writes a new operator key to `path` (mode 0600); fails if the file exists.
+pub fn save_operator_key(path: &Path, key: &str) -> std::io::Result<()> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    writeln!(file, "{key}")?;
+    file.sync_all()
 }
 
 #[cfg(test)]
@@ -82,11 +84,14 @@ mod tests {
     fn operator_key_is_created_once_with_mode_0600() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("operator.key");
-        let (key, created) = load_or_create_operator_key(&path).expect("create");
+        let (key, created) = load_or_generate_operator_key(&path).expect("generate");
         assert!(created);
+        assert!(!path.exists(), "not saved before the server is up");
+        save_operator_key(&path, &key).expect("save");
+        assert!(save_operator_key(&path, &key).is_err(), "never overwritten");
         let mode = fs::metadata(&path).expect("meta").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let (again, created) = load_or_create_operator_key(&path).expect("read");
+        let (again, created) = load_or_generate_operator_key(&path).expect("read");
         assert!(!created);
         assert_eq!(key, again);
     }

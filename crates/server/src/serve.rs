@@ -91,7 +91,9 @@ pub enum ServeError {
 
 /// Runs the server until `shutdown` resolves, then drains: running invocations get
 /// `shutdown_grace` to finish, after which every instance is killed and its cgroups removed.
-/// `on_ready` receives the bound address (useful with port 0).
+/// `on_ready` receives the bound address (useful with port 0). The listener is bound
+/// before anything is created on the host, and a start that fails later releases the host
+/// again.
 pub async fn serve(
     config: ServeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -107,17 +109,22 @@ pub async fn serve(
 
     let key_path = data_dir.join("operator.key");
     let (operator_key, created) =
-        keys::load_or_create_operator_key(&key_path).map_err(|source| ServeError::OperatorKey {
-            path: key_path.clone(),
+        keys::load_or_generate_operator_key(&key_path).map_err(|source| {
+            ServeError::OperatorKey {
+                path: key_path.clone(),
+                source,
+            }
+        })?;
+
+    // Before anything is created on the host (cgroups, standby sandboxes): a port in use
+    // fails here, leaving nothing behind.
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Listen {
+            addr: config.listen,
             source,
         })?;
-    if created {
-        // Printed once, on first start; afterwards only the file (mode 0600) holds it.
-        println!(
-            "Operator key (shown once; also saved in {}): {operator_key}",
-            key_path.display()
-        );
-    }
+    let addr = listener.local_addr().map_err(ServeError::Http)?;
 
     let store = Store::open(data_dir).await?;
 
@@ -136,9 +143,15 @@ pub async fn serve(
         {
             tracing::warn!(%what, %fix, "outbound network for blocks is unavailable; `network = true` deployments will be refused");
         }
-        other => other?,
+        Err(e) => {
+            release_host(&host);
+            return Err(e.into());
+        }
+        Ok(()) => {}
     }
     let host = Arc::new(host);
+    // From here on a failed start releases what it made on the host.
+    let started = ReleaseUnlessStarted(Some(host.clone()));
     let stale = host.cleanup_stale()?;
     if stale > 0 {
         tracing::warn!(count = stale, "removed instances left by a previous run");
@@ -183,14 +196,22 @@ pub async fn serve(
         keys::hash_key(&operator_key),
     ));
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(ServeError::Http)?;
     tracing::info!(%addr, "listening");
+    if created {
+        // Saved and printed once, by the first start that comes up; afterwards only the
+        // file (mode 0600) holds it. A start that failed earlier has shown no key.
+        keys::save_operator_key(&key_path, &operator_key).map_err(|source| {
+            ServeError::OperatorKey {
+                path: key_path.clone(),
+                source,
+            }
+        })?;
+        println!(
+            "Operator key (shown once; also saved in {}): {operator_key}",
+            key_path.display()
+        );
+    }
+    started.disarm();
     on_ready(addr);
 
     // Bills: each month is closed automatically once it is over.
@@ -225,11 +246,40 @@ pub async fn serve(
     served
 }
 
+/// Releases the sandbox host (its cgroups, zygotes and standby sandboxes) when dropped
+/// armed: a start that fails after the host was set up leaves nothing behind.
+struct ReleaseUnlessStarted(Option<Arc<SandboxHost>>);
+
+impl ReleaseUnlessStarted {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for ReleaseUnlessStarted {
+    fn drop(&mut self) {
+        if let Some(host) = self.0.take() {
+            release_host(&host);
+        }
+    }
+}
+
+fn release_host(host: &SandboxHost) {
+    if let Err(e) = host.release() {
+        tracing::warn!(error = %e, "removing the sandbox cgroups after a failed start");
+    }
+}
+
 /// Provisioned concurrency survives restarts: every live deployment's `min_warm`
-/// instances are started before the listener opens.
+/// instances are started before the server answers. Disabled accounts stay disabled:
+/// nothing of theirs is provisioned.
 async fn provision_live_deployments(store: &Store, pool: &InstancePool) -> Result<(), ServeError> {
     let mut targets = Vec::new();
     for account in store.list_accounts().await? {
+        if account.is_disabled() {
+            pool.disable_account(&account.id).await;
+            continue;
+        }
         for project in store.list_projects(&account.id).await? {
             let Some(live) = store.live_deployment(&account.id, &project.name).await? else {
                 continue;

@@ -16,8 +16,12 @@ pub struct AppState {
     pub pool: InstancePool,
     /// SHA-256 of the operator key (the key itself is only in `operator.key`).
     pub operator_key_hash: String,
-    /// Accounts by key hash. Keys are never revoked yet, so entries never go stale.
+    /// Accounts by key hash; an account's entries are dropped when its key is rotated or
+    /// it is disabled or enabled ([`AppState::forget_account_keys`]).
     accounts_by_key: RwLock<HashMap<String, Account>>,
+    /// Bumped by every such invalidation, like `live_generation`: a lookup that raced a
+    /// rotation must not put the old key back.
+    keys_generation: AtomicU64,
     /// The live deployment of each (account id, project), invalidated on deploy/rollback.
     live: RwLock<HashMap<(String, String), Arc<LiveDeployment>>>,
     /// Bumped by every invalidation: a lookup that raced a deploy must not put the
@@ -59,6 +63,7 @@ impl AppState {
             pool,
             operator_key_hash,
             accounts_by_key: RwLock::new(HashMap::new()),
+            keys_generation: AtomicU64::new(0),
             live: RwLock::new(HashMap::new()),
             live_generation: AtomicU64::new(0),
             quota_updates: tokio::sync::Mutex::new(()),
@@ -71,11 +76,23 @@ impl AppState {
         if let Some(account) = read(&self.accounts_by_key).get(key_hash) {
             return Ok(Some(account.clone()));
         }
+        let generation = self.keys_generation.load(Ordering::Acquire);
         let found = self.store.account_by_key_hash(key_hash).await?;
         if let Some(account) = &found {
-            write(&self.accounts_by_key).insert(key_hash.to_string(), account.clone());
+            let mut cache = write(&self.accounts_by_key);
+            if self.keys_generation.load(Ordering::Acquire) == generation {
+                cache.insert(key_hash.to_string(), account.clone());
+            }
         }
         Ok(found)
+    }
+
+    /// Forgets every cached key of the account, after its keys or its state changed in
+    /// the store: the next request with any of them reads the store again.
+    pub fn forget_account_keys(&self, account_id: &str) {
+        let mut cache = write(&self.accounts_by_key);
+        self.keys_generation.fetch_add(1, Ordering::AcqRel);
+        cache.retain(|_, account| account.id != account_id);
     }
 
     /// The live deployment of `project` owned by `account_id`, or 404.

@@ -1,4 +1,5 @@
-//! Accounts (tenants) and their API keys. Keys are stored only as SHA-256 hex hashes.
+//! Accounts (tenants), whether the operator disabled them, and their API keys (created,
+//! added, rotated). Keys are stored only as SHA-256 hex hashes.
 
 use serde::{Deserialize, Serialize};
 use sqlx::FromRow;
@@ -13,7 +14,20 @@ pub struct Account {
     pub name: String,
     /// Creation time, milliseconds since the Unix epoch (UTC).
     pub created_at_ms: i64,
+    /// When the operator disabled the account (`None`: active). A disabled account's keys
+    /// are refused and none of its code runs.
+    #[serde(default)]
+    pub disabled_at_ms: Option<i64>,
 }
+
+impl Account {
+    pub fn is_disabled(&self) -> bool {
+        self.disabled_at_ms.is_some()
+    }
+}
+
+/// The columns of [`Account`], for every query that reads one.
+pub(crate) const ACCOUNT_COLUMNS: &str = "id, name, created_at_ms, disabled_at_ms";
 
 /// A new account id: `acct_` + 16 random lowercase hex characters (64 bits).
 fn new_account_id() -> String {
@@ -37,6 +51,7 @@ impl Store {
             id: new_account_id(),
             name: name.to_string(),
             created_at_ms: now_ms(),
+            disabled_at_ms: None,
         };
         let mut tx = self
             .pool
@@ -85,9 +100,9 @@ impl Store {
 
     /// Every account, oldest first. For operators only: not scoped to a tenant.
     pub async fn list_accounts(&self) -> Result<Vec<Account>, StoreError> {
-        sqlx::query_as::<_, Account>(
-            "SELECT id, name, created_at_ms FROM accounts ORDER BY created_at_ms, name",
-        )
+        sqlx::query_as::<_, Account>(&format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts ORDER BY created_at_ms, name"
+        ))
         .fetch_all(&self.pool)
         .await
         .map_err(StoreError::db("listing accounts"))
@@ -96,7 +111,7 @@ impl Store {
     /// The account owning the API key whose SHA-256 hex is `key_hash`, if any.
     pub async fn account_by_key_hash(&self, key_hash: &str) -> Result<Option<Account>, StoreError> {
         sqlx::query_as::<_, Account>(
-            "SELECT a.id, a.name, a.created_at_ms \
+            "SELECT a.id, a.name, a.created_at_ms, a.disabled_at_ms \
              FROM api_keys k JOIN accounts a ON a.id = k.account_id \
              WHERE k.key_hash = ?",
         )
@@ -109,20 +124,73 @@ impl Store {
     /// The account named `name`, if any (names are unique). For operators and the CLI,
     /// which let an account be named by name or id.
     pub async fn account_by_name(&self, name: &str) -> Result<Option<Account>, StoreError> {
-        sqlx::query_as::<_, Account>("SELECT id, name, created_at_ms FROM accounts WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(StoreError::db(format!("reading account `{name}`")))
+        sqlx::query_as::<_, Account>(&format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE name = ?"
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::db(format!("reading account `{name}`")))
     }
 
     /// The account with this id, if any.
     pub async fn account(&self, account_id: &str) -> Result<Option<Account>, StoreError> {
-        sqlx::query_as::<_, Account>("SELECT id, name, created_at_ms FROM accounts WHERE id = ?")
+        sqlx::query_as::<_, Account>(&format!(
+            "SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE id = ?"
+        ))
+        .bind(account_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::db(format!("reading account {account_id}")))
+    }
+}
+
+impl Store {
+    /// Disables (`true`) or enables the account: stored, so it survives restarts.
+    /// Disabling an already disabled account keeps its first `disabled_at_ms`. Returns the
+    /// account as it is now; [`StoreError::AccountNotFound`] if there is none.
+    pub async fn set_account_disabled(
+        &self,
+        account_id: &str,
+        disabled: bool,
+    ) -> Result<Account, StoreError> {
+        let what = || {
+            format!(
+                "{} account {account_id}",
+                if disabled { "disabling" } else { "enabling" }
+            )
+        };
+        let at = disabled.then(now_ms);
+        sqlx::query_as::<_, Account>(&format!(
+            "UPDATE accounts SET disabled_at_ms = CASE WHEN ? IS NULL THEN NULL \
+             ELSE COALESCE(disabled_at_ms, ?) END WHERE id = ? RETURNING {ACCOUNT_COLUMNS}"
+        ))
+        .bind(at)
+        .bind(at)
+        .bind(account_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(StoreError::db(what()))?
+        .ok_or_else(|| StoreError::AccountNotFound(account_id.to_string()))
+    }
+
+    /// Replaces every API key of the account with one new key (its SHA-256 hex and display
+    /// prefix), in one transaction: from its commit on, only the new key works.
+    pub async fn rotate_api_key(
+        &self,
+        account_id: &str,
+        key_hash: &str,
+        key_prefix: &str,
+    ) -> Result<(), StoreError> {
+        let what = || format!("rotating the API key of account {account_id}");
+        let mut tx = self.pool.begin().await.map_err(StoreError::db(what()))?;
+        sqlx::query("DELETE FROM api_keys WHERE account_id = ?")
             .bind(account_id)
-            .fetch_optional(&self.pool)
+            .execute(&mut *tx)
             .await
-            .map_err(StoreError::db(format!("reading account {account_id}")))
+            .map_err(StoreError::db(what()))?;
+        insert_key(&mut tx, account_id, key_hash, key_prefix, now_ms()).await?;
+        tx.commit().await.map_err(StoreError::db(what()))
     }
 }
 

@@ -42,12 +42,14 @@ pub struct Spending {
     pub reached: bool,
 }
 
-/// A month that cannot be closed yet.
+/// A month that cannot be closed yet: it has not ended (the current month, or a future
+/// one). Closing it early would bill the rest of its usage in the following month.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "{period} has not started yet; a month can be closed once it has begun (usually after it ends)"
+    "{period} has not ended yet: it can be closed from {} UTC on (the server also closes it by itself then); closing it early would bill the rest of its usage in the following month",
+    chrono::DateTime::from_timestamp_millis(period.end_ms()).map(|t| t.format("%Y-%m-%d %H:%M").to_string()).unwrap_or_default()
 )]
-pub struct NotStarted {
+pub struct NotEnded {
     pub period: Period,
 }
 
@@ -201,19 +203,16 @@ impl Store {
     }
 
     /// Closes `period` at `now_ms`: one immutable bill per account that existed before
-    /// the month's end (or before `now_ms`, when closing a month early). Idempotent: a
-    /// closed month returns its stored bills unchanged. Usage that ends in a closed month
-    /// is counted in the next open one.
+    /// the month's end. Idempotent: a closed month returns its stored bills unchanged.
+    /// Usage that ends in a closed month is counted in the next open one.
     ///
-    /// `Ok(Err(NotStarted))` for a month that has not begun.
+    /// `Ok(Err(NotEnded))` for a month that is not over at `now_ms` (the current month or
+    /// a later one) and not closed yet: nothing is written.
     pub async fn close_period(
         &self,
         period: Period,
         now_ms: i64,
-    ) -> Result<Result<Vec<BillRecord>, NotStarted>, StoreError> {
-        if period.start_ms() > now_ms {
-            return Ok(Err(NotStarted { period }));
-        }
+    ) -> Result<Result<Vec<BillRecord>, NotEnded>, StoreError> {
         let what = || format!("closing {period}");
         // IMMEDIATE: no execution can be metered into this month between the totals
         // read below and the close being recorded.
@@ -227,10 +226,15 @@ impl Store {
             tx.commit().await.map_err(StoreError::db(what()))?;
             return Ok(Ok(bills));
         }
-        let as_of = period.end_ms().min(now_ms);
-        let accounts: Vec<Account> = sqlx::query_as(
-            "SELECT id, name, created_at_ms FROM accounts WHERE created_at_ms < ? ORDER BY id",
-        )
+        if period.end_ms() > now_ms {
+            tx.commit().await.map_err(StoreError::db(what()))?;
+            return Ok(Err(NotEnded { period }));
+        }
+        let as_of = period.end_ms();
+        let accounts: Vec<Account> = sqlx::query_as(&format!(
+            "SELECT {} FROM accounts WHERE created_at_ms < ? ORDER BY id",
+            crate::accounts::ACCOUNT_COLUMNS
+        ))
         .bind(as_of)
         .fetch_all(&mut *tx)
         .await

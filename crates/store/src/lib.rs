@@ -64,7 +64,7 @@ use sqlx::SqlitePool;
 
 pub use accounts::Account;
 pub use audit::{SecurityEvent, MAX_AUDIT_EVENTS_PER_ACCOUNT, MAX_AUDIT_LIST};
-pub use bills::{BillRecord, NotStarted, Spending};
+pub use bills::{BillRecord, NotEnded, Spending};
 pub use deployments::{Deployment, DeploymentSummary, ProjectSummary};
 pub use error::StoreError;
 pub use executions::MAX_EXECUTION_LIST;

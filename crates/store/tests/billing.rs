@@ -166,10 +166,19 @@ async fn closing_is_idempotent_immutable_and_later_usage_goes_to_the_next_month(
         .insert_execution(&execution(&b.id, "b0", 1.0, None), &usage(128, t, 0))
         .await?;
 
-    // A month that has not begun cannot be closed.
+    // A month that has not begun, or has not ended, cannot be closed.
     assert!(store.close_period(period.next(), t + 1).await?.is_err());
+    let early = store.close_period(period, t + 1).await?;
+    let message = early.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(message.contains("has not ended yet"), "{message}");
+    assert_eq!(
+        store.period_closed_at(period).await?,
+        None,
+        "nothing written"
+    );
 
-    let closed_at = t + 1;
+    // Closed once it is over (here: at its first instant after).
+    let closed_at = period.end_ms();
     let first = store
         .close_period(period, closed_at)
         .await?

@@ -1,5 +1,6 @@
-//! `/v1/accounts`: the operator creates and lists customer accounts and sets their
-//! quotas; an account may read its own quota.
+//! `/v1/accounts`: the operator creates, lists, disables and enables customer accounts,
+//! rotates their keys and sets their quotas; an account may read its own quota and rotate
+//! its own key.
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
@@ -68,11 +69,91 @@ pub async fn list(
 ) -> Result<Json<Value>, ApiError> {
     caller.require_operator()?;
     let accounts = state.store.list_accounts().await?;
-    let list: Vec<Value> = accounts
-        .into_iter()
-        .map(|a| json!({ "id": a.id, "name": a.name, "created_at": rfc3339(a.created_at_ms) }))
-        .collect();
+    let list: Vec<Value> = accounts.iter().map(account_json).collect();
     Ok(Json(json!({ "accounts": list })))
+}
+
+/// An account as the API shows it (never its key).
+fn account_json(a: &Account) -> Value {
+    json!({
+        "id": a.id,
+        "name": a.name,
+        "created_at": rfc3339(a.created_at_ms),
+        "state": if a.is_disabled() { "disabled" } else { "active" },
+        "disabled_at": a.disabled_at_ms.map(rfc3339),
+    })
+}
+
+/// `POST /v1/accounts/{account}/disable` (operator): the account's keys are refused with
+/// 403 `account_disabled` from now on, its idle instances (provisioned ones included) are
+/// destroyed at once and busy ones when their invocation ends; nothing of it runs or is
+/// provisioned (also after a restart) until it is enabled. Its data stays. Idempotent.
+pub async fn disable(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(account): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_operator()?;
+    let account = visible_account(&state, &caller, &account).await?;
+    let account = state.store.set_account_disabled(&account.id, true).await?;
+    // Store first (a restart keeps it disabled), then the cache (its keys now read the
+    // disabled state), then the pool (nothing of it starts; its instances go).
+    state.forget_account_keys(&account.id);
+    state.pool.disable_account(&account.id).await;
+    tracing::info!(account = %account.id, name = %account.name, "account disabled");
+    Ok(Json(account_json(&account)))
+}
+
+/// `POST /v1/accounts/{account}/enable` (operator): its keys work again and its live
+/// deployments' provisioned (`min_warm`) instances are started before the reply.
+pub async fn enable(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(account): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_operator()?;
+    let account = visible_account(&state, &caller, &account).await?;
+    let account = state.store.set_account_disabled(&account.id, false).await?;
+    state.pool.enable_account(&account.id);
+    state.forget_account_keys(&account.id);
+    for project in state.store.list_projects(&account.id).await? {
+        if let Some(live) = state
+            .store
+            .live_deployment(&account.id, &project.name)
+            .await?
+        {
+            super::deployments::provision(&state, &account, &live).await;
+        }
+    }
+    tracing::info!(account = %account.id, name = %account.name, "account enabled");
+    Ok(Json(account_json(&account)))
+}
+
+/// `POST /v1/accounts/{account}/rotate-key` (the operator, or the account itself): a new
+/// API key replaces every key the account had; the old one is refused from this reply on.
+/// The new key is in the reply only, as with `create`.
+pub async fn rotate_key(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(account): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let account = visible_account(&state, &caller, &account).await?;
+    let key = keys::generate_key();
+    state
+        .store
+        .rotate_api_key(
+            &account.id,
+            &keys::hash_key(&key),
+            &keys::display_prefix(&key),
+        )
+        .await?;
+    state.forget_account_keys(&account.id);
+    tracing::info!(account = %account.id, name = %account.name, "API key rotated");
+    Ok(Json(json!({
+        "id": account.id,
+        "name": account.name,
+        "api_key": key,
+    })))
 }
 
 /// A quota change: a field given sets that limit, `null` returns it to the server's

@@ -364,8 +364,9 @@ pub async fn show_bill(
     })
 }
 
-/// `POST /v1/bills/{month}/close` (operator): closes the month into immutable bills;
-/// closing again returns the same bills.
+/// `POST /v1/bills/{month}/close` (operator): closes a month that is over into immutable
+/// bills; closing again returns the same bills. The current month (or a later one) is 409:
+/// closed early, the rest of its usage would be billed in the following month.
 pub async fn close(
     State(state): State<SharedState>,
     caller: Caller,

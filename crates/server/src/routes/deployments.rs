@@ -123,7 +123,7 @@ fn check_min_warm_fits(
 
 /// Starts the live deployment's provisioned (`min_warm`) instances before its first
 /// invocation; the reply comes once they are warm.
-async fn provision(
+pub(super) async fn provision(
     state: &SharedState,
     account: &refinery_store::Account,
     deployment: &Deployment,

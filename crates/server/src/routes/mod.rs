@@ -26,6 +26,12 @@ pub fn router(state: SharedState) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/accounts", post(accounts::create).get(accounts::list))
+        .route("/v1/accounts/{account}/disable", post(accounts::disable))
+        .route("/v1/accounts/{account}/enable", post(accounts::enable))
+        .route(
+            "/v1/accounts/{account}/rotate-key",
+            post(accounts::rotate_key),
+        )
         .route(
             "/v1/accounts/{account}/quota",
             get(accounts::quota)
