@@ -189,3 +189,215 @@ async fn refused_syscalls_are_logged_per_account() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), "(none)", "{out}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Only genuine refusals reach the trail, and only the server's own.
+
+/// Ordinary work in each language: threads and child processes (glibc tries `clone3` for each,
+/// answered ENOSYS quietly so that it falls back to `clone`), and `sync`/`syncfs` (answered 0).
+const ORDINARY: &str = r#"
+name = "ordinary"
+
+[[blocks]]
+name = "py"
+language = "python"
+code = """
+import ctypes, os, subprocess, threading
+libc = ctypes.CDLL(None, use_errno=True)
+
+def main(block_input, backpack):
+    t = threading.Thread(target=lambda: None)
+    t.start()
+    t.join()
+    os.sync()
+    fd = os.open("/code", os.O_RDONLY)
+    synced = libc.syncfs(fd)
+    os.close(fd)
+    out = subprocess.run(["/bin/sh", "-c", "echo hi | tr a-z A-Z"], capture_output=True)
+    return {"sh": out.stdout.decode().strip(), "syncfs": synced}
+"""
+
+[[blocks]]
+name = "node"
+language = "node"
+code = """
+const { execFileSync } = require('node:child_process');
+const { Worker } = require('node:worker_threads');
+exports.main = async () => {
+  const fromWorker = await new Promise((resolve) => {
+    const w = new Worker('require("node:worker_threads").parentPort.postMessage(42)', { eval: true });
+    w.on('message', (m) => { w.terminate(); resolve(m); });
+  });
+  return { sh: execFileSync('/bin/sh', ['-c', 'echo hi | tr a-z A-Z']).toString().trim(), worker: fromWorker };
+};
+"""
+
+[[blocks]]
+name = "shell"
+language = "shell"
+code = """
+echo hi | tr a-z A-Z
+sleep 0 &
+wait
+"""
+
+[[blocks]]
+name = "attack"
+language = "python"
+code = """
+import ctypes, errno
+libc = ctypes.CDLL(None, use_errno=True)
+
+def main(block_input, backpack):
+    ctypes.set_errno(0)
+    r = libc.mount(None, None, None, 0, None)
+    return {"mount": errno.errorcode.get(ctypes.get_errno(), "?") if r != 0 else "ok"}
+"""
+"#;
+
+async fn audit_events(server: &Server, key: &str) -> Vec<Value> {
+    let (status, reply) = server
+        .request("GET", "/v1/audit?limit=1000", Some(key), None)
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["watching"], true, "{reply}");
+    events(&reply)
+}
+
+async fn metrics_text(server: &Server) -> String {
+    server
+        .http
+        .get(format!("{}/metrics", server.url))
+        .bearer_auth(&server.operator_key)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body")
+}
+
+fn unattributed(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("refinery_refused_syscalls_unattributed_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Invokes the ordinary blocks (Python, Node, shell: the first time a cold start) and then the
+/// attack, until the attack's `mount` shows in the trail; returns the trail (operator's view).
+async fn ordinary_work_then_an_attack(server: &Server, key: &str) -> Vec<Value> {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let py = server.invoke_ok(key, "ordinary", "py", json!(null)).await;
+        assert_eq!(py["output"], json!({"sh": "HI", "syncfs": 0}), "{py}");
+        let node = server.invoke_ok(key, "ordinary", "node", json!(null)).await;
+        assert_eq!(node["output"], json!({"sh": "HI", "worker": 42}), "{node}");
+        let shell = server
+            .invoke_ok(key, "ordinary", "shell", json!(null))
+            .await;
+        assert_eq!(shell["output"], json!("HI"), "{shell}");
+        let attack = server
+            .invoke_ok(key, "ordinary", "attack", json!(null))
+            .await;
+        assert_eq!(attack["output"], json!({"mount": "EPERM"}), "{attack}");
+        // The records arrive in the kernel's order: once the attack's is in, any record of
+        // the ordinary blocks' work (made before it) would be too.
+        let found = eventually_events(server, Duration::from_secs(3)).await;
+        if found.iter().any(|e| e["syscall"] == "mount") {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the attack's refused mount never reached the trail (the kernel's rate limit?): {found:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn eventually_events(server: &Server, within: Duration) -> Vec<Value> {
+    let until = Instant::now() + within;
+    loop {
+        let found = audit_events(server, &server.operator_key).await;
+        if found.iter().any(|e| e["syscall"] == "mount") || Instant::now() > until {
+            return found;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ordinary_instance_starts_leave_no_record_and_refusals_still_do() {
+    let server = Server::start().await;
+    let (account_id, key) = server.account("ordinary").await;
+    server.deploy_ok(&key, ORDINARY).await;
+    let found = ordinary_work_then_an_attack(&server, &key).await;
+    for event in &found {
+        assert_eq!(event["block"], "attack", "not a genuine refusal: {event}");
+        assert_eq!(event["syscall"], "mount", "{event}");
+        assert_eq!(event["action"], "errno EPERM", "{event}");
+        assert_eq!(event["account_id"], account_id.as_str(), "{event}");
+    }
+    let metrics = metrics_text(&server).await;
+    for block in ["py", "node", "shell"] {
+        let series = format!(
+            "refinery_refused_syscalls_total{{account=\"{account_id}\",project=\"ordinary\",block=\"{block}\"}}"
+        );
+        assert!(!metrics.contains(&series), "{series} in:\n{metrics}");
+    }
+    assert_eq!(unattributed(&metrics), 0.0, "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_servers_on_one_host_see_only_their_own_instances() {
+    let a = Server::start().await;
+    let b = Server::start().await;
+    let (a_id, a_key) = a.account("alpha").await;
+    let (_, b_key) = b.account("beta").await;
+    a.deploy_ok(&a_key, ORDINARY).await;
+    b.deploy_ok(&b_key, ORDINARY).await;
+    // B runs instances too (so it holds uids), of ordinary work only.
+    let py = b.invoke_ok(&b_key, "ordinary", "py", json!(null)).await;
+    assert_eq!(py["output"]["sh"], "HI", "{py}");
+
+    let found = ordinary_work_then_an_attack(&a, &a_key).await;
+    assert!(
+        found
+            .iter()
+            .any(|e| e["account_id"] == a_id.as_str() && e["block"] == "attack"),
+        "A's attack, attributed to A: {found:?}"
+    );
+    assert!(
+        found.iter().all(|e| e["account_id"] == a_id.as_str()),
+        "{found:?}"
+    );
+
+    // B read the same kernel records: none is its own, so none is stored or counted.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let b_found = audit_events(&b, &b.operator_key).await;
+    assert!(b_found.is_empty(), "B recorded A's refusals: {b_found:?}");
+    let b_metrics = metrics_text(&b).await;
+    assert_eq!(unattributed(&b_metrics), 0.0, "{b_metrics}");
+    assert!(
+        !b_metrics.contains("refinery_refused_syscalls_total{"),
+        "{b_metrics}"
+    );
+
+    // Their instances have distinct uids, from distinct uid blocks.
+    let uids = |instances: Vec<Value>| -> BTreeSet<u64> {
+        instances.iter().filter_map(|i| i["uid"].as_u64()).collect()
+    };
+    let (a_uids, b_uids) = (uids(a.instances().await), uids(b.instances().await));
+    assert!(
+        !a_uids.is_empty() && !b_uids.is_empty(),
+        "{a_uids:?} {b_uids:?}"
+    );
+    let block = |u: &u64| (u - 100_000) / 1024;
+    let a_blocks: BTreeSet<u64> = a_uids.iter().map(block).collect();
+    let b_blocks: BTreeSet<u64> = b_uids.iter().map(block).collect();
+    assert!(
+        a_blocks.is_disjoint(&b_blocks),
+        "A {a_uids:?}, B {b_uids:?}"
+    );
+}
