@@ -1,6 +1,10 @@
 //! The security audit trail over HTTP: a hostile block's refused syscalls come back as
 //! events of its account (`GET /v1/audit`, `refinery audit`), never of another account's,
-//! and as `refinery_refused_syscalls_total` in `/metrics`.
+//! and as `refinery_refused_syscalls_total` in `/metrics`; ordinary work (threads, child
+//! processes, `sync`: the filter's quiet answers) leaves no event; a second server on the
+//! host records none of the first's. Also what those quiet answers and the shims mean for a
+//! block: `sync`/`syncfs` flush nothing of the host; its threads survive into the next warm
+//! invocation, its other processes do not.
 //!
 //! The kernel rate-limits its audit records (and other processes on the host produce them
 //! too), so the block is invoked again until at least one event arrives, and the test asserts
@@ -399,5 +403,194 @@ async fn two_servers_on_one_host_see_only_their_own_instances() {
     assert!(
         a_blocks.is_disjoint(&b_blocks),
         "A {a_uids:?}, B {b_uids:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// What outlives an invocation, and what a block cannot make the host do.
+
+const LIFETIME: &str = r#"
+name = "lifetime"
+
+[[blocks]]
+name = "l"
+language = "python"
+code = """
+import os, threading, time
+state = {"ticks": 0}
+
+def tick():
+    while True:
+        state["ticks"] += 1
+        time.sleep(0.01)
+
+def gone(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+def main(block_input, backpack):
+    if block_input == "start":
+        threading.Thread(target=tick, daemon=True, name="ticker").start()
+        pid = os.fork()
+        if pid == 0:
+            while True:
+                time.sleep(1)
+        return {"child": pid, "pid": os.getpid()}
+    before = state["ticks"]
+    time.sleep(0.3)
+    return {
+        "threads": sorted(t.name for t in threading.enumerate()),
+        "ticking": state["ticks"] > before,
+        "child_gone": gone(block_input["child"]),
+        "pid": os.getpid(),
+    }
+"""
+"#;
+
+/// Threads of the block's own process survive into its next warm invocation (as on Lambda:
+/// the process is frozen, not restarted); every other process it started is killed after each
+/// invocation (`kill(-1, SIGKILL)` in the shim).
+#[tokio::test(flavor = "multi_thread")]
+async fn threads_survive_into_the_next_warm_invocation_other_processes_do_not() {
+    let server = Server::start().await;
+    let (_, key) = server.account("lifetime").await;
+    server.deploy_ok(&key, LIFETIME).await;
+    let first = server
+        .invoke_ok(&key, "lifetime", "l", json!("start"))
+        .await;
+    let child = first["output"]["child"].as_i64().expect("child pid");
+    let second = server
+        .invoke_ok(&key, "lifetime", "l", json!({"child": child}))
+        .await;
+    assert_eq!(second["instance_id"], first["instance_id"], "{second}");
+    assert_eq!(second["cold"], false, "{second}");
+    assert_eq!(second["output"]["pid"], first["output"]["pid"], "{second}");
+    let threads = second["output"]["threads"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        threads.contains(&json!("ticker")),
+        "the thread is gone: {second}"
+    );
+    assert_eq!(
+        second["output"]["ticking"], true,
+        "the thread stopped: {second}"
+    );
+    assert_eq!(
+        second["output"]["child_gone"], true,
+        "the forked child survived: {second}"
+    );
+}
+
+const SYNC: &str = r#"
+name = "flush"
+
+[[blocks]]
+name = "sync"
+language = "python"
+code = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+
+def main(block_input, backpack):
+    if block_input != "sync":
+        return "warm"
+    os.sync()
+    out = {}
+    for path in ["/code", "/usr", "/tmp"]:
+        fd = os.open(path, os.O_RDONLY)
+        out[path] = libc.syncfs(fd)
+        os.close(fd)
+    return out
+"""
+"#;
+
+/// `cachestat(2)` (Linux 6.5): dirty pages of a file in the page cache.
+fn dirty_pages(path: &std::path::Path) -> u64 {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct CacheStat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    const SYS_CACHESTAT: libc::c_long = 451;
+    let file = std::fs::File::open(path).expect("open");
+    let range = Range { off: 0, len: 0 };
+    let mut stat = CacheStat::default();
+    // SAFETY: cachestat reads `range` and writes `stat`, both alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut CacheStat,
+            0,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "cachestat (Linux 6.5+) tells whether a block's sync flushed the host's disk: {}",
+        std::io::Error::last_os_error()
+    );
+    stat.nr_dirty
+}
+
+/// `sync()`/`syncfs()` succeed (0) but flush nothing of the host: a block's only writable
+/// filesystem is its /tmp (memory), so real flushes would only let it stall every tenant's
+/// disk I/O. A host file's dirty pages stay dirty across the block's sync; no audit record.
+#[tokio::test(flavor = "multi_thread")]
+async fn sync_and_syncfs_are_no_ops_that_flush_nothing_of_the_host() {
+    let server = Server::start().await;
+    let (account_id, key) = server.account("flush").await;
+    server.deploy_ok(&key, SYNC).await;
+    let warm = server.invoke_ok(&key, "flush", "sync", json!(null)).await;
+    assert_eq!(warm["output"], "warm", "{warm}");
+    // On the filesystem under the instance's /code (the data dir's).
+    let mut kept_dirty = false;
+    let mut seen = Vec::new();
+    // Another process on the host may sync at any moment: one round that keeps the file dirty
+    // proves the block flushed nothing (a real sync would clean it in every round).
+    for round in 0..5 {
+        // A new file each round (ext4 flushes a truncated-and-rewritten one at close).
+        let dirty = server.data_dir.join(format!("dirty-{round}.bin"));
+        std::fs::write(&dirty, vec![0x5a_u8; 4 << 20]).expect("write");
+        let before = dirty_pages(&dirty);
+        let run = server.invoke_ok(&key, "flush", "sync", json!("sync")).await;
+        assert_eq!(
+            run["output"],
+            json!({"/code": 0, "/usr": 0, "/tmp": 0}),
+            "{run}"
+        );
+        let after = dirty_pages(&dirty);
+        seen.push((before, after));
+        if before > 0 && after > 0 {
+            kept_dirty = true;
+            break;
+        }
+    }
+    assert!(
+        kept_dirty,
+        "the block's sync flushed the host's disk (dirty pages before, after): {seen:?}"
+    );
+    // Quiet: nothing of it in the trail.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let found = audit_events(&server, &server.operator_key).await;
+    assert!(
+        found.iter().all(|e| e["account_id"] != account_id.as_str()),
+        "{found:?}"
     );
 }
