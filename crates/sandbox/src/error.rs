@@ -15,11 +15,20 @@ pub enum SandboxError {
     #[error("invalid sandbox configuration: {0}")]
     InvalidSpec(String),
 
-    /// Every uid of the sandbox uid range is in use by a live instance.
+    /// Every uid of this process's uid blocks is in use and every other block of the range is
+    /// held by another Refinery process on this host.
     #[error(
-        "no free sandbox uid in {first}..={last}: too many live instances; destroy some first"
+        "no free sandbox uid in {first}..={last}: this process's blocks are all in use by live instances and every other block is held by other Refinery processes on this host (lock files in {dir}); destroy some instances or stop another server"
     )]
-    UidExhausted { first: u32, last: u32 },
+    UidExhausted { first: u32, last: u32, dir: PathBuf },
+
+    /// A uid block's lock file could not be created or locked.
+    #[error("claiming a block of sandbox uids through {path}: {source}; the sandbox needs a writable /run/refinery/uids on a filesystem with flock(2) (run as root)")]
+    UidLock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 
     /// Creating a cgroup directory or writing one of its limit files failed.
     #[error("setting up cgroup {path}: {source}; check that the cgroup filesystem is writable by root and the controller is enabled")]

@@ -10,8 +10,9 @@
 //! - host checks ([`SandboxHost::detect`]) and the cgroup subtree `<cgroup_root_name>` in every
 //!   cgroup hierarchy it uses (`<root>/<group>/<instance_id>`), including cleaning up after a
 //!   crashed run ([`SandboxHost::cleanup_stale`]);
-//! - the sandbox uid range (100000..=1000099999, from a random start per server), one uid per
-//!   live instance;
+//! - the sandbox uid range (100000..=165535), one uid per live instance, unique host-wide: each
+//!   process hands out uids only from the blocks it claims under `/run/refinery/uids/`
+//!   (`uid.rs`, [`owns_uid`]);
 //! - creating instances ([`SandboxHost::spawn`]) from one dedicated spawner thread, and their
 //!   whole life up to [`SandboxedInstance::destroy`];
 //! - the in-sandbox init ([`init_main`]) that builds the sandbox around itself;
@@ -59,7 +60,7 @@ pub use init::init_main;
 pub use instance::{ExitReport, SandboxedInstance};
 pub use network::{Cidr, DNS_FORWARD};
 pub use standby::StandbySpec;
-pub use uid::{FIRST_UID, LAST_UID};
+pub use uid::{owns_uid, FIRST_UID, LAST_UID, UID_BLOCK_SIZE, UID_LOCK_DIR};
 pub use zygote::ZygoteSpec;
 
 use cgroup::{CgroupHost, Limits};
@@ -83,28 +84,36 @@ pub const BASE_ENV: &[(&str, &str)] = &[
 /// Working directory of the entry.
 const WORKDIR: &str = "/tmp";
 
-/// One row of the seccomp deny list every instance runs under (see `seccomp.rs`).
+/// One row of the seccomp filter every instance runs under (see `seccomp.rs`): a denial, or a
+/// quiet answer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SyscallDenial {
     pub syscall: &'static str,
     /// Its number on this architecture; None = the architecture has no such syscall.
     pub number: Option<i64>,
-    /// What a denied call fails with.
+    /// What a denied call fails with; 0: it returns 0 without running (a no-op).
     pub errno: i32,
+    /// A call leaves a kernel audit record (the deny list proper). False for the quiet answers
+    /// ordinary code meets (`clone3` → ENOSYS so libc falls back to `clone`, `sync` → 0, ...).
+    pub logged: bool,
     /// Only some calls are denied, by argument (e.g. `clone` with a CLONE_NEW* flag).
     pub by_argument: bool,
     pub why: &'static str,
 }
 
-/// The seccomp deny list, row by row (for operators' reports and the test suite, which proves
-/// every row from inside an instance). Everything else is allowed.
+/// The seccomp filter, row by row: the deny list (logged), then the quiet answers (for operators'
+/// reports and the test suite, which proves every row from inside an instance). Everything
+/// else is allowed.
 pub fn seccomp_deny_list() -> Vec<SyscallDenial> {
-    seccomp::DENY
-        .iter()
-        .map(|d| SyscallDenial {
+    let logged = seccomp::DENY.iter().map(|d| (d, true));
+    let quiet = seccomp::QUIET.iter().map(|d| (d, false));
+    logged
+        .chain(quiet)
+        .map(|(d, logged)| SyscallDenial {
             syscall: d.syscall,
             number: seccomp::nr(d.syscall),
             errno: d.errno,
+            logged,
             by_argument: matches!(d.when, seccomp::When::Any(_)),
             why: d.why,
         })
@@ -734,7 +743,10 @@ fn zygote_config(landlock_abi: Option<u32>) -> Result<ZygoteConfig, SandboxError
         root_tmpfs_options: mounts::ROOT_TMPFS_OPTIONS,
         seccomp: programs
             .iter()
-            .map(|p| p.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect())
+            .map(|p| zygote::SeccompProgram {
+                log: p.log,
+                code: p.bpf.iter().map(|i| (i.code, i.jt, i.jf, i.k)).collect(),
+            })
             .collect(),
         landlock: fs_access::plan(landlock_abi),
     })

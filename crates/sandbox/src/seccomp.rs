@@ -1,20 +1,30 @@
-//! The syscall filter every instance runs under: default ALLOW, and the deny list [`DENY`],
-//! kept here as data so a reviewer reads the whole policy in one place.
+//! The syscall filter every instance runs under: default ALLOW, the deny list [`DENY`] and the
+//! quiet answers [`QUIET`], kept here as data so a reviewer reads the whole policy in one place.
 //!
 //! The init installs it (after `no_new_privs`, as the instance's uid) right before the entry
 //! runs; every process and thread the instance starts inherits it and can only add filters,
-//! never remove one. A denied call fails with the row's errno and leaves a kernel audit record
-//! (`SECCOMP_FILTER_FLAG_LOG`, below), which the server reads back into its audit trail
-//! (`server/src/audit.rs`); the sandbox test suite proves each row from inside a real instance.
+//! never remove one. A call of [`DENY`] fails with the row's errno and leaves a kernel audit
+//! record (its filters carry `SECCOMP_FILTER_FLAG_LOG`, below), which the server reads back into
+//! its audit trail (`server/src/audit.rs`); a call of [`QUIET`] gets the row's answer and leaves
+//! none (its filters are installed without the flag): those are deliberate answers that ordinary
+//! code meets every day (glibc tries `clone3` for every thread and `posix_spawn`), and logging
+//! them floods the kernel's audit rate limit so that real refusals are dropped. The sandbox test
+//! suite proves each row from inside a real instance, and that only [`DENY`] reaches the log.
 //!
-//! How it is compiled: seccompiler gives one action per filter, so the rows are grouped by errno
-//! and each group becomes one filter (the kernel runs every filter and the most restrictive
-//! answer wins; the groups never match the same call). Every filter starts with seccompiler's
-//! architecture check, which kills a process that makes a syscall through another ABI (e.g.
-//! 32-bit `int 0x80` on x86_64), so the deny list cannot be bypassed through the compat table.
-//! On x86_64 a hand-written guard also fails every x32-ABI syscall (`nr | 0x40000000`) with
-//! ENOSYS, for the same reason. Since Linux 5.11 the kernel caches "always allowed" syscalls per
-//! filter, so calls outside this table do not even run the BPF program.
+//! How it is compiled: seccompiler gives one action per filter, so the rows are grouped by
+//! (table, errno) and each group becomes one filter. The kernel runs every filter, newest first,
+//! and keeps the lowest action (`SECCOMP_RET_ERRNO` for all of these, whatever the errno); among
+//! equal actions the first it met — the newest filter's — wins, and the audit record is written
+//! or not by that filter's log flag (`kernel/seccomp.c`: `seccomp_run_filters`, `seccomp_log`).
+//! The two tables never name the same syscall ([`programs`] refuses it), and the logged filters
+//! are installed last, so even a mistake there would log rather than hide a refusal. Every filter
+//! starts with seccompiler's architecture check, which kills a process that makes a syscall
+//! through another ABI (e.g. 32-bit `int 0x80` on x86_64; kills are always logged), so the deny
+//! list cannot be bypassed through the compat table. On x86_64 a hand-written guard (logged: no
+//! ordinary code makes x32 calls, an attempt is a bypass attempt) also fails every x32-ABI
+//! syscall (`nr | 0x40000000`) with ENOSYS, for the same reason. Since Linux 5.11 the kernel
+//! caches "always allowed" syscalls per filter, so calls outside these tables do not even run the
+//! BPF program.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -51,11 +61,12 @@ pub(crate) enum When {
     Any(&'static [&'static [Cond]]),
 }
 
-/// One denied syscall (or a subset of its calls, by argument).
+/// One denied syscall (or a subset of its calls, by argument), or in [`QUIET`] one answered.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Denial {
     pub syscall: &'static str,
     pub when: When,
+    /// What the call fails with; 0 (only in [`QUIET`]): it returns 0 without running.
     pub errno: i32,
     /// For the reviewer (and [`crate::seccomp_deny_list`]); not logged anywhere.
     pub why: &'static str,
@@ -140,7 +151,6 @@ pub(crate) const DENY: &[Denial] = &[
         &[bit(0, CLONE_NEWNS)], &[bit(0, CLONE_NEWCGROUP)], &[bit(0, CLONE_NEWUTS)], &[bit(0, CLONE_NEWIPC)],
         &[bit(0, CLONE_NEWUSER)], &[bit(0, CLONE_NEWPID)], &[bit(0, CLONE_NEWNET)],
     ]), errno: EPERM, why: "fork/threads yes, new namespaces no (any CLONE_NEW* flag)" },
-    Denial { syscall: "clone3",         when: When::Always, errno: ENOSYS, why: "flags live in memory a filter cannot read; ENOSYS makes libcs fall back to clone" },
     // Other processes and the kernel's memory.
     Denial { syscall: "ptrace",            when: When::Always, errno: EPERM, why: "no debugging/injecting into other processes (e.g. the reaper)" },
     Denial { syscall: "process_vm_readv",  when: When::Always, errno: EPERM, why: "cross-process memory access" },
@@ -208,6 +218,19 @@ pub(crate) const DENY: &[Denial] = &[
         &[masked(1, SOCK_TYPE_MASK, SOCK_PACKET)],
         &[eq(0, AF_NETLINK), ne(2, NETLINK_ROUTE)],
     ]), errno: EPERM, why: "raw/packet sockets; netlink other than NETLINK_ROUTE (uevents of the host, audit, sock_diag, ...)" },
+];
+
+/// Calls the filter answers itself without an audit record: not attacks but what ordinary code
+/// does, answered so that it takes a path the deny list can check (or so that it costs the host
+/// nothing). Never the same syscall as a [`DENY`] row.
+#[rustfmt::skip]
+pub(crate) const QUIET: &[Denial] = &[
+    Denial { syscall: "clone3", when: When::Always, errno: ENOSYS, why: "flags live in memory a filter cannot read; ENOSYS makes libcs fall back to clone (checked by DENY); glibc tries it for every thread and spawn" },
+    // An instance can write only to its /tmp (tmpfs: nothing to flush), so flushing is
+    // meaningless for it, but the real calls flush the host's filesystems (sync: all of them;
+    // syncfs: the one under /usr and /code) and would let a block stall every tenant's disk I/O.
+    Denial { syscall: "sync",   when: When::Always, errno: 0, why: "host-wide disk flush (I/O noisy neighbour): a no-op returning 0, an instance has nothing on disk to flush" },
+    Denial { syscall: "syncfs", when: When::Always, errno: 0, why: "flushes the host filesystem under /usr and /code: a no-op returning 0, as sync" },
 ];
 
 /// Syscall number of `name` on the running architecture, None if it has no such syscall.
@@ -292,6 +315,8 @@ pub(crate) fn nr(name: &str) -> Option<i64> {
         "sethostname" => libc::SYS_sethostname,
         "setdomainname" => libc::SYS_setdomainname,
         "socket" => libc::SYS_socket,
+        "sync" => libc::SYS_sync,
+        "syncfs" => libc::SYS_syncfs,
         _ => return None,
     })
 }
@@ -321,12 +346,55 @@ fn condition(c: &Cond) -> Result<SeccompCondition, FilterError> {
         .map_err(|e| FilterError(format!("seccomp condition {c:?}: {e}")))
 }
 
-/// The BPF programs of the deny list, one per errno (in a fixed order), plus the x32 guard on
-/// x86_64.
-pub(crate) fn programs() -> Result<Vec<BpfProgram>, FilterError> {
+/// One compiled filter and whether the kernel logs the calls it decides.
+pub(crate) struct Program {
+    pub bpf: BpfProgram,
+    /// Installed with `SECCOMP_FILTER_FLAG_LOG` ([`DENY`]'s filters and the x32 guard).
+    pub log: bool,
+}
+
+/// The filters in installation order: [`QUIET`]'s (unlogged), one per errno, then [`DENY`]'s
+/// (logged), one per errno, then the x32 guard on x86_64 (logged). Installed last, the logged
+/// filters win any tie (see the module doc).
+pub(crate) fn programs() -> Result<Vec<Program>, FilterError> {
     let arch = target_arch()?;
+    let quiet: std::collections::BTreeSet<&str> = QUIET.iter().map(|d| d.syscall).collect();
+    if let Some(both) = DENY.iter().find(|d| quiet.contains(d.syscall)) {
+        return Err(FilterError(format!(
+            "seccomp: {} is both denied (logged) and answered quietly; a syscall belongs to one table",
+            both.syscall
+        )));
+    }
+    let mut out = Vec::new();
+    for (table, log) in [(QUIET, false), (DENY, true)] {
+        for (errno, rules) in group_by_errno(table)? {
+            let filter = SeccompFilter::new(
+                rules,
+                SeccompAction::Allow,
+                SeccompAction::Errno(errno as u32),
+                arch,
+            )
+            .map_err(|e| FilterError(format!("seccomp filter (errno {errno}): {e}")))?;
+            let bpf: BpfProgram = filter
+                .try_into()
+                .map_err(|e| FilterError(format!("seccomp filter (errno {errno}): {e}")))?;
+            out.push(Program { bpf, log });
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    out.push(Program {
+        bpf: x32_guard(),
+        log: true,
+    });
+    Ok(out)
+}
+
+/// A table's rows as seccompiler rules, grouped by errno (in a fixed order).
+fn group_by_errno(
+    table: &[Denial],
+) -> Result<BTreeMap<i32, BTreeMap<i64, Vec<SeccompRule>>>, FilterError> {
     let mut by_errno: BTreeMap<i32, BTreeMap<i64, Vec<SeccompRule>>> = BTreeMap::new();
-    for d in DENY {
+    for d in table {
         let Some(number) = nr(d.syscall) else {
             continue;
         };
@@ -354,23 +422,7 @@ pub(crate) fn programs() -> Result<Vec<BpfProgram>, FilterError> {
             }
         }
     }
-    let mut out = Vec::new();
-    for (errno, rules) in by_errno {
-        let filter = SeccompFilter::new(
-            rules,
-            SeccompAction::Allow,
-            SeccompAction::Errno(errno as u32),
-            arch,
-        )
-        .map_err(|e| FilterError(format!("seccomp filter (errno {errno}): {e}")))?;
-        let program: BpfProgram = filter
-            .try_into()
-            .map_err(|e| FilterError(format!("seccomp filter (errno {errno}): {e}")))?;
-        out.push(program);
-    }
-    #[cfg(target_arch = "x86_64")]
-    out.push(x32_guard());
-    Ok(out)
+    Ok(by_errno)
 }
 
 /// x86_64 only: any syscall number with the x32 bit set fails with ENOSYS. (The other filters
@@ -395,7 +447,7 @@ fn x32_guard() -> BpfProgram {
     ]
 }
 
-/// `SECCOMP_FILTER_FLAG_LOG`: the kernel logs every action but "allow" (per
+/// `SECCOMP_FILTER_FLAG_LOG`: the kernel logs every action of the filter but "allow" (per
 /// `/proc/sys/kernel/seccomp/actions_logged`), so each refused syscall leaves an audit record
 /// naming the instance's uid, its command and the syscall: attacks are refused *and* seen.
 const SECCOMP_FILTER_FLAG_LOG: libc::c_ulong = 2;
@@ -404,16 +456,21 @@ const SECCOMP_SET_MODE_FILTER: libc::c_ulong = 1;
 /// Install the filters on the calling (single-threaded) process. Requires no_new_privs.
 pub(crate) fn install() -> Result<(), FilterError> {
     for program in programs()? {
-        let len = u16::try_from(program.len()).map_err(|_| {
+        let len = u16::try_from(program.bpf.len()).map_err(|_| {
             FilterError(format!(
                 "a filter of {} instructions is too long",
-                program.len()
+                program.bpf.len()
             ))
         })?;
         let fprog = libc::sock_fprog {
             len,
             // seccompiler's `sock_filter` is the kernel's `struct sock_filter` (repr(C), same fields).
-            filter: program.as_ptr() as *mut libc::sock_filter,
+            filter: program.bpf.as_ptr() as *mut libc::sock_filter,
+        };
+        let flags = if program.log {
+            SECCOMP_FILTER_FLAG_LOG
+        } else {
+            0
         };
         // SAFETY: seccomp(2) reads `fprog` and the `len` instructions it points to, both alive
         // for the duration of the call; it writes nothing through them.
@@ -421,7 +478,7 @@ pub(crate) fn install() -> Result<(), FilterError> {
             libc::syscall(
                 libc::SYS_seccomp,
                 SECCOMP_SET_MODE_FILTER,
-                SECCOMP_FILTER_FLAG_LOG,
+                flags,
                 &fprog as *const libc::sock_fprog,
             )
         };
@@ -441,7 +498,7 @@ mod tests {
 
     #[test]
     fn every_row_names_a_known_syscall() {
-        for d in DENY {
+        for d in DENY.iter().chain(QUIET) {
             #[cfg(target_arch = "x86_64")]
             assert!(nr(d.syscall).is_some(), "{} has no number", d.syscall);
             assert!(!d.why.is_empty());
@@ -451,7 +508,144 @@ mod tests {
     #[test]
     fn compiles() {
         let programs = programs().expect("compile");
-        assert!(programs.len() >= 3, "one filter per errno");
-        assert!(programs.iter().all(|p| !p.is_empty() && p.len() < 4096));
+        assert!(programs.len() >= 4, "one filter per table and errno");
+        assert!(programs
+            .iter()
+            .all(|p| !p.bpf.is_empty() && p.bpf.len() < 4096));
+        // Unlogged first, logged last (ties go to the logged filters).
+        let logs: Vec<bool> = programs.iter().map(|p| p.log).collect();
+        assert_eq!(
+            logs,
+            [false, false, true, true, cfg!(target_arch = "x86_64")][..logs.len()]
+        );
+        let first_logged = logs.iter().position(|l| *l).expect("a logged filter");
+        assert!(logs[first_logged..].iter().all(|l| *l), "{logs:?}");
+    }
+
+    /// Forks a child that installs `filters` (in order, each with or without the log flag) and
+    /// calls getppid(2); returns its pid and exit code (the errno the call failed with).
+    fn run_filtered_child(filters: &[(BpfProgram, bool)]) -> (i32, i32) {
+        let fprogs: Vec<(libc::sock_fprog, libc::c_ulong)> = filters
+            .iter()
+            .map(|(bpf, log)| {
+                let fprog = libc::sock_fprog {
+                    len: u16::try_from(bpf.len()).expect("short filter"),
+                    filter: bpf.as_ptr() as *mut libc::sock_filter,
+                };
+                (fprog, if *log { SECCOMP_FILTER_FLAG_LOG } else { 0 })
+            })
+            .collect();
+        // SAFETY: the child makes only raw syscalls on memory prepared before the fork (alive
+        // in its copy of the address space), then _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            // SAFETY: see above; every pointer refers to `fprogs`, alive until _exit.
+            unsafe {
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                    libc::_exit(200);
+                }
+                for (fprog, flags) in &fprogs {
+                    let rc = libc::syscall(
+                        libc::SYS_seccomp,
+                        SECCOMP_SET_MODE_FILTER,
+                        *flags,
+                        fprog as *const libc::sock_fprog,
+                    );
+                    if rc != 0 {
+                        libc::_exit(201);
+                    }
+                }
+                let rc = libc::syscall(libc::SYS_getppid);
+                libc::_exit(if rc < 0 { *libc::__errno_location() } else { 0 });
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        let waited = unsafe { libc::waitpid(pid, &mut status, 0) };
+        assert_eq!(waited, pid);
+        assert!(libc::WIFEXITED(status), "child status {status:#x}");
+        (pid, libc::WEXITSTATUS(status))
+    }
+
+    /// What the design rests on, tested on the running kernel: when several filters give the
+    /// same action, the newest one's answer (its errno) is returned and its log flag decides
+    /// whether an audit record is written (`kernel/seccomp.c`: `seccomp_run_filters` walks from
+    /// the newest filter and keeps a strictly lower action only; `seccomp_log` asks the matching
+    /// filter). Needs root and `/dev/kmsg`; retries while the kernel rate-limits records.
+    #[test]
+    fn among_equal_actions_the_newest_filter_answers_and_decides_the_log() {
+        use std::io::{Read, Seek, SeekFrom};
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut kmsg = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open("/dev/kmsg")
+            .expect("this test reads kernel audit records from /dev/kmsg (run as root)");
+        kmsg.seek(SeekFrom::End(0)).expect("seek");
+        let arch = target_arch().expect("arch");
+        let filter = |errno: i32| -> BpfProgram {
+            SeccompFilter::new(
+                BTreeMap::from([(libc::SYS_getppid, Vec::new())]),
+                SeccompAction::Allow,
+                SeccompAction::Errno(errno as u32),
+                arch,
+            )
+            .expect("filter")
+            .try_into()
+            .expect("compile")
+        };
+        let logged_then_quiet = [(filter(EPERM), true), (filter(ENOSYS), false)];
+        let quiet_then_logged = [(filter(ENOSYS), false), (filter(EPERM), true)];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let mut silent = Vec::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no audit record of the logged-newest child came through"
+            );
+            let (a, errno_a) = run_filtered_child(&logged_then_quiet);
+            assert_eq!(errno_a, ENOSYS, "the newest (quiet) filter answers");
+            let (b, errno_b) = run_filtered_child(&quiet_then_logged);
+            assert_eq!(errno_b, EPERM, "the newest (logged) filter answers");
+            silent.push(a);
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            let mut logged = false;
+            loop {
+                match kmsg.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let line = String::from_utf8_lossy(&buf[..n]);
+                        if !line.contains("type=1326") {
+                            continue;
+                        }
+                        let pid = line
+                            .split_whitespace()
+                            .find_map(|w| w.strip_prefix("pid="))
+                            .and_then(|p| p.parse::<i32>().ok());
+                        assert!(
+                            !pid.is_some_and(|p| silent.contains(&p)),
+                            "a tie won by the unlogged filter was logged: {line}"
+                        );
+                        logged |= pid == Some(b);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => continue,
+                    Err(e) => panic!("reading /dev/kmsg: {e}"),
+                }
+            }
+            if logged {
+                break;
+            }
+        }
+    }
+
+    #[test]
+    fn quiet_answers_are_only_deliberate_fallbacks_and_never_denials() {
+        let quiet: Vec<&str> = QUIET.iter().map(|d| d.syscall).collect();
+        assert_eq!(quiet, ["clone3", "sync", "syncfs"]);
+        assert!(DENY.iter().all(|d| !quiet.contains(&d.syscall)));
+        assert!(QUIET.iter().all(|d| d.errno == ENOSYS || d.errno == 0));
     }
 }

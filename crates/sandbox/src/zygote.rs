@@ -59,10 +59,19 @@ pub(crate) struct ZygoteConfig {
     /// Syscall numbers of this architecture for calls libc has no wrapper for.
     pub sys: HashMap<&'static str, i64>,
     pub root_tmpfs_options: &'static str,
-    /// The compiled seccomp filters, each a list of `[code, jt, jf, k]` instructions.
-    pub seccomp: Vec<Vec<(u16, u8, u8, u32)>>,
+    /// The compiled seccomp filters, in installation order.
+    pub seccomp: Vec<SeccompProgram>,
     /// None: the kernel has no Landlock.
     pub landlock: Option<crate::fs_access::LandlockPlan>,
+}
+
+/// One compiled seccomp filter as the zygote installs it (`seccomp::Program`).
+#[derive(Serialize, Debug)]
+pub(crate) struct SeccompProgram {
+    /// Install with `SECCOMP_FILTER_FLAG_LOG` (its refusals leave audit records).
+    pub log: bool,
+    /// `[code, jt, jf, k]` instructions.
+    pub code: Vec<(u16, u8, u8, u32)>,
 }
 
 struct Running {

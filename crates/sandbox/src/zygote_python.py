@@ -265,17 +265,20 @@ class SockFprog(ctypes.Structure):
 
 
 def compile_seccomp(config):
-    """The filters as kernel `sock_fprog`s, built once in the zygote (every fork inherits them)."""
+    """The filters as kernel `sock_fprog`s, built once in the zygote (every fork inherits them),
+    each with its flags: SECCOMP_FILTER_FLAG_LOG for the deny list's, none for the quiet answers
+    (`seccomp.rs`; same order as `seccomp::install`)."""
     programs = []
     for program in config["seccomp"]:
-        code = b"".join(struct.pack("<HBBI", *ins) for ins in program)
-        programs.append((SockFprog(len(program), code), code))  # keep `code` alive
+        code = b"".join(struct.pack("<HBBI", *ins) for ins in program["code"])
+        flags = SECCOMP_FILTER_FLAG_LOG if program["log"] else 0
+        programs.append((SockFprog(len(program["code"]), code), code, flags))  # keep `code` alive
     config["seccomp_compiled"] = programs
 
 
 def install_seccomp(config):
-    for prog, _code in config["seccomp_compiled"]:
-        rc = sys_call(config, "seccomp", SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_LOG, ctypes.byref(prog))
+    for prog, _code, flags in config["seccomp_compiled"]:
+        rc = sys_call(config, "seccomp", SECCOMP_SET_MODE_FILTER, flags, ctypes.byref(prog))
         check(rc, "installing the seccomp filter")
 
 

@@ -1,9 +1,10 @@
 //! The security audit trail: reads the kernel's records of refused syscalls back from
 //! `/dev/kmsg` and attributes each to an instance (account, project, block).
 //!
-//! Every instance's seccomp filter is installed with `SECCOMP_FILTER_FLAG_LOG`, so each
+//! Every instance's seccomp deny list is installed with `SECCOMP_FILTER_FLAG_LOG`, so each
 //! syscall it refuses leaves a kernel audit record (`audit: type=1326 … uid=<instance uid>
-//! … comm="python3" … syscall=272 … code=0x50000`). With no audit daemon the kernel prints
+//! … comm="python3" … syscall=272 … code=0x50000`); its quiet answers (`clone3` → ENOSYS so
+//! libc falls back to `clone`, `sync`/`syncfs` → 0) are installed without it and leave none. With no audit daemon the kernel prints
 //! those records to its log, where this watcher reads them: from the log's current end
 //! (history is skipped: it may name uids of another run), as a task waiting on the
 //! non-blocking device (`AsyncFd`), so it costs nothing while nothing is refused.
@@ -15,11 +16,14 @@
 //! What it cannot see: the kernel rate-limits these records (printk's rate limit, 10 per
 //! 5 s by default, and the audit backlog); it says how many it dropped in
 //! `kauditd_printk_skb: N callbacks suppressed` lines, counted as
-//! `refinery_audit_records_suppressed_total`. A record whose uid no instance of this server
-//! holds (or held in the last [`REMEMBER`]) is stored without account and counted as
-//! `refinery_refused_syscalls_unattributed_total`. When an audit daemon (auditd) runs, the
-//! records go to it instead of the kernel log, and this trail stays empty. Without
-//! `/dev/kmsg` (a container without it) the server starts anyway and warns once.
+//! `refinery_audit_records_suppressed_total`. Only records of uids in this server's uid blocks
+//! are its own (each Refinery process on a host claims distinct blocks, `sandbox/src/uid.rs`):
+//! any other record (another server's instance) is ignored, at debug level. A record of this
+//! server's blocks whose uid no instance holds (or held in the last [`REMEMBER`]) is stored
+//! without account and counted as `refinery_refused_syscalls_unattributed_total`. When an
+//! audit daemon (auditd) runs, the records go to it instead of the kernel log, and this trail
+//! stays empty. Without `/dev/kmsg` (a container without it) the server starts anyway and
+//! warns once.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -29,15 +33,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use refinery_pool::InstancePool;
-use refinery_sandbox::{seccomp_deny_list, FIRST_UID, LAST_UID};
+use refinery_sandbox::{owns_uid, seccomp_deny_list};
 use refinery_store::{SecurityEvent, Store};
 use tokio::io::unix::AsyncFd;
 
 /// The kernel log device.
 pub const KMSG: &str = "/dev/kmsg";
 
-/// How long a gone instance's uid still attributes late records to it. Uids are handed
-/// out round-robin over 65,536 values, so one is not reused within this window.
+/// How long a gone instance's uid still attributes late records to it. Uids are handed out
+/// round-robin over this server's uid blocks (at least 4,096 uids before one is reused, see
+/// the sandbox's `uid.rs`); a record arrives within milliseconds of its call.
 const REMEMBER: Duration = Duration::from_secs(600);
 
 /// How often the uid → instance map is refreshed while no record arrives, so an instance
@@ -348,8 +353,11 @@ pub async fn watch(pool: InstancePool, store: Store) {
             match guard.try_io(|fd| fd.get_ref().read(&mut buf)) {
                 Ok(Ok(0)) => break,
                 Ok(Ok(n)) => match parse_kmsg(&String::from_utf8_lossy(&buf[..n])) {
-                    KmsgLine::Seccomp(r) if (FIRST_UID..=LAST_UID).contains(&r.uid) => {
-                        records.push(r)
+                    KmsgLine::Seccomp(r) if owns_uid(r.uid) => records.push(r),
+                    // Another Refinery process's instance (its uid block), or not a sandbox's.
+                    KmsgLine::Seccomp(r) => {
+                        tracing::debug!(target: "refinery::audit", uid = r.uid, syscall = r.syscall,
+                            comm = %r.comm, "refused syscall of a uid outside this server's blocks (not its instance)");
                     }
                     KmsgLine::Suppressed(n) => suppressed += n,
                     _ => {}

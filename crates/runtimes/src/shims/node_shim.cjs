@@ -240,7 +240,8 @@ async function load(file) {
 // ------------------------------------------------------------------ stragglers
 
 /**
- * Nothing the block started outlives its invocation: SIGKILL every process this one may
+ * No process the block started outlives its invocation (its Workers, threads of this process,
+ * do, frozen, into the next warm invocation, as on Lambda): SIGKILL every process this one may
  * signal (in the sandbox: every process of the instance but this shim and pid 1, the
  * sandbox's reaper, which collects the orphans; libuv reaps the shim's own child_process
  * children). Only inside the sandbox, where the shim is pid 2 under the reaper (or pid 1):

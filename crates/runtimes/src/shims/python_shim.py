@@ -237,7 +237,8 @@ REAP_BUDGET_S = 0.05
 
 
 def kill_stragglers():
-    """Nothing the block started outlives its invocation: SIGKILL every process this one may
+    """No process the block started outlives its invocation (threads of this one do, frozen, into
+    the next warm invocation, as on Lambda): SIGKILL every process this one may
     signal (in the sandbox: every process of the instance but this shim and pid 1, the
     sandbox's reaper, which collects the orphans), then reap our own killed children.
 
