@@ -51,6 +51,7 @@ mod execution_writer;
 pub mod executions;
 pub mod pricing;
 pub mod quotas;
+pub mod storage;
 pub mod usage;
 
 use execution_writer::ExecutionWriter;
@@ -65,7 +66,7 @@ use sqlx::SqlitePool;
 pub use accounts::Account;
 pub use audit::{SecurityEvent, MAX_AUDIT_EVENTS_PER_ACCOUNT, MAX_AUDIT_LIST};
 pub use bills::{BillRecord, NotStarted, Spending};
-pub use deployments::{Deployment, DeploymentSummary, ProjectSummary};
+pub use deployments::{Deployed, Deployment, DeploymentSummary, ProjectSummary, Retention};
 pub use error::StoreError;
 pub use executions::MAX_EXECUTION_LIST;
 pub use pricing::AccountBilling;

@@ -490,6 +490,7 @@ async fn quotas_set_read_reset_and_lookup_by_name() -> TestResult {
         memory_mb: None,
         rate: Some(0.5),
         burst: Some(3),
+        storage_mb: Some(7),
     };
     store.set_quota(&acme.id, &set).await?;
     assert_eq!(store.quota(&acme.id).await?, set);
