@@ -18,7 +18,8 @@ CREATE TABLE deployment_storage (
     code_bytes    INTEGER NOT NULL,
     stored_bytes  INTEGER NOT NULL,
     created_at_ms INTEGER NOT NULL,
-    removed_at_ms INTEGER NULL
+    removed_at_ms INTEGER NULL,
+    removed_by    TEXT    NULL CHECK (removed_by IN ('pruned', 'deleted'))
 );
 CREATE INDEX deployment_storage_by_account ON deployment_storage (account_id, removed_at_ms);
 

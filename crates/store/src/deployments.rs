@@ -307,7 +307,7 @@ impl Store {
             )))?;
 
         crate::storage::record(&mut tx, id, account_id, project, number, size, now).await?;
-        crate::storage::remove(&mut tx, &pruned, now).await?;
+        crate::storage::remove(&mut tx, &pruned, now, crate::storage::Removal::Pruned).await?;
 
         tx.commit().await.map_err(StoreError::db(what()))?;
         Ok(Deployed {

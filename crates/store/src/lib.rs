@@ -11,7 +11,8 @@
 //! - **Every SQL statement.** Other crates call typed methods on [`Store`]; none of them
 //!   writes SQL. Statements are grouped by concern: [`accounts`] (accounts and API key
 //!   hashes), [`deployments`] (projects, their numbered deployments and blocks) and
-//!   [`executions`] (invocation records), [`quotas`] (per-account quota overrides),
+//!   [`executions`] (invocation records), [`storage`] (what each deployment holds: the
+//!   storage quota's usage, retention, project deletion), [`quotas`] (per-account quota overrides),
 //!   [`usage`] (metering, written with each execution), [`pricing`] (price lists and
 //!   per-account terms), [`bills`] (monthly bills; rating is `refinery_billing`'s) and
 //!   [`audit`] (the security audit trail of refused syscalls, bounded per account).

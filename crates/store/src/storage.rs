@@ -134,12 +134,24 @@ pub(crate) async fn record(
     Ok(())
 }
 
+/// Why a deployment was removed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Removal {
+    Pruned,
+    Deleted,
+}
+
 /// Deletes deployments (their blocks go with them) and marks them removed.
 pub(crate) async fn remove(
     conn: &mut SqliteConnection,
     deployment_ids: &[i64],
     now: i64,
+    why: Removal,
 ) -> Result<(), StoreError> {
+    let why = match why {
+        Removal::Pruned => "pruned",
+        Removal::Deleted => "deleted",
+    };
     for id in deployment_ids {
         sqlx::query("DELETE FROM deployments WHERE id = ?")
             .bind(id)
@@ -147,10 +159,11 @@ pub(crate) async fn remove(
             .await
             .map_err(StoreError::db(format!("pruning deployment {id}")))?;
         sqlx::query(
-            "UPDATE deployment_storage SET removed_at_ms = ? \
+            "UPDATE deployment_storage SET removed_at_ms = ?, removed_by = ? \
              WHERE deployment_id = ? AND removed_at_ms IS NULL",
         )
         .bind(now)
+        .bind(why)
         .bind(id)
         .execute(&mut *conn)
         .await
@@ -172,7 +185,7 @@ pub(crate) async fn was_pruned(
         "SELECT s.deployment_id FROM deployment_storage s \
          JOIN projects p ON p.account_id = s.account_id AND p.name = s.project \
          WHERE s.account_id = ? AND s.project = ? AND s.number = ? \
-         AND s.removed_at_ms IS NOT NULL AND s.created_at_ms >= p.created_at_ms",
+         AND s.removed_by = 'pruned' AND s.created_at_ms >= p.created_at_ms",
     )
     .bind(account_id)
     .bind(project)
@@ -225,7 +238,7 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(StoreError::db(what()))?;
-        remove(&mut tx, &ids, now_ms()).await?;
+        remove(&mut tx, &ids, now_ms(), Removal::Deleted).await?;
         sqlx::query("DELETE FROM projects WHERE id = ? AND account_id = ?")
             .bind(project_row.id)
             .bind(account_id)
