@@ -76,11 +76,11 @@ struct ServeArgs {
     /// Deploys per account: a token bucket of DEPLOYS refilled over DURATION; beyond it 429.
     #[arg(long, default_value_t = DeployLimits::DEFAULT.rate, value_name = "DEPLOYS/DURATION")]
     deploy_rate: DeployRate,
-    /// Deploy bodies received and parsed at once, server-wide (bounds their memory); others
-    /// wait up to 5 s, then 429.
+    /// Deploys handled at once (from receiving the body to the reply), server-wide: bounds
+    /// the memory their bodies take; others wait up to 5 s, then 429.
     #[arg(long, default_value_t = DeployLimits::DEFAULT.at_once, value_name = "N")]
     deploys_at_once: usize,
-    /// Deploy bodies received and parsed at once per account.
+    /// Deploys handled at once per account.
     #[arg(long, default_value_t = DeployLimits::DEFAULT.at_once_per_account, value_name = "N")]
     deploys_at_once_per_account: usize,
     /// Start every instance by exec: no pre-initialised runtimes (Python's zygote, the
