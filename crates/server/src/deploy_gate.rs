@@ -64,9 +64,9 @@ pub struct DeployLimits {
     pub keep_deployments: usize,
     /// Deploys per account per window.
     pub rate: DeployRate,
-    /// Deploy bodies received and parsed at once, server-wide.
+    /// Deploys handled at once (body received to reply), server-wide.
     pub at_once: usize,
-    /// Deploy bodies received and parsed at once, per account.
+    /// Deploys handled at once, per account.
     pub at_once_per_account: usize,
     /// How long a deploy may wait for its turn before it is refused with 429.
     pub wait: Duration,
@@ -175,7 +175,7 @@ impl DeployGate {
         };
         let busy = |whose: String, n: usize| ApiError::Throttled {
             message: format!(
-                "{whose} already has {n} deploy(s) being received (the limit at once; `refinery \
+                "{whose} already has {n} deploy(s) in progress (the limit at once; `refinery \
                  serve --deploys-at-once{}`); retry when it is done",
                 if whose.starts_with("account") {
                     "-per-account"
