@@ -52,8 +52,11 @@ pub enum ClientCommand {
     Deployments { project: String },
     /// Make an earlier deployment of a project live again.
     Rollback { project: String, deployment: i64 },
-    /// List the account's projects.
-    Projects,
+    /// List the account's projects (`projects delete PROJECT` deletes one).
+    Projects {
+        #[command(subcommand)]
+        command: Option<ProjectsCommand>,
+    },
     /// Invoke a block of a project's live deployment.
     Invoke {
         project: String,
@@ -98,6 +101,15 @@ pub enum ClientCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ProjectsCommand {
+    /// List the account's projects (the default).
+    List,
+    /// Delete a project: its deployments, their code and their instances. Its executions
+    /// and usage stay (they are billed); deploying the name again starts at deployment 1.
+    Delete { project: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum AccountsCommand {
     /// Create an account; prints its API key once.
     Create { name: String },
@@ -136,6 +148,9 @@ pub enum AccountsCommand {
         /// Invocations allowed in a burst.
         #[arg(long, value_name = "N")]
         burst: Option<u32>,
+        /// MiB of deployments kept (manifests and code).
+        #[arg(long, value_name = "MB")]
+        storage_mb: Option<u64>,
         /// Return every limit not given to the server's default first.
         #[arg(long)]
         reset: bool,
@@ -270,6 +285,7 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
             memory_mb,
             rate,
             burst,
+            storage_mb,
             reset,
         }) => {
             let mut body = serde_json::Map::new();
@@ -278,6 +294,7 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
                 ("memory_mb", memory_mb.map(Value::from)),
                 ("rate", rate.map(Value::from)),
                 ("burst", burst.map(Value::from)),
+                ("storage_mb", storage_mb.map(Value::from)),
             ] {
                 match value {
                     Some(value) => {
@@ -291,7 +308,7 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
             }
             if body.is_empty() {
                 bail!(
-                    "nothing to change: give --instances, --memory-mb, --rate, --burst or --reset"
+                    "nothing to change: give --instances, --memory-mb, --rate, --burst, --storage-mb or --reset"
                 );
             }
             let reply = client
@@ -371,7 +388,25 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
                 format!("{project}: deployment {} is live.", reply["deployment"])
             })?;
         }
-        ClientCommand::Projects => {
+        ClientCommand::Projects {
+            command: Some(ProjectsCommand::Delete { project }),
+        } => {
+            let reply = client
+                .send(
+                    Method::DELETE,
+                    &format!("/v1/projects/{}", path_segment(&project)),
+                    None,
+                    &[],
+                )
+                .await?;
+            print(json, &reply, || {
+                format!(
+                    "Deleted project {project} ({}, their code and instances); its executions and usage are kept.",
+                    plural(&reply["deployments_deleted"], "deployment")
+                )
+            })?;
+        }
+        ClientCommand::Projects { command: _ } => {
             let reply = client.get("/v1/projects").await?;
             print(json, &reply, || {
                 table(&reply["projects"], ["PROJECT", "LIVE DEPLOYMENT"], |p| {
@@ -618,7 +653,7 @@ fn quota_text(reply: &Value) -> String {
         }
     };
     format!(
-        "{} ({})\n  instances  {} of {} live  ({})\n  memory     {} of {} MB  ({})\n  rate       {}/s, burst {}  ({} / {}); {} invocations available now",
+        "{} ({})\n  instances  {} of {} live  ({})\n  memory     {} of {} MB  ({})\n  rate       {}/s, burst {}  ({} / {}); {} invocations available now\n  storage    {} of {} MiB kept  ({})",
         reply["account"].as_str().unwrap_or_default(),
         reply["account_id"].as_str().unwrap_or_default(),
         usage["instances"],
@@ -632,5 +667,8 @@ fn quota_text(reply: &Value) -> String {
         origin("rate"),
         origin("burst"),
         usage["tokens"],
+        usage["storage_mb"],
+        quota["storage_mb"],
+        origin("storage_mb"),
     )
 }

@@ -10,8 +10,23 @@ pub const RECORDED_PAYLOAD_BYTES: usize = 64 * 1024;
 /// Logs (stdout + stderr) kept per execution; later bytes are dropped with a marker.
 pub const RECORDED_LOG_BYTES: usize = 256 * 1024;
 
-/// Largest source file of one block.
+/// Largest source file of one block, and of any one file uploaded with a deploy.
 pub const MAX_SOURCE_BYTES: usize = 5 * 1024 * 1024;
+
+/// Largest `refinery.toml` text (a manifest is configuration; inline `code = "..."`
+/// counts towards it, bigger code belongs in `source = "..."` files).
+pub const MAX_MANIFEST_BYTES: usize = 1024 * 1024;
+
+/// Most files uploaded with one deploy.
+pub const MAX_DEPLOY_FILES: usize = 256;
+
+/// Largest total size of the files uploaded with one deploy (the code, unzipped; Lambda
+/// allows 250 MB unzipped for compiled packages, Refinery's blocks are source text).
+pub const MAX_DEPLOY_FILES_BYTES: usize = 16 * 1024 * 1024;
+
+/// Largest deploy request body: the manifest and the files at their limits, as JSON,
+/// with room for escaping (quotes, newlines, backslashes).
+pub const MAX_DEPLOY_BODY_BYTES: usize = 24 * 1024 * 1024;
 
 /// Block memory bounds in MB (Refinery's: 128–3008).
 pub const MIN_MEMORY_MB: u32 = 128;

@@ -1,5 +1,5 @@
 //! Lays a block's code out on disk once per (deployment, block), for instances to mount
-//! read-only at `/code`.
+//! read-only at `/code`, and removes a deployment's code once it is pruned or deleted.
 
 use std::fs;
 use std::io;
@@ -46,4 +46,28 @@ pub fn materialize(root: &Path, deployment_id: i64, block: &BlockSpec) -> io::Re
         }
         Err(e) => Err(e),
     }
+}
+
+/// Removes `root/<deployment_id>` (every block's code of that deployment); a missing one is
+/// not an error.
+pub fn remove(root: &Path, deployment_id: i64) -> io::Result<()> {
+    match fs::remove_dir_all(root.join(deployment_id.to_string())) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// The deployment ids that have a directory under `root` (other entries are ignored).
+pub fn laid_out(root: &Path) -> io::Result<Vec<i64>> {
+    let entries = match fs::read_dir(root) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        other => other?,
+    };
+    let mut ids = Vec::new();
+    for entry in entries {
+        if let Some(id) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) {
+            ids.push(id);
+        }
+    }
+    Ok(ids)
 }

@@ -506,6 +506,45 @@ impl InstancePool {
         lock(&self.inner.disabled).contains(account_id)
     }
 
+    /// Removes the code laid out for these deployments (`<code_root>/<id>`), after they
+    /// were pruned or deleted and retired. Failures are logged: the directory is removed
+    /// again at the next start ([`InstancePool::remove_code_except`]).
+    pub async fn remove_code(&self, deployment_ids: &[i64]) {
+        let root = self.inner.config.code_root.clone();
+        let ids = deployment_ids.to_vec();
+        let removing = tokio::task::spawn_blocking(move || {
+            for id in ids {
+                if let Err(error) = code_dir::remove(&root, id) {
+                    tracing::warn!(deployment = id, %error, path = %root.display(), "removing the code of a removed deployment");
+                }
+            }
+        });
+        let _ = removing.await;
+    }
+
+    /// Removes the code laid out for every deployment not in `kept` (left by a removal that
+    /// failed, or raced by an invocation); for the server's start.
+    pub async fn remove_code_except(&self, kept: &[i64]) {
+        let root = self.inner.config.code_root.clone();
+        let stale = match code_dir::laid_out(&root) {
+            Ok(ids) => ids
+                .into_iter()
+                .filter(|id| !kept.contains(id))
+                .collect::<Vec<_>>(),
+            Err(error) => {
+                tracing::warn!(%error, path = %root.display(), "listing laid-out code");
+                return;
+            }
+        };
+        if !stale.is_empty() {
+            tracing::info!(
+                count = stale.len(),
+                "removing code of deployments no longer kept"
+            );
+            self.remove_code(&stale).await;
+        }
+    }
+
     /// Every live instance, for operators (and, filtered, for their owners).
     pub fn instances(&self) -> Vec<InstanceInfo> {
         let mut list: Vec<InstanceInfo> = lock(&self.inner.registry)

@@ -9,6 +9,10 @@
 //!   those same live instances.
 //! - **Invocation rate** (`rate` per second, `burst`): a token bucket per account, one
 //!   token per invocation, warm or cold, taken before anything else happens.
+//! - **Storage** (`storage_mb`, MiB): what the account's kept deployments hold (manifests
+//!   and code, see `refinery_store::storage`). Not the pool's to enforce: the server refuses
+//!   a deploy over it. It is here so that every per-account limit has one policy type,
+//!   one set of defaults and one override mechanism.
 //!
 //! A cold start that would exceed the instance or memory quota first evicts the
 //! account's least-recently-used idle (frozen) instances, of any of its blocks, until it
@@ -40,6 +44,8 @@ pub struct Quota {
     pub rate: f64,
     /// Invocations allowed in a burst (token bucket size).
     pub burst: u32,
+    /// Bytes of deployments kept, in MiB (enforced at deploy by the server).
+    pub storage_mb: u64,
 }
 
 impl Quota {
@@ -52,6 +58,7 @@ impl Quota {
         memory_mb: 16 * 1024,
         rate: 1000.0,
         burst: 2000,
+        storage_mb: 1024,
     };
 
     /// Bounds an operator's settings must stay within (checked by the API and `serve`).
@@ -60,6 +67,7 @@ impl Quota {
     pub const MAX_MEMORY_MB: u64 = 64 * 1024 * 1024;
     pub const MAX_RATE: f64 = 1_000_000.0;
     pub const MAX_BURST: u32 = 1_000_000;
+    pub const MAX_STORAGE_MB: u64 = 1024 * 1024 * 1024;
 
     /// Why this quota is not acceptable, if it is not.
     pub fn validate(&self) -> Result<(), String> {
@@ -68,6 +76,7 @@ impl Quota {
             memory_mb: Some(self.memory_mb),
             rate: Some(self.rate),
             burst: Some(self.burst),
+            storage_mb: Some(self.storage_mb),
         }
         .validate()
     }
@@ -86,6 +95,7 @@ pub struct QuotaOverride {
     pub memory_mb: Option<u64>,
     pub rate: Option<f64>,
     pub burst: Option<u32>,
+    pub storage_mb: Option<u64>,
 }
 
 impl QuotaOverride {
@@ -96,6 +106,7 @@ impl QuotaOverride {
             memory_mb: self.memory_mb.unwrap_or(defaults.memory_mb),
             rate: self.rate.unwrap_or(defaults.rate),
             burst: self.burst.unwrap_or(defaults.burst),
+            storage_mb: self.storage_mb.unwrap_or(defaults.storage_mb),
         }
     }
 
@@ -132,6 +143,14 @@ impl QuotaOverride {
                 return Err(format!(
                     "burst = {burst}: expected 1 to {}",
                     Quota::MAX_BURST
+                ));
+            }
+        }
+        if let Some(mb) = self.storage_mb {
+            if mb == 0 || mb > Quota::MAX_STORAGE_MB {
+                return Err(format!(
+                    "storage_mb = {mb}: expected 1 to {}",
+                    Quota::MAX_STORAGE_MB
                 ));
             }
         }

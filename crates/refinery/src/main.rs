@@ -11,7 +11,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use refinery_cli::{ClientArgs, ClientCommand};
-use refinery_server::{KeepAliveMode, Quota, ScaleUpLimit, ServeConfig, DEFAULT_MAX_LABEL_SETS};
+use refinery_server::{
+    DeployLimits, DeployRate, KeepAliveMode, Quota, ScaleUpLimit, ServeConfig,
+    DEFAULT_MAX_LABEL_SETS,
+};
 
 /// The hidden first argument that turns this process into a sandbox's init.
 const SANDBOX_INIT_ARG: &str = "__sandbox-init";
@@ -93,6 +96,24 @@ struct ServeArgs {
     /// Default per-account quota: invocations allowed in a burst above the rate.
     #[arg(long, default_value_t = Quota::DEFAULT.burst, value_name = "N")]
     quota_burst: u32,
+    /// Default per-account quota: MiB of deployments kept (manifests, code as stored, code
+    /// laid out for instances); a deploy over it is refused.
+    #[arg(long, default_value_t = Quota::DEFAULT.storage_mb, value_name = "MB")]
+    quota_storage_mb: u64,
+    /// Deployments kept per project (the newest N; the live one always): older ones are
+    /// pruned at each deploy, their code removed.
+    #[arg(long, default_value_t = DeployLimits::DEFAULT.keep_deployments, value_name = "N")]
+    keep_deployments: usize,
+    /// Deploys per account: a token bucket of DEPLOYS refilled over DURATION; beyond it 429.
+    #[arg(long, default_value_t = DeployLimits::DEFAULT.rate, value_name = "DEPLOYS/DURATION")]
+    deploy_rate: DeployRate,
+    /// Deploys handled at once (from receiving the body to the reply), server-wide: bounds
+    /// the memory their bodies take; others wait up to 5 s, then 429.
+    #[arg(long, default_value_t = DeployLimits::DEFAULT.at_once, value_name = "N")]
+    deploys_at_once: usize,
+    /// Deploys handled at once per account.
+    #[arg(long, default_value_t = DeployLimits::DEFAULT.at_once_per_account, value_name = "N")]
+    deploys_at_once_per_account: usize,
     /// Start every instance by exec: no pre-initialised runtimes (Python's zygote, the
     /// standby sandboxes). Slower cold starts; for comparison and troubleshooting.
     #[arg(long)]
@@ -198,6 +219,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             memory_mb: args.quota_memory_mb,
             rate: args.quota_rate,
             burst: args.quota_burst,
+            storage_mb: args.quota_storage_mb,
         },
         keep_alive_policy: args.keep_alive_policy,
         scale_up: args.scale_up_limit,
@@ -205,6 +227,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
         metrics_max_label_sets: args.metrics_max_label_sets,
         adaptive_bin: args.adaptive_bin,
         network_allow: args.network_allow,
+        deploy_limits: DeployLimits {
+            keep_deployments: args.keep_deployments,
+            rate: args.deploy_rate,
+            at_once: args.deploys_at_once,
+            at_once_per_account: args.deploys_at_once_per_account,
+            ..DeployLimits::DEFAULT
+        },
     };
     refinery_server::serve(config, shutdown_signal(), |addr| {
         // A stable line scripts and tests wait for.

@@ -34,12 +34,34 @@ pub enum ApiError {
     Manifest(#[from] ManifestError),
     #[error("{}the limit is {limit} bytes (6 MB); send a smaller payload, or a reference to the data (e.g. a URL) instead", size.map(|s| format!("the request body is {s} bytes; ")).unwrap_or_default())]
     PayloadTooLarge { size: Option<usize>, limit: usize },
+    /// A deploy over one of the upload limits (`limit` names it, `limit_value` is its
+    /// value: bytes, or a number of files): 413.
+    #[error("{message}")]
+    UploadTooLarge {
+        message: String,
+        limit: &'static str,
+        limit_value: usize,
+        /// The rest of the body may still be on the wire: close the connection.
+        unread: bool,
+    },
+    /// A deploy that would take the account over its storage quota: 422, nothing stored.
+    #[error("{message}")]
+    StorageQuota {
+        message: String,
+        usage_bytes: u64,
+        limit_bytes: u64,
+        needed_bytes: u64,
+    },
+    /// Something that existed and was removed on purpose (a pruned deployment): 410.
+    #[error("{0}")]
+    Gone(String),
     /// Over a limit: 429 with `Retry-After` (whole seconds, rounded up, at least 1).
     #[error("{message}")]
     Throttled {
         message: String,
         retry_after: Duration,
-        /// Which limit: `max_concurrency`, `instances`, `memory_mb`, `rate` or `scale_up`.
+        /// Which limit: `max_concurrency`, `instances`, `memory_mb`, `rate`, `scale_up`,
+        /// `deploy_rate` or `deploys_at_once`.
         limit: &'static str,
     },
     /// The account's spending cap is reached (billing): 402, nothing ran.
@@ -60,7 +82,11 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Manifest(_) | ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PayloadTooLarge { .. } | ApiError::UploadTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            ApiError::StorageQuota { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Gone(_) => StatusCode::GONE,
             ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PaymentRequired(_) => StatusCode::PAYMENT_REQUIRED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -78,7 +104,11 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::Manifest(_) => "invalid_manifest",
             ApiError::Unprocessable(_) => "unsupported_here",
-            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::PayloadTooLarge { .. } | ApiError::UploadTooLarge { .. } => {
+                "payload_too_large"
+            }
+            ApiError::StorageQuota { .. } => "storage_quota",
+            ApiError::Gone(_) => "gone",
             ApiError::Throttled { .. } => "throttled",
             ApiError::PaymentRequired(_) => "spending_cap_reached",
             ApiError::Unavailable(_) => "unavailable",
@@ -103,6 +133,25 @@ impl IntoResponse for ApiError {
         if let ApiError::PayloadTooLarge { limit, .. } = &self {
             body["error"]["limit_bytes"] = json!(limit);
         }
+        if let ApiError::UploadTooLarge {
+            limit, limit_value, ..
+        } = &self
+        {
+            body["error"]["limit"] = json!(limit);
+            body["error"]["limit_value"] = json!(limit_value);
+        }
+        if let ApiError::StorageQuota {
+            usage_bytes,
+            limit_bytes,
+            needed_bytes,
+            ..
+        } = &self
+        {
+            body["error"]["limit"] = json!("storage_mb");
+            body["error"]["usage_bytes"] = json!(usage_bytes);
+            body["error"]["limit_bytes"] = json!(limit_bytes);
+            body["error"]["needed_bytes"] = json!(needed_bytes);
+        }
         if let ApiError::Throttled {
             limit, retry_after, ..
         } = &self
@@ -111,7 +160,10 @@ impl IntoResponse for ApiError {
             body["error"]["retry_after_s"] = json!(retry_after_secs(*retry_after));
         }
         let mut response = (status, Json(body)).into_response();
-        if let ApiError::PayloadTooLarge { .. } = &self {
+        if matches!(
+            self,
+            ApiError::PayloadTooLarge { .. } | ApiError::UploadTooLarge { unread: true, .. }
+        ) {
             // The unread rest of the body is still on the wire: this connection is done.
             response
                 .headers_mut()
@@ -141,6 +193,18 @@ impl From<StoreError> for ApiError {
             StoreError::ProjectNotFound(_)
             | StoreError::DeploymentNotFound { .. }
             | StoreError::AccountNotFound(_) => ApiError::NotFound(e.to_string()),
+            StoreError::DeploymentPruned { .. } => ApiError::Gone(e.to_string()),
+            StoreError::StorageQuota {
+                used_bytes,
+                needed_bytes,
+                limit_bytes,
+                ..
+            } => ApiError::StorageQuota {
+                message: e.to_string(),
+                usage_bytes: used_bytes,
+                limit_bytes,
+                needed_bytes,
+            },
             StoreError::Closed(_) => ApiError::Unavailable(e.to_string()),
             other => ApiError::Internal(other.to_string()),
         }

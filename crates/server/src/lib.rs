@@ -8,12 +8,14 @@
 
 mod audit;
 mod auth;
+mod deploy_gate;
 mod error;
 mod keys;
 mod routes;
 mod serve;
 mod state;
 
+pub use deploy_gate::{DeployLimits, DeployRate};
 pub use error::ApiError;
 pub use refinery_pool::{KeepAliveMode, Quota, ScaleUpLimit, DEFAULT_MAX_LABEL_SETS};
 pub use serve::{serve, ServeConfig, ServeError};

@@ -55,6 +55,9 @@ pub struct ServeConfig {
     /// The operator's exceptions to the egress deny list of `network = true` blocks
     /// (`--network-allow`, CIDRs).
     pub network_allow: Vec<String>,
+    /// Deployments kept per project, deploy rate, deploys received at once
+    /// (`--keep-deployments`, `--deploy-rate`, `--deploys-at-once[-per-account]`).
+    pub deploy_limits: crate::DeployLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +74,8 @@ pub enum ServeError {
     },
     #[error("invalid default quota: {0}; fix the --quota-* flags")]
     Quota(String),
+    #[error("invalid deploy limits: {0}")]
+    DeployLimits(String),
     #[error("opening the store: {0}")]
     Store(#[from] refinery_store::StoreError),
     #[error("this host cannot run sandboxes: {0}")]
@@ -100,6 +105,10 @@ pub async fn serve(
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
     config.default_quota.validate().map_err(ServeError::Quota)?;
+    config
+        .deploy_limits
+        .validate()
+        .map_err(ServeError::DeployLimits)?;
     create_private_dir(&config.data_dir)?;
     // Absolute from here on: sandboxes bind-mount paths under it.
     let data_dir = &fs::canonicalize(&config.data_dir).map_err(|source| ServeError::DataDir {
@@ -189,12 +198,13 @@ pub async fn serve(
             routes::pool_override(&overrides).over(&config.default_quota),
         );
     }
+    pool.remove_code_except(&store.kept_deployment_ids().await?)
+        .await;
     provision_live_deployments(&store, &pool).await?;
-    let state = Arc::new(AppState::new(
-        store.clone(),
-        pool.clone(),
-        keys::hash_key(&operator_key),
-    ));
+    let state = Arc::new(
+        AppState::new(store.clone(), pool.clone(), keys::hash_key(&operator_key))
+            .with_deploy_limits(config.deploy_limits),
+    );
 
     tracing::info!(%addr, "listening");
     if created {

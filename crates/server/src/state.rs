@@ -9,6 +9,7 @@ use refinery_domain::BlockSpec;
 use refinery_pool::InstancePool;
 use refinery_store::{Account, Deployment, Store};
 
+use crate::deploy_gate::{DeployGate, DeployLimits};
 use crate::error::ApiError;
 
 pub struct AppState {
@@ -33,6 +34,8 @@ pub struct AppState {
     uncapped: RwLock<HashSet<String>>,
     /// Bumped by every change of billing terms, like `live_generation`.
     billing_generation: AtomicU64,
+    /// Deploy rate, deploys received at once, deployments kept (`deploy_gate.rs`).
+    pub deploy_gate: DeployGate,
 }
 
 /// The live deployment of a project, indexed for invocation.
@@ -69,7 +72,14 @@ impl AppState {
             quota_updates: tokio::sync::Mutex::new(()),
             uncapped: RwLock::new(HashSet::new()),
             billing_generation: AtomicU64::new(0),
+            deploy_gate: DeployGate::new(DeployLimits::DEFAULT),
         }
+    }
+
+    /// The operator's deploy limits instead of the defaults.
+    pub fn with_deploy_limits(mut self, limits: DeployLimits) -> AppState {
+        self.deploy_gate = DeployGate::new(limits);
+        self
     }
 
     pub async fn account_by_key_hash(&self, key_hash: &str) -> Result<Option<Account>, ApiError> {

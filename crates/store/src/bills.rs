@@ -54,34 +54,35 @@ pub struct NotEnded {
 }
 
 /// Deployed code of `account_id` held during `period` up to `as_of_ms`, in GB-months:
-/// each deployment's code bytes × the time it existed within the month / the month's
-/// length. Deployments are never deleted, so this only grows through the month.
+/// each deployment's code bytes × the time it was kept within the month (from its
+/// deploy to its pruning or its project's deletion) / the month's length.
 async fn storage(
     conn: &mut SqliteConnection,
     account_id: &str,
     period: Period,
     as_of_ms: i64,
 ) -> Result<Decimal, StoreError> {
-    let rows: Vec<(i64, i64)> = sqlx::query_as(
-        "SELECT d.created_at_ms, COALESCE(SUM(length(CAST(b.code AS BLOB))), 0) \
-         FROM deployments d JOIN projects p ON p.id = d.project_id \
-         JOIN blocks b ON b.deployment_id = d.id \
-         WHERE p.account_id = ? AND d.created_at_ms < ? GROUP BY d.id",
+    let until = period.end_ms().min(as_of_ms);
+    let rows: Vec<(i64, Option<i64>, i64)> = sqlx::query_as(
+        "SELECT created_at_ms, removed_at_ms, code_bytes FROM deployment_storage \
+         WHERE account_id = ? AND created_at_ms < ? \
+         AND (removed_at_ms IS NULL OR removed_at_ms > ?)",
     )
     .bind(account_id)
-    .bind(period.end_ms().min(as_of_ms))
+    .bind(until)
+    .bind(period.start_ms())
     .fetch_all(&mut *conn)
     .await
     .map_err(StoreError::db(format!(
         "measuring the code stored by account {account_id}"
     )))?;
-    let until = period.end_ms().min(as_of_ms);
     Ok(rows
         .into_iter()
-        .map(|(created, bytes)| {
+        .map(|(created, removed, bytes)| {
+            let end = removed.map_or(until, |r| r.min(until));
             storage_gb_months(
                 bytes,
-                until - created.max(period.start_ms()),
+                (end - created.max(period.start_ms())).max(0),
                 period.length_ms(),
             )
         })

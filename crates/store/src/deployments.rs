@@ -3,7 +3,14 @@
 //! A project belongs to one account and is named uniquely within it. A deployment is an
 //! immutable snapshot (manifest text plus fully resolved blocks) numbered 1, 2, 3...
 //! within its project; exactly one deployment per project is live. Rolling back is
-//! [`Store::set_live`] on an older number; nothing is ever rewritten.
+//! [`Store::set_live`] on an older number; a deployment is never rewritten.
+//!
+//! What deployments hold is bounded: [`Store::deploy`] keeps the last
+//! [`Retention::keep`] deployments of the project (pruning older ones, never the live one)
+//! and refuses a deployment that would take the account over its storage quota;
+//! [`Store::delete_project`] removes a project with all its deployments. Each deployment's
+//! size is recorded in `deployment_storage` (see `storage.rs`), kept after removal for the
+//! bill.
 
 use std::collections::HashMap;
 
@@ -114,8 +121,8 @@ impl BlockRow {
 }
 
 #[derive(FromRow)]
-struct ProjectRow {
-    id: i64,
+pub(crate) struct ProjectRow {
+    pub(crate) id: i64,
     live_deployment_id: Option<i64>,
 }
 
@@ -126,12 +133,36 @@ enum Which {
     Number(i64),
 }
 
+/// How much a deploy may keep: the project's last `keep` deployments, and the account's
+/// storage quota in bytes ([`crate::storage`] says what counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Deployments kept per project, the new one included (at least 1).
+    pub keep: usize,
+    /// The account's storage quota, bytes.
+    pub storage_limit_bytes: u64,
+}
+
+impl Retention {
+    /// Keeps everything (for tools and tests that need no limits).
+    pub const UNLIMITED: Retention = Retention {
+        keep: usize::MAX,
+        storage_limit_bytes: u64::MAX,
+    };
+}
+
+/// A deployment just made, and the ids of the deployments its retention pruned (their
+/// instances and code dirs are the caller's to remove).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deployed {
+    pub deployment: Deployment,
+    pub pruned: Vec<i64>,
+}
+
 impl Store {
     /// Records a new deployment of `project` (creating the project on its first deploy)
-    /// and makes it live, all in one transaction.
-    ///
-    /// The number is one more than the project's highest so far (1 for the first);
-    /// concurrent deploys of one project always get distinct numbers.
+    /// and makes it live, all in one transaction, keeping everything (no retention, no
+    /// storage quota): see [`Store::deploy`].
     pub async fn create_deployment(
         &self,
         account_id: &str,
@@ -139,9 +170,38 @@ impl Store {
         manifest_toml: &str,
         blocks: &[BlockSpec],
     ) -> Result<Deployment, StoreError> {
+        self.deploy(
+            account_id,
+            project,
+            manifest_toml,
+            blocks,
+            Retention::UNLIMITED,
+        )
+        .await
+        .map(|d| d.deployment)
+    }
+
+    /// Records a new deployment of `project` (creating the project on its first deploy),
+    /// makes it live, and prunes the project's deployments beyond the last
+    /// `retention.keep` (the new one, which is live, counts among them), all in one
+    /// transaction.
+    ///
+    /// Fails with [`StoreError::StorageQuota`], storing nothing, if the account's
+    /// deployments would then hold more than `retention.storage_limit_bytes`.
+    ///
+    /// The number is one more than the project's highest so far (1 for the first);
+    /// concurrent deploys of one project always get distinct numbers.
+    pub async fn deploy(
+        &self,
+        account_id: &str,
+        project: &str,
+        manifest_toml: &str,
+        blocks: &[BlockSpec],
+        retention: Retention,
+    ) -> Result<Deployed, StoreError> {
         for attempt in 1..=DEPLOY_ATTEMPTS {
             match self
-                .try_create_deployment(account_id, project, manifest_toml, blocks)
+                .try_create_deployment(account_id, project, manifest_toml, blocks, retention)
                 .await
             {
                 Err(StoreError::DeployContention(_)) => {
@@ -159,7 +219,8 @@ impl Store {
         project: &str,
         manifest_toml: &str,
         blocks: &[BlockSpec],
-    ) -> Result<Deployment, StoreError> {
+        retention: Retention,
+    ) -> Result<Deployed, StoreError> {
         let what = || format!("deploying project `{project}`");
         // IMMEDIATE takes the write lock up front, so the number read below cannot be
         // taken by another writer before this transaction commits.
@@ -201,15 +262,27 @@ impl Store {
             "numbering new deployment of `{project}`"
         )))?;
 
-        let (id,): (i64,) = sqlx::query_as(
-            "INSERT INTO deployments (project_id, number, manifest, created_at_ms) \
-             VALUES (?, ?, ?, ?) RETURNING id",
+        let size = crate::storage::Footprint::of(manifest_toml, blocks);
+        let pruned = crate::storage::check_and_choose_pruned(
+            &mut tx,
+            account_id,
+            project_row.id,
+            size,
+            retention,
         )
+        .await?;
+        let id = crate::storage::next_deployment_id(&mut tx).await?;
+
+        sqlx::query(
+            "INSERT INTO deployments (id, project_id, number, manifest, created_at_ms) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(id)
         .bind(project_row.id)
         .bind(number)
         .bind(manifest_toml)
         .bind(now)
-        .fetch_one(&mut *tx)
+        .execute(&mut *tx)
         .await
         .map_err(|e| {
             if is_unique_violation(&e) {
@@ -233,16 +306,22 @@ impl Store {
                 "making deployment {number} of `{project}` live"
             )))?;
 
+        crate::storage::record(&mut tx, id, account_id, project, number, size, now).await?;
+        crate::storage::remove(&mut tx, &pruned, now, crate::storage::Removal::Pruned).await?;
+
         tx.commit().await.map_err(StoreError::db(what()))?;
-        Ok(Deployment {
-            id,
-            account_id: account_id.to_string(),
-            project: project.to_string(),
-            number,
-            created_at_ms: now,
-            live: true,
-            manifest: manifest_toml.to_string(),
-            blocks: blocks.to_vec(),
+        Ok(Deployed {
+            deployment: Deployment {
+                id,
+                account_id: account_id.to_string(),
+                project: project.to_string(),
+                number,
+                created_at_ms: now,
+                live: true,
+                manifest: manifest_toml.to_string(),
+                blocks: blocks.to_vec(),
+            },
+            pruned,
         })
     }
 
@@ -349,6 +428,12 @@ impl Store {
                 .await
                 .map_err(StoreError::db(what()))?;
         let Some((deployment_id,)) = deployment_id else {
+            if crate::storage::was_pruned(&mut tx, account_id, project, number).await? {
+                return Err(StoreError::DeploymentPruned {
+                    project: project.to_string(),
+                    number,
+                });
+            }
             return Err(StoreError::DeploymentNotFound {
                 project: project.to_string(),
                 number,
@@ -387,7 +472,7 @@ impl Store {
     }
 }
 
-async fn find_project(
+pub(crate) async fn find_project(
     conn: &mut SqliteConnection,
     account_id: &str,
     project: &str,

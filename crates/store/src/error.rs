@@ -59,6 +59,25 @@ pub enum StoreError {
     )]
     DeploymentNotFound { project: String, number: i64 },
 
+    /// The deployment existed but retention pruned it (`Retention::keep`).
+    #[error(
+        "deployment {number} of project `{project}` was pruned (only the project's most \
+         recent deployments are kept); list the kept ones, or deploy that version again"
+    )]
+    DeploymentPruned { project: String, number: i64 },
+
+    /// A deploy would take the account's deployments over its storage quota; nothing
+    /// was stored.
+    #[error(
+        "this deployment needs {needed_bytes} bytes of storage; the account holds          {used_bytes} bytes (of which {freed_bytes} would be pruned), and its quota is          {limit_bytes} bytes"
+    )]
+    StorageQuota {
+        used_bytes: u64,
+        needed_bytes: u64,
+        freed_bytes: u64,
+        limit_bytes: u64,
+    },
+
     /// Concurrent deploys of one project kept colliding on the deployment number.
     #[error(
         "deploying project `{0}`: other deploys of the same project kept taking the next \

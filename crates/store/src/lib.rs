@@ -11,7 +11,8 @@
 //! - **Every SQL statement.** Other crates call typed methods on [`Store`]; none of them
 //!   writes SQL. Statements are grouped by concern: [`accounts`] (accounts and API key
 //!   hashes), [`deployments`] (projects, their numbered deployments and blocks) and
-//!   [`executions`] (invocation records), [`quotas`] (per-account quota overrides),
+//!   [`executions`] (invocation records), [`storage`] (what each deployment holds: the
+//!   storage quota's usage, retention, project deletion), [`quotas`] (per-account quota overrides),
 //!   [`usage`] (metering, written with each execution), [`pricing`] (price lists and
 //!   per-account terms), [`bills`] (monthly bills; rating is `refinery_billing`'s) and
 //!   [`audit`] (the security audit trail of refused syscalls, bounded per account).
@@ -51,6 +52,7 @@ mod execution_writer;
 pub mod executions;
 pub mod pricing;
 pub mod quotas;
+pub mod storage;
 pub mod usage;
 
 use execution_writer::ExecutionWriter;
@@ -65,7 +67,7 @@ use sqlx::SqlitePool;
 pub use accounts::Account;
 pub use audit::{SecurityEvent, MAX_AUDIT_EVENTS_PER_ACCOUNT, MAX_AUDIT_LIST};
 pub use bills::{BillRecord, NotEnded, Spending};
-pub use deployments::{Deployment, DeploymentSummary, ProjectSummary};
+pub use deployments::{Deployed, Deployment, DeploymentSummary, ProjectSummary, Retention};
 pub use error::StoreError;
 pub use executions::MAX_EXECUTION_LIST;
 pub use pricing::AccountBilling;

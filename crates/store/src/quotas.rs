@@ -14,6 +14,7 @@ pub struct QuotaOverrides {
     pub memory_mb: Option<u64>,
     pub rate: Option<f64>,
     pub burst: Option<u32>,
+    pub storage_mb: Option<u64>,
 }
 
 impl QuotaOverrides {
@@ -30,6 +31,7 @@ struct QuotaRow {
     memory_mb: Option<i64>,
     rate: Option<f64>,
     burst: Option<i64>,
+    storage_mb: Option<i64>,
 }
 
 impl QuotaRow {
@@ -53,6 +55,10 @@ impl QuotaRow {
             burst: self
                 .burst
                 .map(|v| u32::try_from(v).map_err(|_| corrupt("burst", v)))
+                .transpose()?,
+            storage_mb: self
+                .storage_mb
+                .map(|v| u64::try_from(v).map_err(|_| corrupt("storage_mb", v)))
                 .transpose()?,
         };
         Ok((self.account_id, overrides))
@@ -83,17 +89,22 @@ impl Store {
             .memory_mb
             .map(|v| i64::try_from(v).unwrap_or(i64::MAX));
         sqlx::query(
-            "INSERT INTO quotas (account_id, instances, memory_mb, rate, burst, updated_at_ms) \
-             VALUES (?, ?, ?, ?, ?, ?) \
+            "INSERT INTO quotas (account_id, instances, memory_mb, rate, burst, storage_mb, \
+             updated_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?) \
              ON CONFLICT (account_id) DO UPDATE SET instances = excluded.instances, \
              memory_mb = excluded.memory_mb, rate = excluded.rate, burst = excluded.burst, \
-             updated_at_ms = excluded.updated_at_ms",
+             storage_mb = excluded.storage_mb, updated_at_ms = excluded.updated_at_ms",
         )
         .bind(account_id)
         .bind(overrides.instances.map(i64::from))
         .bind(memory_mb)
         .bind(overrides.rate)
         .bind(overrides.burst.map(i64::from))
+        .bind(
+            overrides
+                .storage_mb
+                .map(|v| i64::try_from(v).unwrap_or(i64::MAX)),
+        )
         .bind(now_ms())
         .execute(&self.pool)
         .await
@@ -110,7 +121,7 @@ impl Store {
     /// Account `account_id`'s overrides (all `None` when it has none).
     pub async fn quota(&self, account_id: &str) -> Result<QuotaOverrides, StoreError> {
         let row = sqlx::query_as::<_, QuotaRow>(
-            "SELECT account_id, instances, memory_mb, rate, burst FROM quotas WHERE account_id = ?",
+            "SELECT account_id, instances, memory_mb, rate, burst, storage_mb FROM quotas WHERE account_id = ?",
         )
         .bind(account_id)
         .fetch_optional(&self.pool)
@@ -128,7 +139,7 @@ impl Store {
     /// tenant.
     pub async fn list_quotas(&self) -> Result<Vec<(String, QuotaOverrides)>, StoreError> {
         sqlx::query_as::<_, QuotaRow>(
-            "SELECT account_id, instances, memory_mb, rate, burst FROM quotas ORDER BY account_id",
+            "SELECT account_id, instances, memory_mb, rate, burst, storage_mb FROM quotas ORDER BY account_id",
         )
         .fetch_all(&self.pool)
         .await

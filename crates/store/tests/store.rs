@@ -490,6 +490,7 @@ async fn quotas_set_read_reset_and_lookup_by_name() -> TestResult {
         memory_mb: None,
         rate: Some(0.5),
         burst: Some(3),
+        storage_mb: Some(7),
     };
     store.set_quota(&acme.id, &set).await?;
     assert_eq!(store.quota(&acme.id).await?, set);
@@ -518,5 +519,84 @@ async fn quotas_set_read_reset_and_lookup_by_name() -> TestResult {
     store.close().await;
     let store = Store::open(dir.path()).await?;
     assert_eq!(store.quota(&acme.id).await?, set);
+    Ok(())
+}
+
+#[tokio::test]
+async fn retention_quota_and_deletion_never_reuse_a_deployment_id() -> TestResult {
+    use refinery_store::Retention;
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path()).await?;
+    let acct = store.create_account("acme", "hash-r", "rf_r").await?;
+    let keep_two = Retention {
+        keep: 2,
+        storage_limit_bytes: u64::MAX,
+    };
+    let mut ids = Vec::new();
+    for n in 1..=3 {
+        let d = store
+            .deploy(
+                &acct.id,
+                "shop",
+                &format!("# v{n}"),
+                &[block("a")],
+                keep_two,
+            )
+            .await?;
+        ids.push(d.deployment.id);
+        // The third deploy prunes the first; the others prune nothing.
+        let expected: Vec<i64> = if n == 3 { vec![ids[0]] } else { vec![] };
+        assert_eq!(d.pruned, expected);
+    }
+    let numbers: Vec<i64> = store
+        .list_deployments(&acct.id, "shop")
+        .await?
+        .iter()
+        .map(|d| d.number)
+        .collect();
+    assert_eq!(numbers, vec![2, 3]);
+    assert!(matches!(
+        store.set_live(&acct.id, "shop", 1).await,
+        Err(StoreError::DeploymentPruned { number: 1, .. })
+    ));
+    let one = refinery_store::storage::Footprint::of("# v3", &[block("a")]).stored_bytes;
+    assert_eq!(store.storage_used(&acct.id).await?, 2 * one);
+
+    // Over the quota: refused, nothing stored.
+    let tight = Retention {
+        keep: 10,
+        storage_limit_bytes: 2 * one,
+    };
+    assert!(matches!(
+        store
+            .deploy(&acct.id, "other", "# v1", &[block("a")], tight)
+            .await,
+        Err(StoreError::StorageQuota { .. })
+    ));
+    assert!(store.list_deployments(&acct.id, "other").await.is_err());
+
+    // Deleting the project (which holds the highest id) frees its storage; the next
+    // deployment still gets a new id, never one handed out before.
+    let removed = store.delete_project(&acct.id, "shop").await?;
+    assert_eq!(removed, vec![ids[1], ids[2]]);
+    assert_eq!(store.storage_used(&acct.id).await?, 0);
+    assert!(matches!(
+        store.delete_project(&acct.id, "shop").await,
+        Err(StoreError::ProjectNotFound(_))
+    ));
+    let again = store
+        .deploy(&acct.id, "shop", "# v1", &[block("a")], keep_two)
+        .await?;
+    assert_eq!(again.deployment.number, 1);
+    assert!(
+        again.deployment.id > ids[2],
+        "id {} reused",
+        again.deployment.id
+    );
+    // A number of the deleted project is not "pruned" for the new one.
+    assert!(matches!(
+        store.set_live(&acct.id, "shop", 3).await,
+        Err(StoreError::DeploymentNotFound { .. })
+    ));
     Ok(())
 }

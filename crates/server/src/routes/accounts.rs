@@ -169,6 +169,8 @@ pub struct SetQuota {
     rate: Option<Option<f64>>,
     #[serde(default, deserialize_with = "present")]
     burst: Option<Option<u32>>,
+    #[serde(default, deserialize_with = "present")]
+    storage_mb: Option<Option<u64>>,
 }
 
 /// Tells a field given as `null` (`Some(None)`) from a field left out (`None`).
@@ -188,7 +190,8 @@ pub async fn quota(
 ) -> Result<Json<Value>, ApiError> {
     let account = visible_account(&state, &caller, &account).await?;
     let overrides = state.store.quota(&account.id).await?;
-    Ok(Json(quota_json(&state, &account, &overrides)))
+    let storage = state.store.storage_used(&account.id).await?;
+    Ok(Json(quota_json(&state, &account, &overrides, storage)))
 }
 
 /// `PUT /v1/accounts/{account}/quota` (operator only): changes an account's quota; takes
@@ -202,7 +205,7 @@ pub async fn set_quota(
     caller.require_operator()?;
     let Json(change) = body.map_err(|e| {
         ApiError::BadRequest(format!(
-            "{}; expected e.g. {{\"instances\": 10, \"memory_mb\": 2048, \"rate\": 50, \"burst\": 100}} (null = the server's default)",
+            "{}; expected e.g. {{\"instances\": 10, \"memory_mb\": 2048, \"rate\": 50, \"burst\": 100, \"storage_mb\": 1024}} (null = the server's default)",
             e.body_text()
         ))
     })?;
@@ -222,6 +225,9 @@ pub async fn set_quota(
     if let Some(v) = change.burst {
         overrides.burst = v;
     }
+    if let Some(v) = change.storage_mb {
+        overrides.storage_mb = v;
+    }
     pool_override(&overrides)
         .validate()
         .map_err(|e| ApiError::BadRequest(format!("invalid quota: {e}")))?;
@@ -231,7 +237,8 @@ pub async fn set_quota(
         pool_override(&overrides).over(&state.pool.default_quota()),
     );
     tracing::info!(account = %account.id, ?overrides, "quota set");
-    Ok(Json(quota_json(&state, &account, &overrides)))
+    let storage = state.store.storage_used(&account.id).await?;
+    Ok(Json(quota_json(&state, &account, &overrides, storage)))
 }
 
 /// The store's record of an account's settings, as the pool's policy type.
@@ -241,6 +248,7 @@ pub fn pool_override(o: &QuotaOverrides) -> QuotaOverride {
         memory_mb: o.memory_mb,
         rate: o.rate,
         burst: o.burst,
+        storage_mb: o.storage_mb,
     }
 }
 
@@ -278,10 +286,16 @@ pub(super) async fn visible_account(
 }
 
 fn quota_fields(q: &Quota) -> Value {
-    json!({ "instances": q.instances, "memory_mb": q.memory_mb, "rate": q.rate, "burst": q.burst })
+    json!({ "instances": q.instances, "memory_mb": q.memory_mb, "rate": q.rate, "burst": q.burst, "storage_mb": q.storage_mb })
 }
 
-fn quota_json(state: &SharedState, account: &Account, overrides: &QuotaOverrides) -> Value {
+/// `storage_bytes`: what the account's kept deployments hold (`refinery_store::storage`).
+fn quota_json(
+    state: &SharedState,
+    account: &Account,
+    overrides: &QuotaOverrides,
+    storage_bytes: u64,
+) -> Value {
     let usage = state.pool.account_usage(&account.id);
     json!({
         "account_id": account.id,
@@ -292,12 +306,15 @@ fn quota_json(state: &SharedState, account: &Account, overrides: &QuotaOverrides
             "memory_mb": overrides.memory_mb,
             "rate": overrides.rate,
             "burst": overrides.burst,
+            "storage_mb": overrides.storage_mb,
         },
         "defaults": quota_fields(&state.pool.default_quota()),
         "usage": {
             "instances": usage.instances,
             "memory_mb": usage.memory_mb,
             "tokens": usage.tokens,
+            "storage_bytes": storage_bytes,
+            "storage_mb": (storage_bytes as f64 / 1_048_576.0 * 100.0).ceil() / 100.0,
         },
     })
 }

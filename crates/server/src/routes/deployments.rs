@@ -1,14 +1,18 @@
-//! Deploying projects, listing them and their deployments, and rolling back.
+//! Deploying projects (within the upload limits, the deploy gate and the storage quota,
+//! pruning beyond the deployments kept), listing them and their deployments, rolling
+//! back, and deleting projects.
 
 use std::collections::BTreeMap;
 
+use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
-use refinery_domain::Manifest;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use refinery_domain::{limits, Manifest};
 use refinery_pool::BlockTarget;
-use refinery_store::Deployment;
+use refinery_store::{Deployment, Retention, StoreError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -33,15 +37,14 @@ pub struct DeployRequest {
 pub async fn deploy(
     State(state): State<SharedState>,
     caller: Caller,
-    body: Result<Json<DeployRequest>, JsonRejection>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let account = caller.account()?;
-    let Json(request) = body.map_err(|e| {
-        ApiError::BadRequest(format!(
-            "{}; expected {{\"manifest\": \"<refinery.toml text>\", \"files\": {{\"path\": \"contents\"}}}}",
-            e.body_text()
-        ))
-    })?;
+    // Before a byte of the body is read: the deploy rate, then a turn to receive it.
+    let _turn = state.deploy_gate.admit(&account.id, &account.name).await?;
+    let request = read_deploy_request(&headers, body).await?;
+    check_upload_limits(&request)?;
     let manifest_path = request.manifest_path.as_deref().unwrap_or("refinery.toml");
     let files = &request.files;
     let resolve = |path: &str| {
@@ -63,20 +66,216 @@ pub async fn deploy(
         }
     }
 
-    let deployment = state
+    let keep = state.deploy_gate.limits().keep_deployments;
+    let storage_mb = state.pool.account_usage(&account.id).quota.storage_mb;
+    let retention = Retention {
+        keep,
+        storage_limit_bytes: storage_mb.saturating_mul(MIB),
+    };
+    let deployed = state
         .store
-        .create_deployment(
+        .deploy(
             &account.id,
             &manifest.name,
             &request.manifest,
             &manifest.blocks,
+            retention,
         )
-        .await?;
+        .await
+        .map_err(|e| storage_refusal(e, account, &manifest.name, storage_mb, keep))?;
+    let deployment = deployed.deployment;
     state.invalidate_live(&account.id, &manifest.name);
     retire_all_but_live(&state, &account.id, &manifest.name).await?;
+    if !deployed.pruned.is_empty() {
+        state.pool.retire_deployments(&deployed.pruned).await;
+        state.pool.remove_code(&deployed.pruned).await;
+        tracing::info!(account = %account.id, project = %deployment.project, pruned = ?deployed.pruned, "old deployments pruned");
+    }
     provision(&state, account, &deployment).await;
     tracing::info!(account = %account.id, project = %deployment.project, deployment = deployment.number, "deployed");
     Ok((StatusCode::CREATED, Json(deployment_json(&deployment))))
+}
+
+const MIB: u64 = 1024 * 1024;
+
+/// Reads and parses a deploy body of at most `MAX_DEPLOY_BODY_BYTES`.
+async fn read_deploy_request(headers: &HeaderMap, body: Body) -> Result<DeployRequest, ApiError> {
+    let too_large =
+        |size: Option<u64>| ApiError::UploadTooLarge {
+            message: format!(
+            "the deploy request body is {}; the limit is {} bytes ({} MiB: a manifest of at most \
+             {} bytes and files of at most {} bytes in total, as JSON); deploy less code, or \
+             split the project",
+            size.map_or("larger than the limit".to_string(), |s| format!("{s} bytes")),
+            limits::MAX_DEPLOY_BODY_BYTES,
+            limits::MAX_DEPLOY_BODY_BYTES / 1024 / 1024,
+            limits::MAX_MANIFEST_BYTES,
+            limits::MAX_DEPLOY_FILES_BYTES,
+        ),
+            limit: "deploy_body_bytes",
+            limit_value: limits::MAX_DEPLOY_BODY_BYTES,
+            unread: true,
+        };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(size) = declared {
+        if size > limits::MAX_DEPLOY_BODY_BYTES as u64 {
+            return Err(too_large(Some(size)));
+        }
+    }
+    let bytes = Limited::new(body, limits::MAX_DEPLOY_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<LengthLimitError>().is_some() {
+                too_large(None)
+            } else {
+                ApiError::BadRequest(format!("reading the deploy request body: {e}"))
+            }
+        })?
+        .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "invalid deploy request body: {e}; expected {{\"manifest\": \"<refinery.toml text>\", \"files\": {{\"path\": \"contents\"}}}}"
+        ))
+    })
+}
+
+/// The upload limits sized for code (`domain/src/limits.rs`), each refusal naming its limit.
+fn check_upload_limits(request: &DeployRequest) -> Result<(), ApiError> {
+    let refuse = |message: String, limit: &'static str, limit_value: usize| {
+        Err(ApiError::UploadTooLarge {
+            message,
+            limit,
+            limit_value,
+            unread: false,
+        })
+    };
+    if request.manifest.len() > limits::MAX_MANIFEST_BYTES {
+        return refuse(
+            format!(
+                "the manifest is {} bytes; the limit is {} bytes (1 MiB): a manifest is \
+                 configuration; move large inline `code = \"...\"` into `source = \"...\"` files",
+                request.manifest.len(),
+                limits::MAX_MANIFEST_BYTES
+            ),
+            "manifest_bytes",
+            limits::MAX_MANIFEST_BYTES,
+        );
+    }
+    if request.files.len() > limits::MAX_DEPLOY_FILES {
+        return refuse(
+            format!(
+                "{} files were uploaded; the limit is {} files per deploy; upload only the \
+                 files the blocks' `source = \"...\"` name",
+                request.files.len(),
+                limits::MAX_DEPLOY_FILES
+            ),
+            "files",
+            limits::MAX_DEPLOY_FILES,
+        );
+    }
+    if let Some((path, contents)) = request
+        .files
+        .iter()
+        .find(|(_, c)| c.len() > limits::MAX_SOURCE_BYTES)
+    {
+        return refuse(
+            format!(
+                "file `{path}` is {} bytes; the limit is {} bytes (5 MiB) per file",
+                contents.len(),
+                limits::MAX_SOURCE_BYTES
+            ),
+            "file_bytes",
+            limits::MAX_SOURCE_BYTES,
+        );
+    }
+    let total: usize = request.files.values().map(String::len).sum();
+    if total > limits::MAX_DEPLOY_FILES_BYTES {
+        return refuse(
+            format!(
+                "the uploaded files total {total} bytes; the limit is {} bytes (16 MiB) per deploy",
+                limits::MAX_DEPLOY_FILES_BYTES
+            ),
+            "files_bytes",
+            limits::MAX_DEPLOY_FILES_BYTES,
+        );
+    }
+    Ok(())
+}
+
+/// A storage-quota refusal, worded with the account, its quota and how to free space.
+fn storage_refusal(
+    error: StoreError,
+    account: &refinery_store::Account,
+    project: &str,
+    storage_mb: u64,
+    keep: usize,
+) -> ApiError {
+    let StoreError::StorageQuota {
+        used_bytes,
+        needed_bytes,
+        freed_bytes,
+        limit_bytes,
+    } = error
+    else {
+        return error.into();
+    };
+    let mb = |b: u64| format!("{:.2} MiB", b as f64 / MIB as f64);
+    ApiError::StorageQuota {
+        message: format!(
+            "deploying `{project}` needs {} of storage (the manifest, the code, and the code \
+             laid out for instances), but account {} holds {} of its {storage_mb} MiB storage \
+             quota (storage_mb){}; nothing was stored. Free space by deleting a project \
+             (`refinery projects delete PROJECT`), or ask the operator to keep fewer deployments \
+             per project (`refinery serve --keep-deployments`, now {keep}) or to raise the quota \
+             (`refinery accounts set-quota {} --storage-mb MB`)",
+            mb(needed_bytes),
+            account.name,
+            mb(used_bytes),
+            if freed_bytes > 0 {
+                format!(
+                    ", {} of it in deployments this deploy would prune",
+                    mb(freed_bytes)
+                )
+            } else {
+                String::new()
+            },
+            account.name
+        ),
+        usage_bytes: used_bytes,
+        limit_bytes,
+        needed_bytes,
+    }
+}
+
+/// `DELETE /v1/projects/{project}`: the project, its deployments, their stored code and
+/// code dirs, and their instances. Executions and usage stay (the bill needs them).
+pub async fn delete_project(
+    State(state): State<SharedState>,
+    caller: Caller,
+    Path(project): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let account = caller.account()?;
+    let removed = state
+        .store
+        .delete_project(&account.id, &project)
+        .await
+        .map_err(|e| match e {
+            StoreError::ProjectNotFound(_) => crate::state::project_not_found(&project),
+            other => other.into(),
+        })?;
+    state.invalidate_live(&account.id, &project);
+    state.pool.retire_deployments(&removed).await;
+    state.pool.remove_code(&removed).await;
+    tracing::info!(account = %account.id, %project, deployments = removed.len(), "project deleted");
+    Ok(Json(json!({
+        "project": project,
+        "deleted": true,
+        "deployments_deleted": removed.len(),
+    })))
 }
 
 /// Stops keeping warm every deployment of the project but the live one. All of them, not
@@ -162,10 +361,20 @@ pub async fn rollback(
     let Json(request) = body.map_err(|e| {
         ApiError::BadRequest(format!("{}; expected {{\"deployment\": 2}}", e.body_text()))
     })?;
+    let keep = state.deploy_gate.limits().keep_deployments;
     let deployment = state
         .store
         .set_live(&account.id, &project, request.deployment)
-        .await?;
+        .await
+        .map_err(|e| match e {
+            StoreError::DeploymentPruned { number, .. } => ApiError::Gone(format!(
+                "deployment {number} of project `{project}` was pruned: this server keeps the \
+                 last {keep} deployments of each project (`refinery serve --keep-deployments`); \
+                 roll back to a kept one (`refinery deployments {project}`) or deploy that \
+                 version again"
+            )),
+            other => other.into(),
+        })?;
     state.invalidate_live(&account.id, &project);
     retire_all_but_live(&state, &account.id, &project).await?;
     provision(&state, account, &deployment).await;

@@ -19,9 +19,6 @@ use crate::state::SharedState;
 pub use accounts::pool_override;
 pub use billing::close_due_months;
 
-/// Uploads (manifest + sources) may exceed the invocation payload limit.
-const DEPLOY_BODY_LIMIT: usize = 64 * 1024 * 1024;
-
 pub fn router(state: SharedState) -> Router {
     Router::new()
         .route("/v1/health", get(health))
@@ -38,11 +35,16 @@ pub fn router(state: SharedState) -> Router {
                 .put(accounts::set_quota)
                 .patch(accounts::set_quota),
         )
+        // The deploy reads its own body, bounded (`deployments::read_deploy_request`).
         .route(
             "/v1/deployments",
-            post(deployments::deploy).layer(DefaultBodyLimit::max(DEPLOY_BODY_LIMIT)),
+            post(deployments::deploy).layer(DefaultBodyLimit::disable()),
         )
         .route("/v1/projects", get(deployments::list_projects))
+        .route(
+            "/v1/projects/{project}",
+            axum::routing::delete(deployments::delete_project),
+        )
         .route("/v1/projects/{project}/deployments", get(deployments::list))
         .route(
             "/v1/projects/{project}/rollback",
