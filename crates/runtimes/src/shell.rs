@@ -2,8 +2,9 @@
 //! script once, then runs `/bin/sh <script>` once per invocation.
 //!
 //! Per invocation: stdin is the input as JSON, `REFINERY_BACKPACK` holds the backpack as
-//! JSON, stdout is the output (JSON if it parses, else the trimmed text as a JSON string),
-//! stderr is the logs. A non-zero exit is an `ExitStatus` error. The backpack comes back
+//! JSON, stdout is the output (JSON if it parses, else the trimmed text as a JSON string;
+//! JSON nested deeper than `MAX_JSON_DEPTH` is an `OutputTooDeep` error), stderr is the
+//! logs. A non-zero exit is an `ExitStatus` error. The backpack comes back
 //! unchanged: a child process cannot hand an environment back.
 //!
 //! Nothing a script starts outlives its invocation: once the script's own process has exited,
