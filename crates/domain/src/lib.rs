@@ -1,13 +1,15 @@
 //! Refinery's domain model: the vocabulary every other crate speaks.
 //!
 //! This crate owns the plain data types (languages, block specs, execution statuses and
-//! records, user-code errors), the platform-wide limits, and the `refinery.toml` manifest
+//! records, user-code errors), the platform-wide limits (and the JSON nesting measure that
+//! enforces one of them), and the `refinery.toml` manifest
 //! parser with its located error messages. It does no I/O beyond parsing strings: no
 //! files, no network, no processes, so the CLI and the server validate manifests
 //! identically.
 
 pub mod block;
 pub mod execution;
+pub mod json_depth;
 pub mod limits;
 pub mod manifest;
 pub mod names;

@@ -3,6 +3,24 @@
 /// Largest accepted invocation request body and largest returned output (6 MB, as Lambda).
 pub const MAX_PAYLOAD_BYTES: usize = 6 * 1024 * 1024;
 
+/// Deepest nesting of arrays and objects accepted in a block's input, output and backpack
+/// (a scalar is 0 levels deep, `[]` and `{}` 1, `{"a": [1]}` 2). The edge refuses deeper
+/// input (400), every runtime reports deeper output as an `OutputTooDeep` error. Well
+/// inside serde_json's recursion limit of 128, so each protocol frame (which wraps a
+/// payload in one more object) and each API reply (a few more) still parses.
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// serde_json's default recursion limit: every JSON document the platform parses (frames,
+/// replies, records) must nest less deeply than this.
+pub const SERDE_JSON_RECURSION_LIMIT: usize = 128;
+
+// A payload at the limit, wrapped in a frame, a reply or a listing, must still parse.
+const _: () = assert!(MAX_JSON_DEPTH + 8 < SERDE_JSON_RECURSION_LIMIT);
+
+/// Total size of one block's environment variables (names plus values, in bytes), as
+/// Lambda's 4 KB for all variables of a function together.
+pub const MAX_ENV_BYTES: usize = 4 * 1024;
+
 /// Input and output are stored with an execution record up to this many bytes; the
 /// rest is cut and the record says it was truncated.
 pub const RECORDED_PAYLOAD_BYTES: usize = 64 * 1024;

@@ -84,12 +84,17 @@ struct RawBlock {
     min_warm: Option<Spanned<i64>>,
     tmp_mb: Option<Spanned<i64>>,
     #[serde(default)]
-    env: Option<Spanned<BTreeMap<String, String>>>,
+    env: Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
     network: Option<Spanned<bool>>,
 }
 
-/// Variables the platform sets itself; a block may not override them.
-const RESERVED_ENV: &[&str] = &["PATH", "HOME", "TMPDIR", "LANG"];
+/// Variables the platform sets itself (the sandbox's base environment; the shell runtime's
+/// `REFINERY_BACKPACK` is under the reserved `REFINERY_` prefix); a block may not override
+/// them.
+pub const RESERVED_ENV: &[&str] = &["PATH", "HOME", "TMPDIR", "LANG"];
+
+/// Prefix of the variables the platform reserves for itself.
+pub const RESERVED_ENV_PREFIX: &str = "REFINERY_";
 
 impl Manifest {
     /// Parses and validates `text`, naming `file` in errors; `sources` supplies the files
@@ -330,18 +335,7 @@ impl Context<'_> {
 
         let env = match &block.env {
             None => BTreeMap::new(),
-            Some(env) => {
-                for key in env.get_ref().keys() {
-                    if let Err(message) = check_env_name(key) {
-                        return Err(self.error(
-                            Some(env.span()),
-                            field(&format!("env.{key}")),
-                            message,
-                        ));
-                    }
-                }
-                env.get_ref().clone()
-            }
+            Some(env) => self.env(index, env)?,
         };
 
         Ok(BlockSpec {
@@ -359,6 +353,62 @@ impl Context<'_> {
             network: block.network.as_ref().is_some_and(|n| *n.get_ref()),
         })
     }
+}
+
+impl Context<'_> {
+    /// A block's `env` table: valid names, no reserved ones, no NUL byte, and at most
+    /// [`limits::MAX_ENV_BYTES`] of names and values together — anything else would deploy
+    /// and then fail every start of the block's instances.
+    fn env(
+        &self,
+        index: usize,
+        env: &Spanned<BTreeMap<Spanned<String>, Spanned<String>>>,
+    ) -> Result<BTreeMap<String, String>, ManifestError> {
+        let field = |key: &str| Some(format!("blocks[{index}].env.{key}"));
+        let mut total = 0usize;
+        let mut largest: Option<(&Spanned<String>, usize)> = None;
+        for (key, value) in env.get_ref() {
+            let name = key.get_ref();
+            if let Err(message) = check_env_name(name) {
+                return Err(self.error(Some(key.span()), field(&printable(name)), message));
+            }
+            if let Some(at) = value.get_ref().find('\0') {
+                return Err(self.error(
+                    Some(value.span()),
+                    field(name),
+                    format!(
+                        "the value holds a NUL byte (\\u0000) at byte {at}: an environment variable cannot contain one; remove it"
+                    ),
+                ));
+            }
+            let size = name.len() + value.get_ref().len();
+            total += size;
+            if largest.is_none_or(|(_, most)| size > most) {
+                largest = Some((key, size));
+            }
+        }
+        if let Some((key, size)) = largest.filter(|_| total > limits::MAX_ENV_BYTES) {
+            return Err(self.error(
+                Some(key.span()),
+                Some(format!("blocks[{index}].env")),
+                format!(
+                    "the block's variables take {total} bytes (names and values together; the largest, `{}`, {size} bytes); the limit is {} bytes for all of a block's variables together: pass large data as the block's input, or put it in its code",
+                    key.get_ref(),
+                    limits::MAX_ENV_BYTES
+                ),
+            ));
+        }
+        Ok(env
+            .get_ref()
+            .iter()
+            .map(|(k, v)| (k.get_ref().clone(), v.get_ref().clone()))
+            .collect())
+    }
+}
+
+/// A variable name as it can be shown in a field path (control characters escaped).
+fn printable(name: &str) -> String {
+    name.escape_debug().to_string()
 }
 
 /// The file name a `source` path is stored under; the path must stay beside the manifest.
@@ -387,12 +437,13 @@ fn check_env_name(key: &str) -> Result<(), String> {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !valid {
         return Err(format!(
-            "invalid variable name `{key}`: expected letters, digits and '_', not starting with a digit"
+            "invalid variable name `{}`: expected ASCII letters, digits and '_', not starting with a digit",
+            printable(key)
         ));
     }
-    if RESERVED_ENV.contains(&key) || key.starts_with("REFINERY_") {
+    if RESERVED_ENV.contains(&key) || key.starts_with(RESERVED_ENV_PREFIX) {
         return Err(format!(
-            "`{key}` is set by the platform and cannot be overridden (reserved: {}, REFINERY_*)",
+            "`{key}` is set by the platform and cannot be overridden (reserved: {}, {RESERVED_ENV_PREFIX}*)",
             RESERVED_ENV.join(", ")
         ));
     }
@@ -527,6 +578,39 @@ code = "cat"
         assert!(err.message.contains("no blocks"), "{err}");
         let err = parse(&format!("name = \"Bad Name\"\n{block}")).expect_err("name");
         assert_eq!(err.line, Some(1));
+    }
+
+    #[test]
+    fn env_names_nul_bytes_and_total_size_are_checked_where_they_are() {
+        let block = "name = \"p\"\n[[blocks]]\nname = \"b\"\nlanguage = \"shell\"\ncode = \"x\"\n";
+        let err = parse(&format!(
+            "{block}env = {{ OK = \"1\", BAD = \"a\\u0000b\" }}\n"
+        ))
+        .expect_err("nul");
+        assert_eq!(err.field.as_deref(), Some("blocks[0].env.BAD"));
+        assert_eq!((err.line, err.column), (Some(6), Some(25)), "{err}");
+        assert!(err.message.contains("NUL"), "{err}");
+        let err = parse(&format!(
+            "{block}[blocks.env]\nA = \"x\"\nREFINERY_X = \"y\"\n"
+        ))
+        .expect_err("reserved");
+        assert_eq!(err.field.as_deref(), Some("blocks[0].env.REFINERY_X"));
+        assert_eq!(err.line, Some(8), "{err}");
+        let err = parse(&format!("{block}env = {{ \"A-B\" = \"x\" }}\n")).expect_err("name");
+        assert_eq!(err.field.as_deref(), Some("blocks[0].env.A-B"));
+        assert!(err.message.contains("invalid variable name"), "{err}");
+
+        // Names and values together: exactly the limit is accepted, one byte more is not.
+        let value = "v".repeat(limits::MAX_ENV_BYTES - "A".len() - "BB".len() - 1);
+        let at_limit = format!("{block}env = {{ A = \"{value}\", BB = \"x\" }}\n");
+        let manifest = parse(&at_limit).expect("at the limit");
+        assert_eq!(manifest.blocks[0].env["A"].len(), value.len());
+        let err = parse(&at_limit.replace("\"x\"", "\"xy\"")).expect_err("over");
+        assert_eq!(err.field.as_deref(), Some("blocks[0].env"));
+        assert_eq!(err.line, Some(6));
+        assert!(err.message.contains("4097 bytes"), "{err}");
+        assert!(err.message.contains("`A`"), "{err}");
+        assert!(err.message.contains("4096 bytes"), "{err}");
     }
 
     #[test]

@@ -121,7 +121,8 @@ impl InstanceChannel {
                 self.state = State::Idle;
                 Ok(Ready { init_ms })
             }
-            ShimMessage::InitError { error } => {
+            ShimMessage::InitError { mut error } => {
+                crate::hints::add_hint(&mut error);
                 self.state = State::Closed;
                 self.init_error = Some(error.clone());
                 Err(ChannelError::InitFailed(error))
@@ -174,11 +175,14 @@ impl InstanceChannel {
                 ..
             } => reply(Ok(Output { output, backpack }), logs, logs_truncated),
             ShimMessage::Error {
-                error,
+                mut error,
                 logs,
                 logs_truncated,
                 ..
-            } => reply(Err(error), logs, logs_truncated),
+            } => {
+                crate::hints::add_hint(&mut error);
+                reply(Err(error), logs, logs_truncated)
+            }
             other => {
                 return Err(ChannelError::Protocol(format!(
                     "expected result or error, got {}",

@@ -7,7 +7,9 @@
 //!   `ready` or `init_error`, then serve invocations one at a time, capturing logs;
 //! - what an instance executes for a block ([`entry`]) and the files its code dir holds
 //!   ([`code_files`]);
-//! - the framed protocol ([`protocol`]) and its async host-side driver ([`InstanceChannel`]).
+//! - the framed protocol ([`protocol`]) and its async host-side driver ([`InstanceChannel`]),
+//!   which adds the platform's [`hints`] to errors whose cause is a platform rule (a missing
+//!   third-party package).
 //!
 //! It must never isolate anything (namespaces, cgroups, mounts and limits are the sandbox
 //! crate's), never decide an instance's fate (the pool discards instances on errors and
@@ -18,6 +20,7 @@
 //! closed instance.
 
 pub mod client;
+pub mod hints;
 pub mod protocol;
 pub mod shell;
 
@@ -208,6 +211,10 @@ fn fill_bounds(source: &str) -> String {
             &protocol::MAX_FRAME_BYTES.to_string(),
         )
         .replace("__LOG_CAP_BYTES__", &protocol::LOG_CAP_BYTES.to_string())
+        .replace(
+            "__MAX_JSON_DEPTH__",
+            &refinery_domain::limits::MAX_JSON_DEPTH.to_string(),
+        )
 }
 
 /// What the sandbox runs for a block whose source is `/code/<source_name>` and whose
@@ -554,6 +561,7 @@ mod tests {
             let text = fs::read_to_string(dir.path().join(name))?;
             assert!(!text.contains("__MAX_FRAME_BYTES__"), "{name}");
             assert!(!text.contains("__LOG_CAP_BYTES__"), "{name}");
+            assert!(!text.contains("__MAX_JSON_DEPTH__"), "{name}");
             assert!(text.contains(&protocol::MAX_FRAME_BYTES.to_string()));
         }
         Ok(())

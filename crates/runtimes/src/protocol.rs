@@ -5,6 +5,10 @@
 //! A frame is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON. Both
 //! sides refuse a frame longer than [`MAX_FRAME_BYTES`] *before* allocating for it, so a
 //! confused or hostile peer cannot make the other side allocate gigabytes.
+//!
+//! Payloads in frames nest at most `MAX_JSON_DEPTH` levels (the edge refuses deeper input
+//! and backpacks, the shims report deeper output as `OutputTooDeep`), so every frame stays
+//! well within serde_json's recursion limit and decodes.
 
 use std::borrow::Cow;
 use std::io::{self, Read, Write};

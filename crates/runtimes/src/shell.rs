@@ -2,8 +2,9 @@
 //! script once, then runs `/bin/sh <script>` once per invocation.
 //!
 //! Per invocation: stdin is the input as JSON, `REFINERY_BACKPACK` holds the backpack as
-//! JSON, stdout is the output (JSON if it parses, else the trimmed text as a JSON string),
-//! stderr is the logs. A non-zero exit is an `ExitStatus` error. The backpack comes back
+//! JSON, stdout is the output (JSON if it parses, else the trimmed text as a JSON string;
+//! JSON nested deeper than `MAX_JSON_DEPTH` is an `OutputTooDeep` error), stderr is the
+//! logs. A non-zero exit is an `ExitStatus` error. The backpack comes back
 //! unchanged: a child process cannot hand an environment back.
 //!
 //! Nothing a script starts outlives its invocation: once the script's own process has exited,
@@ -21,7 +22,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use refinery_domain::execution::truncate_utf8;
-use refinery_domain::limits::MAX_PAYLOAD_BYTES;
+use refinery_domain::json_depth::{json_depth, too_deep_message, OUTPUT_TOO_DEEP};
+use refinery_domain::limits::{MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES};
 use refinery_domain::UserError;
 use serde_json::Value;
 
@@ -182,9 +184,13 @@ fn invoke(id: u64, script: &Path, input: &Value, backpack: Cow<'_, Value>) -> Sh
             logs_truncated,
         );
     }
+    let output = match parse_output(&run.stdout.bytes) {
+        Ok(output) => output,
+        Err(error_value) => return error(error_value, logs, logs_truncated),
+    };
     ShimMessage::Result {
         id,
-        output: parse_output(&run.stdout.bytes),
+        output,
         backpack,
         logs,
         logs_truncated,
@@ -200,12 +206,25 @@ fn exit_failure(status: std::process::ExitStatus) -> Option<String> {
     Some(format!("script was killed by signal {signal}"))
 }
 
-/// JSON if stdout parses as JSON, else the trimmed text as a JSON string.
-fn parse_output(stdout: &[u8]) -> Value {
-    if let Ok(value) = serde_json::from_slice::<Value>(stdout) {
-        return value;
+/// JSON if stdout parses as JSON, else the trimmed text as a JSON string; JSON nested
+/// deeper than [`MAX_JSON_DEPTH`] is an `OutputTooDeep` error (also past serde_json's own
+/// recursion limit, where it stops parsing: text that deep is JSON, not prose).
+fn parse_output(stdout: &[u8]) -> Result<Value, UserError> {
+    let depth = json_depth(stdout);
+    match serde_json::from_slice::<Value>(stdout) {
+        Ok(_) if depth > MAX_JSON_DEPTH => {}
+        Ok(value) => return Ok(value),
+        Err(e) if depth > MAX_JSON_DEPTH && e.to_string().starts_with("recursion limit") => {}
+        Err(_) => {
+            return Ok(Value::String(
+                String::from_utf8_lossy(stdout).trim().to_string(),
+            ))
+        }
     }
-    Value::String(String::from_utf8_lossy(stdout).trim().to_string())
+    Err(UserError::new(
+        OUTPUT_TOO_DEEP,
+        too_deep_message("the output (the script's stdout)", depth),
+    ))
 }
 
 fn last_lines(text: &str, count: usize) -> String {
@@ -352,12 +371,33 @@ mod tests {
 
     #[test]
     fn output_is_json_or_trimmed_text() {
-        assert_eq!(parse_output(b"{\"a\": 1}\n"), serde_json::json!({"a": 1}));
+        assert_eq!(
+            parse_output(b"{\"a\": 1}\n"),
+            Ok(serde_json::json!({"a": 1}))
+        );
         assert_eq!(
             parse_output(b"  hello world \n"),
-            serde_json::json!("hello world")
+            Ok(serde_json::json!("hello world"))
         );
-        assert_eq!(parse_output(b""), serde_json::json!(""));
+        assert_eq!(parse_output(b""), Ok(serde_json::json!("")));
+        // Bracket-rich prose that is not JSON stays text.
+        let prose = format!("{} not json", "[".repeat(100));
+        assert_eq!(parse_output(prose.as_bytes()), Ok(serde_json::json!(prose)));
+    }
+
+    #[test]
+    fn output_deeper_than_the_limit_is_an_error() {
+        use refinery_domain::json_depth::nested_array;
+        let at_limit = nested_array(MAX_JSON_DEPTH);
+        assert!(parse_output(at_limit.as_bytes()).is_ok());
+        for depth in [MAX_JSON_DEPTH + 1, 127, 128, 200] {
+            let error = parse_output(nested_array(depth).as_bytes()).expect_err("too deep");
+            assert_eq!(error.kind, OUTPUT_TOO_DEEP, "{depth}");
+            assert!(
+                error.message.contains(&format!("nested {depth} levels")),
+                "{error:?}"
+            );
+        }
     }
 
     #[test]

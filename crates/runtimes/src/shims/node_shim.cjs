@@ -25,6 +25,7 @@ const REQUESTS_FD = 3;
 const RESPONSES_FD = 4;
 const MAX_FRAME_BYTES = __MAX_FRAME_BYTES__;
 const LOG_CAP_BYTES = __LOG_CAP_BYTES__;
+const MAX_JSON_DEPTH = __MAX_JSON_DEPTH__;
 
 // ------------------------------------------------------------------ framing
 
@@ -85,13 +86,65 @@ function writeFrame(text) {
   return body.length;
 }
 
+/**
+ * How deeply a JSON text nests arrays and objects (0 for a scalar; brackets inside strings
+ * do not count), as the host measures it — exactly when that is past MAX_JSON_DEPTH. A text
+ * with at most MAX_JSON_DEPTH brackets is not scanned: its bracket count (a bound of its
+ * depth) is returned.
+ */
+function jsonDepth(text) {
+  let brackets = 0;
+  for (const open of ['[', '{']) {
+    for (let at = text.indexOf(open); at !== -1; at = text.indexOf(open, at + 1)) {
+      if (++brackets > MAX_JSON_DEPTH) break;
+    }
+  }
+  if (brackets <= MAX_JSON_DEPTH) return brackets;
+  let depth = 0;
+  let deepest = 0;
+  let inString = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (inString) {
+      if (c === 92) i++; // backslash: skip the escaped character
+      else if (c === 34) inString = false;
+    } else if (c === 34) inString = true;
+    else if (c === 91 || c === 123) {
+      if (++depth > deepest) deepest = depth;
+    } else if (c === 93 || c === 125) depth--;
+  }
+  return deepest;
+}
+
+/** depth undefined: too deep for JSON.stringify itself to measure. */
+function tooDeepError(what, depth) {
+  const nested = depth === undefined ? 'too deeply to encode' : `${depth} levels deep`;
+  return {
+    type: 'OutputTooDeep',
+    message:
+      `${what} is nested ${nested}; the limit is ${MAX_JSON_DEPTH} ` +
+      'levels of nested arrays and objects: return a flatter value',
+    traceback: null,
+  };
+}
+
 // ------------------------------------------------------------------ errors
 
-/** Drops this shim's own frames: the author's stack ends at their handler. */
-function withoutShimFrames(stack) {
-  return stack
+/**
+ * Drops the platform's lines from an error text: this shim's frames, Node's own
+ * (`node:internal/...`) and the shim in a `Require stack:` list. The author's stack ends at
+ * their handler; the error's first line (type and message) is kept as it was.
+ */
+function withoutPlatformLines(text) {
+  return text
     .split('\n')
-    .filter((line) => !(line.trimStart().startsWith('at ') && line.includes(__filename)))
+    .filter((line) => {
+      const trimmed = line.trimStart();
+      if (trimmed.startsWith('at ')) {
+        return !line.includes(__filename) && !/[( ]node:internal\//.test(line);
+      }
+      return trimmed !== `- ${__filename}`;
+    })
     .join('\n');
 }
 
@@ -103,11 +156,11 @@ function errorOf(value) {
     } catch {}
     let message = '';
     try {
-      message = String(value.message ?? '');
+      message = withoutPlatformLines(String(value.message ?? ''));
     } catch {}
     let stack = null;
     try {
-      stack = typeof value.stack === 'string' ? withoutShimFrames(value.stack) : null;
+      stack = typeof value.stack === 'string' ? withoutPlatformLines(value.stack) : null;
     } catch {}
     return { type: String(type), message, traceback: stack };
   }
@@ -278,23 +331,34 @@ async function invoke(handler, capture, request) {
   const { logs, truncated } = captured;
   let body = null;
   if (outcome === null) {
+    let what = 'the output';
     try {
       const outputJson = JSON.stringify(output) ?? 'null';
-      let backpackJson;
-      try {
-        backpackJson = JSON.stringify(backpack) ?? '{}';
-      } catch (err) {
-        throw new TypeError(`the backpack is not JSON-serialisable: ${err.message}`);
+      what = 'the backpack';
+      const backpackJson = JSON.stringify(backpack) ?? '{}';
+      const outputDepth = jsonDepth(outputJson);
+      const backpackDepth = jsonDepth(backpackJson);
+      if (outputDepth > MAX_JSON_DEPTH) {
+        outcome = tooDeepError('the output', outputDepth);
+      } else if (backpackDepth > MAX_JSON_DEPTH) {
+        outcome = tooDeepError('the backpack', backpackDepth);
+      } else {
+        body = `{"type":"result","output":${outputJson},"backpack":${backpackJson}`;
       }
-      body = `{"type":"result","output":${outputJson},"backpack":${backpackJson}`;
     } catch (err) {
-      outcome = {
-        type: 'TypeError',
-        message: err.message.startsWith('the backpack')
-          ? err.message
-          : `main returned a value that is not JSON-serialisable: ${err.message}`,
-        traceback: null,
-      };
+      if (err instanceof RangeError) {
+        // Too deep for V8's stack, far past the limit: the same error as a measured one.
+        outcome = tooDeepError(what);
+      } else {
+        outcome = {
+          type: 'TypeError',
+          message:
+            what === 'the backpack'
+              ? `the backpack is not JSON-serialisable: ${err.message}`
+              : `main returned a value that is not JSON-serialisable: ${err.message}`,
+          traceback: null,
+        };
+      }
     }
   }
   const tail = encodeTail(request.id, logs, truncated);

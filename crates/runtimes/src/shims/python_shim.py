@@ -24,6 +24,7 @@ REQUESTS_FD = 3
 RESPONSES_FD = 4
 MAX_FRAME_BYTES = __MAX_FRAME_BYTES__
 LOG_CAP_BYTES = __LOG_CAP_BYTES__
+MAX_JSON_DEPTH = __MAX_JSON_DEPTH__
 
 SHIM_FILE = os.path.abspath(__file__)
 # asyncio is imported only when a handler is async: it costs ~10 ms and ~1 MiB per instance.
@@ -88,6 +89,73 @@ def write_frame(body):
 
 def encode(value):
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+CONTAINERS = (dict, list, tuple)
+# bytes.translate tables: brackets and quotes kept ({} as []), every other byte dropped.
+BRACKETS = bytes.maketrans(b"{}", b"[]")
+NOT_BRACKETS = bytes(c for c in range(256) if c not in b'[]{}"')
+
+
+def depth_of(value):
+    """How deeply a JSON-encodable value nests arrays and objects (0 for a scalar): what
+    json.dumps writes for it, since only dicts, lists and tuples become arrays/objects."""
+    level = [value] if isinstance(value, CONTAINERS) else []
+    depth = 0
+    while level:
+        depth += 1
+        level = [
+            child
+            for node in level
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, CONTAINERS)
+        ]
+    return depth
+
+
+def text_depth(text):
+    """The nesting depth of JSON text `text` from its brackets alone, at C speed, or None
+    when a string in it holds a bracket (then only depth_of() can tell)."""
+    data = text.encode("utf-8")
+    if b"\\" in data:
+        # Escapes out of the way: every quote left delimits a string.
+        data = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # Quotes and brackets only; a bracket-free string is an adjacent pair of quotes. Any
+    # quote left means some string held a bracket.
+    data = data.translate(BRACKETS, NOT_BRACKETS).replace(b'""', b"")
+    if b'"' in data:
+        return None
+    depth = 0
+    while data:
+        # Each round removes the innermost arrays: as many rounds as levels.
+        shorter = data.replace(b"[]", b"")
+        if len(shorter) == len(data):
+            return None
+        data = shorter
+        depth += 1
+    return depth
+
+
+def too_deep(value, text):
+    """The depth of a value nested deeper than the host accepts, or None. A text with at
+    most MAX_JSON_DEPTH brackets cannot be deeper, so most outputs cost two counts."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return None
+    depth = text_depth(text)
+    if depth is None:
+        depth = depth_of(value)
+    return depth if depth > MAX_JSON_DEPTH else None
+
+
+def too_deep_error(what, depth=None):
+    """depth None: too deep for the encoder itself to measure."""
+    nested = "too deeply to encode" if depth is None else f"{depth} levels deep"
+    return {
+        "type": "OutputTooDeep",
+        "message": f"{what} is nested {nested}; the limit is {MAX_JSON_DEPTH} "
+        "levels of nested arrays and objects: return a flatter value",
+        "traceback": None,
+    }
 
 
 # ---------------------------------------------------------------- errors
@@ -293,7 +361,9 @@ def reply_for(handler, loop, capture, request):
     if outcome is None:
         try:
             output_json = encode(output)
-        except (TypeError, ValueError, RecursionError) as exc:
+        except RecursionError:
+            outcome = too_deep_error("the output")
+        except (TypeError, ValueError) as exc:
             outcome = {
                 "type": "TypeError",
                 "message": f"main returned a value that is not JSON-serialisable: {exc}",
@@ -302,12 +372,23 @@ def reply_for(handler, loop, capture, request):
         else:
             try:
                 backpack_json = encode(backpack)
-            except (TypeError, ValueError, RecursionError) as exc:
+            except RecursionError:
+                outcome = too_deep_error("the backpack")
+            except (TypeError, ValueError) as exc:
                 outcome = {
                     "type": "TypeError",
                     "message": f"the backpack is not JSON-serialisable: {exc}",
                     "traceback": None,
                 }
+            else:
+                for what, value, text in (
+                    ("the output", output, output_json),
+                    ("the backpack", backpack, backpack_json),
+                ):
+                    depth = too_deep(value, text)
+                    if depth is not None:
+                        outcome = too_deep_error(what, depth)
+                        break
     tail = ',"id":' + encode(request.get("id")) + ',"logs":' + encode(logs) + ',"logs_truncated":' + encode(truncated) + "}"
     if outcome is None:
         body = '{"type":"result","output":' + output_json + ',"backpack":' + backpack_json + tail

@@ -6,7 +6,8 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::Json;
 use refinery_domain::execution::truncate_utf8;
-use refinery_domain::limits::{MAX_PAYLOAD_BYTES, RECORDED_PAYLOAD_BYTES};
+use refinery_domain::json_depth::json_depth;
+use refinery_domain::limits::{MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, RECORDED_PAYLOAD_BYTES};
 use refinery_domain::{ExecutionRecord, ExecutionStatus, UserError};
 use refinery_pool::{BlockTarget, Invocation};
 use serde_json::{json, Value};
@@ -39,6 +40,7 @@ pub async fn invoke(
             ))
         }
     })?;
+    check_depth(&body, "the request body (the block's input)")?;
     let input: Value = if body.iter().all(u8::is_ascii_whitespace) {
         Value::Null
     } else {
@@ -51,6 +53,7 @@ pub async fn invoke(
     let backpack = match headers.get(BACKPACK_HEADER) {
         None => json!({}),
         Some(value) => {
+            check_depth(value.as_bytes(), "the Refinery-Backpack header")?;
             let parsed: Value = value
                 .to_str()
                 .ok()
@@ -170,6 +173,18 @@ fn finish(
         logs_truncated: invocation.logs_truncated,
     };
     (record, reply)
+}
+
+/// Refuses a payload nested deeper than [`MAX_JSON_DEPTH`] (checked on the raw bytes, so
+/// the message is the same however deep it goes), before anything parses it.
+fn check_depth(text: &[u8], what: &str) -> Result<(), ApiError> {
+    let depth = json_depth(text);
+    if depth > MAX_JSON_DEPTH {
+        return Err(ApiError::BadRequest(format!(
+            "{what} is nested {depth} levels deep; the limit is {MAX_JSON_DEPTH} levels of nested arrays and objects: send a flatter value"
+        )));
+    }
+    Ok(())
 }
 
 fn content_length(headers: &HeaderMap) -> Option<usize> {
