@@ -11,7 +11,13 @@ fn cargo_run_at_the_root_runs_the_refinery_binary() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let output = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
         .current_dir(&root)
         .output()
         .expect("run cargo metadata");
@@ -34,7 +40,11 @@ fn cargo_run_at_the_root_runs_the_refinery_binary() {
         .iter()
         .filter(|p| defaults.contains(&p["id"].as_str().unwrap_or_default()))
         .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
-        .filter(|t| t["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "bin")))
+        .filter(|t| {
+            t["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "bin"))
+        })
         .filter_map(|t| t["name"].as_str().map(str::to_string))
         .collect();
     assert_eq!(
