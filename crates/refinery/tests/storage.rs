@@ -367,7 +367,7 @@ async fn deleting_a_project_removes_deployments_and_instances_keeps_executions_a
     let kept_usage = manifest("keep", 1).len() + 2 * source(1, 100).len();
 
     // Through the CLI, with --json.
-    let (code, out, err) = server.cli(&key, &["--json", "projects", "delete", "p"], None);
+    let (code, out, err) = server.cli(&key, &["projects", "delete", "p", "--json"], None);
     assert_eq!(code, 0, "{out}{err}");
     let reply: Value = serde_json::from_str(&out).expect("json");
     assert_eq!(reply["deleted"], true, "{reply}");

@@ -196,6 +196,12 @@ async fn every_endpoint_refuses_another_accounts_key() {
             "/v1/executions/ex_00000000000000000000000000000000".into(),
             None,
         ),
+        (
+            "DELETE",
+            "/v1/projects/secret".into(),
+            "/v1/projects/nothing".into(),
+            None,
+        ),
     ];
     for (method, path, nowhere, body) in &scoped {
         let (status, got) = server
@@ -286,6 +292,22 @@ async fn every_endpoint_refuses_another_accounts_key() {
             .unwrap_or_default();
         assert_eq!(keys, vec!["error"], "{method} {path}: {got}");
     }
+    // B can neither rotate A's key nor disable or enable A (404 or 403, only an error).
+    for action in ["rotate-key", "disable", "enable"] {
+        let path = format!("/v1/accounts/{id_a}/{action}");
+        let (status, got) = server.request("POST", &path, Some(&key_b), None).await;
+        assert!(
+            status == 404 || status == 403,
+            "POST {path} with B's key: {status} {got}"
+        );
+        // (The 404 may echo the id B asked for; never a key or anything else of A's.)
+        assert!(
+            !got.to_string().contains(&key_a) && got.get("api_key").is_none(),
+            "POST {path} leaked a key: {got}"
+        );
+    }
+    let a = server.invoke_ok(&key_a, "secret", "b", json!(null)).await;
+    assert_eq!(a["output"], "a's data", "A's key still works");
     let (status, got) = server
         .request(
             "PUT",
