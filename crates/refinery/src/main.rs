@@ -98,6 +98,11 @@ struct ServeArgs {
     /// internal API at 10.1.2.0/24. Repeatable. Every block with network gets it.
     #[arg(long = "network-allow", value_name = "CIDR")]
     network_allow: Vec<String>,
+    /// Free space kept on the data dir's filesystem for the records of running
+    /// invocations: below it, new invocations and deploys are refused with 503 (and
+    /// /v1/health says "degraded") until space is freed. E.g. 64MB, 1GiB; 0 = no reserve.
+    #[arg(long, default_value_t = bytesize::ByteSize::b(refinery_server::DEFAULT_DISK_RESERVE), value_name = "SIZE")]
+    disk_reserve: bytesize::ByteSize,
 }
 
 fn main() -> ExitCode {
@@ -156,6 +161,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         metrics_max_label_sets: args.metrics_max_label_sets,
         adaptive_bin: args.adaptive_bin,
         network_allow: args.network_allow,
+        disk_reserve: args.disk_reserve.as_u64(),
     };
     refinery_server::serve(config, shutdown_signal(), |addr| {
         // A stable line scripts and tests wait for.
@@ -187,6 +193,6 @@ fn init_tracing() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(refinery_server::LossyStderr::new)
         .init();
 }

@@ -8,12 +8,16 @@
 
 mod audit;
 mod auth;
+mod disk;
 mod error;
 mod keys;
+mod log;
 mod routes;
 mod serve;
 mod state;
 
+pub use disk::DEFAULT_DISK_RESERVE;
 pub use error::ApiError;
+pub use log::{dropped_log_lines, LossyStderr};
 pub use refinery_pool::{KeepAliveMode, Quota, ScaleUpLimit, DEFAULT_MAX_LABEL_SETS};
 pub use serve::{serve, ServeConfig, ServeError};

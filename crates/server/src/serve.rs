@@ -16,6 +16,7 @@ use refinery_store::Store;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
+use crate::disk::DiskSpace;
 use crate::keys;
 use crate::routes;
 use crate::state::AppState;
@@ -55,6 +56,9 @@ pub struct ServeConfig {
     /// The operator's exceptions to the egress deny list of `network = true` blocks
     /// (`--network-allow`, CIDRs).
     pub network_allow: Vec<String>,
+    /// Free bytes kept on the data dir's filesystem: below this, invocations and deploys
+    /// are refused with 503 (`--disk-reserve`, see `disk.rs`).
+    pub disk_reserve: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,11 +181,11 @@ pub async fn serve(
         );
     }
     provision_live_deployments(&store, &pool).await?;
-    let state = Arc::new(AppState::new(
-        store.clone(),
-        pool.clone(),
-        keys::hash_key(&operator_key),
-    ));
+    let disk = Arc::new(DiskSpace::new(data_dir, config.disk_reserve));
+    let state = Arc::new(
+        AppState::new(store.clone(), pool.clone(), keys::hash_key(&operator_key))
+            .with_disk(disk.clone()),
+    );
 
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -197,6 +201,8 @@ pub async fn serve(
     let month_closer = tokio::spawn(routes::close_due_months(store.clone()));
     // Refused syscalls, read back from the kernel log (`audit.rs`).
     let audit_watcher = tokio::spawn(crate::audit::watch(pool.clone(), store.clone()));
+    // Free space of the data dir, read every second for the invocations' check.
+    let disk_watcher = tokio::spawn(crate::disk::watch(disk));
 
     let stopping = Arc::new(Notify::new());
     let signal_stopping = stopping.clone();
@@ -212,6 +218,7 @@ pub async fn serve(
     let (served, ()) = tokio::join!(async { server.await.map_err(ServeError::Http) }, drain);
     month_closer.abort();
     audit_watcher.abort();
+    disk_watcher.abort();
     // Anything started by a request that raced the shutdown.
     pool.shutdown(Duration::ZERO).await;
     let release_host = host.clone();

@@ -9,6 +9,7 @@ use refinery_domain::BlockSpec;
 use refinery_pool::InstancePool;
 use refinery_store::{Account, Deployment, Store};
 
+use crate::disk::DiskSpace;
 use crate::error::ApiError;
 
 pub struct AppState {
@@ -29,6 +30,9 @@ pub struct AppState {
     uncapped: RwLock<HashSet<String>>,
     /// Bumped by every change of billing terms, like `live_generation`.
     billing_generation: AtomicU64,
+    /// Free space of the data dir's filesystem and the reserve below which new work is
+    /// refused (`disk.rs`; set by [`AppState::with_disk`], no reserve otherwise).
+    pub disk: Arc<DiskSpace>,
 }
 
 /// The live deployment of a project, indexed for invocation.
@@ -54,7 +58,13 @@ impl LiveDeployment {
 
 impl AppState {
     pub fn new(store: Store, pool: InstancePool, operator_key_hash: String) -> AppState {
+        let data_dir = store
+            .path()
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .to_path_buf();
         AppState {
+            disk: Arc::new(DiskSpace::new(&data_dir, 0)),
             store,
             pool,
             operator_key_hash,
@@ -65,6 +75,12 @@ impl AppState {
             uncapped: RwLock::new(HashSet::new()),
             billing_generation: AtomicU64::new(0),
         }
+    }
+
+    /// Watches `disk` (its reserve applies to invocations and deploys).
+    pub fn with_disk(mut self, disk: Arc<DiskSpace>) -> AppState {
+        self.disk = disk;
+        self
     }
 
     pub async fn account_by_key_hash(&self, key_hash: &str) -> Result<Option<Account>, ApiError> {

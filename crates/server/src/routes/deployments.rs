@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
+use crate::disk::Refused;
 use crate::error::ApiError;
 use crate::routes::rfc3339;
 use crate::state::SharedState;
@@ -52,6 +53,7 @@ pub async fn deploy(
     };
     let manifest = Manifest::parse(&request.manifest, manifest_path, &resolve)?;
     check_min_warm_fits(&state, account, &manifest)?;
+    state.disk.admit(Refused::Deploy)?;
     if let Some(block) = manifest.blocks.iter().find(|b| b.network) {
         if !state.pool.network_enabled() {
             return Err(ApiError::Unprocessable(format!(
@@ -71,7 +73,8 @@ pub async fn deploy(
             &request.manifest,
             &manifest.blocks,
         )
-        .await?;
+        .await
+        .map_err(|e| state.disk.store_error(e, Refused::Deploy))?;
     state.invalidate_live(&account.id, &manifest.name);
     retire_all_but_live(&state, &account.id, &manifest.name).await?;
     provision(&state, account, &deployment).await;
