@@ -101,7 +101,7 @@ struct ServeArgs {
     /// Free space kept on the data dir's filesystem for the records of running
     /// invocations: below it, new invocations and deploys are refused with 503 (and
     /// /v1/health says "degraded") until space is freed. E.g. 64MB, 1GiB; 0 = no reserve.
-    #[arg(long, default_value_t = bytesize::ByteSize::b(refinery_server::DEFAULT_DISK_RESERVE), value_name = "SIZE")]
+    #[arg(long, default_value = "64MB", value_name = "SIZE")]
     disk_reserve: bytesize::ByteSize,
 }
 

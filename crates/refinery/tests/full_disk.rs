@@ -289,7 +289,15 @@ async fn a_commit_that_fails_for_space_answers_503_and_loses_nothing_acknowledge
         "no commit failed on a full disk; the test did not exercise the race"
     );
 
+    // A deploy whose store write fails for space (no reserve to refuse it up front): 503.
+    let (status, body) = server.deploy(&key, OTHER, &[]).await;
+    assert!(
+        status == 201 || (status == 503 && body["error"]["code"] == "disk_full"),
+        "deploy on a full disk without reserve: {status} {body}"
+    );
+
     std::fs::remove_file(&filler).expect("remove filler");
+    server.deploy_ok(&key, OTHER).await;
     // The writer thread survived: later records are committed again.
     for n in 0..5 {
         let reply = server.invoke_ok(&key, "disk", "count", json!(n)).await;

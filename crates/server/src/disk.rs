@@ -25,9 +25,6 @@ use serde_json::{json, Value};
 
 use crate::error::ApiError;
 
-/// Default `--disk-reserve`: new work is refused below this much free space.
-pub const DEFAULT_DISK_RESERVE: u64 = 64 * 1000 * 1000;
-
 /// How often the background task reads the free space.
 pub const DISK_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
