@@ -111,8 +111,8 @@ impl DiskSpace {
             Refused::Deploy => "nothing of this request was stored",
         };
         ApiError::DiskFull(format!(
-            "the server is out of disk space: its data directory {} has {} free, below the \
-             reserve of {} kept for recording executions; {consequence}. Retry later; the \
+            "the server is out of disk space: its data directory {} has {} free (the \
+             reserve kept for recording executions is {}); {consequence}. Retry later; the \
              operator must free space on that filesystem (or move the data directory to a \
              larger one); `refinery serve --disk-reserve` sets the reserve",
             self.data_dir.display(),
