@@ -530,29 +530,4 @@ impl Server {
             http: reqwest::Client::new(),
         }
     }
-
-    /// GET `path` with `key`; returns (status, `Retry-After` if any, body).
-    pub async fn get_with_retry_after(
-        &self,
-        path: &str,
-        key: Option<&str>,
-    ) -> (u16, Option<String>, Value) {
-        let mut request = self.http.get(format!("{}{}", self.url, path));
-        if let Some(key) = key {
-            request = request.bearer_auth(key);
-        }
-        let response = request.send().await.expect("send");
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let text = response.text().await.expect("body");
-        (
-            status,
-            retry_after,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
 }
