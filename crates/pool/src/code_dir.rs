@@ -30,12 +30,17 @@ pub fn materialize(root: &Path, deployment_id: i64, block: &BlockSpec) -> io::Re
     fs::create_dir(&staging)?;
     // World-readable: instances run as unprivileged uids and must read their own code.
     fs::set_permissions(&staging, fs::Permissions::from_mode(0o755))?;
-    for (name, contents) in
-        refinery_runtimes::code_files(block.language, &block.source_name, &block.code)
-    {
-        let path = staging.join(&name);
-        fs::write(&path, contents)?;
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o644))?;
+    let written = refinery_runtimes::code_files(block.language, &block.source_name, &block.code)
+        .into_iter()
+        .try_for_each(|(name, contents)| {
+            let path = staging.join(&name);
+            fs::write(&path, contents)?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o644))
+        });
+    if let Err(e) = written {
+        // E.g. a full disk: leave no half-written copy behind to hold the space.
+        let _ = fs::remove_dir_all(&staging);
+        return Err(e);
     }
     match fs::rename(&staging, &dir) {
         Ok(()) => Ok(dir),

@@ -150,6 +150,11 @@ struct ServeArgs {
     /// internal API at 10.1.2.0/24. Repeatable. Every block with network gets it.
     #[arg(long = "network-allow", value_name = "CIDR")]
     network_allow: Vec<String>,
+    /// Free space kept on the data dir's filesystem for the records of running
+    /// invocations: below it, new invocations and deploys are refused with 503 (and
+    /// /v1/health says "degraded") until space is freed. E.g. 64MB, 1GiB; 0 = no reserve.
+    #[arg(long, default_value = "64MB", value_name = "SIZE")]
+    disk_reserve: bytesize::ByteSize,
 }
 
 fn main() -> ExitCode {
@@ -234,6 +239,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
             at_once_per_account: args.deploys_at_once_per_account,
             ..DeployLimits::DEFAULT
         },
+        disk_reserve: args.disk_reserve.as_u64(),
     };
     refinery_server::serve(config, shutdown_signal(), |addr| {
         // A stable line scripts and tests wait for.
@@ -269,7 +275,7 @@ fn init_tracing() {
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(refinery_server::LossyStderr::new)
         .with_ansi(colour)
         .init();
 }

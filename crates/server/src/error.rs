@@ -69,6 +69,9 @@ pub enum ApiError {
     PaymentRequired(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The data dir's filesystem is full (`disk.rs`): 503 with `Retry-After`.
+    #[error("{0}")]
+    DiskFull(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -89,7 +92,7 @@ impl ApiError {
             ApiError::Gone(_) => StatusCode::GONE,
             ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PaymentRequired(_) => StatusCode::PAYMENT_REQUIRED,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::DiskFull(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -112,6 +115,7 @@ impl ApiError {
             ApiError::Throttled { .. } => "throttled",
             ApiError::PaymentRequired(_) => "spending_cap_reached",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::DiskFull(_) => "disk_full",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -159,6 +163,9 @@ impl IntoResponse for ApiError {
             body["error"]["limit"] = json!(limit);
             body["error"]["retry_after_s"] = json!(retry_after_secs(*retry_after));
         }
+        if let ApiError::DiskFull(_) = &self {
+            body["error"]["retry_after_s"] = json!(retry_after_secs(crate::disk::DISK_RETRY_AFTER));
+        }
         let mut response = (status, Json(body)).into_response();
         if matches!(
             self,
@@ -174,6 +181,12 @@ impl IntoResponse for ApiError {
             if let Ok(value) = HeaderValue::from_str(&secs) {
                 response.headers_mut().insert(header::RETRY_AFTER, value);
             }
+        }
+        if let ApiError::DiskFull(_) = &self {
+            let secs = retry_after_secs(crate::disk::DISK_RETRY_AFTER);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }
@@ -206,6 +219,11 @@ impl From<StoreError> for ApiError {
                 needed_bytes,
             },
             StoreError::Closed(_) => ApiError::Unavailable(e.to_string()),
+            // Routes that write on the hot path say more (`DiskSpace::store_error`).
+            _ if e.is_disk_full() => ApiError::DiskFull(format!(
+                "{e}: the server's data directory is out of disk space and nothing was \
+                 written; retry later (the operator must free space on its filesystem)"
+            )),
             other => ApiError::Internal(other.to_string()),
         }
     }

@@ -2,20 +2,25 @@
 //!
 //! It owns the REST/JSON API (routes, authentication, tenancy checks, the mapping from
 //! errors to HTTP statuses), the operator key, and the server's lifecycle (start-up
-//! checks, graceful shutdown). Every request is authenticated and every lookup is scoped
+//! checks, graceful shutdown), the disk reserve (`disk.rs`: refusing new work with 503
+//! while the data dir is nearly full) and the log sink (`log.rs`: a log line that cannot
+//! be written is dropped, never failing a request). Every request is authenticated and every lookup is scoped
 //! to the caller's account before anything reaches the store or the pool; this crate never
 //! runs user code itself (the pool does) and never writes SQL (the store does).
 
 mod audit;
 mod auth;
 mod deploy_gate;
+mod disk;
 mod error;
 mod keys;
+mod log;
 mod routes;
 mod serve;
 mod state;
 
 pub use deploy_gate::{DeployLimits, DeployRate};
 pub use error::ApiError;
+pub use log::{dropped_log_lines, LossyStderr};
 pub use refinery_pool::{KeepAliveMode, Quota, ScaleUpLimit, DEFAULT_MAX_LABEL_SETS};
 pub use serve::{serve, ServeConfig, ServeError};

@@ -16,6 +16,7 @@ use refinery_store::Store;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
+use crate::disk::DiskSpace;
 use crate::keys;
 use crate::routes;
 use crate::state::AppState;
@@ -58,6 +59,9 @@ pub struct ServeConfig {
     /// Deployments kept per project, deploy rate, deploys received at once
     /// (`--keep-deployments`, `--deploy-rate`, `--deploys-at-once[-per-account]`).
     pub deploy_limits: crate::DeployLimits,
+    /// Free bytes kept on the data dir's filesystem: below this, invocations and deploys
+    /// are refused with 503 (`--disk-reserve`, see `disk.rs`).
+    pub disk_reserve: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -201,9 +205,11 @@ pub async fn serve(
     pool.remove_code_except(&store.kept_deployment_ids().await?)
         .await;
     provision_live_deployments(&store, &pool).await?;
+    let disk = Arc::new(DiskSpace::new(data_dir, config.disk_reserve));
     let state = Arc::new(
         AppState::new(store.clone(), pool.clone(), keys::hash_key(&operator_key))
-            .with_deploy_limits(config.deploy_limits),
+            .with_deploy_limits(config.deploy_limits)
+            .with_disk(disk.clone()),
     );
 
     tracing::info!(%addr, "listening");
@@ -228,6 +234,8 @@ pub async fn serve(
     let month_closer = tokio::spawn(routes::close_due_months(store.clone()));
     // Refused syscalls, read back from the kernel log (`audit.rs`).
     let audit_watcher = tokio::spawn(crate::audit::watch(pool.clone(), store.clone()));
+    // Free space of the data dir, read every second for the invocations' check.
+    let disk_watcher = tokio::spawn(crate::disk::watch(disk));
 
     let stopping = Arc::new(Notify::new());
     let signal_stopping = stopping.clone();
@@ -243,6 +251,7 @@ pub async fn serve(
     let (served, ()) = tokio::join!(async { server.await.map_err(ServeError::Http) }, drain);
     month_closer.abort();
     audit_watcher.abort();
+    disk_watcher.abort();
     // Anything started by a request that raced the shutdown.
     pool.shutdown(Duration::ZERO).await;
     let release_host = host.clone();

@@ -10,6 +10,7 @@ use refinery_pool::InstancePool;
 use refinery_store::{Account, Deployment, Store};
 
 use crate::deploy_gate::{DeployGate, DeployLimits};
+use crate::disk::DiskSpace;
 use crate::error::ApiError;
 
 pub struct AppState {
@@ -36,6 +37,9 @@ pub struct AppState {
     billing_generation: AtomicU64,
     /// Deploy rate, deploys received at once, deployments kept (`deploy_gate.rs`).
     pub deploy_gate: DeployGate,
+    /// Free space of the data dir's filesystem and the reserve below which new work is
+    /// refused (`disk.rs`; set by [`AppState::with_disk`], no reserve otherwise).
+    pub disk: Arc<DiskSpace>,
 }
 
 /// The live deployment of a project, indexed for invocation.
@@ -61,7 +65,13 @@ impl LiveDeployment {
 
 impl AppState {
     pub fn new(store: Store, pool: InstancePool, operator_key_hash: String) -> AppState {
+        let data_dir = store
+            .path()
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .to_path_buf();
         AppState {
+            disk: Arc::new(DiskSpace::new(&data_dir, 0)),
             store,
             pool,
             operator_key_hash,
@@ -79,6 +89,12 @@ impl AppState {
     /// The operator's deploy limits instead of the defaults.
     pub fn with_deploy_limits(mut self, limits: DeployLimits) -> AppState {
         self.deploy_gate = DeployGate::new(limits);
+        self
+    }
+
+    /// Watches `disk` (its reserve applies to invocations and deploys).
+    pub fn with_disk(mut self, disk: Arc<DiskSpace>) -> AppState {
+        self.disk = disk;
         self
     }
 

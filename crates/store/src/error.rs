@@ -100,6 +100,11 @@ pub enum StoreError {
         source: rusqlite::Error,
     },
 
+    /// The filesystem holding the database was full: nothing of the operation was written
+    /// (see [`StoreError::is_disk_full`], which also recognises the other variants' forms).
+    #[error("{operation}")]
+    DiskFull { operation: String },
+
     #[error("starting the thread of {what}: {source}; check the process and thread limits")]
     Thread {
         what: &'static str,
@@ -114,6 +119,29 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether this failed because the filesystem holding the database is full (SQLite's
+    /// `SQLITE_FULL`, or `ENOSPC` from a file operation): an outage of the host, worth a
+    /// retry once space returns, not a bug.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::DiskFull { .. } => true,
+            StoreError::Write { source, .. } => {
+                source.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+            }
+            StoreError::Database { source, .. } | StoreError::Open { source, .. } => {
+                sqlx_disk_full(source)
+            }
+            StoreError::Migrate {
+                source: sqlx::migrate::MigrateError::Execute(source),
+                ..
+            } => sqlx_disk_full(source),
+            StoreError::CreateDataDir { source, .. } => {
+                source.kind() == std::io::ErrorKind::StorageFull
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn write(
         operation: impl Into<String>,
     ) -> impl FnOnce(rusqlite::Error) -> StoreError {
@@ -125,5 +153,20 @@ impl StoreError {
     pub(crate) fn db(operation: impl Into<String>) -> impl FnOnce(sqlx::Error) -> StoreError {
         let operation = operation.into();
         move |source| StoreError::Database { operation, source }
+    }
+}
+
+/// SQLite's primary result code for "database or disk is full".
+const SQLITE_FULL: i32 = 13;
+
+fn sqlx_disk_full(e: &sqlx::Error) -> bool {
+    match e {
+        // sqlx reports the extended result code; its low byte is the primary one.
+        sqlx::Error::Database(db) => db
+            .code()
+            .and_then(|code| code.parse::<i32>().ok())
+            .is_some_and(|code| code & 0xff == SQLITE_FULL),
+        sqlx::Error::Io(io) => io.kind() == std::io::ErrorKind::StorageFull,
+        _ => false,
     }
 }

@@ -12,7 +12,10 @@
 //!
 //! The guarantees are unchanged: each record's execution and usage rows are in the same
 //! transaction, a caller is answered only after that transaction committed, and a failure of
-//! one record never loses or fails another: a batch that fails is retried record by record.
+//! one record never loses or fails another: a batch that fails is retried record by record —
+//! except on a full disk ([`StoreError::DiskFull`]), which fails every record of the batch
+//! at once (none was written). The thread survives every failure and writes the next
+//! batch afresh, so recording resumes by itself when space returns.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -143,6 +146,17 @@ fn write_batch(conn: &mut Connection, batch: Vec<Pending>) {
         Ok(()) => {
             for p in batch {
                 let _ = p.done.send(Ok(()));
+            }
+        }
+        // A full disk fails every record alike: answer them all at once (retrying each
+        // would only fail again, and hold the callers longer). The thread goes on: the
+        // next batch is tried afresh, so writing resumes by itself once space returns.
+        Err(e) if e.is_disk_full() => {
+            let operation = e.to_string();
+            for p in batch {
+                let _ = p.done.send(Err(StoreError::DiskFull {
+                    operation: operation.clone(),
+                }));
             }
         }
         // One bad record (e.g. its account was just deleted) must not fail the others.

@@ -412,3 +412,122 @@ pub fn host_addresses() -> Vec<String> {
     addrs.dedup();
     addrs
 }
+
+// --- full disk ---
+
+/// A small tmpfs mounted on a fresh temporary directory (tests run as root), unmounted when
+/// dropped: a filesystem the tests can fill without touching the host's disks.
+pub struct Tmpfs {
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size_mb: u32) -> Tmpfs {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size_mb}m,mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount -t tmpfs failed: {status}");
+        Tmpfs {
+            path: dir.path().to_path_buf(),
+            _dir: dir,
+        }
+    }
+
+    /// Writes `name` until the filesystem refuses more (ENOSPC); returns its path.
+    pub fn fill(&self, name: &str) -> PathBuf {
+        use std::io::Write;
+        let path = self.path.join(name);
+        let mut file = std::fs::File::create(&path).expect("create filler");
+        let chunk = vec![0xa5_u8; 1 << 20];
+        while file.write_all(&chunk).is_ok() {}
+        let page = vec![0xa5_u8; 4096];
+        while file.write_all(&page).is_ok() {}
+        let _ = file.write_all(&[0]);
+        path
+    }
+
+    /// Bytes still available on the filesystem.
+    pub fn available(&self) -> u64 {
+        let out = Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(&self.path)
+            .output()
+            .expect("run df");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .expect("df output")
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount")
+            .arg(&self.path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
+
+impl Server {
+    /// Like [`Server::start_in`], with the server's stderr written to `log` (a file) and
+    /// `REFINERY_LOG=log_level`.
+    pub async fn start_logging_to(
+        data_dir: &Path,
+        args: &[&str],
+        log: std::fs::File,
+        log_level: &str,
+    ) -> Server {
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(args)
+            .env("REFINERY_LOG", log_level)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start refinery serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(url) = line.strip_prefix("Refinery listening on ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server did not print its listening line");
+        let operator_key = std::fs::read_to_string(data_dir.join("operator.key"))
+            .expect("operator.key")
+            .trim()
+            .to_string();
+        Server {
+            child: Some(child),
+            url,
+            data_dir: data_dir.to_path_buf(),
+            _data_root: None,
+            operator_key,
+            http: reqwest::Client::new(),
+        }
+    }
+}

@@ -17,6 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
+use crate::disk::Refused;
 use crate::error::ApiError;
 use crate::routes::rfc3339;
 use crate::state::SharedState;
@@ -55,6 +56,7 @@ pub async fn deploy(
     };
     let manifest = Manifest::parse(&request.manifest, manifest_path, &resolve)?;
     check_min_warm_fits(&state, account, &manifest)?;
+    state.disk.admit(Refused::Deploy)?;
     if let Some(block) = manifest.blocks.iter().find(|b| b.network) {
         if !state.pool.network_enabled() {
             return Err(ApiError::Unprocessable(format!(
@@ -82,7 +84,12 @@ pub async fn deploy(
             retention,
         )
         .await
-        .map_err(|e| storage_refusal(e, account, &manifest.name, storage_mb, keep))?;
+        .map_err(|e| match e {
+            StoreError::StorageQuota { .. } => {
+                storage_refusal(e, account, &manifest.name, storage_mb, keep)
+            }
+            e => state.disk.store_error(e, Refused::Deploy),
+        })?;
     let deployment = deployed.deployment;
     state.invalidate_live(&account.id, &manifest.name);
     retire_all_but_live(&state, &account.id, &manifest.name).await?;

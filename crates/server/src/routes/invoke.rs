@@ -13,6 +13,7 @@ use refinery_pool::{BlockTarget, Invocation};
 use serde_json::{json, Value};
 
 use crate::auth::Caller;
+use crate::disk::Refused;
 use crate::error::ApiError;
 use crate::state::SharedState;
 
@@ -89,15 +90,25 @@ pub async fn invoke(
 
     // Spending cap: refused (402) before anything runs.
     super::billing::admit(&state, &account).await?;
+    // Disk below the reserve: refused (503) before anything runs (one atomic load).
+    state.disk.admit(Refused::Invocation)?;
 
     // Run and record in a task of its own: a client that disconnects must not cancel an
     // invocation half-way (its instance would be lost and its execution unrecorded).
     let input_text = String::from_utf8_lossy(&body).into_owned();
     let task = tokio::spawn(async move {
-        let invocation = state.pool.invoke(&target, input, backpack).await?;
+        let invocation = state
+            .pool
+            .invoke(&target, input, backpack)
+            .await
+            .map_err(|e| state.disk.pool_error(e))?;
         let (record, reply) = finish(&target, input_text, invocation);
         let usage = super::billing::usage_of(target.block.memory_mb, &reply);
-        state.store.insert_execution(&record, &usage).await?;
+        state
+            .store
+            .insert_execution(&record, &usage)
+            .await
+            .map_err(|e| state.disk.store_error(e, Refused::ExecutionRecord))?;
         Ok::<Value, ApiError>(reply)
     });
     let reply = task

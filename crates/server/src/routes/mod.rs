@@ -5,14 +5,14 @@ mod audit;
 mod billing;
 mod deployments;
 mod executions;
+mod health;
 mod instances;
 mod invoke;
 mod metrics;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde_json::{json, Value};
+use axum::Router;
 
 use crate::state::SharedState;
 
@@ -21,7 +21,7 @@ pub use billing::close_due_months;
 
 pub fn router(state: SharedState) -> Router {
     Router::new()
-        .route("/v1/health", get(health))
+        .route("/v1/health", get(health::health))
         .route("/v1/accounts", post(accounts::create).get(accounts::list))
         .route("/v1/accounts/{account}/disable", post(accounts::disable))
         .route("/v1/accounts/{account}/enable", post(accounts::enable))
@@ -82,10 +82,6 @@ fn billing_routes() -> Router<SharedState> {
         .route("/v1/bills", get(billing::list_bills))
         .route("/v1/bills/{month}", get(billing::show_bill))
         .route("/v1/bills/{month}/close", post(billing::close))
-}
-
-async fn health() -> Json<Value> {
-    Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
 }
 
 /// RFC 3339 form of a Unix-epoch millisecond timestamp.
