@@ -10,7 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use refinery_cli::{ClientArgs, ClientCommand};
-use refinery_server::{KeepAliveMode, Quota, ScaleUpLimit, ServeConfig, DEFAULT_MAX_LABEL_SETS};
+use refinery_server::{
+    FrontDoorConfig, KeepAliveMode, Quota, ScaleUpLimit, ServeConfig, DEFAULT_MAX_LABEL_SETS,
+};
 
 /// The hidden first argument that turns this process into a sandbox's init.
 const SANDBOX_INIT_ARG: &str = "__sandbox-init";
@@ -98,6 +100,27 @@ struct ServeArgs {
     /// internal API at 10.1.2.0/24. Repeatable. Every block with network gets it.
     #[arg(long = "network-allow", value_name = "CIDR")]
     network_allow: Vec<String>,
+    /// Open client connections at once. At the cap a new connection closes the longest-idle
+    /// one; only when all are busy is it refused (503). Default: a quarter of the open-file
+    /// limit (raised to its hard limit at start), at most 8192.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Open connections of one client address (IPv6: one /64). Beyond it the address's own
+    /// longest-idle connection is closed, or the new one refused (429) when all are busy.
+    /// Default: an eighth of --max-connections.
+    #[arg(long, value_name = "N")]
+    max_connections_per_ip: Option<usize>,
+    /// Time a client has to send a request's headers (from the connection's start, or from
+    /// the first byte of a later request); then the connection is closed.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    header_timeout: Duration,
+    /// Time a client has to send a request body after its headers (then 408), and to take
+    /// a response.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    body_timeout: Duration,
+    /// How long a keep-alive connection may wait for its next request before it is closed.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
 }
 
 fn main() -> ExitCode {
@@ -156,6 +179,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
         metrics_max_label_sets: args.metrics_max_label_sets,
         adaptive_bin: args.adaptive_bin,
         network_allow: args.network_allow,
+        front_door: FrontDoorConfig {
+            max_connections: args.max_connections,
+            max_connections_per_ip: args.max_connections_per_ip,
+            header_timeout: args.header_timeout,
+            body_timeout: args.body_timeout,
+            idle_timeout: args.idle_timeout,
+        },
     };
     refinery_server::serve(config, shutdown_signal(), |addr| {
         // A stable line scripts and tests wait for.

@@ -9,11 +9,15 @@
 mod audit;
 mod auth;
 mod error;
+mod front_door;
 mod keys;
 mod routes;
 mod serve;
 mod state;
 
 pub use error::ApiError;
+pub use front_door::{
+    FrontDoorConfig, DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+};
 pub use refinery_pool::{KeepAliveMode, Quota, ScaleUpLimit, DEFAULT_MAX_LABEL_SETS};
 pub use serve::{serve, ServeConfig, ServeError};

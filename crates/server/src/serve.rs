@@ -16,6 +16,7 @@ use refinery_store::Store;
 use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
+use crate::front_door::{self, FrontDoorConfig};
 use crate::keys;
 use crate::routes;
 use crate::state::AppState;
@@ -55,6 +56,8 @@ pub struct ServeConfig {
     /// The operator's exceptions to the egress deny list of `network = true` blocks
     /// (`--network-allow`, CIDRs).
     pub network_allow: Vec<String>,
+    /// Connection caps and timeouts (`front_door.rs`).
+    pub front_door: FrontDoorConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +74,8 @@ pub enum ServeError {
     },
     #[error("invalid default quota: {0}; fix the --quota-* flags")]
     Quota(String),
+    #[error("invalid connection settings: {0}")]
+    FrontDoor(String),
     #[error("opening the store: {0}")]
     Store(#[from] refinery_store::StoreError),
     #[error("this host cannot run sandboxes: {0}")]
@@ -98,6 +103,11 @@ pub async fn serve(
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
     config.default_quota.validate().map_err(ServeError::Quota)?;
+    let open_files = front_door::raise_open_files();
+    let front_door_limits = config
+        .front_door
+        .resolve(open_files)
+        .map_err(ServeError::FrontDoor)?;
     create_private_dir(&config.data_dir)?;
     // Absolute from here on: sandboxes bind-mount paths under it.
     let data_dir = &fs::canonicalize(&config.data_dir).map_err(|source| ServeError::DataDir {
@@ -200,16 +210,27 @@ pub async fn serve(
 
     let stopping = Arc::new(Notify::new());
     let signal_stopping = stopping.clone();
-    let server = axum::serve(listener, routes::router(state)).with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!("shutting down: finishing running invocations");
-        signal_stopping.notify_one();
-    });
+    tracing::info!(
+        max_connections = front_door_limits.max_connections,
+        max_connections_per_ip = front_door_limits.max_connections_per_ip,
+        open_files,
+        "connection limits"
+    );
+    let server = front_door::serve(
+        listener,
+        routes::router(state),
+        front_door_limits,
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing running invocations");
+            signal_stopping.notify_one();
+        },
+    );
     let drain = async {
         stopping.notified().await;
         pool.shutdown(config.shutdown_grace).await;
     };
-    let (served, ()) = tokio::join!(async { server.await.map_err(ServeError::Http) }, drain);
+    tokio::join!(server, drain);
     month_closer.abort();
     audit_watcher.abort();
     // Anything started by a request that raced the shutdown.
@@ -222,7 +243,7 @@ pub async fn serve(
     }
     store.close().await;
     tracing::info!("stopped");
-    served
+    Ok(())
 }
 
 /// Provisioned concurrency survives restarts: every live deployment's `min_warm`
