@@ -119,6 +119,17 @@ pub(crate) struct Limits {
     pub idle_timeout: Duration,
 }
 
+impl Limits {
+    fn tick(&self) -> Duration {
+        (self
+            .header_timeout
+            .min(self.idle_timeout)
+            .min(self.body_timeout)
+            / 2)
+        .max(Duration::from_millis(10))
+    }
+}
+
 impl FrontDoorConfig {
     /// The limits for a process allowed `open_files` descriptors, or what is wrong.
     pub(crate) fn resolve(&self, open_files: u64) -> Result<Limits, String> {
@@ -277,21 +288,32 @@ impl Conn {
         matches!(self.phase(), HEAD | IDLE)
     }
 
-    /// When this connection's current phase runs out. The handler's phase has none of its
-    /// own: then the answer is when to look again.
-    fn deadline(&self, limits: &Limits) -> Instant {
+    /// When this connection's current phase runs out (`None`: the handler's phase has no
+    /// deadline of its own).
+    fn deadline(&self, limits: &Limits) -> Option<Instant> {
         let phase = self.phase();
         let since = *EPOCH + Duration::from_millis(self.since_ms.load(Ordering::Relaxed));
         match phase {
-            HEAD => since + limits.header_timeout,
-            IDLE => since + limits.idle_timeout,
-            RESPONSE => since + limits.body_timeout,
-            _ => Instant::now() + limits.idle_timeout,
+            HEAD => Some(since + limits.header_timeout),
+            IDLE => Some(since + limits.idle_timeout),
+            RESPONSE => Some(since + limits.body_timeout),
+            _ => None,
         }
     }
 
+    /// When the connection's task should look again: the deadline, or sooner, because the
+    /// phase may change meanwhile to one with an earlier deadline. Looking every half of
+    /// the shortest timeout instead of being told of every change keeps the per-request
+    /// path free of timers and wake-ups; a deadline is kept to within that half.
+    fn next_check(&self, limits: &Limits) -> Instant {
+        let soon = Instant::now() + limits.tick();
+        self.deadline(limits)
+            .map_or(soon, |deadline| deadline.min(soon))
+    }
+
     fn expired(&self, limits: &Limits) -> bool {
-        self.phase() != REQUEST && Instant::now() >= self.deadline(limits)
+        self.deadline(limits)
+            .is_some_and(|deadline| Instant::now() >= deadline)
     }
 }
 
@@ -642,7 +664,7 @@ async fn serve_connection(
     tokio::pin!(connection);
     let mut stopping = false;
     loop {
-        let wake = conn.deadline(&limits);
+        let wake = conn.next_check(&limits);
         tokio::select! {
             served = connection.as_mut() => {
                 if let Err(error) = served {
