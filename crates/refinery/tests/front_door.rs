@@ -499,3 +499,26 @@ async fn shutdown_closes_idle_connections_and_finishes_running_invocations() {
         assert!(closed_within(stream, Duration::from_secs(1)).await);
     }
 }
+
+#[tokio::test]
+async fn headers_over_32_kib_get_431() {
+    let server = Server::start().await;
+    let mut stream = connect_from(loopback(49), addr(&server)).await;
+    let request = format!(
+        "GET /v1/health HTTP/1.1\r\nhost: refinery\r\nx-pad: {}\r\n\r\n",
+        "a".repeat(40 * 1024)
+    );
+    // The server may answer and close before taking it all.
+    let _ = stream.write_all(request.as_bytes()).await;
+    let (status, head, _) = read_response(&mut stream).await;
+    assert_eq!(status, 431, "{head}");
+    // Just under the limit is fine.
+    let mut stream = connect_from(loopback(49), addr(&server)).await;
+    let request = format!(
+        "GET /v1/health HTTP/1.1\r\nhost: refinery\r\nx-pad: {}\r\n\r\n",
+        "a".repeat(30 * 1024)
+    );
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let (status, head, _) = read_response(&mut stream).await;
+    assert_eq!(status, 200, "{head}");
+}

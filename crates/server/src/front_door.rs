@@ -63,7 +63,11 @@ pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// The request line and headers together, at most (larger: 431). Bounds the memory a
 /// connection can hold before it is authenticated.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+/// hyper's read (and queued write) buffer per connection, at most: a little over the
+/// headers (its default, about 400 KiB, would let a client that sends large headers slowly
+/// hold that much). Bodies stream through it in chunks.
+const MAX_BUF_BYTES: usize = MAX_HEADER_BYTES + 8 * 1024;
 /// Open files kept for the server itself whatever `--max-connections` says: the store
 /// (SQLite database, WAL, shared memory, one per pooled connection), instances (pipes,
 /// pidfds and cgroup files: about ten each), logs, the sandboxes' set-up.
@@ -498,7 +502,9 @@ pub(crate) async fn serve(
 ) {
     let registry = Registry::new(limits);
     let mut http = http1::Builder::new();
-    http.keep_alive(true).max_header_size(MAX_HEADER_BYTES);
+    http.keep_alive(true)
+        .max_header_size(MAX_HEADER_BYTES)
+        .max_buf_size(MAX_BUF_BYTES);
     let http = Arc::new(http);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
