@@ -1,8 +1,9 @@
 //! Refinery's HTTP API server: `refinery serve`.
 //!
 //! It owns the REST/JSON API (routes, authentication, tenancy checks, the mapping from
-//! errors to HTTP statuses), the operator key, and the server's lifecycle (start-up
-//! checks, graceful shutdown). Every request is authenticated and every lookup is scoped
+//! errors to HTTP statuses), the operator key, the server's lifecycle (start-up
+//! checks, graceful shutdown) and its front door (the accept loop: connection caps,
+//! timeouts, header size). Every request is authenticated and every lookup is scoped
 //! to the caller's account before anything reaches the store or the pool; this crate never
 //! runs user code itself (the pool does) and never writes SQL (the store does).
 
