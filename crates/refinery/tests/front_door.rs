@@ -522,3 +522,104 @@ async fn headers_over_32_kib_get_431() {
     let (status, head, _) = read_response(&mut stream).await;
     assert_eq!(status, 200, "{head}");
 }
+
+/// Sets this process's open-file limit (soft and hard).
+fn set_open_files(soft: u64, hard: u64) {
+    let limit = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: setrlimit reads a local struct.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    assert_eq!(rc, 0, "setrlimit: {}", std::io::Error::last_os_error());
+}
+
+/// Holds `n` idle connections to `port` from another process (its own open files), 25
+/// per address from 127.0.2.1 on, until dropped.
+struct ConnectionHolder(std::process::Child);
+
+impl ConnectionHolder {
+    fn start(port: u16, n: usize) -> ConnectionHolder {
+        use std::io::BufRead;
+        let script = r#"
+import socket, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+held = []
+try:
+    for i in range(n):
+        s = socket.socket()
+        s.settimeout(10)
+        s.bind(("127.0.2.%d" % (1 + i // 25), 0))
+        s.connect(("127.0.0.1", port))
+        held.append(s)
+except OSError:
+    pass
+print(len(held), flush=True)
+sys.stdin.read()
+"#;
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script, &port.to_string(), &n.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 (the Python runtime the suite needs anyway)");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("holder output");
+        assert_eq!(
+            line.trim(),
+            n.to_string(),
+            "connections made by the holder: the server stopped accepting"
+        );
+        ConnectionHolder(child)
+    }
+}
+
+impl Drop for ConnectionHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The outside testers' finding, scaled down: a server allowed 1536 open files gets 2000
+/// idle connections (from 90 addresses, each under the per-address cap), and with the
+/// default caps `/v1/health` and another account's warm invocation still answer. Without
+/// caps, accept fails with "Too many open files" and nothing answers.
+#[tokio::test]
+async fn more_idle_connections_than_the_server_has_files_cannot_stop_it_with_the_defaults() {
+    // Lowering needs no privilege: the server inherits 1536 as its hard limit, so its
+    // default caps are 384 in all and 48 per address. The flood comes from this process
+    // and a helper, each within the same limit.
+    set_open_files(1536, 1536);
+    // Long enough that no timeout frees a file during the test: only the caps do.
+    let server = Server::start_with(&["--header-timeout", "600s"]).await;
+    let key = warm_account(&server, "survivor").await;
+    let door = addr(&server);
+
+    let mut flood = Vec::new();
+    for address in 0..50u8 {
+        let local = Ipv4Addr::new(127, 0, 1, address + 1);
+        for _ in 0..20 {
+            flood.push(connect_from(local, door).await);
+        }
+    }
+    let _more = ConnectionHolder::start(door.port(), 1000);
+
+    assert_eq!(health_from(&server, loopback(97)).await, 200);
+    let (status, reply) = invoke_from(&server, loopback(96), &key, json!("still here")).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["output"], json!({ "pong": "still here" }), "{reply}");
+    assert_eq!(reply["cold"], false, "{reply}");
+    let server_fds = std::fs::read_dir(format!("/proc/{}/fd", server.pid()))
+        .expect("the server's fds")
+        .count();
+    assert!(server_fds < 1024, "the server holds {server_fds} files");
+    let open = count_open(&mut flood).await;
+    assert!(
+        open <= 384,
+        "{open} flood connections open; the default cap is 384"
+    );
+}

@@ -70,8 +70,9 @@ pub const MAX_HEADER_BYTES: usize = 32 * 1024;
 const MAX_BUF_BYTES: usize = MAX_HEADER_BYTES + 8 * 1024;
 /// Open files kept for the server itself whatever `--max-connections` says: the store
 /// (SQLite database, WAL, shared memory, one per pooled connection), instances (pipes,
-/// pidfds and cgroup files: about ten each), logs, the sandboxes' set-up.
-pub const MIN_RESERVED_FDS: u64 = 1024;
+/// pidfds and cgroup files: about ten each), logs, the sandboxes' set-up. The default
+/// keeps three quarters of the limit.
+pub const MIN_RESERVED_FDS: u64 = 256;
 /// The default `--max-connections` is a quarter of the open-file limit, at most this many
 /// (memory: a connection costs a few KiB idle, up to `MAX_HEADER_BYTES` more while its
 /// headers arrive).
@@ -186,8 +187,7 @@ impl FrontDoorConfig {
 }
 
 /// A quarter of the open files, at most [`DEFAULT_MAX_CONNECTIONS_CEILING`]: the other
-/// three quarters (and always [`MIN_RESERVED_FDS`]) stay for the store, the instances and
-/// the logs.
+/// three quarters stay for the store, the instances and the logs.
 fn default_max_connections(open_files: u64) -> usize {
     let quarter = open_files
         .saturating_sub(MIN_RESERVED_FDS)
@@ -956,9 +956,11 @@ mod tests {
         let small = config.resolve(4096).expect("valid");
         assert_eq!(small.max_connections, 1024);
         assert_eq!(small.max_connections_per_ip, 128);
+        let low = config.resolve(1024).expect("valid");
+        assert_eq!(low.max_connections, 256);
         // Even a tiny limit keeps MIN_RESERVED_FDS for the server.
-        let tiny = config.resolve(1100).expect("valid");
-        assert_eq!(tiny.max_connections, 76);
+        let tiny = config.resolve(300).expect("valid");
+        assert_eq!(tiny.max_connections, 44);
     }
 
     #[test]
@@ -968,7 +970,7 @@ mod tests {
             ..FrontDoorConfig::default()
         };
         let error = over.resolve(4096).expect_err("too many");
-        assert!(error.contains("at most 3072"), "{error}");
+        assert!(error.contains("at most 3840"), "{error}");
         assert!(error.contains("ulimit -Hn"), "{error}");
         let per_ip = FrontDoorConfig {
             max_connections: Some(10),
