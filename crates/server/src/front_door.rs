@@ -74,7 +74,7 @@ const MAX_BUF_BYTES: usize = MAX_HEADER_BYTES + 8 * 1024;
 /// keeps three quarters of the limit.
 pub const MIN_RESERVED_FDS: u64 = 256;
 /// The default `--max-connections` is a quarter of the open-file limit, at most this many
-/// (memory: a connection costs a few KiB idle, up to `MAX_HEADER_BYTES` more while its
+/// (memory: a connection costs about 10 KiB idle, up to `MAX_BUF_BYTES` more while its
 /// headers arrive).
 pub const DEFAULT_MAX_CONNECTIONS_CEILING: usize = 8192;
 /// How often a failing accept is logged at most.
