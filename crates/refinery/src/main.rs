@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use refinery_cli::{ClientArgs, ClientCommand};
 use refinery_server::{
-    DeployLimits, DeployRate, KeepAliveMode, Quota, ScaleUpLimit, ServeConfig,
+    DeployLimits, DeployRate, FrontDoorConfig, KeepAliveMode, Quota, ScaleUpLimit, ServeConfig,
     DEFAULT_MAX_LABEL_SETS,
 };
 
@@ -65,7 +65,7 @@ impl Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the platform: API server, instance pool and reaper.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     #[command(flatten)]
     Client(ClientCommand),
 }
@@ -155,6 +155,27 @@ struct ServeArgs {
     /// /v1/health says "degraded") until space is freed. E.g. 64MB, 1GiB; 0 = no reserve.
     #[arg(long, default_value = "64MB", value_name = "SIZE")]
     disk_reserve: bytesize::ByteSize,
+    /// Open client connections at once. At the cap a new connection closes the longest-idle
+    /// one; only when all are busy is it refused (503). Default: a quarter of the open-file
+    /// limit (raised to its hard limit at start), at most 8192.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+    /// Open connections of one client address (IPv6: one /64). Beyond it the address's own
+    /// longest-idle connection is closed, or the new one refused (429) when all are busy.
+    /// Default: an eighth of --max-connections.
+    #[arg(long, value_name = "N")]
+    max_connections_per_ip: Option<usize>,
+    /// Time a client has to send a request's headers (from the connection's start, or from
+    /// the first byte of a later request); then the connection is closed.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    header_timeout: Duration,
+    /// Time a client has to send a request body after its headers (then 408), and to take
+    /// a response.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    body_timeout: Duration,
+    /// How long a keep-alive connection may wait for its next request before it is closed.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
 }
 
 fn main() -> ExitCode {
@@ -184,7 +205,7 @@ fn run(command: Command, client: ClientArgs) -> Result<ExitCode> {
     match command {
         Command::Serve(args) => {
             init_tracing();
-            runtime.block_on(serve(args))?;
+            runtime.block_on(serve(*args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Client(command) => runtime.block_on(refinery_cli::run(client, command)),
@@ -240,6 +261,13 @@ async fn serve(args: ServeArgs) -> Result<()> {
             ..DeployLimits::DEFAULT
         },
         disk_reserve: args.disk_reserve.as_u64(),
+        front_door: FrontDoorConfig {
+            max_connections: args.max_connections,
+            max_connections_per_ip: args.max_connections_per_ip,
+            header_timeout: args.header_timeout,
+            body_timeout: args.body_timeout,
+            idle_timeout: args.idle_timeout,
+        },
     };
     refinery_server::serve(config, shutdown_signal(), |addr| {
         // A stable line scripts and tests wait for.

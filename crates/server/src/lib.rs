@@ -1,10 +1,12 @@
 //! Refinery's HTTP API server: `refinery serve`.
 //!
 //! It owns the REST/JSON API (routes, authentication, tenancy checks, the mapping from
-//! errors to HTTP statuses), the operator key, and the server's lifecycle (start-up
-//! checks, graceful shutdown), the disk reserve (`disk.rs`: refusing new work with 503
-//! while the data dir is nearly full) and the log sink (`log.rs`: a log line that cannot
-//! be written is dropped, never failing a request). Every request is authenticated and every lookup is scoped
+//! errors to HTTP statuses), the operator key, the server's lifecycle (start-up
+//! checks, graceful shutdown), its front door (`front_door.rs`, the accept loop:
+//! connection caps, timeouts, header size), the disk reserve (`disk.rs`: refusing new work
+//! with 503 while the data dir is nearly full) and the log sink (`log.rs`: a log line that
+//! cannot be written is dropped, never failing a request). Every request is authenticated
+//! and every lookup is scoped
 //! to the caller's account before anything reaches the store or the pool; this crate never
 //! runs user code itself (the pool does) and never writes SQL (the store does).
 
@@ -13,6 +15,7 @@ mod auth;
 mod deploy_gate;
 mod disk;
 mod error;
+mod front_door;
 mod keys;
 mod log;
 mod routes;
@@ -21,6 +24,9 @@ mod state;
 
 pub use deploy_gate::{DeployLimits, DeployRate};
 pub use error::ApiError;
+pub use front_door::{
+    FrontDoorConfig, DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+};
 pub use log::{dropped_log_lines, LossyStderr};
 pub use refinery_pool::{KeepAliveMode, Quota, ScaleUpLimit, DEFAULT_MAX_LABEL_SETS};
 pub use serve::{serve, ServeConfig, ServeError};

@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Notify;
 
 use crate::disk::DiskSpace;
+use crate::front_door::{self, FrontDoorConfig};
 use crate::keys;
 use crate::routes;
 use crate::state::AppState;
@@ -62,6 +63,8 @@ pub struct ServeConfig {
     /// Free bytes kept on the data dir's filesystem: below this, invocations and deploys
     /// are refused with 503 (`--disk-reserve`, see `disk.rs`).
     pub disk_reserve: u64,
+    /// Connection caps and timeouts (`front_door.rs`).
+    pub front_door: FrontDoorConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +83,8 @@ pub enum ServeError {
     Quota(String),
     #[error("invalid deploy limits: {0}")]
     DeployLimits(String),
+    #[error("invalid connection settings: {0}")]
+    FrontDoor(String),
     #[error("opening the store: {0}")]
     Store(#[from] refinery_store::StoreError),
     #[error("this host cannot run sandboxes: {0}")]
@@ -113,6 +118,11 @@ pub async fn serve(
         .deploy_limits
         .validate()
         .map_err(ServeError::DeployLimits)?;
+    let open_files = front_door::raise_open_files();
+    let front_door_limits = config
+        .front_door
+        .resolve(open_files)
+        .map_err(ServeError::FrontDoor)?;
     create_private_dir(&config.data_dir)?;
     // Absolute from here on: sandboxes bind-mount paths under it.
     let data_dir = &fs::canonicalize(&config.data_dir).map_err(|source| ServeError::DataDir {
@@ -239,16 +249,27 @@ pub async fn serve(
 
     let stopping = Arc::new(Notify::new());
     let signal_stopping = stopping.clone();
-    let server = axum::serve(listener, routes::router(state)).with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!("shutting down: finishing running invocations");
-        signal_stopping.notify_one();
-    });
+    tracing::info!(
+        max_connections = front_door_limits.max_connections,
+        max_connections_per_ip = front_door_limits.max_connections_per_ip,
+        open_files,
+        "connection limits"
+    );
+    let server = front_door::serve(
+        listener,
+        routes::router(state),
+        front_door_limits,
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing running invocations");
+            signal_stopping.notify_one();
+        },
+    );
     let drain = async {
         stopping.notified().await;
         pool.shutdown(config.shutdown_grace).await;
     };
-    let (served, ()) = tokio::join!(async { server.await.map_err(ServeError::Http) }, drain);
+    tokio::join!(server, drain);
     month_closer.abort();
     audit_watcher.abort();
     disk_watcher.abort();
@@ -262,7 +283,7 @@ pub async fn serve(
     }
     store.close().await;
     tracing::info!("stopped");
-    served
+    Ok(())
 }
 
 /// Releases the sandbox host (its cgroups, zygotes and standby sandboxes) when dropped
