@@ -2,7 +2,7 @@
 //! in-sandbox init every instance starts as. `main` only parses arguments and wires the
 //! library crates together.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -271,7 +271,10 @@ async fn serve(args: ServeArgs) -> Result<()> {
     };
     refinery_server::serve(config, shutdown_signal(), |addr| {
         // A stable line scripts and tests wait for.
-        println!("Refinery listening on http://{addr}");
+        // (Not `println!`, which panics when stdout cannot be written: a full disk.)
+        let mut stdout = std::io::stdout();
+        let _ = writeln!(stdout, "Refinery listening on http://{addr}");
+        let _ = stdout.flush();
     })
     .await?;
     Ok(())

@@ -2,6 +2,7 @@
 
 use std::fs;
 use std::future::Future;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -232,7 +233,9 @@ pub async fn serve(
                 source,
             }
         })?;
-        println!(
+        // (Not `println!`: it panics when stdout cannot be written, e.g. a full disk.)
+        let _ = writeln!(
+            std::io::stdout(),
             "Operator key (shown once; also saved in {}): {operator_key}",
             key_path.display()
         );
