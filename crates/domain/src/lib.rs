@@ -2,8 +2,9 @@
 //!
 //! This crate owns the plain data types (languages, block specs, execution statuses and
 //! records, user-code errors), the platform-wide limits (and the JSON nesting measure that
-//! enforces one of them), and the `refinery.toml` manifest
-//! parser with its located error messages. It does no I/O beyond parsing strings: no
+//! enforces one of them), the `refinery.toml` manifest
+//! parser with its located error messages, and the service definitions it yields
+//! (transitions, compiled `if` expressions, retry policies, the service graph). It does no I/O beyond parsing strings: no
 //! files, no network, no processes, so the CLI and the server validate manifests
 //! identically.
 
@@ -13,7 +14,11 @@ pub mod json_depth;
 pub mod limits;
 pub mod manifest;
 pub mod names;
+pub mod service;
 
 pub use block::{BlockSpec, Language};
 pub use execution::{ExecutionRecord, ExecutionStatus, UserError};
 pub use manifest::{Manifest, ManifestError};
+pub use service::{
+    Expression, ExpressionError, LogLevel, RetryPolicy, ServiceGraph, Transition, TransitionType,
+};
