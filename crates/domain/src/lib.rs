@@ -2,11 +2,12 @@
 //!
 //! This crate owns the plain data types (languages, block specs, execution statuses and
 //! records, user-code errors), the platform-wide limits (and the JSON nesting measure that
-//! enforces one of them), the `refinery.toml` manifest
-//! parser with its located error messages, and the service definitions it yields
-//! (transitions, compiled `if` expressions, retry policies, the service graph). It does no I/O beyond parsing strings: no
-//! files, no network, no processes, so the CLI and the server validate manifests
-//! identically.
+//! enforces one of them), the `refinery.toml` manifest parser with its located error
+//! messages, and the service definitions it yields (transitions, compiled `if`
+//! expressions, retry policies, log level, the service graph). It does no I/O beyond
+//! parsing strings: no files, no network, no processes (a CEL expression is parsed on a
+//! short-lived thread with a large stack, as the parser recurses deeply), so the CLI and
+//! the server validate manifests identically.
 
 pub mod block;
 pub mod execution;

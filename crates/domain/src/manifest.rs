@@ -3,6 +3,44 @@
 //! Every error names the file, the line and column, the field and what was expected, so
 //! an author can fix the manifest without guessing. The same parser runs in the CLI
 //! (before upload) and in the server (on what was uploaded).
+//!
+//! # Services: connecting blocks (BRIEF §7b)
+//!
+//! ```toml
+//! log_level = "all"      # optional: all (default) | errors | none — what a run's steps keep
+//!
+//! [[blocks]]
+//! # ...
+//! retry = { attempts = 3, interval_s = 1, backoff = 2.0 }   # optional; default: no retry
+//!
+//! [[transitions]]
+//! from = "validate"      # a block; for `merge`, a list of two or more blocks
+//! to = "charge"          # a block
+//! type = "if"            # then | if | else | exception | fan-out | fan-in | merge
+//! expression = "output.total > 0"   # `if` only, and required there
+//! ```
+//!
+//! - `retry`: `attempts` counts every try, the first included, 1 to 10 (required in the
+//!   table); `interval_s` is the wait before the second try, an integer 0 to 3600 (default
+//!   1); `backoff` multiplies each further wait, 1.0 to 10.0 (default 2.0). No single wait
+//!   exceeds 3600 s. See [`RetryPolicy::delay_before`].
+//! - `expression`: CEL (the standard library; no timestamp, duration, regex or base64
+//!   extensions) over `output` (alias `return_data`), `input` and `backpack`. Compiled here:
+//!   a syntax error, an unknown variable, more than 1024 bytes or more than 24 levels of
+//!   nesting is an error on the line of the `expression`, quoting it. At run time a result
+//!   that is not a bool, or an error (a missing field, a type mismatch) is an
+//!   [`ExpressionError`](crate::service::ExpressionError): it fails the step.
+//! - Every `from` and `to` must name a block of the manifest (the error lists them);
+//!   triggers (`[[endpoints]]`, `[[responses]]`, `[[timers]]`, `[[queues]]`, `[[topics]]`)
+//!   are refused with a message saying they are not available yet.
+//! - `merge` takes a list of at least two distinct blocks; every other type one block.
+//! - `else` only from a block that has an `if` transition.
+//! - `fan-in` only downstream of a `fan-out`: accepted when some path of transitions to
+//!   its `from` block passes more `fan-out`s than `fan-in`s (any block may start a run;
+//!   the engine fails a run that reaches a fan-in with no fan-out open, never hangs).
+//! - Two identical transitions (same `from`, `to`, `type` and `expression`) are an error.
+//! - Cycles are allowed (a loop through an `if`); the engine bounds a run's steps.
+//! - At most 1000 transitions per manifest.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -14,12 +52,23 @@ use toml::Spanned;
 use crate::block::{BlockSpec, Language};
 use crate::limits;
 use crate::names::{is_valid_name, NAME_RULE};
+use crate::service::{
+    retry_limits, with_compile_stack, Expression, LogLevel, RetryPolicy, ServiceGraph, Transition,
+    TransitionType, MAX_TRANSITIONS,
+};
 
-/// A parsed, validated manifest: a project and its blocks with their sources resolved.
+/// A parsed, validated manifest: a project and its blocks with their sources resolved,
+/// and the service definitions that connect them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
     pub name: String,
     pub blocks: Vec<BlockSpec>,
+    /// `log_level`: what the steps of the project's runs keep.
+    pub log_level: LogLevel,
+    /// Block name → its `retry` policy, for the blocks that set one.
+    pub retry: BTreeMap<String, RetryPolicy>,
+    /// `[[transitions]]`, in manifest order (each one's `id` is its index).
+    pub transitions: Vec<Transition>,
 }
 
 /// A manifest problem, located.
@@ -66,8 +115,36 @@ impl<F: Fn(&str) -> Result<String, String>> SourceResolver for F {
 #[serde(deny_unknown_fields)]
 struct RawManifest {
     name: Spanned<String>,
+    log_level: Option<Spanned<String>>,
     #[serde(default)]
     blocks: Vec<Spanned<RawBlock>>,
+    #[serde(default)]
+    transitions: Vec<Spanned<RawTransition>>,
+    // Triggers (BRIEF §7b): recognised only to refuse them with a clear message.
+    endpoints: Option<Spanned<toml::Value>>,
+    responses: Option<Spanned<toml::Value>>,
+    timers: Option<Spanned<toml::Value>>,
+    queues: Option<Spanned<toml::Value>>,
+    topics: Option<Spanned<toml::Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTransition {
+    /// A string, or for `merge` a list of strings: checked by hand for clear messages.
+    from: Spanned<toml::Value>,
+    to: Spanned<String>,
+    #[serde(rename = "type")]
+    kind: Spanned<String>,
+    expression: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetry {
+    attempts: Spanned<i64>,
+    interval_s: Option<Spanned<i64>>,
+    backoff: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -86,6 +163,7 @@ struct RawBlock {
     #[serde(default)]
     env: Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
     network: Option<Spanned<bool>>,
+    retry: Option<Spanned<RawRetry>>,
 }
 
 /// Variables the platform sets itself (the sandbox's base environment; the shell runtime's
@@ -126,10 +204,32 @@ impl Manifest {
             ));
         }
 
+        ctx.refuse_triggers(&raw)?;
+        let log_level = match &raw.log_level {
+            None => LogLevel::default(),
+            Some(level) => LogLevel::ALL
+                .into_iter()
+                .find(|l| l.as_str() == level.get_ref())
+                .ok_or_else(|| {
+                    ctx.error(
+                        Some(level.span()),
+                        Some("log_level".into()),
+                        format!(
+                            "unknown log level `{}`: expected one of all (every step's input, output, logs and backpack; the default), errors (payloads of failed steps only), none (status and timing only)",
+                            level.get_ref()
+                        ),
+                    )
+                })?,
+        };
+
         let mut seen = BTreeSet::new();
         let mut blocks = Vec::with_capacity(raw.blocks.len());
+        let mut retry = BTreeMap::new();
         for (index, raw_block) in raw.blocks.iter().enumerate() {
             let block = ctx.block(index, raw_block, sources)?;
+            if let Some(policy) = &raw_block.get_ref().retry {
+                retry.insert(block.name.clone(), ctx.retry(index, policy)?);
+            }
             if !seen.insert(block.name.clone()) {
                 return Err(ctx.error(
                     Some(raw_block.get_ref().name.span()),
@@ -142,10 +242,35 @@ impl Manifest {
             }
             blocks.push(block);
         }
+        let transitions = if raw
+            .transitions
+            .iter()
+            .any(|t| t.get_ref().expression.is_some())
+        {
+            // One thread with a stack fit for the CEL parser compiles every expression.
+            with_compile_stack(|| ctx.transitions(&raw.transitions, &blocks))
+                .map_err(|message| ctx.error(None, Some("transitions".into()), message))??
+        } else {
+            ctx.transitions(&raw.transitions, &blocks)?
+        };
         Ok(Manifest {
             name: name.clone(),
             blocks,
+            log_level,
+            retry,
+            transitions,
         })
+    }
+
+    /// Whether the manifest connects its blocks (has `[[transitions]]`): a service.
+    pub fn is_service(&self) -> bool {
+        !self.transitions.is_empty()
+    }
+
+    /// The transitions indexed for the engine.
+    pub fn graph(&self) -> ServiceGraph {
+        let blocks: Vec<String> = self.blocks.iter().map(|b| b.name.clone()).collect();
+        ServiceGraph::new(&blocks, &self.transitions)
     }
 
     /// The `source = "..."` paths the manifest references, for a client to upload
@@ -406,6 +531,332 @@ impl Context<'_> {
     }
 }
 
+impl Context<'_> {
+    /// Triggers are the next step (issue 13): a manifest declaring one is refused, saying so.
+    fn refuse_triggers(&self, raw: &RawManifest) -> Result<(), ManifestError> {
+        let declared = [
+            ("endpoints", &raw.endpoints),
+            ("responses", &raw.responses),
+            ("timers", &raw.timers),
+            ("queues", &raw.queues),
+            ("topics", &raw.topics),
+        ];
+        if let Some((key, Some(value))) = declared.iter().find(|(_, v)| v.is_some()) {
+            return Err(self.error(
+                Some(value.span()),
+                Some((*key).into()),
+                format!(
+                    "triggers (`[[endpoints]]`, `[[responses]]`, `[[timers]]`, `[[queues]]`, `[[topics]]`) are not available in this version yet: remove `[[{key}]]`, and invoke blocks with `refinery invoke` or `POST /v1/projects/{{project}}/blocks/{{block}}/invoke`"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A block's `retry` table.
+    fn retry(&self, index: usize, raw: &Spanned<RawRetry>) -> Result<RetryPolicy, ManifestError> {
+        let field = |name: &str| Some(format!("blocks[{index}].retry.{name}"));
+        let retry = raw.get_ref();
+        let attempts = *retry.attempts.get_ref();
+        if !(1..=i64::from(retry_limits::MAX_ATTEMPTS)).contains(&attempts) {
+            return Err(self.error(
+                Some(retry.attempts.span()),
+                field("attempts"),
+                format!(
+                    "expected an integer from 1 to {}, got {attempts}: `attempts` counts every try, the first included (1 = no retry)",
+                    retry_limits::MAX_ATTEMPTS
+                ),
+            ));
+        }
+        let interval_s = match &retry.interval_s {
+            None => retry_limits::DEFAULT_INTERVAL_S,
+            Some(v) if (0..=i64::from(retry_limits::MAX_INTERVAL_S)).contains(v.get_ref()) => {
+                // In 0..=3600: fits in u32.
+                *v.get_ref() as u32
+            }
+            Some(v) => {
+                return Err(self.error(
+                    Some(v.span()),
+                    field("interval_s"),
+                    format!(
+                        "expected an integer from 0 to {} (seconds before the second try), got {}",
+                        retry_limits::MAX_INTERVAL_S,
+                        v.get_ref()
+                    ),
+                ))
+            }
+        };
+        let backoff = match &retry.backoff {
+            None => retry_limits::DEFAULT_BACKOFF,
+            Some(v)
+                if (retry_limits::MIN_BACKOFF..=retry_limits::MAX_BACKOFF)
+                    .contains(v.get_ref()) =>
+            {
+                *v.get_ref()
+            }
+            Some(v) => {
+                return Err(self.error(
+                    Some(v.span()),
+                    field("backoff"),
+                    format!(
+                        "expected a number from {:.1} to {:.1} (each wait is the previous one times this; 1.0 = a fixed interval), got {}",
+                        retry_limits::MIN_BACKOFF,
+                        retry_limits::MAX_BACKOFF,
+                        v.get_ref()
+                    ),
+                ))
+            }
+        };
+        Ok(RetryPolicy {
+            attempts: attempts as u32,
+            interval_s,
+            backoff,
+        })
+    }
+
+    /// `[[transitions]]`: each one on its own, then the rules that involve several.
+    fn transitions(
+        &self,
+        raw: &[Spanned<RawTransition>],
+        blocks: &[BlockSpec],
+    ) -> Result<Vec<Transition>, ManifestError> {
+        if let Some(over) = raw.get(MAX_TRANSITIONS) {
+            return Err(self.error(
+                Some(over.span()),
+                Some(format!("transitions[{MAX_TRANSITIONS}]")),
+                format!(
+                    "the project declares {} transitions; the limit is {MAX_TRANSITIONS}: split it into several projects",
+                    raw.len()
+                ),
+            ));
+        }
+        let names: Vec<&str> = blocks.iter().map(|b| b.name.as_str()).collect();
+        let mut transitions: Vec<Transition> = Vec::with_capacity(raw.len());
+        for (index, raw_transition) in raw.iter().enumerate() {
+            let transition = self.transition(index, raw_transition, &names)?;
+            if let Some(first) = transitions.iter().find(|t| {
+                (&t.from, &t.to, t.kind, &t.expression)
+                    == (
+                        &transition.from,
+                        &transition.to,
+                        transition.kind,
+                        &transition.expression,
+                    )
+            }) {
+                let first_line = line_and_column(self.text, raw[first.id].span().start).0;
+                return Err(self.error(
+                    Some(raw_transition.span()),
+                    Some(format!("transitions[{index}]")),
+                    format!(
+                        "duplicate transition: the same `from`, `to`, `type` and `expression` as transitions[{}] (line {first_line}); remove one",
+                        first.id
+                    ),
+                ));
+            }
+            transitions.push(transition);
+        }
+
+        for t in transitions
+            .iter()
+            .filter(|t| t.kind == TransitionType::Else)
+        {
+            let from = &t.from[0];
+            let has_if = transitions
+                .iter()
+                .any(|o| o.kind == TransitionType::If && o.from[0] == *from);
+            if !has_if {
+                return Err(self.error(
+                    Some(raw[t.id].get_ref().kind.span()),
+                    Some(format!("transitions[{}].type", t.id)),
+                    format!(
+                        "`else` fires when none of its block's `if` transitions held, but `{from}` has no `if` transition: add one from `{from}`, or make this a `then`"
+                    ),
+                ));
+            }
+        }
+
+        let open = fan_out_reach(&names, &transitions);
+        for t in transitions
+            .iter()
+            .filter(|t| t.kind == TransitionType::FanIn)
+        {
+            let from = &t.from[0];
+            if !open.contains(from.as_str()) {
+                return Err(self.error(
+                    Some(raw[t.id].get_ref().kind.span()),
+                    Some(format!("transitions[{}].type", t.id)),
+                    format!(
+                        "a `fan-in` gathers the items of a `fan-out`, but no `fan-out` leads to `{from}`: add a `fan-out` transition upstream of `{from}`, or make this a `then`"
+                    ),
+                ));
+            }
+        }
+        Ok(transitions)
+    }
+
+    fn transition(
+        &self,
+        index: usize,
+        raw: &Spanned<RawTransition>,
+        names: &[&str],
+    ) -> Result<Transition, ManifestError> {
+        let field = |name: &str| Some(format!("transitions[{index}].{name}"));
+        let t = raw.get_ref();
+        let kind: TransitionType = t
+            .kind
+            .get_ref()
+            .parse()
+            .map_err(|message| self.error(Some(t.kind.span()), field("type"), message))?;
+
+        let from_error = |message: String| self.error(Some(t.from.span()), field("from"), message);
+        let from: Vec<String> = match (t.from.get_ref(), kind) {
+            (toml::Value::String(_), TransitionType::Merge) => {
+                return Err(from_error(
+                    "a `merge` waits for several blocks: give `from` a list of two or more, e.g. `from = [\"a\", \"b\"]`".into(),
+                ))
+            }
+            (toml::Value::String(name), _) => vec![name.clone()],
+            (toml::Value::Array(_), kind) if kind != TransitionType::Merge => {
+                return Err(from_error(format!(
+                    "`from` is a list, which only `merge` takes: a `{kind}` transition has one source block; write `from = \"a\"`, one transition per source"
+                )))
+            }
+            (toml::Value::Array(items), _) => {
+                let mut list: Vec<String> = Vec::with_capacity(items.len());
+                for item in items {
+                    let toml::Value::String(name) = item else {
+                        return Err(from_error(format!(
+                            "expected block names (strings) in the list, found {}",
+                            item.type_str()
+                        )));
+                    };
+                    if list.contains(name) {
+                        return Err(from_error(format!(
+                            "`{name}` is listed twice: a `merge` waits for each of its blocks once"
+                        )));
+                    }
+                    list.push(name.clone());
+                }
+                if list.len() < 2 {
+                    return Err(from_error(format!(
+                        "a `merge` needs at least two blocks in `from`, got {}: list every branch it waits for, or use `then` for one",
+                        list.len()
+                    )));
+                }
+                list
+            }
+            (other, _) => {
+                return Err(from_error(format!(
+                    "expected a block name (a string), or for `merge` a list of block names; found {}",
+                    other.type_str()
+                )))
+            }
+        };
+        for name in &from {
+            if !names.contains(&name.as_str()) {
+                return Err(from_error(unknown_block(name, names)));
+            }
+        }
+        let to = t.to.get_ref();
+        if !names.contains(&to.as_str()) {
+            return Err(self.error(Some(t.to.span()), field("to"), unknown_block(to, names)));
+        }
+
+        let expression = match (&t.expression, kind) {
+            (None, TransitionType::If) => {
+                return Err(self.error(
+                    Some(raw.span()),
+                    field("expression"),
+                    "missing: an `if` transition needs `expression = \"...\"`, a CEL condition over output (alias return_data), input and backpack, e.g. `expression = \"output.total > 0\"`".into(),
+                ))
+            }
+            (None, _) => None,
+            (Some(e), TransitionType::If) => {
+                Some(Expression::compile(e.get_ref()).map_err(|message| {
+                    self.error(
+                        Some(e.span()),
+                        field("expression"),
+                        format!("invalid CEL expression `{}`: {message}", e.get_ref()),
+                    )
+                })?)
+            }
+            (Some(e), kind) => {
+                return Err(self.error(
+                    Some(e.span()),
+                    field("expression"),
+                    format!(
+                        "only `if` transitions take an expression, and this one is `{kind}`: remove `expression`, or make it `type = \"if\"`"
+                    ),
+                ))
+            }
+        };
+        Ok(Transition {
+            id: index,
+            from,
+            to: to.clone(),
+            kind,
+            expression,
+        })
+    }
+}
+
+/// "unknown block `x`: ..." listing the blocks there are.
+fn unknown_block(name: &str, names: &[&str]) -> String {
+    const SHOWN: usize = 20;
+    let mut known = names
+        .iter()
+        .take(SHOWN)
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        known.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    format!(
+        "unknown block `{}`: a transition connects blocks of this manifest ({known}); triggers are not available yet",
+        printable(name)
+    )
+}
+
+/// The blocks that some path of transitions reaches with a `fan-out` still open (more
+/// `fan-out`s than `fan-in`s passed), starting anywhere: where a `fan-in` may start.
+fn fan_out_reach<'a>(names: &[&'a str], transitions: &'a [Transition]) -> BTreeSet<&'a str> {
+    // Depth is bounded by the number of fan-outs: deeper states add nothing.
+    let cap = transitions
+        .iter()
+        .filter(|t| t.kind == TransitionType::FanOut)
+        .count();
+    if cap == 0 {
+        return BTreeSet::new();
+    }
+    let mut leaving: BTreeMap<&str, Vec<&Transition>> = BTreeMap::new();
+    for t in transitions {
+        for from in &t.from {
+            leaving.entry(from.as_str()).or_default().push(t);
+        }
+    }
+    // Each (block, depth) is visited once: at most (fan-outs + 1) × transitions steps.
+    let mut seen: BTreeSet<(&str, usize)> = names.iter().map(|n| (*n, 0)).collect();
+    let mut queue: Vec<(&str, usize)> = seen.iter().copied().collect();
+    while let Some((block, depth)) = queue.pop() {
+        for t in leaving.get(block).into_iter().flatten() {
+            let next = match t.kind {
+                TransitionType::FanOut => (depth + 1).min(cap),
+                TransitionType::FanIn if depth == 0 => continue,
+                TransitionType::FanIn => depth - 1,
+                _ => depth,
+            };
+            if seen.insert((t.to.as_str(), next)) {
+                queue.push((t.to.as_str(), next));
+            }
+        }
+    }
+    seen.into_iter()
+        .filter(|(_, depth)| *depth > 0)
+        .map(|(block, _)| block)
+        .collect()
+}
+
 /// A variable name as it can be shown in a field path (control characters escaped).
 fn printable(name: &str) -> String {
     name.escape_debug().to_string()
@@ -623,5 +1074,455 @@ code = "cat"
         let err = parse(&format!("name = \"p\"\n{block}network = \"yes\"\n")).expect_err("type");
         assert_eq!(err.line, Some(6), "{err}");
         assert!(err.message.contains("bool"), "{err}");
+    }
+
+    // --- services: log_level, retry, transitions ---
+
+    const TWO_BLOCKS: &str = "name = \"p\"\n[[blocks]]\nname = \"a\"\nlanguage = \"shell\"\ncode = \"x\"\n[[blocks]]\nname = \"b\"\nlanguage = \"shell\"\ncode = \"x\"\n[[blocks]]\nname = \"c\"\nlanguage = \"shell\"\ncode = \"x\"\n";
+    /// Lines of TWO_BLOCKS (its transitions start on the next line).
+    const BASE_LINES: usize = 13;
+
+    fn with_transitions(transitions: &str) -> Result<Manifest, ManifestError> {
+        parse(&format!("{TWO_BLOCKS}{transitions}"))
+    }
+
+    fn transition(from: &str, to: &str, kind: &str) -> String {
+        format!("[[transitions]]\nfrom = {from}\nto = \"{to}\"\ntype = \"{kind}\"\n")
+    }
+
+    #[test]
+    fn a_manifest_without_services_keeps_the_defaults() {
+        let m = parse(TWO_BLOCKS).expect("valid");
+        assert_eq!(m.log_level, LogLevel::All);
+        assert!(m.retry.is_empty());
+        assert!(m.transitions.is_empty());
+        assert!(!m.is_service());
+    }
+
+    #[test]
+    fn every_transition_type_parses() {
+        let text = [
+            transition("\"a\"", "b", "then"),
+            "[[transitions]]\nfrom = \"a\"\nto = \"c\"\ntype = \"if\"\nexpression = \"output.ok\"\n".into(),
+            transition("\"a\"", "b", "else"),
+            transition("\"a\"", "c", "exception"),
+            transition("\"b\"", "c", "fan-out"),
+            transition("\"c\"", "a", "fan-in"),
+            transition("[\"b\", \"a\"]", "c", "merge"),
+        ]
+        .concat();
+        let m = with_transitions(&text).expect("valid");
+        assert!(m.is_service());
+        let kinds: Vec<TransitionType> = m.transitions.iter().map(|t| t.kind).collect();
+        assert_eq!(kinds, TransitionType::ALL.to_vec());
+        assert_eq!(
+            m.transitions[1].expression.as_ref().map(Expression::source),
+            Some("output.ok")
+        );
+        assert!(m
+            .transitions
+            .iter()
+            .filter(|t| t.kind != TransitionType::If)
+            .all(|t| t.expression.is_none()));
+        assert_eq!(m.transitions[6].from, ["b", "a"]);
+        assert_eq!(m.transitions[4].id, 4);
+        assert_eq!(m.transitions[3].to, "c");
+    }
+
+    #[test]
+    fn log_level_parses_and_names_its_choices() {
+        for level in LogLevel::ALL {
+            let m =
+                parse(&format!("log_level = \"{}\"\n{TWO_BLOCKS}", level.as_str())).expect("valid");
+            assert_eq!(m.log_level, level);
+        }
+        let err = parse(&format!("log_level = \"debug\"\n{TWO_BLOCKS}")).expect_err("unknown");
+        assert_eq!(
+            (err.line, err.field.as_deref()),
+            (Some(1), Some("log_level"))
+        );
+        assert!(err.message.contains("all"), "{err}");
+        assert!(err.message.contains("errors"), "{err}");
+        assert!(err.message.contains("none"), "{err}");
+    }
+
+    #[test]
+    fn retry_parses_with_defaults_and_bounds() {
+        let block = "name = \"p\"\n[[blocks]]\nname = \"a\"\nlanguage = \"shell\"\ncode = \"x\"\n";
+        let m = parse(&format!(
+            "{block}retry = {{ attempts = 3, interval_s = 5, backoff = 1.5 }}\n"
+        ))
+        .expect("valid");
+        assert_eq!(
+            m.retry["a"],
+            RetryPolicy {
+                attempts: 3,
+                interval_s: 5,
+                backoff: 1.5
+            }
+        );
+        let m = parse(&format!("{block}retry = {{ attempts = 2, backoff = 3 }}\n"))
+            .expect("integer backoff");
+        assert_eq!(
+            m.retry["a"],
+            RetryPolicy {
+                attempts: 2,
+                interval_s: 1,
+                backoff: 3.0
+            }
+        );
+        for (retry, field, expected) in [
+            ("{ attempts = 0 }", "attempts", "from 1 to 10"),
+            ("{ attempts = 11 }", "attempts", "from 1 to 10"),
+            (
+                "{ attempts = 2, interval_s = -1 }",
+                "interval_s",
+                "from 0 to 3600",
+            ),
+            (
+                "{ attempts = 2, interval_s = 3601 }",
+                "interval_s",
+                "from 0 to 3600",
+            ),
+            (
+                "{ attempts = 2, backoff = 0.5 }",
+                "backoff",
+                "from 1.0 to 10.0",
+            ),
+            (
+                "{ attempts = 2, backoff = 11.0 }",
+                "backoff",
+                "from 1.0 to 10.0",
+            ),
+            (
+                "{ attempts = 2, backoff = nan }",
+                "backoff",
+                "from 1.0 to 10.0",
+            ),
+        ] {
+            let err = parse(&format!("{block}retry = {retry}\n")).expect_err(retry);
+            assert_eq!(err.line, Some(6), "{err}");
+            assert_eq!(
+                err.field.as_deref(),
+                Some(format!("blocks[0].retry.{field}").as_str()),
+                "{err}"
+            );
+            assert!(err.message.contains(expected), "{err}");
+        }
+        let err =
+            parse(&format!("{block}retry = {{ interval_s = 1 }}\n")).expect_err("no attempts");
+        assert!(err.message.contains("attempts"), "{err}");
+        let err =
+            parse(&format!("{block}retry = {{ attempts = 2, tries = 1 }}\n")).expect_err("unknown");
+        assert!(err.message.contains("tries"), "{err}");
+    }
+
+    /// Parses `transitions` after the three blocks and returns the error's (line, field,
+    /// message), the line counted from the first transition line (1).
+    fn transition_error(transitions: &str) -> (usize, String, String) {
+        let err = with_transitions(transitions).expect_err(transitions);
+        assert_eq!(err.file, "refinery.toml");
+        let line = err.line.expect("located") - BASE_LINES;
+        (line, err.field.clone().unwrap_or_default(), err.message)
+    }
+
+    #[test]
+    fn unknown_blocks_are_named_with_the_known_ones() {
+        let (line, field, message) = transition_error(&transition("\"a\"", "nope", "then"));
+        assert_eq!((line, field.as_str()), (3, "transitions[0].to"));
+        assert!(message.contains("unknown block `nope`"), "{message}");
+        assert!(message.contains("`a`, `b`, `c`"), "{message}");
+        let (line, field, message) = transition_error(&transition("\"x\"", "a", "then"));
+        assert_eq!((line, field.as_str()), (2, "transitions[0].from"));
+        assert!(message.contains("unknown block `x`"), "{message}");
+        let (line, field, message) = transition_error(&transition("[\"a\", \"zz\"]", "c", "merge"));
+        assert_eq!((line, field.as_str()), (2, "transitions[0].from"));
+        assert!(message.contains("`zz`"), "{message}");
+    }
+
+    #[test]
+    fn unknown_types_name_the_choices() {
+        let (line, field, message) = transition_error(&transition("\"a\"", "b", "next"));
+        assert_eq!((line, field.as_str()), (4, "transitions[0].type"));
+        assert!(
+            message.contains("then | if | else | exception | fan-out | fan-in | merge"),
+            "{message}"
+        );
+        let err =
+            with_transitions("[[transitions]]\nfrom = \"a\"\nto = \"b\"\n").expect_err("no type");
+        assert!(err.message.contains("type"), "{err}");
+    }
+
+    #[test]
+    fn if_needs_an_expression_and_only_if_takes_one() {
+        let (line, field, message) = transition_error(&transition("\"a\"", "b", "if"));
+        assert_eq!((line, field.as_str()), (1, "transitions[0].expression"));
+        assert!(message.contains("needs `expression"), "{message}");
+        let (line, field, message) = transition_error(&format!(
+            "{}expression = \"output.ok\"\n",
+            transition("\"a\"", "b", "then")
+        ));
+        assert_eq!((line, field.as_str()), (5, "transitions[0].expression"));
+        assert!(
+            message.contains("only `if` transitions take an expression"),
+            "{message}"
+        );
+        assert!(message.contains("`then`"), "{message}");
+    }
+
+    #[test]
+    fn a_cel_syntax_error_names_the_line_and_the_expression() {
+        let text = format!(
+            "{}\nexpression = \"output.total >\"\n",
+            transition("\"a\"", "b", "if")
+        );
+        let err = with_transitions(&text).expect_err("syntax");
+        assert_eq!(err.line, Some(BASE_LINES + 6), "{err}");
+        assert_eq!(err.field.as_deref(), Some("transitions[0].expression"));
+        let shown = err.to_string();
+        assert!(
+            shown.starts_with(&format!("refinery.toml:{}:", BASE_LINES + 6)),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("invalid CEL expression `output.total >`"),
+            "{shown}"
+        );
+        assert!(shown.contains("at 1:"), "{shown}");
+        let text = format!(
+            "{}expression = \"outptu.ok\"\n",
+            transition("\"a\"", "b", "if")
+        );
+        let (line, _, message) = transition_error(&text);
+        assert_eq!(line, 5);
+        assert!(message.contains("unknown variable `outptu`"), "{message}");
+    }
+
+    #[test]
+    fn merge_needs_a_list_of_two_and_other_types_one_source() {
+        let (line, field, message) = transition_error(&transition("\"a\"", "c", "merge"));
+        assert_eq!((line, field.as_str()), (2, "transitions[0].from"));
+        assert!(message.contains("two or more"), "{message}");
+        let (_, _, message) = transition_error(&transition("[\"a\"]", "c", "merge"));
+        assert!(
+            message.contains("at least two blocks in `from`, got 1"),
+            "{message}"
+        );
+        let (_, _, message) = transition_error(&transition("[\"a\", \"a\"]", "c", "merge"));
+        assert!(message.contains("listed twice"), "{message}");
+        let (_, _, message) = transition_error(&transition("[\"a\", 3]", "c", "merge"));
+        assert!(message.contains("found integer"), "{message}");
+        let (line, field, message) = transition_error(&transition("[\"a\", \"b\"]", "c", "then"));
+        assert_eq!((line, field.as_str()), (2, "transitions[0].from"));
+        assert!(message.contains("only `merge` takes"), "{message}");
+        let (_, _, message) = transition_error(&transition("7", "c", "then"));
+        assert!(message.contains("expected a block name"), "{message}");
+    }
+
+    #[test]
+    fn else_needs_an_if_from_the_same_block() {
+        let text = [
+            "[[transitions]]\nfrom = \"b\"\nto = \"c\"\ntype = \"if\"\nexpression = \"output.ok\"\n".to_string(),
+            transition("\"a\"", "c", "else"),
+        ]
+        .concat();
+        let (line, field, message) = transition_error(&text);
+        assert_eq!((line, field.as_str()), (9, "transitions[1].type"));
+        assert!(message.contains("`a` has no `if` transition"), "{message}");
+        with_transitions(&text.replace("from = \"a\"", "from = \"b\"")).expect("else after an if");
+    }
+
+    #[test]
+    fn fan_in_must_be_downstream_of_a_fan_out() {
+        let (line, field, message) = transition_error(
+            &[
+                transition("\"a\"", "b", "then"),
+                transition("\"b\"", "c", "fan-in"),
+            ]
+            .concat(),
+        );
+        assert_eq!((line, field.as_str()), (8, "transitions[1].type"));
+        assert!(message.contains("no `fan-out` leads to `b`"), "{message}");
+        // Directly after the fan-out, and a few steps further down.
+        with_transitions(
+            &[
+                transition("\"a\"", "b", "fan-out"),
+                transition("\"b\"", "c", "fan-in"),
+            ]
+            .concat(),
+        )
+        .expect("direct");
+        with_transitions(
+            &[
+                transition("\"a\"", "b", "fan-out"),
+                transition("\"b\"", "c", "then"),
+                transition("\"c\"", "a", "fan-in"),
+            ]
+            .concat(),
+        )
+        .expect("downstream");
+        // A fan-in closes its fan-out: a second fan-in needs a second fan-out.
+        let closed = [
+            transition("\"a\"", "b", "fan-out"),
+            transition("\"b\"", "c", "fan-in"),
+            transition("\"c\"", "a", "fan-in"),
+        ]
+        .concat();
+        let (_, field, _) = transition_error(&closed);
+        assert_eq!(field, "transitions[2].type");
+        // Nested fan-outs: two fan-ins.
+        let text = "name = \"p\"\n".to_string()
+            + &["a", "b", "c", "d", "e"]
+                .map(|n| {
+                    format!("[[blocks]]\nname = \"{n}\"\nlanguage = \"shell\"\ncode = \"x\"\n")
+                })
+                .concat()
+            + &[
+                transition("\"a\"", "b", "fan-out"),
+                transition("\"b\"", "c", "fan-out"),
+                transition("\"c\"", "d", "fan-in"),
+                transition("\"d\"", "e", "fan-in"),
+            ]
+            .concat();
+        parse(&text).expect("nested");
+    }
+
+    #[test]
+    fn identical_transitions_are_refused_and_cycles_allowed() {
+        let t = transition("\"a\"", "b", "then");
+        let (line, field, message) = transition_error(&format!("{t}{t}"));
+        assert_eq!((line, field.as_str()), (5, "transitions[1]"));
+        assert!(message.contains("duplicate transition"), "{message}");
+        assert!(
+            message.contains(&format!("transitions[0] (line {})", BASE_LINES + 1)),
+            "{message}"
+        );
+        // Same edge with another type, or another expression: not a duplicate.
+        let if_ok = "[[transitions]]\nfrom = \"a\"\nto = \"b\"\ntype = \"if\"\nexpression = \"output.ok\"\n";
+        with_transitions(&format!(
+            "{t}{if_ok}{}",
+            if_ok.replace("output.ok", "!output.ok")
+        ))
+        .expect("distinct");
+        let (_, field, _) = transition_error(&format!("{if_ok}{if_ok}"));
+        assert_eq!(field, "transitions[1]");
+        // A loop through an `if`, and a block to itself.
+        let m = with_transitions(&format!(
+            "{t}{}{}",
+            if_ok.replace("from = \"a\"\nto = \"b\"", "from = \"b\"\nto = \"a\""),
+            transition("\"c\"", "c", "then")
+        ))
+        .expect("cycles");
+        assert_eq!(m.transitions.len(), 3);
+    }
+
+    #[test]
+    fn transitions_are_limited_in_number() {
+        let t = |i: usize| {
+            format!("[[transitions]]\nfrom = \"a\"\nto = \"b\"\ntype = \"if\"\nexpression = \"output == {i}\"\n")
+        };
+        let at_limit: String = (0..MAX_TRANSITIONS).map(t).collect();
+        let m = with_transitions(&at_limit).expect("at the limit");
+        assert_eq!(m.transitions.len(), MAX_TRANSITIONS);
+        let (line, field, message) = transition_error(&format!("{at_limit}{}", t(MAX_TRANSITIONS)));
+        assert_eq!(line, 5 * MAX_TRANSITIONS + 1);
+        assert_eq!(field, format!("transitions[{MAX_TRANSITIONS}]"));
+        assert!(
+            message.contains("declares 1001 transitions; the limit is 1000"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn triggers_are_refused_as_not_available_yet() {
+        for (key, table) in [
+            (
+                "endpoints",
+                "[[endpoints]]\nname = \"api\"\nmethod = \"POST\"\npath = \"/x\"\n",
+            ),
+            ("responses", "[[responses]]\nname = \"reply\"\n"),
+            (
+                "timers",
+                "[[timers]]\nname = \"nightly\"\nschedule = \"rate(5 minutes)\"\n",
+            ),
+            ("queues", "[[queues]]\nname = \"urls\"\n"),
+            ("topics", "[[topics]]\nname = \"events\"\n"),
+        ] {
+            let err = parse(&format!("{TWO_BLOCKS}{table}")).expect_err(key);
+            assert_eq!(err.field.as_deref(), Some(key), "{err}");
+            assert!(err.line.is_some_and(|l| l > BASE_LINES), "{err}");
+            assert!(
+                err.message
+                    .contains("are not available in this version yet"),
+                "{err}"
+            );
+            assert!(
+                err.message.contains(&format!("remove `[[{key}]]`")),
+                "{err}"
+            );
+        }
+        let err = parse(&format!("{TWO_BLOCKS}[[widgets]]\nname = \"w\"\n")).expect_err("other");
+        assert!(err.message.contains("unknown field `widgets`"), "{err}");
+    }
+
+    #[test]
+    fn the_graph_answers_what_fires_after_a_block() {
+        use serde_json::json;
+        let text = [
+            transition("\"a\"", "b", "then"),
+            "[[transitions]]\nfrom = \"a\"\nto = \"c\"\ntype = \"if\"\nexpression = \"output.n > 1\"\n".into(),
+            "[[transitions]]\nfrom = \"a\"\nto = \"b\"\ntype = \"if\"\nexpression = \"backpack.go\"\n".into(),
+            transition("\"a\"", "c", "else"),
+            transition("\"a\"", "b", "exception"),
+            transition("[\"a\", \"b\"]", "c", "merge"),
+        ]
+        .concat();
+        let m = with_transitions(&text).expect("valid");
+        let graph = m.graph();
+        assert_eq!(graph.starts(), ["a"]);
+        let fired = |output, backpack| -> Vec<usize> {
+            graph
+                .after_success("a", &output, &json!(null), &backpack)
+                .expect("evaluates")
+                .iter()
+                .map(|t| t.id)
+                .collect()
+        };
+        assert_eq!(fired(json!({"n": 2}), json!({"go": true})), [0, 1, 2, 5]);
+        assert_eq!(fired(json!({"n": 2}), json!({"go": false})), [0, 1, 5]);
+        assert_eq!(
+            fired(json!({"n": 0}), json!({"go": false})),
+            [0, 3, 5],
+            "else when no if held"
+        );
+        let err = graph
+            .after_success("a", &json!({"n": 2}), &json!(null), &json!({}))
+            .expect_err("no backpack.go");
+        assert_eq!(err.expression, "backpack.go");
+        assert_eq!(
+            graph
+                .on_exception("a")
+                .iter()
+                .map(|t| t.id)
+                .collect::<Vec<_>>(),
+            [4]
+        );
+        assert!(graph.on_exception("b").is_empty());
+        assert_eq!(graph.outgoing("b", TransitionType::Merge).len(), 1);
+        assert_eq!(
+            graph
+                .merge_groups()
+                .map(|t| t.from.clone())
+                .collect::<Vec<_>>(),
+            [vec!["a".to_string(), "b".to_string()]]
+        );
+        assert!(graph
+            .after_success("c", &json!(1), &json!(null), &json!({}))
+            .expect("no edges")
+            .is_empty());
+        assert_eq!(
+            graph.transition(5).map(|t| t.kind),
+            Some(TransitionType::Merge)
+        );
     }
 }

@@ -164,6 +164,9 @@ pub struct Transition {
     pub expression: Option<Expression>,
 }
 
+/// The most `[[transitions]]` one manifest may declare.
+pub const MAX_TRANSITIONS: usize = 1000;
+
 /// The longest `expression` accepted, in bytes.
 pub const MAX_EXPRESSION_BYTES: usize = 1024;
 
@@ -193,6 +196,32 @@ const CEL_TYPE_NAMES: [&str; 11] = [
 /// The stack of the thread that parses an expression (reserved, not committed: only the
 /// pages the parser touches are used).
 const COMPILE_STACK_BYTES: usize = 64 << 20;
+
+thread_local! {
+    /// Whether this thread is one [`with_compile_stack`] started.
+    static ON_COMPILE_STACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `work` on a thread with a stack large enough for CEL's parser (which recurses
+/// deeply even for short inputs), so that compiling many expressions — a manifest's — costs
+/// one thread, not one each: [`Expression::compile`] inside `work` parses in place.
+pub fn with_compile_stack<T: Send>(work: impl FnOnce() -> T + Send) -> Result<T, String> {
+    if ON_COMPILE_STACK.get() {
+        return Ok(work());
+    }
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("cel-compile".into())
+            .stack_size(COMPILE_STACK_BYTES)
+            .spawn_scoped(scope, || {
+                ON_COMPILE_STACK.set(true);
+                work()
+            })
+            .map_err(|e| format!("could not start the expression compiler: {e}"))?
+            .join()
+            .map_err(|_| "the expression compiler failed".to_string())
+    })
+}
 
 /// The CEL environment every expression is compiled and run in: CEL's standard library
 /// (no timestamp, duration, regex or encoder extensions).
@@ -241,15 +270,11 @@ impl Expression {
         if nesting > MAX_EXPRESSION_DEPTH {
             return Err(too_deep(nesting));
         }
-        // The parser's recursion is deep even for short inputs: give it a stack of its own.
-        let owned = source.to_string();
-        let program = std::thread::Builder::new()
-            .name("cel-compile".into())
-            .stack_size(COMPILE_STACK_BYTES)
-            .spawn(move || compile_checked(&owned))
-            .map_err(|e| format!("could not start the expression compiler: {e}"))?
-            .join()
-            .map_err(|_| "the expression compiler failed on this expression".to_string())??;
+        let program = if ON_COMPILE_STACK.get() {
+            compile_checked(source)?
+        } else {
+            with_compile_stack(|| compile_checked(source))??
+        };
         Ok(Expression {
             source: source.to_string(),
             program: Arc::new(program),
