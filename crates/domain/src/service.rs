@@ -350,16 +350,25 @@ impl<'de> Deserialize<'de> for Expression {
 /// Parses `source` and checks its tree (on the big-stack thread: a tree that is too deep
 /// is also dropped there).
 fn compile_checked(source: &str) -> Result<cel::IdedExpr, String> {
+    const SHOWN_ERRORS: usize = 3;
     let program = CEL_ENV.parser().parse(source).map_err(|errors| {
-        errors
+        let mut shown = errors
             .errors
             .iter()
+            .take(SHOWN_ERRORS)
             .map(|e| {
                 // The parser counts columns from 0; people count from 1.
                 format!("at {}:{}: {}", e.pos.0, e.pos.1 + 1, e.msg)
             })
             .collect::<Vec<_>>()
-            .join("; ")
+            .join("; ");
+        if errors.errors.len() > SHOWN_ERRORS {
+            shown.push_str(&format!(
+                " (and {} more)",
+                errors.errors.len() - SHOWN_ERRORS
+            ));
+        }
+        shown
     })?;
     let depth = tree_depth(&program);
     if depth > MAX_EXPRESSION_DEPTH {
@@ -756,6 +765,9 @@ mod tests {
     fn syntax_errors_name_the_position_and_long_or_empty_expressions_are_refused() {
         let err = Expression::compile("output.total >").expect_err("syntax");
         assert!(err.starts_with("at 1:"), "{err}");
+        let err = Expression::compile(&"> ".repeat(100)).expect_err("many errors");
+        assert!(err.matches("at 1:").count() <= 3, "{err}");
+        assert!(err.len() < 2000, "{err}");
         assert!(Expression::compile("   ")
             .expect_err("empty")
             .contains("empty"));
