@@ -62,6 +62,11 @@ async fn instances_until(
     account_instances(server, account_id).await
 }
 
+/// `GET /v1/projects` with `key`: its status and body (whether the key works now).
+async fn list_projects(server: &Server, key: &str) -> (u16, Value) {
+    server.request("GET", "/v1/projects", Some(key), None).await
+}
+
 fn assert_disabled(status: u16, body: &Value, account: &str) {
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["error"]["code"], "account_disabled", "{body}");
@@ -125,9 +130,7 @@ async fn a_disabled_account_is_refused_reaped_and_stays_disabled_until_enabled()
     // Its keys are refused everywhere, and nothing of it runs.
     let (status, body) = server.invoke(&alpha, "work", "warm", json!(null)).await;
     assert_disabled(status, &body, "alpha");
-    let (status, body) = server
-        .request("GET", "/v1/projects", Some(&alpha), None)
-        .await;
+    let (status, body) = list_projects(&server, &alpha).await;
     assert_disabled(status, &body, "alpha");
     let (status, body) = server.deploy(&alpha, PROJECT, &[]).await;
     assert_disabled(status, &body, "alpha");
@@ -242,9 +245,7 @@ async fn a_rotated_key_replaces_the_old_one_at_once() {
     let (acme_id, old_key) = server.account("acme").await;
     let (_, other) = server.account("other").await;
     // Used once, so the server has the old key in its cache.
-    let (status, _) = server
-        .request("GET", "/v1/projects", Some(&old_key), None)
-        .await;
+    let (status, _) = list_projects(&server, &old_key).await;
     assert_eq!(status, 200);
 
     // The operator rotates it (CLI, JSON like `accounts create`).
@@ -256,9 +257,7 @@ async fn a_rotated_key_replaces_the_old_one_at_once() {
     let new_key = rotated["api_key"].as_str().expect("api_key").to_string();
     assert!(new_key.starts_with("rfk_"), "{new_key}");
     assert_ne!(new_key, old_key);
-    let (status, body) = server
-        .request("GET", "/v1/projects", Some(&old_key), None)
-        .await;
+    let (status, body) = list_projects(&server, &old_key).await;
     assert_eq!(status, 401, "the old key must stop working at once: {body}");
     let (code, _, err) = server.cli(&old_key, &["projects"], None);
     assert_ne!(code, 0);
@@ -271,9 +270,7 @@ async fn a_rotated_key_replaces_the_old_one_at_once() {
         1,
         "said once: {err}"
     );
-    let (status, body) = server
-        .request("GET", "/v1/projects", Some(&new_key), None)
-        .await;
+    let (status, body) = list_projects(&server, &new_key).await;
     assert_eq!(status, 200, "{body}");
 
     // The account rotates its own key (human output: the key, once).
@@ -285,13 +282,9 @@ async fn a_rotated_key_replaces_the_old_one_at_once() {
         .expect("key line")
         .trim()
         .to_string();
-    let (status, _) = server
-        .request("GET", "/v1/projects", Some(&new_key), None)
-        .await;
+    let (status, _) = list_projects(&server, &new_key).await;
     assert_eq!(status, 401);
-    let (status, _) = server
-        .request("GET", "/v1/projects", Some(&newest), None)
-        .await;
+    let (status, _) = list_projects(&server, &newest).await;
     assert_eq!(status, 200);
 
     // Nobody else can rotate it: another account sees no such account.
@@ -299,22 +292,16 @@ async fn a_rotated_key_replaces_the_old_one_at_once() {
         .request("POST", "/v1/accounts/acme/rotate-key", Some(&other), None)
         .await;
     assert_eq!(status, 404, "{body}");
-    let (status, _) = server
-        .request("GET", "/v1/projects", Some(&newest), None)
-        .await;
+    let (status, _) = list_projects(&server, &newest).await;
     assert_eq!(status, 200, "a refused rotation changes nothing");
 
     // Rotation survives a restart (it is stored, not only cached).
     let mut server = server;
     server.stop();
     let server = Server::start_in(&server.data_dir.clone(), &[]).await;
-    let (status, _) = server
-        .request("GET", "/v1/projects", Some(&old_key), None)
-        .await;
+    let (status, _) = list_projects(&server, &old_key).await;
     assert_eq!(status, 401);
-    let (status, _) = server
-        .request("GET", "/v1/projects", Some(&newest), None)
-        .await;
+    let (status, _) = list_projects(&server, &newest).await;
     assert_eq!(status, 200);
 }
 

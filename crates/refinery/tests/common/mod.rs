@@ -42,6 +42,12 @@ impl Server {
 
     /// A server on an existing data dir (for restart tests).
     pub async fn start_in(data_dir: &Path, args: &[&str]) -> Server {
+        Server::spawn(data_dir, args, Stdio::inherit(), "warn").await
+    }
+
+    /// Starts `refinery serve` on `data_dir` with `args`, its stderr going to `stderr` and
+    /// `REFINERY_LOG=log_level`; waits for its listening line.
+    async fn spawn(data_dir: &Path, args: &[&str], stderr: Stdio, log_level: &str) -> Server {
         let mut child = Command::new(BIN)
             .arg("serve")
             .arg("--listen")
@@ -49,9 +55,9 @@ impl Server {
             .arg("--data-dir")
             .arg(data_dir)
             .args(args)
-            .env("REFINERY_LOG", "warn")
+            .env("REFINERY_LOG", log_level)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start refinery serve");
         let stdout = child.stdout.take().expect("stdout");
@@ -492,42 +498,21 @@ impl Server {
         log: std::fs::File,
         log_level: &str,
     ) -> Server {
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(args)
-            .env("REFINERY_LOG", log_level)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start refinery serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(url) = line.strip_prefix("Refinery listening on ") {
-                    let _ = tx.send(url.trim().to_string());
-                }
-            }
-        });
-        let url = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("server did not print its listening line");
-        let operator_key = std::fs::read_to_string(data_dir.join("operator.key"))
-            .expect("operator.key")
-            .trim()
-            .to_string();
-        Server {
-            child: Some(child),
-            url,
-            data_dir: data_dir.to_path_buf(),
-            _data_root: None,
-            operator_key,
-            http: reqwest::Client::new(),
-        }
+        Server::spawn(data_dir, args, Stdio::from(log), log_level).await
+    }
+}
+
+// --- review ---
+
+impl Server {
+    /// `POST /v1/projects/{project}/rollback` to deployment `number` with `key`.
+    pub async fn rollback(&self, key: &str, project: &str, number: i64) -> (u16, Value) {
+        self.request(
+            "POST",
+            &format!("/v1/projects/{project}/rollback"),
+            Some(key),
+            Some(json!({ "deployment": number })),
+        )
+        .await
     }
 }
