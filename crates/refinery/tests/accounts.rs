@@ -92,22 +92,7 @@ async fn a_disabled_account_is_refused_reaped_and_stays_disabled_until_enabled()
     assert_eq!(before.len(), 2, "{before:?}");
 
     // A long invocation is running when the account is disabled.
-    let busy = {
-        let http = server.http.clone();
-        let url = format!("{}/v1/projects/work/blocks/slow/invoke", server.url);
-        let key = alpha.clone();
-        tokio::spawn(async move {
-            let response = http
-                .post(url)
-                .bearer_auth(key)
-                .json(&json!(3))
-                .send()
-                .await
-                .expect("send");
-            let status = response.status().as_u16();
-            (status, response.json::<Value>().await.expect("json"))
-        })
-    };
+    let busy = server.invoke_in_background(&alpha, "work", "slow", json!(3));
     let running = instances_until(&server, &alpha_id, |l| {
         l.iter()
             .any(|i| i["block"] == "slow" && i["state"] == "busy")
@@ -142,7 +127,7 @@ async fn a_disabled_account_is_refused_reaped_and_stays_disabled_until_enabled()
     );
 
     // The running invocation finishes; then its instance goes too, and none comes back.
-    let (status, reply) = busy.await.expect("join");
+    let (status, _, reply) = busy.await.expect("join");
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["output"], "slept", "{reply}");
     let after = instances_until(&server, &alpha_id, <[Value]>::is_empty).await;

@@ -185,29 +185,34 @@ impl Server {
         block: &str,
         input: Value,
     ) -> (u16, Option<String>, Value) {
-        let response = self
-            .http
-            .post(format!(
-                "{}/v1/projects/{project}/blocks/{block}/invoke",
-                self.url
-            ))
-            .bearer_auth(key)
-            .json(&input)
-            .send()
-            .await
-            .expect("send");
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let text = response.text().await.expect("body");
-        (
-            status,
-            retry_after,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        post_invoke(
+            self.http.clone(),
+            self.invoke_url(project, block),
+            key.to_string(),
+            input,
         )
+        .await
+    }
+
+    /// Like [`Server::invoke_retry_after`], in a task of its own (for invocations that
+    /// must be running while the test goes on).
+    pub fn invoke_in_background(
+        &self,
+        key: &str,
+        project: &str,
+        block: &str,
+        input: Value,
+    ) -> tokio::task::JoinHandle<(u16, Option<String>, Value)> {
+        tokio::spawn(post_invoke(
+            self.http.clone(),
+            self.invoke_url(project, block),
+            key.to_string(),
+            input,
+        ))
+    }
+
+    fn invoke_url(&self, project: &str, block: &str) -> String {
+        format!("{}/v1/projects/{project}/blocks/{block}/invoke", self.url)
     }
 
     /// Invokes and asserts HTTP 200; returns the execution.
@@ -256,6 +261,35 @@ impl Drop for Server {
             let _ = self.stop();
         }
     }
+}
+
+/// POSTs `input` to an invoke URL with `key`; returns (status, the `Retry-After` header if
+/// any, body: its JSON, or its text if it is not JSON).
+async fn post_invoke(
+    http: reqwest::Client,
+    url: String,
+    key: String,
+    input: Value,
+) -> (u16, Option<String>, Value) {
+    let response = http
+        .post(url)
+        .bearer_auth(key)
+        .json(&input)
+        .send()
+        .await
+        .expect("send");
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let text = response.text().await.expect("body");
+    (
+        status,
+        retry_after,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 /// Whether an instance's cgroup says it is frozen: v2 `cgroup.events` where the instance
