@@ -342,6 +342,16 @@ impl InstancePool {
         let warm = self
             .warm_or_scale_up(&block_pool, arrived + queue_timeout)
             .await?;
+        // The account may have been disabled while this invocation waited for its turn: then
+        // nothing of it starts (`block_pool` refused only those that came after).
+        if self.is_account_disabled(&target.account_id) {
+            if let Some(instance) = warm {
+                self.discard(instance).await;
+            }
+            return Err(PoolError::AccountDisabled {
+                account: target.account_name.clone(),
+            });
+        }
         let (mut instance, cold, init_ms) = match warm {
             Some(instance) => (instance, false, None),
             None => match self.start_instance(&block_pool, &account).await {
@@ -469,9 +479,10 @@ impl InstancePool {
     }
 
     /// Stops running anything of the account: from now on no instance of it starts
-    /// (invocations and provisioning are refused with [`PoolError::AccountDisabled`]), its
-    /// idle instances (`min_warm` ones included) are destroyed now and busy ones when their
-    /// invocation ends. Cancelling the caller does not stop the destruction.
+    /// (invocations, those already waiting for their turn included, and provisioning are
+    /// refused with [`PoolError::AccountDisabled`]), its idle instances (`min_warm` ones
+    /// included) are destroyed now and busy ones when their invocation ends. Cancelling the
+    /// caller does not stop the destruction.
     pub async fn disable_account(&self, account_id: &str) {
         let idle = {
             let mut blocks = lock(&self.inner.blocks);

@@ -1,5 +1,6 @@
 //! Account administration against a real server: disabling an account (403 for its keys,
-//! its instances reaped, provisioned ones too, nothing re-provisioned, across a restart),
+//! its instances reaped, provisioned ones too, nothing re-provisioned, across a restart;
+//! an invocation waiting for its turn refused, not started),
 //! enabling it again, rotating its key (the old one refused at once, the key cache
 //! included); and a failed start (port in use) that says so once, prints no operator key
 //! and leaves no cgroups behind.
@@ -401,4 +402,55 @@ async fn a_start_on_a_port_in_use_fails_clearly_and_leaves_no_cgroups() {
     let log = std::fs::read_to_string(&log_path).expect("log");
     assert!(log.contains("listening"), "{log}");
     assert!(!log.contains('\x1b'), "ANSI codes in a log file: {log:?}");
+}
+
+/// `one` runs one invocation at a time: a second one waits for the first.
+const ONE_AT_A_TIME: &str = r#"
+name = "queue"
+
+[[blocks]]
+name = "one"
+language = "python"
+max_concurrency = 1
+code = """
+import time
+def main(block_input, backpack):
+    time.sleep(block_input or 0)
+    return "ran"
+"""
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invocation_waiting_when_its_account_is_disabled_never_runs() {
+    let server = Server::start().await;
+    let op = server.operator_key.clone();
+    let (alpha_id, alpha) = server.account("alpha").await;
+    server.deploy_ok(&alpha, ONE_AT_A_TIME).await;
+
+    // The first invocation runs; the second waits for the block's one slot.
+    let running = server.invoke_in_background(&alpha, "queue", "one", json!(3));
+    let busy = instances_until(&server, &alpha_id, |l| {
+        l.iter().any(|i| i["state"] == "busy")
+    })
+    .await;
+    assert!(busy.iter().any(|i| i["state"] == "busy"), "{busy:?}");
+    let waiting = server.invoke_in_background(&alpha, "queue", "one", json!(0));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let (status, body) = server
+        .request("POST", "/v1/accounts/alpha/disable", Some(&op), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // The running one finishes; the waiting one is refused instead of starting an instance.
+    let (status, _, reply) = running.await.expect("join");
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["output"], "ran", "{reply}");
+    let (status, _, reply) = waiting.await.expect("join");
+    assert_disabled(status, &reply, "alpha");
+    let left = instances_until(&server, &alpha_id, |l| l.is_empty()).await;
+    assert!(
+        left.is_empty(),
+        "nothing of a disabled account is left: {left:?}"
+    );
 }
