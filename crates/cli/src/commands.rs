@@ -233,12 +233,7 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
             })?;
         }
         ClientCommand::Accounts(AccountsCommand::Disable { account }) => {
-            let reply = client
-                .post(
-                    &format!("/v1/accounts/{}/disable", path_segment(&account)),
-                    &json!({}),
-                )
-                .await?;
+            let reply = account_action(&client, &account, "disable").await?;
             print(json, &reply, || {
                 format!(
                     "Account {} ({}) is disabled: its keys are refused and its instances stopped. `refinery accounts enable {}` restores it.",
@@ -249,12 +244,7 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
             })?;
         }
         ClientCommand::Accounts(AccountsCommand::Enable { account }) => {
-            let reply = client
-                .post(
-                    &format!("/v1/accounts/{}/enable", path_segment(&account)),
-                    &json!({}),
-                )
-                .await?;
+            let reply = account_action(&client, &account, "enable").await?;
             print(json, &reply, || {
                 format!(
                     "Account {} ({}) is enabled.",
@@ -264,12 +254,7 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
             })?;
         }
         ClientCommand::Accounts(AccountsCommand::RotateKey { account }) => {
-            let reply = client
-                .post(
-                    &format!("/v1/accounts/{}/rotate-key", path_segment(&account)),
-                    &json!({}),
-                )
-                .await?;
+            let reply = account_action(&client, &account, "rotate-key").await?;
             print(json, &reply, || {
                 format!(
                     "New API key of account {} ({}); the old one no longer works.\nAPI key (shown once, keep it safe): {}",
@@ -626,6 +611,17 @@ fn deploy_request(path: &Path) -> Result<Value> {
         files.insert(source, Value::String(contents));
     }
     Ok(json!({ "manifest": text, "manifest_path": shown, "files": files }))
+}
+
+/// `POST /v1/accounts/{account}/{action}` with no body (`disable`, `enable`,
+/// `rotate-key`): the reply.
+async fn account_action(client: &Client, account: &str, action: &str) -> Result<Value> {
+    client
+        .post(
+            &format!("/v1/accounts/{}/{action}", path_segment(account)),
+            &json!({}),
+        )
+        .await
 }
 
 /// An account name or id as one URL path segment (names and ids are `[a-z0-9_-]`; anything

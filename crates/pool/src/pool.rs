@@ -159,6 +159,23 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     }
 }
 
+/// Removes from `blocks` the block pools `pick` chooses and retires them (no instance of
+/// theirs is kept from now on); returns their idle instances, for the caller to destroy.
+fn retire_blocks(
+    blocks: &mut HashMap<BlockKey, Arc<BlockPool>>,
+    pick: impl Fn(&BlockKey, &BlockPool) -> bool,
+) -> Vec<Instance> {
+    let keys: Vec<BlockKey> = blocks
+        .iter()
+        .filter(|(key, block_pool)| pick(key, block_pool))
+        .map(|(key, _)| key.clone())
+        .collect();
+    keys.iter()
+        .filter_map(|key| blocks.remove(key))
+        .flat_map(|block_pool| block_pool.retire())
+        .collect()
+}
+
 impl InstancePool {
     /// Creates the pool and starts its reaper (must run inside a tokio runtime).
     pub fn new(host: Arc<SandboxHost>, config: PoolConfig) -> InstancePool {
@@ -325,6 +342,16 @@ impl InstancePool {
         let warm = self
             .warm_or_scale_up(&block_pool, arrived + queue_timeout)
             .await?;
+        // The account may have been disabled while this invocation waited for its turn: then
+        // nothing of it starts (`block_pool` refused only those that came after).
+        if self.is_account_disabled(&target.account_id) {
+            if let Some(instance) = warm {
+                self.discard(instance).await;
+            }
+            return Err(PoolError::AccountDisabled {
+                account: target.account_name.clone(),
+            });
+        }
         let (mut instance, cold, init_ms) = match warm {
             Some(instance) => (instance, false, None),
             None => match self.start_instance(&block_pool, &account).await {
@@ -445,47 +472,32 @@ impl InstancePool {
     /// destroyed in a task of their own: the caller (an HTTP handler) may be cancelled at any
     /// await, and a half-done retirement would leave instances no reaper can reach.
     pub async fn retire_deployments(&self, deployment_ids: &[i64]) {
-        let idle: Vec<Instance> = {
-            let mut blocks = lock(&self.inner.blocks);
-            let keys: Vec<BlockKey> = blocks
-                .keys()
-                .filter(|k| deployment_ids.contains(&k.deployment_id))
-                .cloned()
-                .collect();
-            keys.iter()
-                .filter_map(|k| blocks.remove(k))
-                .flat_map(|block_pool| block_pool.retire())
-                .collect()
-        };
-        let pool = self.clone();
-        let destroying = tokio::spawn(async move {
-            for instance in idle {
-                pool.discard(instance).await;
-            }
+        let idle = retire_blocks(&mut lock(&self.inner.blocks), |key, _| {
+            deployment_ids.contains(&key.deployment_id)
         });
-        // Waiting is a courtesy (the deploy's reply comes after the old instances are gone);
-        // cancelling this wait does not stop the destruction.
-        let _ = destroying.await;
+        self.discard_detached(idle).await;
     }
 
     /// Stops running anything of the account: from now on no instance of it starts
-    /// (invocations and provisioning are refused with [`PoolError::AccountDisabled`]), its
-    /// idle instances (`min_warm` ones included) are destroyed now and busy ones when their
-    /// invocation ends. Cancelling the caller does not stop the destruction.
+    /// (invocations, those already waiting for their turn included, and provisioning are
+    /// refused with [`PoolError::AccountDisabled`]), its idle instances (`min_warm` ones
+    /// included) are destroyed now and busy ones when their invocation ends. Cancelling the
+    /// caller does not stop the destruction.
     pub async fn disable_account(&self, account_id: &str) {
-        let idle: Vec<Instance> = {
+        let idle = {
             let mut blocks = lock(&self.inner.blocks);
             lock(&self.inner.disabled).insert(account_id.to_string());
-            let keys: Vec<BlockKey> = blocks
-                .iter()
-                .filter(|(_, b)| b.target.account_id == account_id)
-                .map(|(k, _)| k.clone())
-                .collect();
-            keys.iter()
-                .filter_map(|k| blocks.remove(k))
-                .flat_map(|block_pool| block_pool.retire())
-                .collect()
+            retire_blocks(&mut blocks, |_, block_pool| {
+                block_pool.target.account_id == account_id
+            })
         };
+        self.discard_detached(idle).await;
+    }
+
+    /// Destroys `idle` in a task of its own and waits for it. Waiting is a courtesy (the
+    /// reply comes after the instances are gone); cancelling the wait does not stop the
+    /// destruction.
+    async fn discard_detached(&self, idle: Vec<Instance>) {
         let pool = self.clone();
         let destroying = tokio::spawn(async move {
             for instance in idle {

@@ -1,5 +1,6 @@
 //! Account administration against a real server: disabling an account (403 for its keys,
-//! its instances reaped, provisioned ones too, nothing re-provisioned, across a restart),
+//! its instances reaped, provisioned ones too, nothing re-provisioned, across a restart;
+//! an invocation waiting for its turn refused, not started),
 //! enabling it again, rotating its key (the old one refused at once, the key cache
 //! included); and a failed start (port in use) that says so once, prints no operator key
 //! and leaves no cgroups behind.
@@ -62,6 +63,11 @@ async fn instances_until(
     account_instances(server, account_id).await
 }
 
+/// `GET /v1/projects` with `key`: its status and body (whether the key works now).
+async fn list_projects(server: &Server, key: &str) -> (u16, Value) {
+    server.request("GET", "/v1/projects", Some(key), None).await
+}
+
 fn assert_disabled(status: u16, body: &Value, account: &str) {
     assert_eq!(status, 403, "{body}");
     assert_eq!(body["error"]["code"], "account_disabled", "{body}");
@@ -87,22 +93,7 @@ async fn a_disabled_account_is_refused_reaped_and_stays_disabled_until_enabled()
     assert_eq!(before.len(), 2, "{before:?}");
 
     // A long invocation is running when the account is disabled.
-    let busy = {
-        let http = server.http.clone();
-        let url = format!("{}/v1/projects/work/blocks/slow/invoke", server.url);
-        let key = alpha.clone();
-        tokio::spawn(async move {
-            let response = http
-                .post(url)
-                .bearer_auth(key)
-                .json(&json!(3))
-                .send()
-                .await
-                .expect("send");
-            let status = response.status().as_u16();
-            (status, response.json::<Value>().await.expect("json"))
-        })
-    };
+    let busy = server.invoke_in_background(&alpha, "work", "slow", json!(3));
     let running = instances_until(&server, &alpha_id, |l| {
         l.iter()
             .any(|i| i["block"] == "slow" && i["state"] == "busy")
@@ -125,9 +116,7 @@ async fn a_disabled_account_is_refused_reaped_and_stays_disabled_until_enabled()
     // Its keys are refused everywhere, and nothing of it runs.
     let (status, body) = server.invoke(&alpha, "work", "warm", json!(null)).await;
     assert_disabled(status, &body, "alpha");
-    let (status, body) = server
-        .request("GET", "/v1/projects", Some(&alpha), None)
-        .await;
+    let (status, body) = list_projects(&server, &alpha).await;
     assert_disabled(status, &body, "alpha");
     let (status, body) = server.deploy(&alpha, PROJECT, &[]).await;
     assert_disabled(status, &body, "alpha");
@@ -139,7 +128,7 @@ async fn a_disabled_account_is_refused_reaped_and_stays_disabled_until_enabled()
     );
 
     // The running invocation finishes; then its instance goes too, and none comes back.
-    let (status, reply) = busy.await.expect("join");
+    let (status, _, reply) = busy.await.expect("join");
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["output"], "slept", "{reply}");
     let after = instances_until(&server, &alpha_id, <[Value]>::is_empty).await;
@@ -242,9 +231,7 @@ async fn a_rotated_key_replaces_the_old_one_at_once() {
     let (acme_id, old_key) = server.account("acme").await;
     let (_, other) = server.account("other").await;
     // Used once, so the server has the old key in its cache.
-    let (status, _) = server
-        .request("GET", "/v1/projects", Some(&old_key), None)
-        .await;
+    let (status, _) = list_projects(&server, &old_key).await;
     assert_eq!(status, 200);
 
     // The operator rotates it (CLI, JSON like `accounts create`).
@@ -256,9 +243,7 @@ async fn a_rotated_key_replaces_the_old_one_at_once() {
     let new_key = rotated["api_key"].as_str().expect("api_key").to_string();
     assert!(new_key.starts_with("rfk_"), "{new_key}");
     assert_ne!(new_key, old_key);
-    let (status, body) = server
-        .request("GET", "/v1/projects", Some(&old_key), None)
-        .await;
+    let (status, body) = list_projects(&server, &old_key).await;
     assert_eq!(status, 401, "the old key must stop working at once: {body}");
     let (code, _, err) = server.cli(&old_key, &["projects"], None);
     assert_ne!(code, 0);
@@ -271,9 +256,7 @@ async fn a_rotated_key_replaces_the_old_one_at_once() {
         1,
         "said once: {err}"
     );
-    let (status, body) = server
-        .request("GET", "/v1/projects", Some(&new_key), None)
-        .await;
+    let (status, body) = list_projects(&server, &new_key).await;
     assert_eq!(status, 200, "{body}");
 
     // The account rotates its own key (human output: the key, once).
@@ -285,13 +268,9 @@ async fn a_rotated_key_replaces_the_old_one_at_once() {
         .expect("key line")
         .trim()
         .to_string();
-    let (status, _) = server
-        .request("GET", "/v1/projects", Some(&new_key), None)
-        .await;
+    let (status, _) = list_projects(&server, &new_key).await;
     assert_eq!(status, 401);
-    let (status, _) = server
-        .request("GET", "/v1/projects", Some(&newest), None)
-        .await;
+    let (status, _) = list_projects(&server, &newest).await;
     assert_eq!(status, 200);
 
     // Nobody else can rotate it: another account sees no such account.
@@ -299,22 +278,16 @@ async fn a_rotated_key_replaces_the_old_one_at_once() {
         .request("POST", "/v1/accounts/acme/rotate-key", Some(&other), None)
         .await;
     assert_eq!(status, 404, "{body}");
-    let (status, _) = server
-        .request("GET", "/v1/projects", Some(&newest), None)
-        .await;
+    let (status, _) = list_projects(&server, &newest).await;
     assert_eq!(status, 200, "a refused rotation changes nothing");
 
     // Rotation survives a restart (it is stored, not only cached).
     let mut server = server;
     server.stop();
     let server = Server::start_in(&server.data_dir.clone(), &[]).await;
-    let (status, _) = server
-        .request("GET", "/v1/projects", Some(&old_key), None)
-        .await;
+    let (status, _) = list_projects(&server, &old_key).await;
     assert_eq!(status, 401);
-    let (status, _) = server
-        .request("GET", "/v1/projects", Some(&newest), None)
-        .await;
+    let (status, _) = list_projects(&server, &newest).await;
     assert_eq!(status, 200);
 }
 
@@ -429,4 +402,55 @@ async fn a_start_on_a_port_in_use_fails_clearly_and_leaves_no_cgroups() {
     let log = std::fs::read_to_string(&log_path).expect("log");
     assert!(log.contains("listening"), "{log}");
     assert!(!log.contains('\x1b'), "ANSI codes in a log file: {log:?}");
+}
+
+/// `one` runs one invocation at a time: a second one waits for the first.
+const ONE_AT_A_TIME: &str = r#"
+name = "queue"
+
+[[blocks]]
+name = "one"
+language = "python"
+max_concurrency = 1
+code = """
+import time
+def main(block_input, backpack):
+    time.sleep(block_input or 0)
+    return "ran"
+"""
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invocation_waiting_when_its_account_is_disabled_never_runs() {
+    let server = Server::start().await;
+    let op = server.operator_key.clone();
+    let (alpha_id, alpha) = server.account("alpha").await;
+    server.deploy_ok(&alpha, ONE_AT_A_TIME).await;
+
+    // The first invocation runs; the second waits for the block's one slot.
+    let running = server.invoke_in_background(&alpha, "queue", "one", json!(3));
+    let busy = instances_until(&server, &alpha_id, |l| {
+        l.iter().any(|i| i["state"] == "busy")
+    })
+    .await;
+    assert!(busy.iter().any(|i| i["state"] == "busy"), "{busy:?}");
+    let waiting = server.invoke_in_background(&alpha, "queue", "one", json!(0));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let (status, body) = server
+        .request("POST", "/v1/accounts/alpha/disable", Some(&op), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // The running one finishes; the waiting one is refused instead of starting an instance.
+    let (status, _, reply) = running.await.expect("join");
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["output"], "ran", "{reply}");
+    let (status, _, reply) = waiting.await.expect("join");
+    assert_disabled(status, &reply, "alpha");
+    let left = instances_until(&server, &alpha_id, |l| l.is_empty()).await;
+    assert!(
+        left.is_empty(),
+        "nothing of a disabled account is left: {left:?}"
+    );
 }

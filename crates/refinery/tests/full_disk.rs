@@ -245,26 +245,7 @@ async fn a_commit_that_fails_for_space_answers_503_and_loses_nothing_acknowledge
     // Concurrent invocations: batches of records fail together.
     let mut tasks = Vec::new();
     for n in 0..24 {
-        let http = server.http.clone();
-        let url = format!("{}/v1/projects/disk/blocks/count/invoke", server.url);
-        let key = key.clone();
-        tasks.push(tokio::spawn(async move {
-            let response = http
-                .post(url)
-                .bearer_auth(key)
-                .json(&json!(n))
-                .send()
-                .await
-                .expect("an answer");
-            let status = response.status().as_u16();
-            let retry_after = response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            let body: Value = response.json().await.expect("JSON body");
-            (status, retry_after, body)
-        }));
+        tasks.push(server.invoke_in_background(&key, "disk", "count", json!(n)));
     }
     let mut failed = 0;
     for task in tasks {

@@ -52,14 +52,7 @@ async fn deployments_are_numbered_and_rollback_drains_replaced_instances() {
     assert_eq!(live.len(), 1);
     assert_eq!(live[0]["deployment"], 2);
 
-    let (status, body) = server
-        .request(
-            "POST",
-            "/v1/projects/versions/rollback",
-            Some(&key),
-            Some(json!({ "deployment": 1 })),
-        )
-        .await;
+    let (status, body) = server.rollback(&key, "versions", 1).await;
     assert_eq!(status, 200, "{body}");
     let back = server.invoke_ok(&key, "versions", "v", json!(null)).await;
     assert_eq!(back["output"], 1);
@@ -67,14 +60,7 @@ async fn deployments_are_numbered_and_rollback_drains_replaced_instances() {
     assert_eq!(instances.len(), 1, "{instances:?}");
     assert_eq!(instances[0]["deployment"], 1);
 
-    let (status, _) = server
-        .request(
-            "POST",
-            "/v1/projects/versions/rollback",
-            Some(&key),
-            Some(json!({ "deployment": 9 })),
-        )
-        .await;
+    let (status, _) = server.rollback(&key, "versions", 9).await;
     assert_eq!(status, 404);
 }
 

@@ -289,14 +289,7 @@ async fn retention_prunes_beyond_n_and_rollback_to_a_pruned_one_is_a_clear_error
     );
 
     // Rollback to a pruned deployment: 410, saying so and how many are kept.
-    let (status, body) = server
-        .request(
-            "POST",
-            "/v1/projects/p/rollback",
-            Some(&key),
-            Some(json!({ "deployment": 1 })),
-        )
-        .await;
+    let (status, body) = server.rollback(&key, "p", 1).await;
     assert_eq!(status, 410, "{body}");
     assert_eq!(body["error"]["code"], "gone", "{body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
@@ -305,25 +298,11 @@ async fn retention_prunes_beyond_n_and_rollback_to_a_pruned_one_is_a_clear_error
         "{message}"
     );
     // A number that never existed is still "not found".
-    let (status, _) = server
-        .request(
-            "POST",
-            "/v1/projects/p/rollback",
-            Some(&key),
-            Some(json!({ "deployment": 9 })),
-        )
-        .await;
+    let (status, _) = server.rollback(&key, "p", 9).await;
     assert_eq!(status, 404);
 
     // Rollback to a kept one works, and it serves.
-    let (status, body) = server
-        .request(
-            "POST",
-            "/v1/projects/p/rollback",
-            Some(&key),
-            Some(json!({ "deployment": 3 })),
-        )
-        .await;
+    let (status, body) = server.rollback(&key, "p", 3).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         server.invoke_ok(&key, "p", "b", Value::Null).await["output"],
@@ -536,7 +515,11 @@ async fn deploys_received_at_once_are_bounded_per_account_and_server_wide() {
     let (status, body) = deploy_version(&server, &a, "p", 1, 10).await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"]["limit"], "deploys_at_once", "{body}");
-    assert!(message(&body).contains("account a"), "{body}");
+    assert!(
+        message(&body).contains("account a")
+            && message(&body).contains("--deploys-at-once-per-account"),
+        "names the account and its flag: {body}"
+    );
     let (status, body) = deploy_version(&server, &b, "p", 1, 10).await;
     assert_eq!(status, 201, "{body}");
     // When the stalled client goes away, its turn comes back.
@@ -553,7 +536,10 @@ async fn deploys_received_at_once_are_bounded_per_account_and_server_wide() {
     let (status, body) = deploy_version(&server, &d, "p", 1, 10).await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["error"]["limit"], "deploys_at_once", "{body}");
-    assert!(message(&body).contains("the server"), "{body}");
+    assert!(
+        message(&body).contains("the server") && message(&body).contains("--deploys-at-once`"),
+        "names the server-wide flag: {body}"
+    );
     drop(stalled_b);
     drop(stalled_c);
     tokio::time::sleep(Duration::from_millis(300)).await;

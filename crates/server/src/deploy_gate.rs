@@ -173,15 +173,10 @@ impl DeployGate {
             gate.tokens -= 1.0;
             gate.receiving.clone()
         };
-        let busy = |whose: String, n: usize| ApiError::Throttled {
+        let busy = |whose: String, n: usize, flag: &str| ApiError::Throttled {
             message: format!(
                 "{whose} already has {n} deploy(s) in progress (the limit at once; `refinery \
-                 serve --deploys-at-once{}`); retry when it is done",
-                if whose.starts_with("account") {
-                    "-per-account"
-                } else {
-                    ""
-                }
+                 serve {flag}`); retry when it is done"
             ),
             retry_after: Duration::from_secs(1),
             limit: "deploys_at_once",
@@ -192,12 +187,19 @@ impl DeployGate {
                 busy(
                     format!("account {account_name}"),
                     self.limits.at_once_per_account,
+                    "--deploys-at-once-per-account",
                 )
             })?
             .map_err(|_| ApiError::Unavailable("the server is shutting down".into()))?;
         let server = tokio::time::timeout(self.limits.wait, self.receiving.clone().acquire_owned())
             .await
-            .map_err(|_| busy("the server".into(), self.limits.at_once))?
+            .map_err(|_| {
+                busy(
+                    "the server".into(),
+                    self.limits.at_once,
+                    "--deploys-at-once",
+                )
+            })?
             .map_err(|_| ApiError::Unavailable("the server is shutting down".into()))?;
         Ok(DeployTurn {
             _account: account,

@@ -3,12 +3,13 @@
 //! It owns the REST/JSON API (routes, authentication, tenancy checks, the mapping from
 //! errors to HTTP statuses), the operator key, the server's lifecycle (start-up
 //! checks, graceful shutdown), its front door (`front_door.rs`, the accept loop:
-//! connection caps, timeouts, header size), the disk reserve (`disk.rs`: refusing new work
+//! connection caps, timeouts, header size), the deploy gate (`deploy_gate.rs`: the deploy
+//! rate and the deploys received at once), the disk reserve (`disk.rs`: refusing new work
 //! with 503 while the data dir is nearly full) and the log sink (`log.rs`: a log line that
 //! cannot be written is dropped, never failing a request). Every request is authenticated
-//! and every lookup is scoped
-//! to the caller's account before anything reaches the store or the pool; this crate never
-//! runs user code itself (the pool does) and never writes SQL (the store does).
+//! and every lookup is scoped to the caller's account before anything reaches the store or
+//! the pool; this crate never runs user code itself (the pool does) and never writes SQL
+//! (the store does).
 
 mod audit;
 mod auth;

@@ -248,9 +248,7 @@ impl Store {
             }
         })?;
 
-        let project_row = find_project(&mut tx, account_id, project)
-            .await?
-            .ok_or_else(|| StoreError::ProjectNotFound(project.to_string()))?;
+        let project_row = find_project(&mut tx, account_id, project).await?;
 
         let (number,): (i64,) = sqlx::query_as(
             "SELECT COALESCE(MAX(number), 0) + 1 FROM deployments WHERE project_id = ?",
@@ -362,9 +360,7 @@ impl Store {
     ) -> Result<Vec<DeploymentSummary>, StoreError> {
         let what = || format!("listing deployments of `{project}`");
         let mut conn = self.pool.acquire().await.map_err(StoreError::db(what()))?;
-        let project_row = find_project(&mut conn, account_id, project)
-            .await?
-            .ok_or_else(|| StoreError::ProjectNotFound(project.to_string()))?;
+        let project_row = find_project(&mut conn, account_id, project).await?;
 
         let rows: Vec<(i64, i64, i64)> = sqlx::query_as(
             "SELECT id, number, created_at_ms FROM deployments \
@@ -417,9 +413,7 @@ impl Store {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(StoreError::db(what()))?;
-        let project_row = find_project(&mut tx, account_id, project)
-            .await?
-            .ok_or_else(|| StoreError::ProjectNotFound(project.to_string()))?;
+        let project_row = find_project(&mut tx, account_id, project).await?;
         let deployment_id: Option<(i64,)> =
             sqlx::query_as("SELECT id FROM deployments WHERE project_id = ? AND number = ?")
                 .bind(project_row.id)
@@ -472,11 +466,12 @@ impl Store {
     }
 }
 
+/// The account's `project`; fails with [`StoreError::ProjectNotFound`] if it has none.
 pub(crate) async fn find_project(
     conn: &mut SqliteConnection,
     account_id: &str,
     project: &str,
-) -> Result<Option<ProjectRow>, StoreError> {
+) -> Result<ProjectRow, StoreError> {
     sqlx::query_as::<_, ProjectRow>(
         "SELECT id, live_deployment_id FROM projects WHERE account_id = ? AND name = ?",
     )
@@ -484,7 +479,8 @@ pub(crate) async fn find_project(
     .bind(project)
     .fetch_optional(conn)
     .await
-    .map_err(StoreError::db(format!("looking up project `{project}`")))
+    .map_err(StoreError::db(format!("looking up project `{project}`")))?
+    .ok_or_else(|| StoreError::ProjectNotFound(project.to_string()))
 }
 
 async fn insert_block(

@@ -69,7 +69,9 @@ pub enum StoreError {
     /// A deploy would take the account's deployments over its storage quota; nothing
     /// was stored.
     #[error(
-        "this deployment needs {needed_bytes} bytes of storage; the account holds          {used_bytes} bytes (of which {freed_bytes} would be pruned), and its quota is          {limit_bytes} bytes"
+        "this deployment needs {needed_bytes} bytes of storage; the account holds \
+         {used_bytes} bytes (of which {freed_bytes} would be pruned), and its quota is \
+         {limit_bytes} bytes"
     )]
     StorageQuota {
         used_bytes: u64,

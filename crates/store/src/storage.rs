@@ -224,9 +224,7 @@ impl Store {
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(StoreError::db(what()))?;
-        let project_row = find_project(&mut tx, account_id, project)
-            .await?
-            .ok_or_else(|| StoreError::ProjectNotFound(project.to_string()))?;
+        let project_row = find_project(&mut tx, account_id, project).await?;
         let ids: Vec<(i64,)> = sqlx::query_as("SELECT id FROM deployments WHERE project_id = ?")
             .bind(project_row.id)
             .fetch_all(&mut *tx)

@@ -567,12 +567,19 @@ async fn retention_quota_and_deletion_never_reuse_a_deployment_id() -> TestResul
         keep: 10,
         storage_limit_bytes: 2 * one,
     };
-    assert!(matches!(
-        store
-            .deploy(&acct.id, "other", "# v1", &[block("a")], tight)
-            .await,
-        Err(StoreError::StorageQuota { .. })
-    ));
+    let refused = store
+        .deploy(&acct.id, "other", "# v1", &[block("a")], tight)
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::StorageQuota { .. })),
+        "{refused:?}"
+    );
+    let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        message.contains(&format!("the account holds {} bytes", 2 * one))
+            && !message.contains("  "),
+        "one sentence, singly spaced: {message}"
+    );
     assert!(store.list_deployments(&acct.id, "other").await.is_err());
 
     // Deleting the project (which holds the highest id) frees its storage; the next

@@ -42,6 +42,12 @@ impl Server {
 
     /// A server on an existing data dir (for restart tests).
     pub async fn start_in(data_dir: &Path, args: &[&str]) -> Server {
+        Server::spawn(data_dir, args, Stdio::inherit(), "warn").await
+    }
+
+    /// Starts `refinery serve` on `data_dir` with `args`, its stderr going to `stderr` and
+    /// `REFINERY_LOG=log_level`; waits for its listening line.
+    async fn spawn(data_dir: &Path, args: &[&str], stderr: Stdio, log_level: &str) -> Server {
         let mut child = Command::new(BIN)
             .arg("serve")
             .arg("--listen")
@@ -49,9 +55,9 @@ impl Server {
             .arg("--data-dir")
             .arg(data_dir)
             .args(args)
-            .env("REFINERY_LOG", "warn")
+            .env("REFINERY_LOG", log_level)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start refinery serve");
         let stdout = child.stdout.take().expect("stdout");
@@ -179,29 +185,34 @@ impl Server {
         block: &str,
         input: Value,
     ) -> (u16, Option<String>, Value) {
-        let response = self
-            .http
-            .post(format!(
-                "{}/v1/projects/{project}/blocks/{block}/invoke",
-                self.url
-            ))
-            .bearer_auth(key)
-            .json(&input)
-            .send()
-            .await
-            .expect("send");
-        let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let text = response.text().await.expect("body");
-        (
-            status,
-            retry_after,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        post_invoke(
+            self.http.clone(),
+            self.invoke_url(project, block),
+            key.to_string(),
+            input,
         )
+        .await
+    }
+
+    /// Like [`Server::invoke_retry_after`], in a task of its own (for invocations that
+    /// must be running while the test goes on).
+    pub fn invoke_in_background(
+        &self,
+        key: &str,
+        project: &str,
+        block: &str,
+        input: Value,
+    ) -> tokio::task::JoinHandle<(u16, Option<String>, Value)> {
+        tokio::spawn(post_invoke(
+            self.http.clone(),
+            self.invoke_url(project, block),
+            key.to_string(),
+            input,
+        ))
+    }
+
+    fn invoke_url(&self, project: &str, block: &str) -> String {
+        format!("{}/v1/projects/{project}/blocks/{block}/invoke", self.url)
     }
 
     /// Invokes and asserts HTTP 200; returns the execution.
@@ -250,6 +261,35 @@ impl Drop for Server {
             let _ = self.stop();
         }
     }
+}
+
+/// POSTs `input` to an invoke URL with `key`; returns (status, the `Retry-After` header if
+/// any, body: its JSON, or its text if it is not JSON).
+async fn post_invoke(
+    http: reqwest::Client,
+    url: String,
+    key: String,
+    input: Value,
+) -> (u16, Option<String>, Value) {
+    let response = http
+        .post(url)
+        .bearer_auth(key)
+        .json(&input)
+        .send()
+        .await
+        .expect("send");
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let text = response.text().await.expect("body");
+    (
+        status,
+        retry_after,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 /// Whether an instance's cgroup says it is frozen: v2 `cgroup.events` where the instance
@@ -492,42 +532,21 @@ impl Server {
         log: std::fs::File,
         log_level: &str,
     ) -> Server {
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(args)
-            .env("REFINERY_LOG", log_level)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start refinery serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(url) = line.strip_prefix("Refinery listening on ") {
-                    let _ = tx.send(url.trim().to_string());
-                }
-            }
-        });
-        let url = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("server did not print its listening line");
-        let operator_key = std::fs::read_to_string(data_dir.join("operator.key"))
-            .expect("operator.key")
-            .trim()
-            .to_string();
-        Server {
-            child: Some(child),
-            url,
-            data_dir: data_dir.to_path_buf(),
-            _data_root: None,
-            operator_key,
-            http: reqwest::Client::new(),
-        }
+        Server::spawn(data_dir, args, Stdio::from(log), log_level).await
+    }
+}
+
+// --- review ---
+
+impl Server {
+    /// `POST /v1/projects/{project}/rollback` to deployment `number` with `key`.
+    pub async fn rollback(&self, key: &str, project: &str, number: i64) -> (u16, Value) {
+        self.request(
+            "POST",
+            &format!("/v1/projects/{project}/rollback"),
+            Some(key),
+            Some(json!({ "deployment": number })),
+        )
+        .await
     }
 }

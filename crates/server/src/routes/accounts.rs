@@ -93,9 +93,7 @@ pub async fn disable(
     caller: Caller,
     Path(account): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require_operator()?;
-    let account = visible_account(&state, &caller, &account).await?;
-    let account = state.store.set_account_disabled(&account.id, true).await?;
+    let account = set_disabled(&state, &caller, &account, true).await?;
     // Store first (a restart keeps it disabled), then the cache (its keys now read the
     // disabled state), then the pool (nothing of it starts; its instances go).
     state.forget_account_keys(&account.id);
@@ -111,9 +109,7 @@ pub async fn enable(
     caller: Caller,
     Path(account): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require_operator()?;
-    let account = visible_account(&state, &caller, &account).await?;
-    let account = state.store.set_account_disabled(&account.id, false).await?;
+    let account = set_disabled(&state, &caller, &account, false).await?;
     state.pool.enable_account(&account.id);
     state.forget_account_keys(&account.id);
     for project in state.store.list_projects(&account.id).await? {
@@ -127,6 +123,22 @@ pub async fn enable(
     }
     tracing::info!(account = %account.id, name = %account.name, "account enabled");
     Ok(Json(account_json(&account)))
+}
+
+/// The operator's disabling (`disabled`) or enabling of `account` (id or name), in the
+/// store; returns the account as it now is.
+async fn set_disabled(
+    state: &SharedState,
+    caller: &Caller,
+    account: &str,
+    disabled: bool,
+) -> Result<Account, ApiError> {
+    caller.require_operator()?;
+    let account = visible_account(state, caller, account).await?;
+    Ok(state
+        .store
+        .set_account_disabled(&account.id, disabled)
+        .await?)
 }
 
 /// `POST /v1/accounts/{account}/rotate-key` (the operator, or the account itself): a new
@@ -190,8 +202,7 @@ pub async fn quota(
 ) -> Result<Json<Value>, ApiError> {
     let account = visible_account(&state, &caller, &account).await?;
     let overrides = state.store.quota(&account.id).await?;
-    let storage = state.store.storage_used(&account.id).await?;
-    Ok(Json(quota_json(&state, &account, &overrides, storage)))
+    Ok(Json(quota_json(&state, &account, &overrides).await?))
 }
 
 /// `PUT /v1/accounts/{account}/quota` (operator only): changes an account's quota; takes
@@ -237,8 +248,7 @@ pub async fn set_quota(
         pool_override(&overrides).over(&state.pool.default_quota()),
     );
     tracing::info!(account = %account.id, ?overrides, "quota set");
-    let storage = state.store.storage_used(&account.id).await?;
-    Ok(Json(quota_json(&state, &account, &overrides, storage)))
+    Ok(Json(quota_json(&state, &account, &overrides).await?))
 }
 
 /// The store's record of an account's settings, as the pool's policy type.
@@ -289,15 +299,16 @@ fn quota_fields(q: &Quota) -> Value {
     json!({ "instances": q.instances, "memory_mb": q.memory_mb, "rate": q.rate, "burst": q.burst, "storage_mb": q.storage_mb })
 }
 
-/// `storage_bytes`: what the account's kept deployments hold (`refinery_store::storage`).
-fn quota_json(
+/// The quota reply; its `storage_bytes` are what the account's kept deployments hold
+/// (`refinery_store::storage`).
+async fn quota_json(
     state: &SharedState,
     account: &Account,
     overrides: &QuotaOverrides,
-    storage_bytes: u64,
-) -> Value {
+) -> Result<Value, ApiError> {
+    let storage_bytes = state.store.storage_used(&account.id).await?;
     let usage = state.pool.account_usage(&account.id);
-    json!({
+    Ok(json!({
         "account_id": account.id,
         "account": account.name,
         "quota": quota_fields(&usage.quota),
@@ -316,5 +327,5 @@ fn quota_json(
             "storage_bytes": storage_bytes,
             "storage_mb": (storage_bytes as f64 / 1_048_576.0 * 100.0).ceil() / 100.0,
         },
-    })
+    }))
 }

@@ -120,29 +120,13 @@ const MIB: u64 = 1024 * 1024;
 
 /// Reads and parses a deploy body of at most `MAX_DEPLOY_BODY_BYTES`.
 async fn read_deploy_request(headers: &HeaderMap, body: Body) -> Result<DeployRequest, ApiError> {
-    let too_large =
-        |size: Option<u64>| ApiError::UploadTooLarge {
-            message: format!(
-            "the deploy request body is {}; the limit is {} bytes ({} MiB: a manifest of at most \
-             {} bytes and files of at most {} bytes in total, as JSON); deploy less code, or \
-             split the project",
-            size.map_or("larger than the limit".to_string(), |s| format!("{s} bytes")),
-            limits::MAX_DEPLOY_BODY_BYTES,
-            limits::MAX_DEPLOY_BODY_BYTES / 1024 / 1024,
-            limits::MAX_MANIFEST_BYTES,
-            limits::MAX_DEPLOY_FILES_BYTES,
-        ),
-            limit: "deploy_body_bytes",
-            limit_value: limits::MAX_DEPLOY_BODY_BYTES,
-            unread: true,
-        };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if let Some(size) = declared {
         if size > limits::MAX_DEPLOY_BODY_BYTES as u64 {
-            return Err(too_large(Some(size)));
+            return Err(deploy_body_too_large(Some(size)));
         }
     }
     let bytes = Limited::new(body, limits::MAX_DEPLOY_BODY_BYTES)
@@ -150,7 +134,7 @@ async fn read_deploy_request(headers: &HeaderMap, body: Body) -> Result<DeployRe
         .await
         .map_err(|e| {
             if e.downcast_ref::<LengthLimitError>().is_some() {
-                too_large(None)
+                deploy_body_too_large(None)
             } else {
                 ApiError::BadRequest(format!("reading the deploy request body: {e}"))
             }
@@ -161,6 +145,28 @@ async fn read_deploy_request(headers: &HeaderMap, body: Body) -> Result<DeployRe
             "invalid deploy request body: {e}; expected {{\"manifest\": \"<refinery.toml text>\", \"files\": {{\"path\": \"contents\"}}}}"
         ))
     })
+}
+
+/// The refusal of a deploy body over `MAX_DEPLOY_BODY_BYTES` (`size`: its declared length,
+/// if it declared one).
+fn deploy_body_too_large(size: Option<u64>) -> ApiError {
+    ApiError::UploadTooLarge {
+        message: format!(
+            "the deploy request body is {}; the limit is {} bytes ({} MiB: a manifest of at most \
+             {} bytes and files of at most {} bytes in total, as JSON); deploy less code, or \
+             split the project",
+            size.map_or("larger than the limit".to_string(), |s| format!(
+                "{s} bytes"
+            )),
+            limits::MAX_DEPLOY_BODY_BYTES,
+            limits::MAX_DEPLOY_BODY_BYTES / 1024 / 1024,
+            limits::MAX_MANIFEST_BYTES,
+            limits::MAX_DEPLOY_FILES_BYTES,
+        ),
+        limit: "deploy_body_bytes",
+        limit_value: limits::MAX_DEPLOY_BODY_BYTES,
+        unread: true,
+    }
 }
 
 /// The upload limits sized for code (`domain/src/limits.rs`), each refusal naming its limit.

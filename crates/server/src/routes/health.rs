@@ -1,6 +1,7 @@
 //! `GET /v1/health` (no key): 200 `{"status": "ok"}` while the server can take work, 503
 //! `{"status": "degraded", "problems": [...]}` while it cannot (the data dir below its disk
-//! reserve); it recovers by itself once the cause is gone.
+//! reserve); it recovers by itself once the cause is gone. Either carries
+//! `log_lines_dropped` once a log line could not be written to stderr.
 
 use axum::extract::State;
 use axum::http::StatusCode;
