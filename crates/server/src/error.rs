@@ -236,7 +236,8 @@ impl From<PoolError> for ApiError {
     }
 }
 
-/// One variant, one status and body: the invoke route's answers before the service existed.
+/// One variant, one status and body (the same as the invoke route answered before the
+/// invocation service existed).
 impl From<InvocationError> for ApiError {
     fn from(e: InvocationError) -> Self {
         match e {
