@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytesize::ByteSize;
+use refinery_invocation::DiskReserve;
 use refinery_pool::PoolError;
 use refinery_store::StoreError;
 use serde_json::{json, Value};
@@ -100,6 +101,11 @@ impl DiskSpace {
 
     /// The 503 for `what`, with the free space read now.
     pub fn full(&self, what: Refused) -> ApiError {
+        ApiError::DiskFull(self.full_message(what))
+    }
+
+    /// The message of [`DiskSpace::full`].
+    fn full_message(&self, what: Refused) -> String {
         let free = self.refresh();
         let consequence = match what {
             Refused::Invocation => {
@@ -110,7 +116,7 @@ impl DiskSpace {
             }
             Refused::Deploy => "nothing of this request was stored",
         };
-        ApiError::DiskFull(format!(
+        format!(
             "the server is out of disk space: its data directory {} has {} free (the \
              reserve kept for recording executions is {}); {consequence}. Retry later; the \
              operator must free space on that filesystem (or move the data directory to a \
@@ -118,34 +124,24 @@ impl DiskSpace {
             self.data_dir.display(),
             human(free),
             human(self.reserve),
-        ))
+        )
     }
 
     /// A store failure: the 503 of [`DiskSpace::full`] if the disk is full (the store says
     /// so, or the space read now is below the reserve), the usual mapping otherwise.
     pub fn store_error(&self, error: StoreError, what: Refused) -> ApiError {
-        if error.is_disk_full() || self.refresh() < self.reserve {
-            tracing::warn!(%error, "write failed: the data directory is out of space");
-            return self.full(what);
+        match self.store_out_of_space(&error, what) {
+            Some(message) => ApiError::DiskFull(message),
+            None => error.into(),
         }
-        error.into()
     }
 
-    /// A pool failure: laying out code or starting a sandbox writes under the data dir,
-    /// so those fail on a full disk too; answered like [`DiskSpace::store_error`].
-    pub fn pool_error(&self, error: PoolError) -> ApiError {
-        let writes_to_disk = match &error {
-            PoolError::PrepareCode { source, .. } => {
-                source.kind() == std::io::ErrorKind::StorageFull || self.refresh() < self.reserve
-            }
-            PoolError::StartInstance { .. } => self.refresh() < self.reserve,
-            _ => false,
-        };
-        if writes_to_disk {
-            tracing::warn!(%error, "the data directory is out of space");
-            return self.full(Refused::Invocation);
+    fn store_out_of_space(&self, error: &StoreError, what: Refused) -> Option<String> {
+        if error.is_disk_full() || self.refresh() < self.reserve {
+            tracing::warn!(%error, "write failed: the data directory is out of space");
+            return Some(self.full_message(what));
         }
-        error.into()
+        None
     }
 
     /// The problem `/v1/health` reports, read fresh; `None` while space is above the reserve.
@@ -166,6 +162,37 @@ impl DiskSpace {
                 "reserve_bytes": self.reserve,
             })
         })
+    }
+}
+
+/// The invocation service's view of the reserve: the same checks and messages as deploys.
+impl DiskReserve for DiskSpace {
+    fn admit(&self) -> Result<(), String> {
+        if self.low() {
+            return Err(self.full_message(Refused::Invocation));
+        }
+        Ok(())
+    }
+
+    /// Laying out code or starting a sandbox writes under the data dir, so those fail on
+    /// a full disk too.
+    fn pool_failure(&self, error: &PoolError) -> Option<String> {
+        let writes_to_disk = match error {
+            PoolError::PrepareCode { source, .. } => {
+                source.kind() == std::io::ErrorKind::StorageFull || self.refresh() < self.reserve
+            }
+            PoolError::StartInstance { .. } => self.refresh() < self.reserve,
+            _ => false,
+        };
+        if writes_to_disk {
+            tracing::warn!(%error, "the data directory is out of space");
+            return Some(self.full_message(Refused::Invocation));
+        }
+        None
+    }
+
+    fn record_failure(&self, error: &StoreError) -> Option<String> {
+        self.store_out_of_space(error, Refused::ExecutionRecord)
     }
 }
 

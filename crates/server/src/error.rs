@@ -6,6 +6,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use refinery_domain::ManifestError;
+use refinery_invocation::InvocationError;
 use refinery_pool::PoolError;
 use refinery_store::StoreError;
 use serde_json::json;
@@ -231,38 +232,32 @@ impl From<StoreError> for ApiError {
 
 impl From<PoolError> for ApiError {
     fn from(e: PoolError) -> Self {
+        InvocationError::from(e).into()
+    }
+}
+
+/// One variant, one status and body (the same as the invoke route answered before the
+/// invocation service existed).
+impl From<InvocationError> for ApiError {
+    fn from(e: InvocationError) -> Self {
         match e {
-            PoolError::ConcurrencyLimit { .. } => ApiError::Throttled {
-                message: e.to_string(),
-                retry_after: Duration::from_secs(1),
-                limit: "max_concurrency",
-            },
-            // Instances free up as invocations end: worth a retry soon.
-            PoolError::InstanceQuota { .. } => ApiError::Throttled {
-                message: e.to_string(),
-                retry_after: Duration::from_secs(1),
-                limit: "instances",
-            },
-            PoolError::MemoryQuota { .. } => ApiError::Throttled {
-                message: e.to_string(),
-                retry_after: Duration::from_secs(1),
-                limit: "memory_mb",
-            },
-            // The time until the bucket holds a token again.
-            PoolError::RateQuota { retry_after, .. } => ApiError::Throttled {
-                message: e.to_string(),
+            InvocationError::ProjectNotFound { .. } | InvocationError::BlockNotFound { .. } => {
+                ApiError::NotFound(e.to_string())
+            }
+            InvocationError::SpendingCapReached { .. } => ApiError::PaymentRequired(e.to_string()),
+            InvocationError::DiskFull { message } => ApiError::DiskFull(message),
+            InvocationError::Throttled {
+                message,
                 retry_after,
-                limit: "rate",
-            },
-            // The time until the block's scale-up bucket holds a token again.
-            PoolError::ScaleUpLimit { retry_after, .. } => ApiError::Throttled {
-                message: e.to_string(),
+                limit,
+            } => ApiError::Throttled {
+                message,
                 retry_after,
-                limit: "scale_up",
+                limit: limit.as_str(),
             },
-            PoolError::AccountDisabled { account } => ApiError::AccountDisabled(account),
-            PoolError::ShuttingDown => ApiError::Unavailable(e.to_string()),
-            other => ApiError::Internal(other.to_string()),
+            InvocationError::AccountDisabled { account } => ApiError::AccountDisabled(account),
+            InvocationError::Unavailable(message) => ApiError::Unavailable(message),
+            InvocationError::Internal(message) => ApiError::Internal(message),
         }
     }
 }

@@ -8,8 +8,9 @@
 //! with 503 while the data dir is nearly full) and the log sink (`log.rs`: a log line that
 //! cannot be written is dropped, never failing a request). Every request is authenticated
 //! and every lookup is scoped to the caller's account before anything reaches the store or
-//! the pool; this crate never runs user code itself (the pool does) and never writes SQL
-//! (the store does).
+//! the pool; this crate never runs user code itself (the pool does, through the invocation
+//! service of `refinery_invocation`, which the invoke route calls) and never writes SQL (the
+//! store does).
 
 mod audit;
 mod auth;

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use refinery_invocation::InvocationService;
 use refinery_pool::{
     sandbox_entry, BlockTarget, InstancePool, KeepAliveMode, PoolConfig, Quota, ScaleUpLimit,
 };
@@ -217,10 +218,16 @@ pub async fn serve(
         .await;
     provision_live_deployments(&store, &pool).await?;
     let disk = Arc::new(DiskSpace::new(data_dir, config.disk_reserve));
+    let invocations = InvocationService::new(store.clone(), pool.clone(), disk.clone());
     let state = Arc::new(
-        AppState::new(store.clone(), pool.clone(), keys::hash_key(&operator_key))
-            .with_deploy_limits(config.deploy_limits)
-            .with_disk(disk.clone()),
+        AppState::new(
+            store.clone(),
+            pool.clone(),
+            keys::hash_key(&operator_key),
+            invocations,
+        )
+        .with_deploy_limits(config.deploy_limits)
+        .with_disk(disk.clone()),
     );
 
     tracing::info!(%addr, "listening");

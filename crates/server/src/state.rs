@@ -1,13 +1,14 @@
-//! What every request handler shares: the store, the pool, and small caches that keep
-//! the store off the invocation hot path.
+//! What every request handler shares: the store, the pool, the invocation service (which
+//! caches live deployments and spending caps), and the key cache that keeps the store off
+//! the invocation hot path.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, RwLock};
 
-use refinery_domain::BlockSpec;
+use refinery_invocation::{InvocationError, InvocationService, LiveDeployment};
 use refinery_pool::InstancePool;
-use refinery_store::{Account, Deployment, Store};
+use refinery_store::{Account, Store};
 
 use crate::deploy_gate::{DeployGate, DeployLimits};
 use crate::disk::DiskSpace;
@@ -24,17 +25,11 @@ pub struct AppState {
     /// Bumped by every such invalidation, like `live_generation`: a lookup that raced a
     /// rotation must not put the old key back.
     keys_generation: AtomicU64,
-    /// The live deployment of each (account id, project), invalidated on deploy/rollback.
-    live: RwLock<HashMap<(String, String), Arc<LiveDeployment>>>,
-    /// Bumped by every invalidation: a lookup that raced a deploy must not put the
-    /// deployment it read (now replaced) back into the cache.
-    live_generation: AtomicU64,
+    /// Resolves and runs invocations (admission, pool, record, metering); holds the
+    /// live-deployment and spending-cap caches.
+    pub invocations: InvocationService,
     /// Serialises quota changes (store, then pool) so the two never disagree.
     pub quota_updates: tokio::sync::Mutex<()>,
-    /// Accounts known to have no spending cap: their invocations need no billing query.
-    uncapped: RwLock<HashSet<String>>,
-    /// Bumped by every change of billing terms, like `live_generation`.
-    billing_generation: AtomicU64,
     /// Deploy rate, deploys received at once, deployments kept (`deploy_gate.rs`).
     pub deploy_gate: DeployGate,
     /// Free space of the data dir's filesystem and the reserve below which new work is
@@ -42,29 +37,13 @@ pub struct AppState {
     pub disk: Arc<DiskSpace>,
 }
 
-/// The live deployment of a project, indexed for invocation.
-pub struct LiveDeployment {
-    pub id: i64,
-    pub number: i64,
-    pub blocks: HashMap<String, BlockSpec>,
-}
-
-impl LiveDeployment {
-    fn from_deployment(deployment: Deployment) -> LiveDeployment {
-        LiveDeployment {
-            id: deployment.id,
-            number: deployment.number,
-            blocks: deployment
-                .blocks
-                .into_iter()
-                .map(|b| (b.name.clone(), b))
-                .collect(),
-        }
-    }
-}
-
 impl AppState {
-    pub fn new(store: Store, pool: InstancePool, operator_key_hash: String) -> AppState {
+    pub fn new(
+        store: Store,
+        pool: InstancePool,
+        operator_key_hash: String,
+        invocations: InvocationService,
+    ) -> AppState {
         let data_dir = store
             .path()
             .parent()
@@ -77,11 +56,8 @@ impl AppState {
             operator_key_hash,
             accounts_by_key: RwLock::new(HashMap::new()),
             keys_generation: AtomicU64::new(0),
-            live: RwLock::new(HashMap::new()),
-            live_generation: AtomicU64::new(0),
+            invocations,
             quota_updates: tokio::sync::Mutex::new(()),
-            uncapped: RwLock::new(HashSet::new()),
-            billing_generation: AtomicU64::new(0),
             deploy_gate: DeployGate::new(DeployLimits::DEFAULT),
         }
     }
@@ -121,42 +97,35 @@ impl AppState {
         cache.retain(|_, account| account.id != account_id);
     }
 
-    /// The live deployment of `project` owned by `account_id`, or 404.
+    /// The live deployment of `project` owned by `account_id` (the invocation service's
+    /// cache), or 404.
     pub async fn live_deployment(
         &self,
         account_id: &str,
         project: &str,
     ) -> Result<Arc<LiveDeployment>, ApiError> {
-        let key = (account_id.to_string(), project.to_string());
-        if let Some(live) = read(&self.live).get(&key) {
-            return Ok(live.clone());
-        }
-        let generation = self.live_generation.load(Ordering::Acquire);
-        let deployment = self
-            .store
+        Ok(self
+            .invocations
             .live_deployment(account_id, project)
-            .await?
-            .ok_or_else(|| project_not_found(project))?;
-        let live = Arc::new(LiveDeployment::from_deployment(deployment));
-        let mut cache = write(&self.live);
-        if self.live_generation.load(Ordering::Acquire) == generation {
-            cache.insert(key, live.clone());
-        }
-        Ok(live)
+            .await?)
     }
 
     /// Forgets the cached live deployment after it changed.
     pub fn invalidate_live(&self, account_id: &str, project: &str) {
-        let mut cache = write(&self.live);
-        self.live_generation.fetch_add(1, Ordering::AcqRel);
-        cache.remove(&(account_id.to_string(), project.to_string()));
+        self.invocations.invalidate_live(account_id, project);
+    }
+
+    /// Call after any account's billing terms changed (the spending-cap cache).
+    pub fn billing_changed(&self) {
+        self.invocations.billing_changed();
     }
 }
 
 pub fn project_not_found(project: &str) -> ApiError {
-    ApiError::NotFound(format!(
-        "no project `{project}` in this account: deploy it first with `refinery deploy`"
-    ))
+    InvocationError::ProjectNotFound {
+        project: project.to_string(),
+    }
+    .into()
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -174,40 +143,3 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 pub type SharedState = Arc<AppState>;
-
-/// The spending-cap cache (see `routes::billing::admit`).
-impl AppState {
-    pub fn known_uncapped(&self, account_id: &str) -> bool {
-        self.uncapped
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .contains(account_id)
-    }
-
-    /// The generation to pass to [`AppState::note_uncapped`] after reading the terms.
-    pub fn billing_generation(&self) -> u64 {
-        self.billing_generation.load(Ordering::Acquire)
-    }
-
-    /// Remembers that the account had no cap when read at `generation`, unless terms changed
-    /// since (a concurrent `set-billing` must not be undone by a stale read).
-    pub fn note_uncapped(&self, account_id: &str, generation: u64) {
-        let mut set = self
-            .uncapped
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if self.billing_generation.load(Ordering::Acquire) == generation {
-            set.insert(account_id.to_string());
-        }
-    }
-
-    /// Call after any account's billing terms changed.
-    pub fn billing_changed(&self) {
-        let mut set = self
-            .uncapped
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        self.billing_generation.fetch_add(1, Ordering::AcqRel);
-        set.clear();
-    }
-}

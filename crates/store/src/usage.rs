@@ -7,7 +7,7 @@ use sqlx::{FromRow, SqliteConnection};
 
 use crate::{Store, StoreError};
 
-/// What the invoke route knows about an execution beyond its record: the inputs to
+/// What the invocation service knows about an execution beyond its record: the inputs to
 /// metering that the record does not carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExecutionUsage {

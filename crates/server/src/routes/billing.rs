@@ -1,7 +1,8 @@
 //! Metering and billing over the API: the operator's price list, each account's terms
 //! (markup, minimum fee, spending cap), usage month to date, monthly bills and their
-//! closing, CSV export; plus the spending-cap admission check of the invoke route and
-//! the background task that closes each month once it is over.
+//! closing, CSV export; plus the background task that closes each month once it is over.
+//! (The spending-cap admission of invocations is the invocation service's; a change of
+//! terms here invalidates its cache.)
 //!
 //! Tenancy: an account sees only its own usage, terms and bills (another account is
 //! "not found", as everywhere); the operator sees every account's. Only the operator sets
@@ -19,7 +20,7 @@ use refinery_billing::csv::{to_csv, CsvRow};
 use refinery_billing::money::de_decimal;
 use refinery_billing::price::check_amount;
 use refinery_billing::{Decimal, Period, PriceList};
-use refinery_store::{Account, AccountBilling, BillRecord, ExecutionUsage, Store};
+use refinery_store::{Account, AccountBilling, BillRecord, Store};
 use serde::{Deserialize, Deserializer};
 use serde_json::{json, Value};
 
@@ -34,53 +35,6 @@ const CLOSE_CHECK_INTERVAL: Duration = Duration::from_secs(60);
 
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
-}
-
-// ---------------------------------------------------------------------------------------
-// Invocation path.
-
-/// Refuses an invocation, before anything runs, when the account's usage this month at
-/// cost plus markup has reached its spending cap (HTTP 402). Accounts without a cap cost
-/// one indexed read.
-pub async fn admit(state: &AppState, account: &Account) -> Result<(), ApiError> {
-    if state.known_uncapped(&account.id) {
-        return Ok(());
-    }
-    let generation = state.billing_generation();
-    let Some(spending) = state.store.spending(account, now_ms()).await? else {
-        state.note_uncapped(&account.id, generation);
-        return Ok(());
-    };
-    if !spending.reached {
-        return Ok(());
-    }
-    Err(ApiError::PaymentRequired(format!(
-        "account `{}` has reached its spending cap of {} {} for {} (usage at cost plus markup: {} {}); \
-         invocations are refused until the cap is raised (`refinery accounts set-billing {} --spending-cap AMOUNT`) \
-         or the month ends",
-        account.name,
-        spending.cap,
-        spending.currency,
-        spending.period,
-        spending.spent,
-        spending.currency,
-        account.name,
-    )))
-}
-
-/// Metering inputs of one finished execution: the block's memory, the end time (now),
-/// and the bytes of the output JSON a successful run returned (as sent in `reply`).
-pub fn usage_of(memory_mb: u32, reply: &Value) -> ExecutionUsage {
-    let egress_bytes = if reply["status"] == "ok" {
-        serde_json::to_string(&reply["output"]).map_or(0, |t| t.len() as u64)
-    } else {
-        0
-    };
-    ExecutionUsage {
-        memory_mb,
-        ended_at_ms: now_ms(),
-        egress_bytes,
-    }
 }
 
 /// Closes every month that is over and still open, now and then every minute, until the
