@@ -423,7 +423,7 @@ fn bracket_depth(source: &str) -> usize {
 
 /// The children of one node of an expression tree.
 fn children(expr: &cel::IdedExpr) -> Vec<&cel::IdedExpr> {
-    use cel::common::ast::{EntryExpr, Expr};
+    use cel::common::ast::Expr;
     match &expr.expr {
         Expr::Call(call) => call.target.iter().map(|t| &**t).chain(&call.args).collect(),
         Expr::Comprehension(c) => vec![
@@ -434,25 +434,23 @@ fn children(expr: &cel::IdedExpr) -> Vec<&cel::IdedExpr> {
             &c.result,
         ],
         Expr::List(list) => list.elements.iter().collect(),
-        Expr::Map(map) => map
-            .entries
-            .iter()
-            .flat_map(|e| match &e.expr {
-                EntryExpr::StructField(f) => vec![&f.value],
-                EntryExpr::MapEntry(m) => vec![&m.key, &m.value],
-            })
-            .collect(),
-        Expr::Struct(s) => s
-            .entries
-            .iter()
-            .flat_map(|e| match &e.expr {
-                EntryExpr::StructField(f) => vec![&f.value],
-                EntryExpr::MapEntry(m) => vec![&m.key, &m.value],
-            })
-            .collect(),
+        Expr::Map(map) => entry_children(&map.entries),
+        Expr::Struct(s) => entry_children(&s.entries),
         Expr::Select(select) => vec![&*select.operand],
         _ => Vec::new(),
     }
+}
+
+/// The sub-expressions of a map literal's or a message's entries.
+fn entry_children(entries: &[cel::common::ast::IdedEntryExpr]) -> Vec<&cel::IdedExpr> {
+    use cel::common::ast::EntryExpr;
+    entries
+        .iter()
+        .flat_map(|e| match &e.expr {
+            EntryExpr::StructField(f) => vec![&f.value],
+            EntryExpr::MapEntry(m) => vec![&m.key, &m.value],
+        })
+        .collect()
 }
 
 fn tree_depth(expr: &cel::IdedExpr) -> usize {

@@ -217,11 +217,7 @@ impl Store {
         let what = || format!("closing {period}");
         // IMMEDIATE: no execution can be metered into this month between the totals
         // read below and the close being recorded.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(StoreError::db(what()))?;
+        let mut tx = self.begin_write(what()).await?;
         if closed_at(&mut tx, period).await?.is_some() {
             let bills = stored_bills(&mut tx, None, Some(period)).await?;
             tx.commit().await.map_err(StoreError::db(what()))?;

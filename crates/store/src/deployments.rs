@@ -224,11 +224,7 @@ impl Store {
         let what = || format!("deploying project `{project}`");
         // IMMEDIATE takes the write lock up front, so the number read below cannot be
         // taken by another writer before this transaction commits.
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(StoreError::db(what()))?;
+        let mut tx = self.begin_write(what()).await?;
         let now = now_ms();
 
         sqlx::query(
@@ -408,11 +404,7 @@ impl Store {
         number: i64,
     ) -> Result<Deployment, StoreError> {
         let what = || format!("making deployment {number} of `{project}` live");
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(StoreError::db(what()))?;
+        let mut tx = self.begin_write(what()).await?;
         let project_row = find_project(&mut tx, account_id, project).await?;
         let deployment_id: Option<(i64,)> =
             sqlx::query_as("SELECT id FROM deployments WHERE project_id = ? AND number = ?")

@@ -137,6 +137,19 @@ impl Store {
         &self.path
     }
 
+    /// Starts a write transaction that takes SQLite's write lock at once (`BEGIN IMMEDIATE`),
+    /// for transactions that read before they write: no other writer can change what they read.
+    /// `what` names the operation in the error.
+    pub(crate) async fn begin_write(
+        &self,
+        what: String,
+    ) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, StoreError> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(StoreError::db(what))
+    }
+
     /// Closes every connection, checkpointing the WAL. Later calls on this store (or
     /// its clones) fail; open the directory again to continue.
     pub async fn close(&self) {

@@ -219,11 +219,7 @@ impl Store {
         project: &str,
     ) -> Result<Vec<i64>, StoreError> {
         let what = || format!("deleting project `{project}`");
-        let mut tx = self
-            .pool
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(StoreError::db(what()))?;
+        let mut tx = self.begin_write(what()).await?;
         let project_row = find_project(&mut tx, account_id, project).await?;
         let ids: Vec<(i64,)> = sqlx::query_as("SELECT id FROM deployments WHERE project_id = ?")
             .bind(project_row.id)
