@@ -164,6 +164,9 @@ pub struct Transition {
     pub expression: Option<Expression>,
 }
 
+/// How deep fan-outs are followed when looking for the fan-in that closes one.
+const MAX_FAN_OUT_NESTING: usize = 64;
+
 /// The most `[[transitions]]` one manifest may declare.
 pub const MAX_TRANSITIONS: usize = 1000;
 
@@ -676,6 +679,45 @@ impl ServiceGraph {
             .into_iter()
             .filter_map(|i| self.transitions.get(i))
             .collect())
+    }
+
+    /// The `fan-in` transitions that close fan-out `fan_out` (a transition id): those its
+    /// items reach from its target at the same nesting (a nested fan-out's own fan-in does
+    /// not count), in manifest order. An empty fan-out (`[]`) runs their targets with `[]`.
+    pub fn fan_ins_closing(&self, fan_out: usize) -> Vec<&Transition> {
+        let Some(start) = self.transitions.get(fan_out) else {
+            return Vec::new();
+        };
+        let mut found = std::collections::BTreeSet::new();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut queue = vec![(start.to.as_str(), 0usize)];
+        while let Some((block, depth)) = queue.pop() {
+            if depth > MAX_FAN_OUT_NESTING || !seen.insert((block, depth)) {
+                continue;
+            }
+            let Some(outgoing) = self.outgoing.get(block) else {
+                continue;
+            };
+            for (kind, ids) in &outgoing.by_type {
+                for &id in ids {
+                    let Some(t) = self.transitions.get(id) else {
+                        continue;
+                    };
+                    match kind {
+                        TransitionType::FanIn if depth == 0 => {
+                            found.insert(id);
+                        }
+                        TransitionType::FanIn => queue.push((t.to.as_str(), depth - 1)),
+                        TransitionType::FanOut => queue.push((t.to.as_str(), depth + 1)),
+                        _ => queue.push((t.to.as_str(), depth)),
+                    }
+                }
+            }
+        }
+        found
+            .into_iter()
+            .filter_map(|i| self.transitions.get(i))
+            .collect()
     }
 
     /// What fires after `block` failed (an error, a timeout, an OOM, a crash, or an `if`

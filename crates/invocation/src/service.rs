@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 
 use refinery_domain::execution::truncate_utf8;
 use refinery_domain::limits::{MAX_PAYLOAD_BYTES, RECORDED_PAYLOAD_BYTES};
-use refinery_domain::{BlockSpec, ExecutionRecord, ExecutionStatus, UserError};
+use refinery_domain::{BlockSpec, ExecutionRecord, ExecutionStatus, LogLevel, UserError};
 use refinery_pool::{BlockTarget, InstancePool, Invocation, PoolError};
 use refinery_store::{Account, Deployment, ExecutionUsage, Store, StoreError};
 use serde::Serialize;
@@ -61,6 +61,9 @@ pub struct InvocationRequest {
     pub input_text: String,
     /// The initial backpack (a JSON object).
     pub backpack: Value,
+    /// What the execution record keeps of the payloads (input, output, logs): a service
+    /// step follows its project's `log_level`; a plain invoke keeps everything.
+    pub log_level: LogLevel,
 }
 
 /// A recorded execution: what the block did, as committed to the store. Serialised, it is
@@ -191,6 +194,12 @@ impl InvocationService {
         })
     }
 
+    /// The account's quota of concurrent instances (the engine starts no more steps of
+    /// the account at once).
+    pub fn instance_quota(&self, account_id: &str) -> u32 {
+        self.inner.pool.account_usage(account_id).quota.instances
+    }
+
     /// Call after any account's billing terms changed: the next invocation of every
     /// account reads its spending cap again.
     pub fn billing_changed(&self) {
@@ -259,6 +268,7 @@ impl Inner {
             input,
             input_text,
             backpack,
+            log_level,
         } = request;
         let invocation =
             self.pool
@@ -268,7 +278,8 @@ impl Inner {
                     Some(message) => InvocationError::DiskFull { message },
                     None => e.into(),
                 })?;
-        let (record, execution, egress_bytes) = finish(&target, input_text, invocation);
+        let (mut record, execution, egress_bytes) = finish(&target, input_text, invocation);
+        keep_per_log_level(&mut record, log_level);
         let usage = usage_of(target.block.memory_mb, egress_bytes);
         self.store
             .insert_execution(&record, &usage)
@@ -357,6 +368,24 @@ fn finish(
         status: invocation.status,
     };
     (record, execution, egress_bytes)
+}
+
+/// Drops the record's payloads (input, output, logs) that `log_level` does not keep:
+/// `errors` keeps them for failed executions only, `none` never.
+fn keep_per_log_level(record: &mut ExecutionRecord, log_level: LogLevel) {
+    let keep = match log_level {
+        LogLevel::All => true,
+        LogLevel::Errors => record.status != ExecutionStatus::Ok,
+        LogLevel::None => false,
+    };
+    if !keep {
+        record.input.clear();
+        record.input_truncated = false;
+        record.output = None;
+        record.output_truncated = false;
+        record.logs.clear();
+        record.logs_truncated = false;
+    }
 }
 
 /// Metering inputs of one finished execution: the block's memory, the end time (now),

@@ -12,8 +12,8 @@ use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use refinery_cli::{ClientArgs, ClientCommand};
 use refinery_server::{
-    DeployLimits, DeployRate, FrontDoorConfig, KeepAliveMode, Quota, ScaleUpLimit, ServeConfig,
-    DEFAULT_MAX_LABEL_SETS,
+    DeployLimits, DeployRate, EngineConfig, FrontDoorConfig, KeepAliveMode, Quota, ScaleUpLimit,
+    ServeConfig, DEFAULT_MAX_LABEL_SETS,
 };
 
 /// The hidden first argument that turns this process into a sandbox's init.
@@ -111,6 +111,14 @@ struct ServeArgs {
     /// the memory their bodies take; others wait up to 5 s, then 429.
     #[arg(long, default_value_t = DeployLimits::DEFAULT.at_once, value_name = "N")]
     deploys_at_once: usize,
+    /// Services: the most items one fan-out may start (a longer list fails its step with
+    /// `FanOutTooLarge`).
+    #[arg(long, default_value_t = EngineConfig::default().max_fan_out_items, value_name = "ITEMS")]
+    max_fan_out: usize,
+    /// Services: the longest chain of steps one run may make (a loop that never ends
+    /// fails with `StepLimit` there).
+    #[arg(long, default_value_t = EngineConfig::default().max_steps_per_run, value_name = "N")]
+    max_run_steps: i64,
     /// Deploys handled at once per account.
     #[arg(long, default_value_t = DeployLimits::DEFAULT.at_once_per_account, value_name = "N")]
     deploys_at_once_per_account: usize,
@@ -267,6 +275,11 @@ async fn serve(args: ServeArgs) -> Result<()> {
             header_timeout: args.header_timeout,
             body_timeout: args.body_timeout,
             idle_timeout: args.idle_timeout,
+        },
+        engine: EngineConfig {
+            max_fan_out_items: args.max_fan_out,
+            max_steps_per_run: args.max_run_steps,
+            ..EngineConfig::default()
         },
     };
     refinery_server::serve(config, shutdown_signal(), |addr| {

@@ -30,5 +30,6 @@ pub use front_door::{
     FrontDoorConfig, DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
 };
 pub use log::{dropped_log_lines, LossyStderr};
+pub use refinery_engine::EngineConfig;
 pub use refinery_pool::{KeepAliveMode, Quota, ScaleUpLimit, DEFAULT_MAX_LABEL_SETS};
 pub use serve::{serve, ServeConfig, ServeError};

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use refinery_engine::Engine;
 use refinery_invocation::InvocationService;
 use refinery_pool::{
     sandbox_entry, BlockTarget, InstancePool, KeepAliveMode, PoolConfig, Quota, ScaleUpLimit,
@@ -67,10 +68,14 @@ pub struct ServeConfig {
     pub disk_reserve: u64,
     /// Connection caps and timeouts (`front_door.rs`).
     pub front_door: FrontDoorConfig,
+    /// The services engine's limits (`--max-fan-out`, `--max-run-steps`).
+    pub engine: refinery_engine::EngineConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    #[error("starting the services engine (resuming runs): {0}")]
+    Engine(String),
     #[error("creating the data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -219,12 +224,17 @@ pub async fn serve(
     provision_live_deployments(&store, &pool).await?;
     let disk = Arc::new(DiskSpace::new(data_dir, config.disk_reserve));
     let invocations = InvocationService::new(store.clone(), pool.clone(), disk.clone());
+    // Resumes every run that was running when the server last stopped.
+    let engine = Engine::start(store.clone(), invocations.clone(), config.engine)
+        .await
+        .map_err(|e| ServeError::Engine(e.to_string()))?;
     let state = Arc::new(
         AppState::new(
             store.clone(),
             pool.clone(),
             keys::hash_key(&operator_key),
             invocations,
+            engine.clone(),
         )
         .with_deploy_limits(config.deploy_limits)
         .with_disk(disk.clone()),
@@ -277,6 +287,8 @@ pub async fn serve(
     );
     let drain = async {
         stopping.notified().await;
+        // No new steps; running ones finish (or resume at the next start).
+        engine.stop();
         pool.shutdown(config.shutdown_grace).await;
     };
     tokio::join!(server, drain);

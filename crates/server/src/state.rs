@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use refinery_engine::Engine;
 use refinery_invocation::{InvocationError, InvocationService, LiveDeployment};
 use refinery_pool::InstancePool;
 use refinery_store::{Account, Store};
@@ -28,6 +29,8 @@ pub struct AppState {
     /// Resolves and runs invocations (admission, pool, record, metering); holds the
     /// live-deployment and spending-cap caches.
     pub invocations: InvocationService,
+    /// Runs services (the runs API).
+    pub engine: Engine,
     /// Serialises quota changes (store, then pool) so the two never disagree.
     pub quota_updates: tokio::sync::Mutex<()>,
     /// Deploy rate, deploys received at once, deployments kept (`deploy_gate.rs`).
@@ -43,6 +46,7 @@ impl AppState {
         pool: InstancePool,
         operator_key_hash: String,
         invocations: InvocationService,
+        engine: Engine,
     ) -> AppState {
         let data_dir = store
             .path()
@@ -57,6 +61,7 @@ impl AppState {
             accounts_by_key: RwLock::new(HashMap::new()),
             keys_generation: AtomicU64::new(0),
             invocations,
+            engine,
             quota_updates: tokio::sync::Mutex::new(()),
             deploy_gate: DeployGate::new(DeployLimits::DEFAULT),
         }

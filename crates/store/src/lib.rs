@@ -15,7 +15,8 @@
 //!   storage quota's usage, retention, project deletion), [`quotas`] (per-account quota overrides),
 //!   [`usage`] (metering, written with each execution), [`pricing`] (price lists and
 //!   per-account terms), [`bills`] (monthly bills; rating is `refinery_billing`'s) and
-//!   [`audit`] (the security audit trail of refused syscalls, bounded per account).
+//!   [`audit`] (the security audit trail of refused syscalls, bounded per account) and
+//!   [`runs`] (service runs, their steps and the engine's join bookkeeping).
 //!
 //! # What it must never do
 //!
@@ -52,6 +53,7 @@ mod execution_writer;
 pub mod executions;
 pub mod pricing;
 pub mod quotas;
+pub mod runs;
 pub mod storage;
 pub mod usage;
 
@@ -72,6 +74,9 @@ pub use error::StoreError;
 pub use executions::MAX_EXECUTION_LIST;
 pub use pricing::AccountBilling;
 pub use quotas::QuotaOverrides;
+pub use runs::{
+    GroupRecord, JoinEntry, NewStep, RunRecord, RunTx, StepRecord, StepResult, MAX_RUN_LIST,
+};
 pub use usage::{BlockUsage, ExecutionUsage};
 
 /// File name of the database inside the data directory.

@@ -233,6 +233,13 @@ impl Store {
             .await
             .map_err(StoreError::db(what()))?;
         remove(&mut tx, &ids, now_ms(), Removal::Deleted).await?;
+        // Its runs go with it (their steps, by cascade); the engine drops any still running.
+        sqlx::query("DELETE FROM runs WHERE account_id = ? AND project = ?")
+            .bind(account_id)
+            .bind(project)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db(what()))?;
         sqlx::query("DELETE FROM projects WHERE id = ? AND account_id = ?")
             .bind(project_row.id)
             .bind(account_id)

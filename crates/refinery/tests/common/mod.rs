@@ -550,3 +550,70 @@ impl Server {
         .await
     }
 }
+
+// --- services ---
+
+impl Server {
+    /// Kills the server with SIGKILL (no shutdown at all) and reaps it.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+        let _ = child.wait();
+    }
+
+    /// `POST /v1/projects/{project}/runs` (with `?wait=` when `wait_s` is given).
+    pub async fn start_run(
+        &self,
+        key: &str,
+        project: &str,
+        start: &str,
+        input: Value,
+        wait_s: Option<u32>,
+    ) -> (u16, Value) {
+        let wait = wait_s.map(|w| format!("?wait={w}")).unwrap_or_default();
+        self.request(
+            "POST",
+            &format!("/v1/projects/{project}/runs{wait}"),
+            Some(key),
+            Some(json!({ "start": start, "input": input })),
+        )
+        .await
+    }
+
+    /// Starts a run and waits (up to 120 s) for it to end; returns the run.
+    pub async fn run_to_end(&self, key: &str, project: &str, start: &str, input: Value) -> Value {
+        let (status, body) = self.start_run(key, project, start, input, Some(120)).await;
+        assert_eq!(status, 200, "the run did not end in time: {body}");
+        body
+    }
+
+    /// `GET /v1/runs/{run_id}`, asserting 200.
+    pub async fn get_run(&self, key: &str, run_id: &str) -> Value {
+        let (status, body) = self
+            .request("GET", &format!("/v1/runs/{run_id}"), Some(key), None)
+            .await;
+        assert_eq!(status, 200, "get run: {body}");
+        body
+    }
+
+    /// Polls the run until it is no longer `running` (up to `timeout`); returns it.
+    pub async fn await_run(&self, key: &str, run_id: &str, timeout: Duration) -> Value {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let run = self.get_run(key, run_id).await;
+            if run["status"] != "running" || std::time::Instant::now() > deadline {
+                return run;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The steps of `run` named `name`.
+pub fn steps_named<'a>(run: &'a Value, name: &str) -> Vec<&'a Value> {
+    run["steps"]
+        .as_array()
+        .map(|s| s.iter().filter(|s| s["name"] == name).collect())
+        .unwrap_or_default()
+}

@@ -55,19 +55,6 @@ pub async fn deploy(
             .ok_or_else(|| "the file was not uploaded with the manifest".to_string())
     };
     let manifest = Manifest::parse(&request.manifest, manifest_path, &resolve)?;
-    // Services are parsed and validated, but no engine runs them yet: refuse rather than
-    // deploy blocks whose transitions would silently never fire. (Removed with the engine.)
-    if let Some(first) = manifest.transitions.first() {
-        return Err(ApiError::Unprocessable(format!(
-            "{manifest_path}: the manifest is valid, but it declares {} `[[transitions]]` \
-             (the first from `{}` to `{}`), and running connected blocks (services) is not \
-             available in this version yet: deploy the blocks without `[[transitions]]` and \
-             invoke each one (`refinery invoke`)",
-            manifest.transitions.len(),
-            first.from.join("`, `"),
-            first.to
-        )));
-    }
     check_min_warm_fits(&state, account, &manifest)?;
     state.disk.admit(Refused::Deploy)?;
     if let Some(block) = manifest.blocks.iter().find(|b| b.network) {
@@ -294,6 +281,7 @@ pub async fn delete_project(
             other => other.into(),
         })?;
     state.invalidate_live(&account.id, &project);
+    state.engine.forget_project(&account.id, &project);
     state.pool.retire_deployments(&removed).await;
     state.pool.remove_code(&removed).await;
     tracing::info!(account = %account.id, %project, deployments = removed.len(), "project deleted");

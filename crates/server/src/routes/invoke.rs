@@ -74,6 +74,7 @@ pub async fn invoke(
         input,
         input_text: String::from_utf8_lossy(&body).into_owned(),
         backpack,
+        log_level: refinery_domain::LogLevel::All,
     };
     let execution = state.invocations.invoke(account, request).await?;
     Ok(Json(execution))
@@ -81,7 +82,7 @@ pub async fn invoke(
 
 /// Refuses a payload nested deeper than [`MAX_JSON_DEPTH`] (checked on the raw bytes, so
 /// the message is the same however deep it goes), before anything parses it.
-fn check_depth(text: &[u8], what: &str) -> Result<(), ApiError> {
+pub(crate) fn check_depth(text: &[u8], what: &str) -> Result<(), ApiError> {
     let depth = json_depth(text);
     if depth > MAX_JSON_DEPTH {
         return Err(ApiError::BadRequest(format!(
@@ -91,7 +92,7 @@ fn check_depth(text: &[u8], what: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn content_length(headers: &HeaderMap) -> Option<usize> {
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<usize> {
     headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

@@ -1,4 +1,4 @@
-//! `GET /metrics`: the pool's Prometheus metrics (OpenMetrics text), for the operator only.
+//! `GET /metrics`: the pool's and the services engine's Prometheus metrics (OpenMetrics text), for the operator only.
 //!
 //! Why the operator key and not an open endpoint: the series are labelled with account
 //! ids, project and block names — what tenants run is tenant information — and the API
@@ -15,6 +15,14 @@ use crate::state::SharedState;
 
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// The pool's exposition with the engine's series spliced in before its `# EOF`.
+fn with_engine(pool: String, engine: &str) -> String {
+    match pool.strip_suffix("# EOF\n") {
+        Some(head) => format!("{head}{engine}# EOF\n"),
+        None => pool,
+    }
+}
+
 pub async fn metrics(
     State(state): State<SharedState>,
     caller: Caller,
@@ -22,6 +30,6 @@ pub async fn metrics(
     caller.require_operator()?;
     Ok((
         [(header::CONTENT_TYPE, CONTENT_TYPE)],
-        state.pool.render_metrics(),
+        with_engine(state.pool.render_metrics(), &state.engine.render_metrics()),
     ))
 }

@@ -9,6 +9,7 @@ mod health;
 mod instances;
 mod invoke;
 mod metrics;
+mod runs;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -56,6 +57,14 @@ pub fn router(state: SharedState) -> Router {
                 refinery_domain::limits::MAX_PAYLOAD_BYTES,
             )),
         )
+        .route(
+            "/v1/projects/{project}/runs",
+            post(runs::start)
+                .layer(DefaultBodyLimit::max(runs::MAX_RUN_REQUEST_BYTES))
+                .get(runs::list),
+        )
+        .route("/v1/runs/{run_id}", get(runs::show))
+        .route("/v1/runs/{run_id}/cancel", post(runs::cancel))
         .route("/v1/projects/{project}/executions", get(executions::list))
         .route("/v1/executions/{id}", get(executions::show))
         .route("/v1/instances", get(instances::list))

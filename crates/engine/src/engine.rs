@@ -1,0 +1,619 @@
+//! [`Engine`]: starting, resuming, running, cancelling and waiting for runs.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use refinery_domain::{BlockSpec, LogLevel, Manifest, RetryPolicy, ServiceGraph, UserError};
+use refinery_invocation::{InvocationError, InvocationRequest, InvocationService, Limit};
+use refinery_pool::BlockTarget;
+use refinery_store::{Account, NewStep, RunRecord, StepRecord, Store};
+use serde_json::{json, Value};
+use tokio::sync::{oneshot, Notify};
+
+use crate::advance::{self, Outcome};
+use crate::error::EngineError;
+use crate::metrics::EngineMetrics;
+use crate::scheduler::{QueueKey, Ready, Scheduler};
+use crate::view::{RunSummaryView, RunView};
+
+/// The engine's limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// The most items one fan-out may start; a longer list fails the step (`FanOutTooLarge`).
+    pub max_fan_out_items: usize,
+    /// The longest chain of steps in a run (each step is one further than the step that
+    /// started it): a loop that runs away fails the run (`StepLimit`) at this depth.
+    pub max_steps_per_run: i64,
+    /// The most steps one run may create in all (fan-outs included).
+    pub max_total_steps: i64,
+    /// The most steps running at once, server-wide.
+    pub max_in_flight: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_fan_out_items: 10_000,
+            max_steps_per_run: 1_000,
+            max_total_steps: 100_000,
+            max_in_flight: 512,
+        }
+    }
+}
+
+/// A run just started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunStarted {
+    pub run_id: String,
+}
+
+/// One deployment as the engine runs it: its blocks and the service definition.
+pub(crate) struct ServiceDeployment {
+    pub id: i64,
+    pub account_id: String,
+    pub number: i64,
+    pub project: String,
+    pub blocks: HashMap<String, BlockSpec>,
+    pub graph: ServiceGraph,
+    pub log_level: LogLevel,
+    pub retry: HashMap<String, RetryPolicy>,
+}
+
+impl ServiceDeployment {
+    pub fn block(&self, name: &str) -> Option<&BlockSpec> {
+        self.blocks.get(name)
+    }
+}
+
+/// Runs services. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub store: Store,
+    pub invocations: InvocationService,
+    pub config: EngineConfig,
+    pub metrics: EngineMetrics,
+    deployments: Mutex<HashMap<i64, Arc<ServiceDeployment>>>,
+    accounts: Mutex<HashMap<String, Account>>,
+    scheduler: Mutex<Scheduler>,
+    wake: Notify,
+    waiters: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
+    stopping: AtomicBool,
+}
+
+impl Engine {
+    /// Starts the engine: its dispatcher, then every run the store says is still running
+    /// (after a crash or a restart) is resumed: its unfinished steps run (again).
+    pub async fn start(
+        store: Store,
+        invocations: InvocationService,
+        config: EngineConfig,
+    ) -> Result<Engine, EngineError> {
+        let inner = Arc::new(Inner {
+            store,
+            invocations,
+            config,
+            metrics: EngineMetrics::new(),
+            deployments: Mutex::new(HashMap::new()),
+            accounts: Mutex::new(HashMap::new()),
+            scheduler: Mutex::new(Scheduler::default()),
+            wake: Notify::new(),
+            waiters: Mutex::new(HashMap::new()),
+            stopping: AtomicBool::new(false),
+        });
+        let engine = Engine { inner };
+        let resumed = engine.resume().await?;
+        if resumed > 0 {
+            tracing::info!(runs = resumed, "resumed service runs");
+        }
+        tokio::spawn(engine.inner.clone().dispatch());
+        Ok(engine)
+    }
+
+    /// Resumes every running run; returns how many.
+    async fn resume(&self) -> Result<usize, EngineError> {
+        let inner = &self.inner;
+        let runs = inner.store.running_runs().await?;
+        for run in &runs {
+            if run.halted() {
+                // Failing or cancelled when the server stopped: what was running then is
+                // gone; the run ends now.
+                if let Some(status) = advance::end_halted(&inner.store, run).await? {
+                    inner.run_ended(&run.id, &status);
+                }
+                continue;
+            }
+            let Some(deployment) = inner.deployment(run).await? else {
+                advance::fail_deployment_gone(&inner.store, run).await?;
+                inner.run_ended(&run.id, "failed");
+                continue;
+            };
+            for step in inner.store.active_steps(&run.id).await? {
+                inner.enqueue(run, &deployment, &step.id, &step.name, step.not_before_ms);
+            }
+        }
+        Ok(runs.len())
+    }
+
+    /// Starts a run of `account`'s `project` (its live deployment) at block `start`.
+    pub async fn start_run(
+        &self,
+        account: &Account,
+        project: &str,
+        start: &str,
+        input: Value,
+        backpack: Value,
+    ) -> Result<RunStarted, EngineError> {
+        let inner = &self.inner;
+        if inner.stopping.load(Ordering::Acquire) {
+            return Err(EngineError::ShuttingDown);
+        }
+        if !backpack.is_object() {
+            return Err(EngineError::Invalid(
+                "`backpack` must be a JSON object, e.g. {\"user\": 1}".into(),
+            ));
+        }
+        let live = inner
+            .invocations
+            .live_deployment(&account.id, project)
+            .await?;
+        if !live.blocks.contains_key(start) {
+            let mut blocks: Vec<String> = live.blocks.keys().cloned().collect();
+            blocks.sort_unstable();
+            return Err(EngineError::StartNotFound {
+                project: project.to_string(),
+                deployment: live.number,
+                start: start.to_string(),
+                blocks,
+            });
+        }
+        inner.remember_account(account);
+        let run_id = format!("run_{}", uuid::Uuid::now_v7().simple());
+        let run = RunRecord {
+            id: run_id.clone(),
+            account_id: account.id.clone(),
+            project: project.to_string(),
+            deployment_id: live.id,
+            deployment: live.number,
+            start: start.to_string(),
+            status: "running".into(),
+            cancel_requested: false,
+            error: None,
+            steps: 0,
+            started_at_ms: now_ms(),
+            ended_at_ms: None,
+        };
+        let deployment =
+            inner
+                .deployment(&run)
+                .await?
+                .ok_or_else(|| EngineError::ProjectNotFound {
+                    project: project.to_string(),
+                })?;
+        let step = NewStep {
+            id: advance::new_step_id(),
+            name: start.to_string(),
+            transition: "start".into(),
+            transition_id: None,
+            parents: Vec::new(),
+            item: None,
+            frame: String::new(),
+            depth: 1,
+            attempt: 1,
+            input: input.to_string(),
+            backpack: backpack.to_string(),
+            not_before_ms: 0,
+        };
+        advance::create_run(&inner.store, &run, &step).await?;
+        inner.metrics.runs_started.inc();
+        inner.enqueue(&run, &deployment, &step.id, start, 0);
+        Ok(RunStarted { run_id })
+    }
+
+    /// Waits up to `timeout` for run `run_id` to end; `true` if it has.
+    pub async fn wait(&self, run_id: &str, timeout: Duration) -> Result<bool, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.inner.waiters)
+            .entry(run_id.to_string())
+            .or_default()
+            .push(tx);
+        let ended = match self.inner.store.run_record(run_id).await? {
+            Some(run) => run.status != "running",
+            None => true,
+        };
+        if ended {
+            return Ok(true);
+        }
+        Ok(tokio::time::timeout(timeout, rx).await.is_ok())
+    }
+
+    /// The account's run `run_id` with its steps.
+    pub async fn run(&self, account_id: &str, run_id: &str) -> Result<RunView, EngineError> {
+        let (run, steps) = self
+            .inner
+            .store
+            .run_with_steps(account_id, run_id)
+            .await?
+            .ok_or_else(|| EngineError::RunNotFound(run_id.to_string()))?;
+        Ok(RunView::new(run, steps))
+    }
+
+    /// The account's runs of `project`, newest first.
+    pub async fn list(
+        &self,
+        account_id: &str,
+        project: &str,
+        limit: u32,
+    ) -> Result<Vec<RunSummaryView>, EngineError> {
+        let runs = self
+            .inner
+            .store
+            .list_runs(account_id, project, limit)
+            .await?;
+        Ok(runs.into_iter().map(RunSummaryView::new).collect())
+    }
+
+    /// Cancels the account's run `run_id`: its pending steps are cancelled at once, its
+    /// running steps finish (their results are kept, nothing new starts), then it ends
+    /// `cancelled`. Returns the run's status now.
+    pub async fn cancel(&self, account_id: &str, run_id: &str) -> Result<String, EngineError> {
+        let inner = &self.inner;
+        let run = inner
+            .store
+            .run_record(run_id)
+            .await?
+            .filter(|r| r.account_id == account_id)
+            .ok_or_else(|| EngineError::RunNotFound(run_id.to_string()))?;
+        if run.status != "running" {
+            return Ok(run.status);
+        }
+        let status = advance::cancel(&inner.store, run_id).await?;
+        if let Some(status) = &status {
+            inner.run_ended(run_id, status);
+        }
+        Ok(status.unwrap_or_else(|| "running".into()))
+    }
+
+    /// Starts no new runs or steps (the server is stopping). Unfinished steps resume at
+    /// the next start.
+    pub fn stop(&self) {
+        self.inner.stopping.store(true, Ordering::Release);
+        self.inner.wake.notify_one();
+    }
+
+    /// The engine's metrics as OpenMetrics text (without `# EOF`).
+    pub fn render_metrics(&self) -> String {
+        self.inner.metrics.render()
+    }
+
+    /// Forgets the cached definitions of a deleted project's deployments.
+    pub fn forget_project(&self, account_id: &str, project: &str) {
+        lock(&self.inner.deployments)
+            .retain(|_, d| d.project != project || d.account_id != account_id);
+    }
+}
+
+impl Inner {
+    /// The deployment `run` runs, parsed (cached); `None` if it no longer exists.
+    pub async fn deployment(
+        &self,
+        run: &RunRecord,
+    ) -> Result<Option<Arc<ServiceDeployment>>, EngineError> {
+        if let Some(d) = lock(&self.deployments).get(&run.deployment_id) {
+            return Ok(Some(d.clone()));
+        }
+        let Some(deployment) = self
+            .store
+            .deployment(&run.account_id, &run.project, run.deployment)
+            .await?
+            .filter(|d| d.id == run.deployment_id)
+        else {
+            return Ok(None);
+        };
+        // The manifest was valid when it was deployed; its `source` files are the stored
+        // code of the blocks that named them.
+        let sources: HashMap<String, String> = deployment
+            .blocks
+            .iter()
+            .map(|b| (b.source_name.clone(), b.code.clone()))
+            .collect();
+        let resolve = |path: &str| {
+            sources
+                .get(path)
+                .cloned()
+                .ok_or_else(|| "not stored with the deployment".to_string())
+        };
+        let manifest =
+            Manifest::parse(&deployment.manifest, "refinery.toml", &resolve).map_err(|e| {
+                EngineError::Internal(format!(
+                    "deployment {} of `{}` no longer parses: {e}",
+                    deployment.number, deployment.project
+                ))
+            })?;
+        let parsed = Arc::new(ServiceDeployment {
+            id: deployment.id,
+            account_id: deployment.account_id.clone(),
+            number: deployment.number,
+            project: deployment.project.clone(),
+            graph: manifest.graph(),
+            log_level: manifest.log_level,
+            retry: manifest.retry.into_iter().collect(),
+            blocks: deployment
+                .blocks
+                .into_iter()
+                .map(|b| (b.name.clone(), b))
+                .collect(),
+        });
+        lock(&self.deployments).insert(parsed.id, parsed.clone());
+        Ok(Some(parsed))
+    }
+
+    fn remember_account(&self, account: &Account) {
+        lock(&self.accounts)
+            .entry(account.id.clone())
+            .or_insert_with(|| account.clone());
+    }
+
+    async fn account(&self, account_id: &str) -> Result<Option<Account>, EngineError> {
+        if let Some(a) = lock(&self.accounts).get(account_id) {
+            return Ok(Some(a.clone()));
+        }
+        let account = self.store.account(account_id).await?;
+        if let Some(a) = &account {
+            self.remember_account(a);
+        }
+        Ok(account)
+    }
+
+    /// Queues step `step_id` of `run` (block `name`), ready at `not_before_ms`.
+    pub fn enqueue(
+        &self,
+        run: &RunRecord,
+        deployment: &ServiceDeployment,
+        step_id: &str,
+        name: &str,
+        not_before_ms: i64,
+    ) {
+        let ready = Ready {
+            run_id: run.id.clone(),
+            step_id: step_id.to_string(),
+            key: QueueKey {
+                account_id: run.account_id.clone(),
+                deployment_id: deployment.id,
+                block: name.to_string(),
+            },
+            max_concurrency: deployment.block(name).map_or(1, |b| b.max_concurrency),
+            queued_at: Instant::now(),
+        };
+        let wait_ms = not_before_ms - now_ms();
+        let mut scheduler = lock(&self.scheduler);
+        if wait_ms > 0 {
+            let due = Instant::now() + Duration::from_millis(wait_ms.unsigned_abs());
+            scheduler.push_at(ready, due);
+        } else {
+            scheduler.push(ready);
+        }
+        self.metrics.steps_waiting.set(scheduler.waiting() as i64);
+        drop(scheduler);
+        self.wake.notify_one();
+    }
+
+    /// The dispatcher: starts every step that may run, then sleeps until woken (a step
+    /// queued or finished) or the next delayed step is due.
+    async fn dispatch(self: Arc<Self>) {
+        loop {
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let next_due = {
+                let mut scheduler = lock(&self.scheduler);
+                let next_due = scheduler.promote(Instant::now());
+                let limit = |account: &str| self.invocations.instance_quota(account);
+                while let Some(ready) = scheduler.next(self.config.max_in_flight, &limit) {
+                    let inner = self.clone();
+                    tokio::spawn(async move { inner.run_step(ready).await });
+                }
+                self.metrics.steps_waiting.set(scheduler.waiting() as i64);
+                next_due
+            };
+            match next_due {
+                Some(due) => {
+                    let due = tokio::time::Instant::from_std(due);
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep_until(due) => {}
+                    }
+                }
+                None => self.wake.notified().await,
+            }
+        }
+    }
+
+    /// Runs one step and advances its run; then frees its place in the scheduler.
+    async fn run_step(self: Arc<Self>, ready: Ready) {
+        let key = ready.key.clone();
+        let requeue = match self.execute(&ready).await {
+            Ok(requeue) => requeue,
+            Err(e) => {
+                tracing::error!(run = %ready.run_id, step = %ready.step_id, error = %e, "a step could not be advanced; it is retried");
+                Some(Duration::from_secs(1))
+            }
+        };
+        let mut scheduler = lock(&self.scheduler);
+        scheduler.done(&key);
+        if let Some(delay) = requeue {
+            if !self.stopping.load(Ordering::Acquire) {
+                scheduler.push_at(ready, Instant::now() + delay);
+            }
+        }
+        drop(scheduler);
+        self.wake.notify_one();
+    }
+
+    /// Runs the step and commits what follows; `Some(delay)` to try it again later
+    /// (back-pressure), `None` when it is done with.
+    async fn execute(&self, ready: &Ready) -> Result<Option<Duration>, EngineError> {
+        let Some(step) = self.store.step(&ready.step_id).await? else {
+            return Ok(None);
+        };
+        if step.status != "pending" && step.status != "running" {
+            return Ok(None);
+        }
+        let Some(run) = self.store.run_record(&ready.run_id).await? else {
+            return Ok(None);
+        };
+        if run.halted() {
+            // Cancelled or failed after it was queued: it never runs.
+            if let Some(status) = advance::skip(&self.store, &run, &step).await? {
+                self.run_ended(&run.id, &status);
+            }
+            return Ok(None);
+        }
+        let Some(deployment) = self.deployment(&run).await? else {
+            advance::fail_deployment_gone(&self.store, &run).await?;
+            self.run_ended(&run.id, "failed");
+            return Ok(None);
+        };
+        let outcome = match self.invoke(&run, &deployment, &step, ready).await {
+            Invoked::Outcome(outcome) => outcome,
+            Invoked::Later(delay) => return Ok(Some(delay)),
+            Invoked::Stopping => return Ok(None),
+        };
+        let plan = advance::plan(&self.config, &deployment, &step, outcome).await;
+        let committed =
+            advance::commit(&self.store, &self.config, &run, &deployment, &step, plan).await?;
+        self.metrics
+            .steps_ended
+            .get_or_create(&crate::metrics::StatusLabels {
+                status: committed.step_status.to_string(),
+            })
+            .inc();
+        if let Some(status) = &committed.ended {
+            self.run_ended(&run.id, status);
+        }
+        for new in &committed.started {
+            self.enqueue(&run, &deployment, &new.id, &new.name, new.not_before_ms);
+        }
+        Ok(None)
+    }
+
+    /// Invokes the step's block through the invocation service.
+    async fn invoke(
+        &self,
+        run: &RunRecord,
+        deployment: &ServiceDeployment,
+        step: &StepRecord,
+        ready: &Ready,
+    ) -> Invoked {
+        let fail = |kind: &str, message: String| {
+            Invoked::Outcome(Outcome::failed(
+                UserError::new(kind, message),
+                step.backpack_in.as_deref(),
+                None,
+            ))
+        };
+        let Some(spec) = deployment.block(&step.name).cloned() else {
+            return fail(
+                "BlockNotFound",
+                format!(
+                    "deployment {} of `{}` has no block `{}`",
+                    deployment.number, deployment.project, step.name
+                ),
+            );
+        };
+        let account = match self.account(&run.account_id).await {
+            Ok(Some(a)) => a,
+            Ok(None) => {
+                return fail(
+                    "AccountNotFound",
+                    "the run's account no longer exists".into(),
+                )
+            }
+            Err(e) => return fail("Internal", e.to_string()),
+        };
+        let input_text = step.input.clone().unwrap_or_else(|| "null".into());
+        let input: Value = serde_json::from_str(&input_text).unwrap_or(Value::Null);
+        let backpack: Value = step
+            .backpack_in
+            .as_deref()
+            .and_then(|b| serde_json::from_str(b).ok())
+            .unwrap_or_else(|| json!({}));
+        if let Err(e) = self.store.mark_step_running(&step.id).await {
+            tracing::warn!(step = %step.id, error = %e, "could not mark a step running");
+        }
+        self.metrics
+            .transition_seconds
+            .observe(ready.queued_at.elapsed().as_secs_f64());
+        let request = InvocationRequest {
+            target: BlockTarget {
+                account_id: account.id.clone(),
+                account_name: account.name.clone(),
+                project: run.project.clone(),
+                deployment_id: deployment.id,
+                deployment_number: deployment.number,
+                block: spec,
+            },
+            input,
+            input_text,
+            backpack: backpack.clone(),
+            log_level: deployment.log_level,
+        };
+        match self.invocations.invoke(&account, request).await {
+            Ok(execution) => Invoked::Outcome(Outcome::from_execution(execution)),
+            Err(InvocationError::Throttled {
+                retry_after, limit, ..
+            }) => {
+                // Back-pressure: the step waits its turn. Instances and concurrency free up
+                // as other invocations end, so look again soon.
+                let delay = match limit {
+                    Limit::Rate | Limit::ScaleUp => retry_after,
+                    _ => Duration::from_millis(20),
+                };
+                Invoked::Later(delay.min(Duration::from_secs(5)))
+            }
+            Err(InvocationError::Unavailable(_)) => Invoked::Stopping,
+            Err(e) => {
+                let kind = match &e {
+                    InvocationError::SpendingCapReached { .. } => "SpendingCapReached",
+                    InvocationError::AccountDisabled { .. } => "AccountDisabled",
+                    InvocationError::DiskFull { .. } => "DiskFull",
+                    _ => "InvocationFailed",
+                };
+                fail(kind, e.to_string())
+            }
+        }
+    }
+
+    /// Tells the waiters of `run_id` that it ended, and counts it.
+    pub fn run_ended(&self, run_id: &str, status: &str) {
+        EngineMetrics::ended(&self.metrics.runs_ended, status);
+        if let Some(waiters) = lock(&self.waiters).remove(run_id) {
+            for w in waiters {
+                let _ = w.send(());
+            }
+        }
+    }
+}
+
+enum Invoked {
+    Outcome(Outcome),
+    /// Throttled: try again after this long.
+    Later(Duration),
+    /// The server is stopping: leave the step for the next start.
+    Stopping,
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

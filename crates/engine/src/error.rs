@@ -1,0 +1,46 @@
+//! Why the engine refused a request. A step failing is not an error here: it is part of
+//! the run (its status and error), as a block failing is part of an execution.
+
+use refinery_invocation::InvocationError;
+use refinery_store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The account has no project of that name (or it has no live deployment).
+    #[error("no project `{project}` in this account: deploy it first with `refinery deploy`")]
+    ProjectNotFound { project: String },
+    /// The run was asked to start at something the project does not have.
+    #[error("project `{project}` (live deployment {deployment}) has no block `{start}` to start a run at; its blocks are: {}", blocks.join(", "))]
+    StartNotFound {
+        project: String,
+        deployment: i64,
+        start: String,
+        blocks: Vec<String>,
+    },
+    /// The account has no run of that id.
+    #[error("no run `{0}` in this account; list the project's runs with `refinery runs PROJECT`")]
+    RunNotFound(String),
+    /// The request itself is wrong (the message says how).
+    #[error("{0}")]
+    Invalid(String),
+    /// The server is stopping: it starts no new runs.
+    #[error("the server is shutting down and starts no new runs")]
+    ShuttingDown,
+    /// A store problem.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// Anything else (a host problem).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<InvocationError> for EngineError {
+    fn from(e: InvocationError) -> Self {
+        match e {
+            InvocationError::ProjectNotFound { project } => {
+                EngineError::ProjectNotFound { project }
+            }
+            other => EngineError::Internal(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! Services: blocks connected by transitions, run by the engine against the real server
+//! (real sandboxes): every transition type alone and together, retries, the step limit,
+//! log levels and tenancy. Crash durability is in `services_crash.rs`.
+
+mod common;
+
+use common::{steps_named, Server};
+use serde_json::{json, Value};
+
+/// A three-block service: `check` → (if total > 0) `charge` → `receipt`; else `reject`;
+/// `charge` raises on a negative card and its exception goes to `refund`.
+const SHOP: &str = r#"
+name = "shop"
+
+[[blocks]]
+name = "check"
+language = "python"
+code = """
+def main(order, backpack):
+    backpack["checked"] = True
+    return order
+"""
+
+[[blocks]]
+name = "charge"
+language = "python"
+code = """
+def main(order, backpack):
+    if order["card"] < 0:
+        raise ValueError("card declined")
+    backpack["charged"] = order["total"]
+    return {"paid": order["total"]}
+"""
+
+[[blocks]]
+name = "receipt"
+language = "python"
+code = """
+def main(payment, backpack):
+    return {"receipt": payment["paid"], "seen": sorted(backpack)}
+"""
+
+[[blocks]]
+name = "reject"
+language = "python"
+code = """
+def main(order, backpack):
+    return "rejected"
+"""
+
+[[blocks]]
+name = "refund"
+language = "python"
+code = """
+def main(failure, backpack):
+    return {"refunded": failure["input_data"]["total"], "why": failure["exception_text"], "version": failure["version"]}
+"""
+
+[[transitions]]
+from = "check"
+to = "charge"
+type = "if"
+expression = "output.total > 0"
+
+[[transitions]]
+from = "check"
+to = "reject"
+type = "else"
+
+[[transitions]]
+from = "charge"
+to = "receipt"
+type = "then"
+
+[[transitions]]
+from = "charge"
+to = "refund"
+type = "exception"
+"#;
+
+fn names(run: &Value) -> Vec<String> {
+    run["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .map(|s| s["name"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn then_if_else_and_exception_in_one_service() {
+    let server = Server::start().await;
+    let (_, key) = server.account("acme").await;
+    server.deploy_ok(&key, SHOP).await;
+
+    let run = server
+        .run_to_end(&key, "shop", "check", json!({"total": 5, "card": 1}))
+        .await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(names(&run), ["check", "charge", "receipt"]);
+    let receipt = steps_named(&run, "receipt")[0];
+    assert_eq!(receipt["output"]["receipt"], 5);
+    // The backpack travelled: both upstream changes are seen downstream.
+    assert_eq!(receipt["output"]["seen"], json!(["charged", "checked"]));
+    assert_eq!(receipt["transition"], "then");
+    assert_eq!(
+        receipt["parents"],
+        json!([steps_named(&run, "charge")[0]["step_id"]])
+    );
+    assert!(receipt["execution_id"]
+        .as_str()
+        .is_some_and(|e| e.starts_with("ex_")));
+
+    let run = server
+        .run_to_end(&key, "shop", "check", json!({"total": 0, "card": 1}))
+        .await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(names(&run), ["check", "reject"]);
+    assert_eq!(steps_named(&run, "reject")[0]["transition"], "else");
+
+    let run = server
+        .run_to_end(&key, "shop", "check", json!({"total": 7, "card": -1}))
+        .await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(names(&run), ["check", "charge", "refund"]);
+    let charge = steps_named(&run, "charge")[0];
+    assert_eq!(charge["status"], "failed");
+    assert_eq!(charge["error"]["type"], "ValueError");
+    let refund = steps_named(&run, "refund")[0];
+    assert_eq!(refund["output"]["refunded"], 7);
+    assert_eq!(refund["output"]["version"], "1.0.0");
+    assert!(
+        refund["output"]["why"]
+            .as_str()
+            .is_some_and(|w| w.contains("card declined")),
+        "{refund}"
+    );
+
+    // Every step is an execution like any other.
+    let (status, executions) = server
+        .request(
+            "GET",
+            "/v1/projects/shop/executions?limit=100",
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let count = executions["executions"].as_array().map_or(0, Vec::len);
+    assert_eq!(count, 8, "{executions}");
+}
+
+const FAN: &str = r#"
+name = "fan"
+
+[[blocks]]
+name = "split"
+language = "python"
+code = """
+def main(n, backpack):
+    backpack["from"] = "split"
+    return list(range(n))
+"""
+
+[[blocks]]
+name = "square"
+language = "python"
+code = """
+def main(x, backpack):
+    if x == 13 and backpack.get("fail13"):
+        raise RuntimeError("unlucky")
+    backpack["item%d" % x] = True
+    return x * x
+"""
+
+[[blocks]]
+name = "total"
+language = "python"
+code = """
+def main(squares, backpack):
+    return {"squares": squares, "sum": sum(squares), "keys": len(backpack)}
+"""
+
+[[transitions]]
+from = "split"
+to = "square"
+type = "fan-out"
+
+[[transitions]]
+from = "square"
+to = "total"
+type = "fan-in"
+"#;
+
+#[tokio::test]
+async fn fan_out_of_100_items_fans_in_once_in_item_order() {
+    let server = Server::start().await;
+    let (_, key) = server.account("acme").await;
+    server.deploy_ok(&key, FAN).await;
+
+    let run = server.run_to_end(&key, "fan", "split", json!(100)).await;
+    assert_eq!(run["status"], "succeeded", "{}", run["error"]);
+    let squares = steps_named(&run, "square");
+    assert_eq!(squares.len(), 100);
+    let mut items: Vec<i64> = squares.iter().filter_map(|s| s["item"].as_i64()).collect();
+    items.sort_unstable();
+    assert_eq!(items, (0..100).collect::<Vec<_>>());
+    let total = steps_named(&run, "total");
+    assert_eq!(total.len(), 1, "the fan-in ran exactly once");
+    let expected: Vec<i64> = (0..100).map(|x| x * x).collect();
+    assert_eq!(total[0]["input"], json!(expected), "outputs in item order");
+    assert_eq!(total[0]["output"]["sum"], 328_350);
+    // The backpacks joined: split's key plus one per item.
+    assert_eq!(total[0]["output"]["keys"], 101);
+    assert_eq!(total[0]["transition"], "fan-in");
+    assert_eq!(total[0]["parents"].as_array().map(Vec::len), Some(100));
+
+    // An empty list runs the fan-in target with [].
+    let run = server.run_to_end(&key, "fan", "split", json!(0)).await;
+    assert_eq!(run["status"], "succeeded", "{}", run["error"]);
+    assert_eq!(steps_named(&run, "total")[0]["input"], json!([]));
+
+    // A non-list output is a clear error that fails the run.
+    let (status, started) = server
+        .request(
+            "POST",
+            "/v1/projects/fan/runs?wait=60",
+            Some(&key),
+            Some(json!({"start": "split", "input": "x"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{started}");
+    assert_eq!(started["status"], "failed");
+    let split = steps_named(&started, "split")[0];
+    assert_eq!(split["status"], "failed");
+    // range("x") raised: the block's own error.
+    assert_eq!(split["error"]["type"], "TypeError", "{split}");
+}
+
+#[tokio::test]
+async fn a_failing_item_fails_the_run_naming_it_and_never_hangs() {
+    let server = Server::start().await;
+    let (_, key) = server.account("acme").await;
+    server.deploy_ok(&key, FAN).await;
+    let (status, run) = server
+        .request(
+            "POST",
+            "/v1/projects/fan/runs?wait=60",
+            Some(&key),
+            Some(json!({"start": "split", "input": 20, "backpack": {"fail13": true}})),
+        )
+        .await;
+    assert_eq!(status, 200, "{run}");
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert_eq!(run["error"]["type"], "StepFailed");
+    let message = run["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("`square` (item 13)") && message.contains("unlucky"),
+        "{message}"
+    );
+    assert!(
+        steps_named(&run, "total").is_empty(),
+        "no fan-in after a failed item"
+    );
+    assert!(run["ended_at"].is_string());
+}
+
+#[tokio::test]
+async fn a_list_output_that_is_not_a_list_or_too_long_is_named() {
+    let server = Server::start_with(&["--max-fan-out", "5"]).await;
+    let (_, key) = server.account("acme").await;
+    server.deploy_ok(&key, FAN).await;
+    let run = server.run_to_end(&key, "fan", "split", json!(6)).await;
+    assert_eq!(run["status"], "failed");
+    let split = steps_named(&run, "split")[0];
+    assert_eq!(split["error"]["type"], "FanOutTooLarge", "{split}");
+    assert!(split["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("6 items") && m.contains("limit is 5")));
+    let not_a_list = r#"
+name = "odd"
+[[blocks]]
+name = "make"
+language = "python"
+code = "def main(i, b): return {'a': 1}"
+[[blocks]]
+name = "each"
+language = "python"
+code = "def main(i, b): return i"
+[[transitions]]
+from = "make"
+to = "each"
+type = "fan-out"
+"#;
+    server.deploy_ok(&key, not_a_list).await;
+    let run = server.run_to_end(&key, "odd", "make", json!(null)).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    let make = steps_named(&run, "make")[0];
+    assert_eq!(make["error"]["type"], "FanOutNotList", "{make}");
+    assert!(make["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("returned an object")));
+}
