@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use crate::billing::{self, BillsCommand, PricingCommand, SetBillingArgs, UsageArgs};
 use crate::client::Client;
 use crate::output::{err_out, out, plural, pretty, print, table, text, user_error_text};
+use crate::runs::{self, RunArgs, RunsArgs};
 
 // Options shared by every client command (not `serve`): given after the command, e.g.
 // `refinery accounts list --json`, or through the environment. (A plain comment: a doc
@@ -69,6 +70,12 @@ pub enum ClientCommand {
         #[arg(long)]
         backpack: Option<String>,
     },
+    /// Start a run of a project's service at a block (or trigger); prints its id, or with
+    /// --wait the run once it ended.
+    Run(RunArgs),
+    /// A project's runs (`runs PROJECT`), one run's step tree (`runs show RUN_ID`), or
+    /// cancel one (`runs cancel RUN_ID`).
+    Runs(RunsArgs),
     /// List a project's recent executions.
     Executions {
         project: String,
@@ -170,8 +177,8 @@ pub enum AccountsCommand {
     },
 }
 
-/// Runs one client command; the exit code is non-zero when the server said no or the
-/// invoked block failed.
+/// Runs one client command; the exit code is non-zero when the server said no, the
+/// invoked block failed, or the run waited for failed, was cancelled or is still running.
 pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
     let key = match (&args.api_key, &command) {
         (Some(key), _) => Some(key.clone()),
@@ -193,6 +200,8 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
         ClientCommand::Pricing(command) => return billing::pricing(&client, json, command).await,
         ClientCommand::Usage(args) => return billing::usage(&client, json, args).await,
         ClientCommand::Bills(command) => return billing::bills(&client, json, command).await,
+        ClientCommand::Run(args) => return runs::start(&client, json, args).await,
+        ClientCommand::Runs(args) => return runs::runs(&client, json, args).await,
         ClientCommand::Accounts(AccountsCommand::SetBilling(args)) => {
             return billing::set_billing(&client, json, args).await
         }
@@ -567,7 +576,7 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
 
 /// The block's input from `--input`: `-` reads stdin, `@FILE` a file, anything else is
 /// the JSON itself. Whatever the source, it must be one JSON value.
-fn read_input(input: &str) -> Result<Value> {
+pub(crate) fn read_input(input: &str) -> Result<Value> {
     let (text, source) = if input == "-" {
         let mut text = String::new();
         std::io::stdin()
