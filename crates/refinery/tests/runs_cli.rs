@@ -170,7 +170,7 @@ async fn bad_run_arguments_are_refused_before_anything_starts() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs the engine (lead merges)"]
+
 async fn run_wait_prints_the_tree_and_exits_with_the_outcome() {
     let server = Server::start().await;
     let (_, key) = server.account("acme").await;
@@ -269,7 +269,7 @@ async fn run_wait_prints_the_tree_and_exits_with_the_outcome() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs the engine (lead merges)"]
+
 async fn run_prints_the_id_and_runs_lists_and_shows_it() {
     let server = Server::start().await;
     let (_, key) = server.account("acme").await;
@@ -321,7 +321,7 @@ async fn run_prints_the_id_and_runs_lists_and_shows_it() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs the engine (lead merges)"]
+
 async fn runs_show_caps_a_long_fan_out_and_all_shows_every_item() {
     let server = Server::start().await;
     let (_, key) = server.account("acme").await;
@@ -371,7 +371,7 @@ async fn runs_show_caps_a_long_fan_out_and_all_shows_every_item() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "needs the engine (lead merges)"]
+
 async fn wait_s_gives_up_with_3_and_cancel_stops_the_run() {
     let server = Server::start().await;
     let (_, key) = server.account("acme").await;
