@@ -301,3 +301,316 @@ type = "fan-out"
         .as_str()
         .is_some_and(|m| m.contains("returned an object")));
 }
+
+const DIAMOND: &str = r#"
+name = "diamond"
+
+[[blocks]]
+name = "start"
+language = "python"
+code = "def main(i, b): return i"
+
+[[blocks]]
+name = "left"
+language = "python"
+code = """
+import time
+def main(i, b):
+    time.sleep(0.2)
+    b["left"] = 1
+    return "L%d" % i
+"""
+
+[[blocks]]
+name = "right"
+language = "python"
+code = """
+def main(i, b):
+    b["right"] = 1
+    return "R%d" % i
+"""
+
+[[blocks]]
+name = "join"
+language = "python"
+code = "def main(i, b): return {'got': i, 'keys': sorted(b)}"
+
+[[transitions]]
+from = "start"
+to = "left"
+type = "then"
+
+[[transitions]]
+from = "start"
+to = "right"
+type = "then"
+
+[[transitions]]
+from = ["left", "right"]
+to = "join"
+type = "merge"
+"#;
+
+#[tokio::test]
+async fn a_merge_runs_once_with_its_branches_in_manifest_order() {
+    let server = Server::start().await;
+    let (_, key) = server.account("acme").await;
+    server.deploy_ok(&key, DIAMOND).await;
+    let run = server.run_to_end(&key, "diamond", "start", json!(7)).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let join = steps_named(&run, "join");
+    assert_eq!(join.len(), 1, "{run:#}");
+    // `right` finished first, yet the order is the manifest's.
+    assert_eq!(join[0]["output"]["got"], json!(["L7", "R7"]));
+    assert_eq!(join[0]["output"]["keys"], json!(["left", "right"]));
+    assert_eq!(join[0]["transition"], "merge");
+    assert_eq!(join[0]["parents"].as_array().map(Vec::len), Some(2));
+}
+
+const NESTED: &str = r#"
+name = "nested"
+
+[[blocks]]
+name = "rows"
+language = "python"
+code = "def main(n, b): return [[r * 10 + c for c in range(3)] for r in range(n)]"
+
+[[blocks]]
+name = "row"
+language = "python"
+code = "def main(cells, b): return cells"
+
+[[blocks]]
+name = "cell"
+language = "python"
+code = "def main(x, b): return x + 1"
+
+[[blocks]]
+name = "row_sum"
+language = "python"
+code = "def main(xs, b): return sum(xs)"
+
+[[blocks]]
+name = "grand"
+language = "python"
+code = "def main(sums, b): return sums"
+
+[[transitions]]
+from = "rows"
+to = "row"
+type = "fan-out"
+
+[[transitions]]
+from = "row"
+to = "cell"
+type = "fan-out"
+
+[[transitions]]
+from = "cell"
+to = "row_sum"
+type = "fan-in"
+
+[[transitions]]
+from = "row_sum"
+to = "grand"
+type = "fan-in"
+"#;
+
+#[tokio::test]
+async fn nested_fan_outs_join_level_by_level() {
+    let server = Server::start().await;
+    let (_, key) = server.account("acme").await;
+    server.deploy_ok(&key, NESTED).await;
+    let run = server.run_to_end(&key, "nested", "rows", json!(4)).await;
+    assert_eq!(run["status"], "succeeded", "{}", run["error"]);
+    assert_eq!(steps_named(&run, "cell").len(), 12);
+    assert_eq!(steps_named(&run, "row_sum").len(), 4, "one per row");
+    let grand = steps_named(&run, "grand");
+    assert_eq!(grand.len(), 1);
+    // Row r: (10r+1) + (10r+2) + (10r+3) = 30r + 6, in row order.
+    assert_eq!(grand[0]["output"], json!([6, 36, 66, 96]));
+}
+
+const FLAKY: &str = r#"
+name = "flaky"
+
+[[blocks]]
+name = "try"
+language = "python"
+retry = { attempts = 3, interval_s = 0, backoff = 1.0 }
+code = """
+import os
+def main(i, b):
+    attempt = int(os.environ.get("REFINERY_ATTEMPT", "0"))
+    if attempt < i:
+        raise RuntimeError("attempt %d failed" % attempt)
+    return attempt
+"""
+
+[[blocks]]
+name = "after"
+language = "python"
+code = "def main(i, b): return i"
+
+[[transitions]]
+from = "try"
+to = "after"
+type = "then"
+"#;
+
+#[tokio::test]
+async fn retries_are_each_a_visible_attempt() {
+    let server = Server::start().await;
+    let (_, key) = server.account("acme").await;
+    server.deploy_ok(&key, FLAKY).await;
+    // Succeeds at the third attempt.
+    let run = server.run_to_end(&key, "flaky", "try", json!(3)).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let tries = steps_named(&run, "try");
+    let attempts: Vec<(i64, &str, &str)> = tries
+        .iter()
+        .map(|s| {
+            (
+                s["attempt"].as_i64().unwrap_or(0),
+                s["status"].as_str().unwrap_or(""),
+                s["transition"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        attempts,
+        [
+            (1, "failed", "start"),
+            (2, "failed", "retry"),
+            (3, "succeeded", "retry")
+        ]
+    );
+    assert_eq!(steps_named(&run, "after")[0]["output"], 3);
+    // Four attempts needed, three allowed: the run fails after the third.
+    let run = server.run_to_end(&key, "flaky", "try", json!(4)).await;
+    assert_eq!(run["status"], "failed");
+    assert_eq!(steps_named(&run, "try").len(), 3);
+    assert!(steps_named(&run, "after").is_empty());
+}
+
+const LOOP: &str = r#"
+name = "loop"
+
+[[blocks]]
+name = "inc"
+language = "python"
+code = "def main(i, b): return i + 1"
+
+[[transitions]]
+from = "inc"
+to = "inc"
+type = "if"
+expression = "output < input + 100000"
+"#;
+
+#[tokio::test]
+async fn a_runaway_loop_is_stopped_by_the_step_limit() {
+    let server = Server::start_with(&["--max-run-steps", "25"]).await;
+    let (_, key) = server.account("acme").await;
+    server.deploy_ok(&key, LOOP).await;
+    let run = server.run_to_end(&key, "loop", "inc", json!(0)).await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert_eq!(run["error"]["type"], "StepLimit");
+    assert!(run["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("25")));
+    assert_eq!(steps_named(&run, "inc").len(), 25);
+    // A loop that ends by itself is fine.
+    let bounded = LOOP.replace("output < input + 100000", "output < 10");
+    server.deploy_ok(&key, &bounded).await;
+    let run = server.run_to_end(&key, "loop", "inc", json!(0)).await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(steps_named(&run, "inc").len(), 10);
+}
+
+#[tokio::test]
+async fn log_level_none_keeps_status_and_timing_only() {
+    let server = Server::start().await;
+    let (_, key) = server.account("acme").await;
+    let quiet = SHOP.replace("name = \"shop\"", "name = \"shop\"\nlog_level = \"none\"");
+    server.deploy_ok(&key, &quiet).await;
+    let run = server
+        .run_to_end(&key, "shop", "check", json!({"total": 7, "card": -1}))
+        .await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    for step in run["steps"].as_array().expect("steps") {
+        for field in ["input", "output", "backpack", "error"] {
+            assert!(step[field].is_null(), "{field} kept: {step}");
+        }
+        assert!(step["duration_ms"].is_number(), "{step}");
+        assert!(step["status"].is_string());
+    }
+    // The executions behind the steps keep no payloads either.
+    let id = run["steps"][0]["execution_id"]
+        .as_str()
+        .expect("execution id");
+    let (status, execution) = server
+        .request("GET", &format!("/v1/executions/{id}"), Some(&key), None)
+        .await;
+    assert_eq!(status, 200, "{execution}");
+    assert!(!execution.to_string().contains("total"), "{execution}");
+}
+
+#[tokio::test]
+async fn another_accounts_run_is_a_404_and_its_fan_out_does_not_starve_us() {
+    let server = Server::start().await;
+    let (_, big) = server.account("big").await;
+    let (_, small) = server.account("small").await;
+    let slow = FAN.replace(
+        "def main(x, backpack):\n",
+        "import time\ndef main(x, backpack):\n    time.sleep(0.05)\n",
+    );
+    server.deploy_ok(&big, &slow).await;
+    server.deploy_ok(&small, SHOP).await;
+    let (status, started) = server
+        .start_run(&big, "fan", "split", json!(400), None)
+        .await;
+    assert_eq!(status, 202, "{started}");
+    let big_run = started["run_id"].as_str().expect("run id").to_string();
+
+    // The small account's run goes through while the big fan-out is still going.
+    let run = server
+        .run_to_end(&small, "shop", "check", json!({"total": 1, "card": 1}))
+        .await;
+    assert_eq!(run["status"], "succeeded");
+    assert_eq!(server.get_run(&big, &big_run).await["status"], "running");
+
+    // Tenancy: the other account's run does not exist for us, and cannot be cancelled.
+    let (status, body) = server
+        .request("GET", &format!("/v1/runs/{big_run}"), Some(&small), None)
+        .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, _) = server
+        .request(
+            "POST",
+            &format!("/v1/runs/{big_run}/cancel"),
+            Some(&small),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 404);
+    let (_, listed) = server
+        .request("GET", "/v1/projects/fan/runs", Some(&small), None)
+        .await;
+    assert_eq!(listed["runs"], json!([]), "{listed}");
+
+    let (status, cancelled) = server
+        .request(
+            "POST",
+            &format!("/v1/runs/{big_run}/cancel"),
+            Some(&big),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(status, 202, "{cancelled}");
+    let run = server
+        .await_run(&big, &big_run, std::time::Duration::from_secs(60))
+        .await;
+    assert_eq!(run["status"], "cancelled");
+    assert!(steps_named(&run, "total").is_empty());
+}

@@ -1,7 +1,6 @@
-//! Services in the manifest (issue 12, first slice): `[[transitions]]`, `log_level` and
-//! `retry` are parsed and validated at deploy, with located errors; since no engine runs
-//! services yet, a valid manifest with transitions is refused (422) and nothing is
-//! deployed. Triggers are refused as not available yet.
+//! Services in the manifest: `[[transitions]]`, `log_level` and `retry` are parsed and
+//! validated at deploy, with located errors; a valid service deploys and runs. Triggers
+//! are refused as not available yet.
 
 mod common;
 
@@ -56,37 +55,37 @@ fn blocks_only() -> String {
 }
 
 #[tokio::test]
-async fn a_valid_service_is_refused_as_not_runnable_yet_and_nothing_is_deployed() {
+async fn a_valid_service_deploys_and_a_merge_that_cannot_complete_fails_the_run() {
     let server = Server::start().await;
     let (_, key) = server.account("acme").await;
 
-    let (status, body) = server.deploy(&key, SERVICE, &[]).await;
-    assert_eq!(status, 422, "{body}");
-    assert_eq!(body["error"]["code"], "unsupported_here", "{body}");
-    let message = body["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("the manifest is valid"), "{message}");
-    assert!(message.contains("3 `[[transitions]]`"), "{message}");
-    assert!(message.contains("from `validate` to `charge`"), "{message}");
+    let deployed = server.deploy_ok(&key, SERVICE).await;
+    assert_eq!(deployed["deployment"], 1, "{deployed}");
+    // `charge` and `refund` are alternatives (if / else), so the merge of both never
+    // completes: the run fails saying so instead of waiting forever.
+    let run = server
+        .run_to_end(&key, "orders", "validate", json!({"total": 1}))
+        .await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    assert_eq!(run["error"]["type"], "MergeIncomplete", "{run:#}");
+    let message = run["error"]["message"].as_str().unwrap_or_default();
     assert!(
-        message
-            .contains("running connected blocks (services) is not available in this version yet"),
+        message.contains("`validate`") && message.contains("`refund`"),
         "{message}"
     );
+    // log_level = "errors": succeeded steps keep status and timing only.
+    let charge = &run["steps"][1];
+    assert_eq!(charge["name"], "charge");
+    assert_eq!(charge["status"], "succeeded");
+    assert!(
+        charge["input"].is_null() && charge["output"].is_null(),
+        "{charge}"
+    );
+    assert!(charge["duration_ms"].is_number(), "{charge}");
 
-    // Nothing was deployed: no project, the block cannot be invoked.
-    let (status, projects) = server
-        .request("GET", "/v1/projects", Some(&key), None)
-        .await;
-    assert_eq!(status, 200, "{projects}");
-    assert!(!projects.to_string().contains("orders"), "{projects}");
-    let (status, body) = server
-        .invoke(&key, "orders", "validate", json!({"total": 1}))
-        .await;
-    assert_eq!(status, 404, "{body}");
-
-    // The same blocks without transitions deploy as before: deployment 1.
+    // The blocks alone deploy too: deployment 2.
     let deployed = server.deploy_ok(&key, &blocks_only()).await;
-    assert_eq!(deployed["deployment"], 1, "{deployed}");
+    assert_eq!(deployed["deployment"], 2, "{deployed}");
 }
 
 #[tokio::test]
@@ -173,19 +172,16 @@ async fn invalid_transitions_are_located_deploy_errors() {
 }
 
 #[tokio::test]
-async fn the_cli_accepts_a_service_manifest_locally_and_shows_the_servers_refusal() {
+async fn the_cli_deploys_a_service_and_catches_a_bad_expression_locally() {
     let server = Server::start().await;
     let (_, key) = server.account("acme").await;
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(dir.path().join("refinery.toml"), SERVICE).expect("write");
 
-    // The local parse passes (the message is the server's), and the deploy fails.
-    let (code, stdout, stderr) = server.cli(&key, &["deploy"], Some(dir.path()));
-    assert_ne!(code, 0, "{stdout}");
-    assert!(
-        stderr.contains("services) is not available in this version yet"),
-        "{stderr}"
-    );
+    let (code, stdout, stderr) = server.cli(&key, &["deploy", "--json"], Some(dir.path()));
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let deployed: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(deployed["deployment"], 1, "{deployed}");
 
     // An invalid expression is caught locally, with the file and line.
     let bad = SERVICE.replace("output.total > 0", "output.total >");
