@@ -84,6 +84,9 @@ pub(crate) struct Inner {
     wake: Notify,
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
     stopping: AtomicBool,
+    /// Taken around every write of the engine's: its transactions queue here, in order,
+    /// rather than in SQLite's busy handler (which sleeps in steps of milliseconds).
+    pub writes: tokio::sync::Mutex<()>,
 }
 
 impl Engine {
@@ -105,6 +108,7 @@ impl Engine {
             wake: Notify::new(),
             waiters: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
+            writes: tokio::sync::Mutex::new(()),
         });
         let engine = Engine { inner };
         let resumed = engine.resume().await?;
@@ -209,7 +213,10 @@ impl Engine {
             backpack: backpack.to_string(),
             not_before_ms: 0,
         };
-        advance::create_run(&inner.store, &run, &step).await?;
+        {
+            let _write = inner.writes.lock().await;
+            advance::create_run(&inner.store, &run, &step).await?;
+        }
         inner.metrics.runs_started.inc();
         inner.enqueue(&run, &deployment, &step.id, start, 0);
         Ok(RunStarted { run_id })
@@ -272,7 +279,10 @@ impl Engine {
         if run.status != "running" {
             return Ok(run.status);
         }
-        let status = advance::cancel(&inner.store, run_id).await?;
+        let status = {
+            let _write = inner.writes.lock().await;
+            advance::cancel(&inner.store, run_id).await?
+        };
         if let Some(status) = &status {
             inner.run_ended(run_id, status);
         }
@@ -469,7 +479,11 @@ impl Inner {
         };
         if run.halted() {
             // Cancelled or failed after it was queued: it never runs.
-            if let Some(status) = advance::skip(&self.store, &run, &step).await? {
+            let ended = {
+                let _write = self.writes.lock().await;
+                advance::skip(&self.store, &run, &step).await?
+            };
+            if let Some(status) = ended {
                 self.run_ended(&run.id, &status);
             }
             return Ok(None);
@@ -485,8 +499,10 @@ impl Inner {
             Invoked::Stopping => return Ok(None),
         };
         let plan = advance::plan(&self.config, &deployment, &step, outcome).await;
-        let committed =
-            advance::commit(&self.store, &self.config, &run, &deployment, &step, plan).await?;
+        let committed = {
+            let _write = self.writes.lock().await;
+            advance::commit(&self.store, &self.config, &run, &deployment, &step, plan).await?
+        };
         self.metrics
             .steps_ended
             .get_or_create(&crate::metrics::StatusLabels {
@@ -543,7 +559,11 @@ impl Inner {
             .as_deref()
             .and_then(|b| serde_json::from_str(b).ok())
             .unwrap_or_else(|| json!({}));
-        if let Err(e) = self.store.mark_step_running(&step.id).await {
+        let marked = {
+            let _write = self.writes.lock().await;
+            self.store.mark_step_running(&step.id).await
+        };
+        if let Err(e) = marked {
             tracing::warn!(step = %step.id, error = %e, "could not mark a step running");
         }
         self.metrics
