@@ -74,6 +74,8 @@ pub async fn invoke(
         input,
         input_text: String::from_utf8_lossy(&body).into_owned(),
         backpack,
+        // A plain invoke is no step of a service run.
+        context: None,
     };
     let execution = state.invocations.invoke(account, request).await?;
     Ok(Json(execution))
