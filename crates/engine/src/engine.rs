@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use refinery_domain::{BlockSpec, LogLevel, Manifest, RetryPolicy, ServiceGraph, UserError};
 use refinery_invocation::{InvocationError, InvocationRequest, InvocationService, Limit};
-use refinery_pool::BlockTarget;
+use refinery_pool::{BlockTarget, RunContext};
 use refinery_store::{Account, NewStep, RunRecord, StepRecord, Store};
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, Notify};
@@ -582,6 +582,11 @@ impl Inner {
             input_text,
             backpack: backpack.clone(),
             log_level: deployment.log_level,
+            context: Some(RunContext {
+                run_id: run.id.clone(),
+                step_id: step.id.clone(),
+                attempt: u32::try_from(step.attempt).unwrap_or(u32::MAX),
+            }),
         };
         match self.invocations.invoke(&account, request).await {
             Ok(execution) => Invoked::Outcome(Outcome::from_execution(execution)),

@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use refinery_domain::execution::truncate_utf8;
 use refinery_domain::limits::{MAX_PAYLOAD_BYTES, RECORDED_PAYLOAD_BYTES};
 use refinery_domain::{BlockSpec, ExecutionRecord, ExecutionStatus, LogLevel, UserError};
-use refinery_pool::{BlockTarget, InstancePool, Invocation, PoolError};
+use refinery_pool::{BlockTarget, InstancePool, Invocation, PoolError, RunContext};
 use refinery_store::{Account, Deployment, ExecutionUsage, Store, StoreError};
 use serde::Serialize;
 use serde_json::Value;
@@ -64,6 +64,9 @@ pub struct InvocationRequest {
     /// What the execution record keeps of the payloads (input, output, logs): a service
     /// step follows its project's `log_level`; a plain invoke keeps everything.
     pub log_level: LogLevel,
+    /// Set when the invocation is a step of a service run (the block sees its run id, step
+    /// id and attempt); `None` for a plain invoke.
+    pub context: Option<RunContext>,
 }
 
 /// A recorded execution: what the block did, as committed to the store. Serialised, it is
@@ -269,15 +272,16 @@ impl Inner {
             input_text,
             backpack,
             log_level,
+            context,
         } = request;
-        let invocation =
-            self.pool
-                .invoke(&target, input, backpack)
-                .await
-                .map_err(|e| match self.disk.pool_failure(&e) {
-                    Some(message) => InvocationError::DiskFull { message },
-                    None => e.into(),
-                })?;
+        let invocation = self
+            .pool
+            .invoke(&target, input, backpack, context.as_ref())
+            .await
+            .map_err(|e| match self.disk.pool_failure(&e) {
+                Some(message) => InvocationError::DiskFull { message },
+                None => e.into(),
+            })?;
         let (mut record, execution, egress_bytes) = finish(&target, input_text, invocation);
         keep_per_log_level(&mut record, log_level);
         let usage = usage_of(target.block.memory_mb, egress_bytes);

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use refinery_domain::{BlockSpec, ExecutionStatus, UserError};
-use refinery_runtimes::{ChannelError, InstanceChannel, RuntimeEntry};
+use refinery_runtimes::{ChannelError, InstanceChannel, RunContext, RuntimeEntry};
 use refinery_sandbox::{Entry, InstanceSpec, SandboxHost, SandboxedInstance};
 use serde_json::Value;
 use tokio::time::timeout;
@@ -213,13 +213,17 @@ impl InstancePool {
     /// the account's invocation rate (one token), the block's `max_concurrency` (a bounded
     /// wait), then — only for a cold start — the account's instance and memory quotas
     /// (evicting its least-recently-used idle instances first if that makes room).
+    ///
+    /// `context` is set when the invocation is a step of a service run: the handler sees it
+    /// (its variables, for this invocation only; see [`RunContext`]).
     pub async fn invoke(
         &self,
         target: &BlockTarget,
         input: Value,
         backpack: Value,
+        context: Option<&RunContext>,
     ) -> Result<Invocation, PoolError> {
-        let result = self.run_invocation(target, input, backpack).await;
+        let result = self.run_invocation(target, input, backpack, context).await;
         let labels =
             self.inner
                 .metrics
@@ -309,6 +313,7 @@ impl InstancePool {
         target: &BlockTarget,
         input: Value,
         backpack: Value,
+        context: Option<&RunContext>,
     ) -> Result<Invocation, PoolError> {
         let arrived = Instant::now();
         if self.inner.shutting_down.load(Ordering::Acquire) {
@@ -383,7 +388,11 @@ impl InstancePool {
 
         let run_limit = Duration::from_secs(u64::from(target.block.timeout_s));
         let run_started = Instant::now();
-        let result = timeout(run_limit, instance.channel.invoke(&input, &backpack)).await;
+        let result = timeout(
+            run_limit,
+            instance.channel.invoke_in(&input, &backpack, context),
+        )
+        .await;
         let duration_ms = millis(run_started.elapsed());
 
         let mut invocation = Invocation {

@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 
-use crate::protocol::{self, FrameError, HostMessage, ShimMessage, LOG_CAP_BYTES};
+use crate::protocol::{self, FrameError, HostMessage, RunContext, ShimMessage, LOG_CAP_BYTES};
 
 /// Why talking to an instance failed. Anything but a per-invocation user error (which is
 /// in [`Reply::outcome`]) means the instance should be discarded.
@@ -137,6 +137,26 @@ impl InstanceChannel {
     /// Runs one invocation and waits for its reply. A handler error is `Ok(Reply)` with
     /// `outcome: Err(..)`; `Err(..)` means the instance itself is unusable.
     pub async fn invoke(&mut self, input: &Value, backpack: &Value) -> Result<Reply, ChannelError> {
+        self.invoke_in(input, backpack, None).await
+    }
+
+    /// [`invoke`](Self::invoke) as a step of a service run when `context` is set: the
+    /// handler sees the context's variables ([`RunContext::vars`]) for this invocation only.
+    /// A context that no environment variable can hold ([`RunContext::check`]) is this
+    /// invocation's `InvalidRunContext` error, sent to no shim; the channel stays usable.
+    pub async fn invoke_in(
+        &mut self,
+        input: &Value,
+        backpack: &Value,
+        context: Option<&RunContext>,
+    ) -> Result<Reply, ChannelError> {
+        if let Some(Err(message)) = context.map(RunContext::check) {
+            return Ok(reply(
+                Err(UserError::new("InvalidRunContext", message)),
+                String::new(),
+                false,
+            ));
+        }
         if self.state == State::Starting {
             self.ready().await?;
         }
@@ -151,6 +171,7 @@ impl InstanceChannel {
             id,
             input: Cow::Borrowed(input),
             backpack: Cow::Borrowed(backpack),
+            context: context.map(Cow::Borrowed),
         })
         // Nothing was sent: the channel stays usable.
         .map_err(|e| ChannelError::Protocol(format!("cannot send invocation: {e}")))?;

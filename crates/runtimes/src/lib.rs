@@ -4,7 +4,8 @@
 //!
 //! - the shims — `python_shim.py`, `node_shim.cjs` ([`install`]ed under `/runtime`) and the
 //!   shell runtime (Rust, [`run_builtin`]) — which load a block's code once, report
-//!   `ready` or `init_error`, then serve invocations one at a time, capturing logs;
+//!   `ready` or `init_error`, then serve invocations one at a time, capturing logs and
+//!   giving a step of a service run its [`RunContext`] as environment variables;
 //! - what an instance executes for a block ([`entry`]) and the files its code dir holds
 //!   ([`code_files`]);
 //! - the framed protocol ([`protocol`]) and its async host-side driver ([`InstanceChannel`]),
@@ -33,6 +34,7 @@ use std::path::Path;
 use refinery_domain::Language;
 
 pub use client::{ChannelError, InstanceChannel, Output, Ready, Reply};
+pub use protocol::RunContext;
 
 /// Where the sandbox mounts [`install`]'s directory inside an instance.
 pub const RUNTIME_DIR: &str = "/runtime";

@@ -28,6 +28,56 @@ pub const LOG_CAP_BYTES: usize = RECORDED_LOG_BYTES;
 // A maximal payload, its backpack and the logs must all fit in one frame.
 const _: () = assert!(MAX_FRAME_BYTES >= 2 * MAX_PAYLOAD_BYTES + LOG_CAP_BYTES + 64 * 1024);
 
+/// Which run, step and attempt an invocation is, when the block runs as a step of a service
+/// run (steps run at least once: after a crash a step may run again, and the block can use
+/// these to be idempotent). The shims give them to the handler as the environment variables
+/// [`RUN_ID_VAR`], [`STEP_ID_VAR`] and [`ATTEMPT_VAR`], for that invocation only.
+///
+/// None of the strings may contain a NUL byte (an environment variable cannot hold one):
+/// [`InstanceChannel::invoke_in`](crate::InstanceChannel::invoke_in) refuses such a context.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RunContext {
+    /// The service run's id.
+    pub run_id: String,
+    /// The step's id within the run.
+    pub step_id: String,
+    /// Which attempt at the step this is, 1 for the first.
+    pub attempt: u32,
+}
+
+/// The variable holding [`RunContext::run_id`].
+pub const RUN_ID_VAR: &str = "REFINERY_RUN_ID";
+/// The variable holding [`RunContext::step_id`].
+pub const STEP_ID_VAR: &str = "REFINERY_STEP_ID";
+/// The variable holding [`RunContext::attempt`] (decimal).
+pub const ATTEMPT_VAR: &str = "REFINERY_ATTEMPT";
+
+impl RunContext {
+    /// The environment variables of this context, as the handler sees them.
+    pub fn vars(&self) -> [(&'static str, Cow<'_, str>); 3] {
+        [
+            (RUN_ID_VAR, Cow::Borrowed(self.run_id.as_str())),
+            (STEP_ID_VAR, Cow::Borrowed(self.step_id.as_str())),
+            (ATTEMPT_VAR, Cow::Owned(self.attempt.to_string())),
+        ]
+    }
+
+    /// `Err(message)` if a value cannot be an environment variable's (it holds a NUL byte).
+    pub fn check(&self) -> Result<(), String> {
+        for (name, field, value) in [
+            (RUN_ID_VAR, "run_id", &self.run_id),
+            (STEP_ID_VAR, "step_id", &self.step_id),
+        ] {
+            if value.contains('\0') {
+                return Err(format!(
+                    "the run context's {field} {value:?} contains a NUL byte, which the environment variable {name} cannot hold; run and step ids must be NUL-free"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Host → shim.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -38,6 +88,10 @@ pub enum HostMessage<'a> {
         id: u64,
         input: Cow<'a, Value>,
         backpack: Cow<'a, Value>,
+        /// Set when the invocation is a step of a service run; omitted from the frame
+        /// otherwise (so frames without it still parse).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        context: Option<Cow<'a, RunContext>>,
     },
 }
 
@@ -157,6 +211,7 @@ mod tests {
             id: 1,
             input: Cow::Borrowed(&input),
             backpack: Cow::Borrowed(&backpack),
+            context: None,
         };
         let mut buf = Vec::new();
         write_message(&mut buf, &msg)?;
@@ -164,6 +219,58 @@ mod tests {
         let HostMessage::Invoke { input: got, .. } = decode(&body)?;
         assert_eq!(*got, input);
         Ok(())
+    }
+
+    #[test]
+    fn the_run_context_is_optional_in_the_frame() -> Result<(), FrameError> {
+        let value = serde_json::json!({});
+        let plain = HostMessage::Invoke {
+            id: 7,
+            input: Cow::Borrowed(&value),
+            backpack: Cow::Borrowed(&value),
+            context: None,
+        };
+        let text = String::from_utf8(encode(&plain)?[4..].to_vec())
+            .map_err(|e| FrameError::Malformed(e.to_string()))?;
+        assert!(!text.contains("context"), "{text}");
+
+        // A frame of before the context (no key at all) still parses.
+        let old = br#"{"type":"invoke","id":1,"input":null,"backpack":{}}"#;
+        let HostMessage::Invoke { context, .. } = decode(old)?;
+        assert_eq!(context, None);
+
+        let run = RunContext {
+            run_id: "run_1".into(),
+            step_id: "step_2".into(),
+            attempt: 3,
+        };
+        let with = HostMessage::Invoke {
+            id: 8,
+            input: Cow::Borrowed(&value),
+            backpack: Cow::Borrowed(&value),
+            context: Some(Cow::Borrowed(&run)),
+        };
+        let frame = encode(&with)?;
+        let HostMessage::Invoke { context, .. } = decode(&frame[4..])?;
+        assert_eq!(context.as_deref(), Some(&run));
+        Ok(())
+    }
+
+    #[test]
+    fn a_context_with_a_nul_byte_is_refused_by_name() {
+        let good = RunContext {
+            run_id: "run_1".into(),
+            step_id: "s".into(),
+            attempt: 1,
+        };
+        assert_eq!(good.check(), Ok(()));
+        let bad = RunContext {
+            step_id: "a\0b".into(),
+            ..good
+        };
+        let message = bad.check().expect_err("NUL refused");
+        assert!(message.contains("step_id"), "{message}");
+        assert!(message.contains("REFINERY_STEP_ID"), "{message}");
     }
 
     #[test]

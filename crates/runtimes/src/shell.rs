@@ -2,10 +2,11 @@
 //! script once, then runs `/bin/sh <script>` once per invocation.
 //!
 //! Per invocation: stdin is the input as JSON, `REFINERY_BACKPACK` holds the backpack as
-//! JSON, stdout is the output (JSON if it parses, else the trimmed text as a JSON string;
-//! JSON nested deeper than `MAX_JSON_DEPTH` is an `OutputTooDeep` error), stderr is the
-//! logs. A non-zero exit is an `ExitStatus` error. The backpack comes back
-//! unchanged: a child process cannot hand an environment back.
+//! JSON (and, for a step of a service run only, `REFINERY_RUN_ID`, `REFINERY_STEP_ID` and
+//! `REFINERY_ATTEMPT` hold its [`RunContext`]), stdout is the output (JSON if it parses,
+//! else the trimmed text as a JSON string; JSON nested deeper than `MAX_JSON_DEPTH` is an
+//! `OutputTooDeep` error), stderr is the logs. A non-zero exit is an `ExitStatus` error.
+//! The backpack comes back unchanged: a child process cannot hand an environment back.
 //!
 //! Nothing a script starts outlives its invocation: once the script's own process has exited,
 //! every other process of the instance is SIGKILLed ([`kill_stragglers`]), so `cmd &` left
@@ -27,7 +28,10 @@ use refinery_domain::limits::{MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES};
 use refinery_domain::UserError;
 use serde_json::Value;
 
-use crate::protocol::{self, FrameError, HostMessage, ShimMessage, LOG_CAP_BYTES};
+use crate::protocol::{
+    self, FrameError, HostMessage, RunContext, ShimMessage, ATTEMPT_VAR, LOG_CAP_BYTES, RUN_ID_VAR,
+    STEP_ID_VAR,
+};
 
 /// The interpreter scripts run under.
 const SHELL: &str = "/bin/sh";
@@ -104,8 +108,9 @@ pub fn serve(
             id,
             input,
             backpack,
+            context,
         } = protocol::decode(&body)?;
-        let reply = invoke(id, script, &input, backpack);
+        let reply = invoke(id, script, &input, backpack, context.as_deref());
         protocol::write_message(&mut responses, &reply)?;
     }
     Ok(())
@@ -144,7 +149,13 @@ fn check_script(script: &Path) -> Result<(), UserError> {
 }
 
 /// Runs the script once and turns what it did into a reply frame.
-fn invoke(id: u64, script: &Path, input: &Value, backpack: Cow<'_, Value>) -> ShimMessage {
+fn invoke(
+    id: u64,
+    script: &Path,
+    input: &Value,
+    backpack: Cow<'_, Value>,
+    context: Option<&RunContext>,
+) -> ShimMessage {
     let backpack = backpack.into_owned();
     let error = |error: UserError, logs: String, logs_truncated: bool| ShimMessage::Error {
         id,
@@ -152,7 +163,7 @@ fn invoke(id: u64, script: &Path, input: &Value, backpack: Cow<'_, Value>) -> Sh
         logs,
         logs_truncated,
     };
-    let run = match run_script(script, input, &backpack) {
+    let run = match run_script(script, input, &backpack, context) {
         Ok(run) => run,
         Err(e) => {
             return error(
@@ -243,11 +254,33 @@ struct Run {
     stderr: Captured,
 }
 
-fn run_script(script: &Path, input: &Value, backpack: &Value) -> io::Result<Run> {
+fn run_script(
+    script: &Path,
+    input: &Value,
+    backpack: &Value,
+    context: Option<&RunContext>,
+) -> io::Result<Run> {
     let input = serde_json::to_vec(input)?;
-    let mut child = Command::new(SHELL)
+    let mut command = Command::new(SHELL);
+    command
         .arg(script)
-        .env("REFINERY_BACKPACK", serde_json::to_string(backpack)?)
+        .env("REFINERY_BACKPACK", serde_json::to_string(backpack)?);
+    // Each script is a new process: the variables are in its environment only when this
+    // invocation is a step (the runner never sets them on itself; removing them from the
+    // child's environment otherwise costs no syscall).
+    match context {
+        Some(context) => {
+            for (name, value) in context.vars() {
+                command.env(name, value.as_ref());
+            }
+        }
+        None => {
+            for name in [RUN_ID_VAR, STEP_ID_VAR, ATTEMPT_VAR] {
+                command.env_remove(name);
+            }
+        }
+    }
+    let mut child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -314,7 +314,39 @@ function encodeTail(id, logs, truncated) {
   return `,"id":${JSON.stringify(id ?? null)},"logs":${JSON.stringify(logs)},"logs_truncated":${truncated}}`;
 }
 
-async function invoke(handler, capture, request) {
+// A step's run context as environment variables: [variable, key in the frame's context].
+const CONTEXT_VARS = [
+  ['REFINERY_RUN_ID', 'run_id'],
+  ['REFINERY_STEP_ID', 'step_id'],
+  ['REFINERY_ATTEMPT', 'attempt'],
+];
+
+/**
+ * A step of a service run: its run id, step id and attempt in process.env for that
+ * invocation (child processes inherit it). An invocation without a context (a plain invoke)
+ * sees none of them left from an earlier invocation of this warm instance; while none was set
+ * since the last clearing that costs one boolean test.
+ */
+class RunContextVars {
+  constructor() {
+    this.set = false;
+  }
+
+  apply(context) {
+    const env = process.env;
+    if (context === null || context === undefined) {
+      if (this.set) {
+        for (const [name] of CONTEXT_VARS) delete env[name];
+        this.set = false;
+      }
+      return;
+    }
+    this.set = true;
+    for (const [name, key] of CONTEXT_VARS) env[name] = String(context[key]);
+  }
+}
+
+async function invoke(handler, capture, contextVars, request) {
   const backpack =
     request.backpack !== null && typeof request.backpack === 'object' ? request.backpack : {};
   let outcome = null;
@@ -322,6 +354,7 @@ async function invoke(handler, capture, request) {
   let captured;
   capture.start();
   try {
+    contextVars.apply(request.context);
     output = await handler(request.input ?? null, backpack);
   } catch (err) {
     outcome = errorOf(err);
@@ -426,6 +459,7 @@ async function serve(file) {
   writeFrame(JSON.stringify({ type: 'ready', init_ms: initMs }));
 
   const capture = new Capture();
+  const contextVars = new RunContextVars();
   for (;;) {
     let request;
     try {
@@ -439,7 +473,7 @@ async function serve(file) {
       process.stderr.write('refinery node shim: expected an invoke frame\n');
       return 1;
     }
-    const reply = await invoke(handler, capture, request);
+    const reply = await invoke(handler, capture, contextVars, request);
     killStragglers();
     writeFrame(reply);
   }

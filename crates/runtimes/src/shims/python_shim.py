@@ -337,21 +337,53 @@ def kill_stragglers():
 # ---------------------------------------------------------------- serving
 
 
-def invoke(handler, loop, request):
+# A step's run context as environment variables: (variable, key in the frame's context).
+CONTEXT_VARS = (
+    ("REFINERY_RUN_ID", "run_id"),
+    ("REFINERY_STEP_ID", "step_id"),
+    ("REFINERY_ATTEMPT", "attempt"),
+)
+
+
+class RunContextVars:
+    """A step of a service run: its run id, step id and attempt in the environment for that
+    invocation. An invocation without a context (a plain invoke) sees none of them left from
+    an earlier invocation of this warm instance; while none was set since the last clearing
+    that costs one attribute test. os.environ writes through to the process environment
+    (putenv: no syscall), so subprocesses see the same."""
+
+    def __init__(self):
+        self.set = False
+
+    def apply(self, context):
+        environ = os.environ
+        if context is None:
+            if self.set:
+                for name, _ in CONTEXT_VARS:
+                    environ.pop(name, None)
+                self.set = False
+            return
+        self.set = True
+        for name, key in CONTEXT_VARS:
+            environ[name] = str(context[key])
+
+
+def invoke(handler, loop, context_vars, request):
     backpack = request.get("backpack")
     if backpack is None:
         backpack = {}
+    context_vars.apply(request.get("context"))
     result = handler(request.get("input"), backpack)
     if hasattr(result, "__await__"):
         result = loop.run_until_complete(result)
     return result, backpack
 
 
-def reply_for(handler, loop, capture, request):
+def reply_for(handler, loop, context_vars, capture, request):
     capture.start()
     try:
         try:
-            output, backpack = invoke(handler, loop, request)
+            output, backpack = invoke(handler, loop, context_vars, request)
             outcome = None
         except BaseException as exc:  # noqa: BLE001 - SystemExit etc. are user errors too
             outcome = error_of(exc)
@@ -448,6 +480,7 @@ def main():
     write_frame(encode({"type": "ready", "init_ms": init_ms}).encode("utf-8"))
 
     loop = LazyLoop()
+    context_vars = RunContextVars()
     capture = Capture()
     while True:
         try:
@@ -460,7 +493,7 @@ def main():
         if not isinstance(request, dict) or request.get("type") != "invoke":
             print("refinery python shim: expected an invoke frame", file=sys.stderr)
             return 1
-        reply = reply_for(handler, loop, capture, request)
+        reply = reply_for(handler, loop, context_vars, capture, request)
         kill_stragglers()
         write_frame(reply)
 

@@ -75,6 +75,8 @@ pub async fn invoke(
         input_text: String::from_utf8_lossy(&body).into_owned(),
         backpack,
         log_level: refinery_domain::LogLevel::All,
+        // A plain invoke is no step of a service run.
+        context: None,
     };
     let execution = state.invocations.invoke(account, request).await?;
     Ok(Json(execution))
