@@ -614,3 +614,134 @@ async fn another_accounts_run_is_a_404_and_its_fan_out_does_not_starve_us() {
     assert_eq!(run["status"], "cancelled");
     assert!(steps_named(&run, "total").is_empty());
 }
+
+#[tokio::test]
+async fn a_run_keeps_its_deployment_through_redeploys_and_pruning() {
+    let server = Server::start_with(&["--keep-deployments", "1"]).await;
+    let (_, key) = server.account("acme").await;
+    let slow = r#"
+name = "slow"
+[[blocks]]
+name = "wait"
+language = "python"
+code = """
+import time
+def main(i, b):
+    time.sleep(1.5)
+    return i
+"""
+[[blocks]]
+name = "done"
+language = "python"
+code = "def main(i, b): return 'v1'"
+[[transitions]]
+from = "wait"
+to = "done"
+type = "then"
+"#;
+    server.deploy_ok(&key, slow).await;
+    let (status, started) = server.start_run(&key, "slow", "wait", json!(1), None).await;
+    assert_eq!(status, 202, "{started}");
+    let run_id = started["run_id"].as_str().expect("run id");
+    // Two deploys while it runs: with one deployment kept, deployment 1 would be pruned.
+    server.deploy_ok(&key, &slow.replace("'v1'", "'v2'")).await;
+    server.deploy_ok(&key, &slow.replace("'v1'", "'v3'")).await;
+    let run = server
+        .await_run(&key, run_id, std::time::Duration::from_secs(60))
+        .await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    assert_eq!(run["deployment"], 1);
+    assert_eq!(steps_named(&run, "done")[0]["output"], "v1");
+    // A run started now uses the live deployment.
+    let run = server.run_to_end(&key, "slow", "done", json!(null)).await;
+    assert_eq!(run["deployment"], 3);
+    assert_eq!(steps_named(&run, "done")[0]["output"], "v3");
+}
+
+#[tokio::test]
+async fn bad_run_requests_get_clear_errors() {
+    let server = Server::start().await;
+    let (_, key) = server.account("acme").await;
+    server.deploy_ok(&key, SHOP).await;
+    let post = |body: Value, query: &'static str| {
+        let server = &server;
+        let key = key.clone();
+        async move {
+            server
+                .request(
+                    "POST",
+                    &format!("/v1/projects/shop/runs{query}"),
+                    Some(&key),
+                    Some(body),
+                )
+                .await
+        }
+    };
+    let (status, body) = post(json!({"start": "nope"}), "").await;
+    assert_eq!(status, 404, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("no block `nope`") && message.contains("charge, check"),
+        "{message}"
+    );
+    let (status, body) = post(json!({"start": "check", "backpack": [1]}), "").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("JSON object"), "{body}");
+    let (status, body) = post(json!({"start": "check"}), "?wait=soon").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("wait=soon"), "{body}");
+    let (status, body) = post(json!({"begin": "check"}), "").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.to_string().contains("start"), "{body}");
+    let (status, body) = post(
+        json!({"start": "check", "input": "x".repeat(7_000_000)}),
+        "",
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    let (status, body) = server
+        .request(
+            "POST",
+            "/v1/projects/none/runs",
+            Some(&key),
+            Some(json!({"start": "a"})),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, _) = server
+        .request("GET", "/v1/runs/run_0000", Some(&key), None)
+        .await;
+    assert_eq!(status, 404);
+
+    // What ran is counted in the metrics.
+    server
+        .run_to_end(&key, "shop", "check", json!({"total": 1, "card": 1}))
+        .await;
+    let metrics = server
+        .http
+        .get(format!("{}/metrics", server.url))
+        .bearer_auth(&server.operator_key)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("refinery_runs_started_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("refinery_runs_ended_total{status=\"succeeded\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("refinery_run_steps_ended_total{status=\"succeeded\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("refinery_run_transition_seconds_count"),
+        "{metrics}"
+    );
+    assert!(metrics.trim_end().ends_with("# EOF"));
+}

@@ -66,8 +66,12 @@ pub(crate) async fn check_and_choose_pruned(
     size: Footprint,
     retention: Retention,
 ) -> Result<Vec<i64>, StoreError> {
-    let existing: Vec<(i64, i64)> = sqlx::query_as(
-        "SELECT d.id, COALESCE(s.stored_bytes, 0) FROM deployments d \
+    // A deployment with a service run still running is not pruned (the run needs its
+    // blocks to the end); a later deploy prunes it once its runs have ended.
+    let existing: Vec<(i64, i64, bool)> = sqlx::query_as(
+        "SELECT d.id, COALESCE(s.stored_bytes, 0), \
+         EXISTS (SELECT 1 FROM runs r WHERE r.deployment_id = d.id AND r.status = 'running') \
+         FROM deployments d \
          LEFT JOIN deployment_storage s ON s.deployment_id = d.id \
          WHERE d.project_id = ? ORDER BY d.number DESC",
     )
@@ -78,7 +82,12 @@ pub(crate) async fn check_and_choose_pruned(
         "listing the deployments a deploy would prune",
     ))?;
     let kept_before = retention.keep.max(1) - 1;
-    let pruned: Vec<(i64, i64)> = existing.into_iter().skip(kept_before).collect();
+    let pruned: Vec<(i64, i64)> = existing
+        .into_iter()
+        .skip(kept_before)
+        .filter(|(_, _, running)| !running)
+        .map(|(id, bytes, _)| (id, bytes))
+        .collect();
     let freed: u64 = pruned.iter().map(|(_, bytes)| to_u64(*bytes)).sum();
     let used = used_bytes(conn, account_id).await?;
     let after = used.saturating_sub(freed).saturating_add(size.stored_bytes);
