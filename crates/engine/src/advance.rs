@@ -22,6 +22,7 @@
 //! have. Cancelling a run is the same without the failure.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use refinery_domain::{ExecutionStatus, Transition, TransitionType, UserError};
@@ -140,7 +141,7 @@ pub enum Plan {
 /// a retry or its `exception` transitions.
 pub async fn plan(
     config: &EngineConfig,
-    deployment: &ServiceDeployment,
+    deployment: Arc<ServiceDeployment>,
     step: &StepRecord,
     outcome: Outcome,
 ) -> Plan {
@@ -149,7 +150,7 @@ pub async fn plan(
             error,
             backpack,
             meta,
-        } => return failed(deployment, step, error, backpack, meta),
+        } => return failed(&deployment, step, error, backpack, meta),
         Outcome::Succeeded {
             output,
             backpack,
@@ -166,7 +167,7 @@ pub async fn plan(
         .outgoing(&step.name, TransitionType::If)
         .is_empty();
     let fired = if has_ifs {
-        let graph = deployment.graph.clone();
+        let service = deployment.clone();
         let name = step.name.clone();
         let (o, b) = (output.clone(), backpack.clone());
         let timeout = Duration::from_secs(
@@ -175,7 +176,8 @@ pub async fn plan(
                 .map_or(30, |s| u64::from(s.timeout_s)),
         );
         let task = tokio::task::spawn_blocking(move || {
-            graph
+            service
+                .graph
                 .after_success(&name, &o, &input, &b)
                 .map(|ts| ts.iter().map(|t| t.id).collect::<Vec<_>>())
                 .map_err(|e| e.to_string())
@@ -204,7 +206,7 @@ pub async fn plan(
                 .unwrap_or(&message)
                 .to_string();
             let error = UserError::new("ExpressionError", message);
-            return failed(deployment, step, error, backpack, meta);
+            return failed(&deployment, step, error, backpack, meta);
         }
     };
     // A fan-out needs a list, of at most the configured length.
@@ -240,7 +242,7 @@ pub async fn plan(
                 ),
             ),
         };
-        return failed(deployment, step, error, backpack, meta);
+        return failed(&deployment, step, error, backpack, meta);
     }
     Plan::Fire {
         output,
@@ -824,19 +826,19 @@ pub async fn end_halted(store: &Store, run: &RunRecord) -> Result<Option<String>
     Ok(ended)
 }
 
-/// The run's deployment no longer exists (pruned or its project deleted): it fails.
-pub async fn fail_deployment_gone(store: &Store, run: &RunRecord) -> Result<(), EngineError> {
+/// The run cannot go on (its deployment was removed, or no longer reads): it fails now,
+/// and what it had unfinished is cancelled.
+pub async fn fail_unrunnable(
+    store: &Store,
+    run: &RunRecord,
+    kind: &str,
+    message: String,
+) -> Result<(), EngineError> {
     let mut tx = store.begin_run(&run.id).await?;
     let Some(mut current) = tx.run().await? else {
         return Ok(());
     };
-    let error = run_error(
-        "DeploymentGone",
-        format!(
-            "deployment {} of `{}`, which this run runs, was removed while it ran",
-            run.deployment, run.project
-        ),
-    );
+    let error = run_error(kind, message);
     tx.fail_run(&error).await?;
     tx.cancel_unfinished().await?;
     current.error = Some(error.to_string());

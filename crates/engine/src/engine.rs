@@ -132,9 +132,7 @@ impl Engine {
                 }
                 continue;
             }
-            let Some(deployment) = inner.deployment(run).await? else {
-                advance::fail_deployment_gone(&inner.store, run).await?;
-                inner.run_ended(&run.id, "failed");
+            let Some(deployment) = inner.runnable_deployment(run).await? else {
                 continue;
             };
             for step in inner.store.active_steps(&run.id).await? {
@@ -234,6 +232,9 @@ impl Engine {
             None => true,
         };
         if ended {
+            // Ended before anyone could be told: dropping the senders wakes any other
+            // waiter of this run too (a dropped sender reads as "ended").
+            lock(&self.inner.waiters).remove(run_id);
             return Ok(true);
         }
         Ok(tokio::time::timeout(timeout, rx).await.is_ok())
@@ -363,6 +364,32 @@ impl Inner {
         Ok(Some(parsed))
     }
 
+    /// [`Inner::deployment`] for a run that goes on; `None` when there is none to run (it
+    /// was removed, or its manifest no longer parses): the run has then failed, saying so.
+    async fn runnable_deployment(
+        &self,
+        run: &RunRecord,
+    ) -> Result<Option<Arc<ServiceDeployment>>, EngineError> {
+        let (kind, message) = match self.deployment(run).await {
+            Ok(Some(deployment)) => return Ok(Some(deployment)),
+            Ok(None) => (
+                "DeploymentGone",
+                format!(
+                    "deployment {} of `{}`, which this run runs, was removed while it ran",
+                    run.deployment, run.project
+                ),
+            ),
+            Err(EngineError::Internal(message)) => ("DeploymentUnreadable", message),
+            Err(e) => return Err(e),
+        };
+        {
+            let _write = self.writes.lock().await;
+            advance::fail_unrunnable(&self.store, run, kind, message).await?;
+        }
+        self.run_ended(&run.id, "failed");
+        Ok(None)
+    }
+
     fn remember_account(&self, account: &Account) {
         lock(&self.accounts)
             .entry(account.id.clone())
@@ -488,9 +515,7 @@ impl Inner {
             }
             return Ok(None);
         }
-        let Some(deployment) = self.deployment(&run).await? else {
-            advance::fail_deployment_gone(&self.store, &run).await?;
-            self.run_ended(&run.id, "failed");
+        let Some(deployment) = self.runnable_deployment(&run).await? else {
             return Ok(None);
         };
         let outcome = match self.invoke(&run, &deployment, &step, ready).await {
@@ -498,7 +523,7 @@ impl Inner {
             Invoked::Later(delay) => return Ok(Some(delay)),
             Invoked::Stopping => return Ok(None),
         };
-        let plan = advance::plan(&self.config, &deployment, &step, outcome).await;
+        let plan = advance::plan(&self.config, deployment.clone(), &step, outcome).await;
         let committed = {
             let _write = self.writes.lock().await;
             advance::commit(&self.store, &self.config, &run, &deployment, &step, plan).await?

@@ -745,3 +745,45 @@ async fn bad_run_requests_get_clear_errors() {
     );
     assert!(metrics.trim_end().ends_with("# EOF"));
 }
+
+#[tokio::test]
+async fn an_if_that_fails_at_run_time_fails_the_step_and_takes_its_exception_edge() {
+    let server = Server::start().await;
+    let (_, key) = server.account("acme").await;
+    // No `total`: `output.total > 0` cannot be evaluated.
+    server.deploy_ok(&key, SHOP).await;
+    let run = server
+        .run_to_end(&key, "shop", "check", json!({"card": 1}))
+        .await;
+    assert_eq!(run["status"], "failed", "{run:#}");
+    let check = steps_named(&run, "check")[0];
+    assert_eq!(check["error"]["type"], "ExpressionError", "{check}");
+    assert!(check["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("output.total > 0")));
+    assert!(
+        steps_named(&run, "reject").is_empty(),
+        "neither `if` nor `else` fired"
+    );
+
+    // With an exception edge the failure is handled.
+    let handled = format!(
+        "{SHOP}\n[[transitions]]\nfrom = \"check\"\nto = \"refund\"\ntype = \"exception\"\n"
+    )
+    .replace(
+        "\"refunded\": failure[\"input_data\"][\"total\"]",
+        "\"refunded\": failure[\"input_data\"].get(\"total\")",
+    );
+    server.deploy_ok(&key, &handled).await;
+    let run = server
+        .run_to_end(&key, "shop", "check", json!({"card": 1}))
+        .await;
+    assert_eq!(run["status"], "succeeded", "{run:#}");
+    let refund = steps_named(&run, "refund")[0];
+    assert!(
+        refund["output"]["why"]
+            .as_str()
+            .is_some_and(|w| w.contains("ExpressionError")),
+        "{refund}"
+    );
+}
