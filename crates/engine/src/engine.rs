@@ -1,6 +1,6 @@
 //! [`Engine`]: starting, resuming, running, cancelling and waiting for runs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,6 +30,9 @@ pub struct EngineConfig {
     pub max_total_steps: i64,
     /// The most steps running at once, server-wide.
     pub max_in_flight: usize,
+    /// The most runs one account may have running at once; starting one more is refused
+    /// (429) until some end.
+    pub max_runs_per_account: usize,
 }
 
 impl Default for EngineConfig {
@@ -39,6 +42,7 @@ impl Default for EngineConfig {
             max_steps_per_run: 1_000,
             max_total_steps: 100_000,
             max_in_flight: 512,
+            max_runs_per_account: 1_000,
         }
     }
 }
@@ -87,6 +91,8 @@ pub(crate) struct Inner {
     /// Taken around every write of the engine's: its transactions queue here, in order,
     /// rather than in SQLite's busy handler (which sleeps in steps of milliseconds).
     pub writes: tokio::sync::Mutex<()>,
+    /// The runs running per account (bounded by `max_runs_per_account`).
+    running_runs: Mutex<HashMap<String, HashSet<String>>>,
 }
 
 impl Engine {
@@ -109,6 +115,7 @@ impl Engine {
             waiters: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
             writes: tokio::sync::Mutex::new(()),
+            running_runs: Mutex::new(HashMap::new()),
         });
         let engine = Engine { inner };
         let resumed = engine.resume().await?;
@@ -124,11 +131,15 @@ impl Engine {
         let inner = &self.inner;
         let runs = inner.store.running_runs().await?;
         for run in &runs {
+            lock(&inner.running_runs)
+                .entry(run.account_id.clone())
+                .or_default()
+                .insert(run.id.clone());
             if run.halted() {
                 // Failing or cancelled when the server stopped: what was running then is
                 // gone; the run ends now.
                 if let Some(status) = advance::end_halted(&inner.store, run).await? {
-                    inner.run_ended(&run.id, &status);
+                    inner.run_ended(run, &status);
                 }
                 continue;
             }
@@ -197,6 +208,19 @@ impl Engine {
                 .ok_or_else(|| EngineError::ProjectNotFound {
                     project: project.to_string(),
                 })?;
+        // A place among the account's running runs, held from here: released by the
+        // run's end, or below if it cannot be recorded.
+        {
+            let mut running = lock(&inner.running_runs);
+            let runs = running.entry(account.id.clone()).or_default();
+            if runs.len() >= inner.config.max_runs_per_account {
+                return Err(EngineError::TooManyRuns {
+                    account: account.name.clone(),
+                    limit: inner.config.max_runs_per_account,
+                });
+            }
+            runs.insert(run.id.clone());
+        }
         let step = NewStep {
             id: advance::new_step_id(),
             name: start.to_string(),
@@ -211,9 +235,13 @@ impl Engine {
             backpack: backpack.to_string(),
             not_before_ms: 0,
         };
-        {
+        let created = {
             let _write = inner.writes.lock().await;
-            advance::create_run(&inner.store, &run, &step).await?;
+            advance::create_run(&inner.store, &run, &step).await
+        };
+        if let Err(e) = created {
+            inner.release_run_slot(&run);
+            return Err(e);
         }
         inner.metrics.runs_started.inc();
         inner.enqueue(&run, &deployment, &step.id, start, 0);
@@ -285,7 +313,7 @@ impl Engine {
             advance::cancel(&inner.store, run_id).await?
         };
         if let Some(status) = &status {
-            inner.run_ended(run_id, status);
+            inner.run_ended(&run, status);
         }
         Ok(status.unwrap_or_else(|| "running".into()))
     }
@@ -386,7 +414,7 @@ impl Inner {
             let _write = self.writes.lock().await;
             advance::fail_unrunnable(&self.store, run, kind, message).await?;
         }
-        self.run_ended(&run.id, "failed");
+        self.run_ended(run, "failed");
         Ok(None)
     }
 
@@ -496,12 +524,16 @@ impl Inner {
     /// (back-pressure), `None` when it is done with.
     async fn execute(&self, ready: &Ready) -> Result<Option<Duration>, EngineError> {
         let Some(step) = self.store.step(&ready.step_id).await? else {
+            // Deleted with its project.
+            self.release(&ready.key.account_id, &ready.run_id);
             return Ok(None);
         };
         if step.status != "pending" && step.status != "running" {
             return Ok(None);
         }
         let Some(run) = self.store.run_record(&ready.run_id).await? else {
+            // Deleted with its project.
+            self.release(&ready.key.account_id, &ready.run_id);
             return Ok(None);
         };
         if run.halted() {
@@ -511,7 +543,7 @@ impl Inner {
                 advance::skip(&self.store, &run, &step).await?
             };
             if let Some(status) = ended {
-                self.run_ended(&run.id, &status);
+                self.run_ended(&run, &status);
             }
             return Ok(None);
         }
@@ -535,7 +567,7 @@ impl Inner {
             })
             .inc();
         if let Some(status) = &committed.ended {
-            self.run_ended(&run.id, status);
+            self.run_ended(&run, status);
         }
         for new in &committed.started {
             self.enqueue(&run, &deployment, &new.id, &new.name, new.not_before_ms);
@@ -639,10 +671,27 @@ impl Inner {
         }
     }
 
-    /// Tells the waiters of `run_id` that it ended, and counts it.
-    pub fn run_ended(&self, run_id: &str, status: &str) {
+    /// `run` no longer counts among its account's running runs (it ended, never started,
+    /// or was deleted with its project).
+    fn release_run_slot(&self, run: &RunRecord) {
+        self.release(&run.account_id, &run.id);
+    }
+
+    fn release(&self, account_id: &str, run_id: &str) {
+        let mut running = lock(&self.running_runs);
+        if let Some(runs) = running.get_mut(account_id) {
+            runs.remove(run_id);
+            if runs.is_empty() {
+                running.remove(account_id);
+            }
+        }
+    }
+
+    /// Tells the waiters of `run` that it ended, and counts it.
+    pub fn run_ended(&self, run: &RunRecord, status: &str) {
         EngineMetrics::ended(&self.metrics.runs_ended, status);
-        if let Some(waiters) = lock(&self.waiters).remove(run_id) {
+        self.release_run_slot(run);
+        if let Some(waiters) = lock(&self.waiters).remove(&run.id) {
             for w in waiters {
                 let _ = w.send(());
             }

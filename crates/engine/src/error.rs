@@ -17,6 +17,9 @@ pub enum EngineError {
         start: String,
         blocks: Vec<String>,
     },
+    /// The account has as many runs running as it may.
+    #[error("account {account} has {limit} runs running, the most it may have at once; wait for some to end (or cancel them: refinery runs cancel RUN_ID), or ask the operator to raise the limit (refinery serve --max-runs-per-account N)")]
+    TooManyRuns { account: String, limit: usize },
     /// The account has no run of that id.
     #[error("no run `{0}` in this account; list the project's runs with `refinery runs PROJECT`")]
     RunNotFound(String),

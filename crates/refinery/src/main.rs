@@ -119,6 +119,9 @@ struct ServeArgs {
     /// fails with `StepLimit` there).
     #[arg(long, default_value_t = EngineConfig::default().max_steps_per_run, value_name = "N")]
     max_run_steps: i64,
+    /// Services: the most runs one account may have running at once (more: 429).
+    #[arg(long, default_value_t = EngineConfig::default().max_runs_per_account, value_name = "N")]
+    max_runs_per_account: usize,
     /// Deploys handled at once per account.
     #[arg(long, default_value_t = DeployLimits::DEFAULT.at_once_per_account, value_name = "N")]
     deploys_at_once_per_account: usize,
@@ -279,6 +282,7 @@ async fn serve(args: ServeArgs) -> Result<()> {
         engine: EngineConfig {
             max_fan_out_items: args.max_fan_out,
             max_steps_per_run: args.max_run_steps,
+            max_runs_per_account: args.max_runs_per_account,
             ..EngineConfig::default()
         },
     };

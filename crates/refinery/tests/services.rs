@@ -787,3 +787,50 @@ async fn an_if_that_fails_at_run_time_fails_the_step_and_takes_its_exception_edg
         "{refund}"
     );
 }
+
+#[tokio::test]
+async fn an_account_may_have_only_so_many_runs_running() {
+    let server = Server::start_with(&["--max-runs-per-account", "2"]).await;
+    let (_, key) = server.account("acme").await;
+    let (_, other) = server.account("other").await;
+    let slow = r#"
+name = "slow"
+[[blocks]]
+name = "wait"
+language = "python"
+code = """
+import time
+def main(i, b):
+    time.sleep(1)
+    return i
+"""
+"#;
+    server.deploy_ok(&key, slow).await;
+    server.deploy_ok(&other, slow).await;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (status, body) = server.start_run(&key, "slow", "wait", json!(1), None).await;
+        assert_eq!(status, 202, "{body}");
+        ids.push(body["run_id"].as_str().expect("id").to_string());
+    }
+    let (status, body) = server.start_run(&key, "slow", "wait", json!(1), None).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["limit"], "runs", "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("2 runs running")));
+    // Another account is not affected.
+    let (status, body) = server
+        .start_run(&other, "slow", "wait", json!(1), None)
+        .await;
+    assert_eq!(status, 202, "{body}");
+    // Once they end, runs start again.
+    for id in &ids {
+        let run = server
+            .await_run(&key, id, std::time::Duration::from_secs(60))
+            .await;
+        assert_eq!(run["status"], "succeeded");
+    }
+    let run = server.run_to_end(&key, "slow", "wait", json!(2)).await;
+    assert_eq!(run["status"], "succeeded");
+}

@@ -164,6 +164,11 @@ impl From<EngineError> for ApiError {
             | EngineError::StartNotFound { .. }
             | EngineError::RunNotFound(_) => ApiError::NotFound(e.to_string()),
             EngineError::Invalid(_) => ApiError::BadRequest(e.to_string()),
+            EngineError::TooManyRuns { .. } => ApiError::Throttled {
+                message: e.to_string(),
+                retry_after: Duration::from_secs(1),
+                limit: "runs",
+            },
             EngineError::ShuttingDown => ApiError::Unavailable(e.to_string()),
             EngineError::Store(e) => e.into(),
             EngineError::Internal(_) => ApiError::Internal(e.to_string()),
