@@ -252,7 +252,7 @@ max_concurrency = 20
 code = """
 import time
 def main(x, backpack):
-    time.sleep(0.005)
+    time.sleep(0.02)
     return x * x
 """
 
