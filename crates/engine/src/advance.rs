@@ -299,10 +299,16 @@ pub struct Committed {
     pub started: Vec<NewStep>,
     /// The run's status if it ended.
     pub ended: Option<String>,
+    /// The endpoint reply it reached.
+    pub responded: Option<Value>,
 }
 
-/// Records the run and its first step, in one transaction.
-pub async fn create_run(store: &Store, run: &RunRecord, step: &NewStep) -> Result<(), EngineError> {
+/// Records the run and its first steps, in one transaction.
+pub async fn create_run(
+    store: &Store,
+    run: &RunRecord,
+    steps: &[NewStep],
+) -> Result<(), EngineError> {
     let mut tx = store.begin_run(&run.id).await?;
     tx.create_run(
         &run.account_id,
@@ -313,8 +319,10 @@ pub async fn create_run(store: &Store, run: &RunRecord, step: &NewStep) -> Resul
         run.started_at_ms,
     )
     .await?;
-    tx.insert_step(step).await?;
-    tx.add_live("", 1).await?;
+    for step in steps {
+        tx.insert_step(step).await?;
+    }
+    tx.add_live("", steps.len() as i64).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -328,6 +336,8 @@ struct Pending<'a> {
     started: Vec<NewStep>,
     /// The run's failure, if this commit fails it.
     failure: Option<Value>,
+    /// The endpoint reply this commit reached (the run's first).
+    responded: Option<Value>,
 }
 
 impl Pending<'_> {
@@ -537,6 +547,7 @@ pub async fn commit(
         config,
         started: Vec::new(),
         failure: None,
+        responded: None,
     };
     if halted {
         // Failing or cancelled: nothing new starts; a failure is named with the others.
@@ -564,6 +575,7 @@ pub async fn commit(
             step_status,
             started: Vec::new(),
             ended,
+            responded: None,
         });
     }
 
@@ -645,11 +657,13 @@ pub async fn commit(
         None
     };
     let started = std::mem::take(&mut p.started);
+    let responded = p.responded.take();
     p.tx.commit().await?;
     Ok(Committed {
         step_status,
         started,
         ended,
+        responded,
     })
 }
 
@@ -667,6 +681,13 @@ async fn fire(
         | TransitionType::If
         | TransitionType::Else
         | TransitionType::Exception => {
+            if p.deployment.responses.contains(&t.to) {
+                // Into a response node: the run's reply (the first one reached wins).
+                if p.responded.is_none() && p.tx.set_response(output).await? {
+                    p.responded = Some(output.clone());
+                }
+                return Ok(0);
+            }
             let next = successor(step, t, output.to_string(), backpack);
             Ok(i64::from(p.add(next).await?))
         }

@@ -63,6 +63,8 @@ pub(crate) struct ServiceDeployment {
     pub graph: ServiceGraph,
     pub log_level: LogLevel,
     pub retry: HashMap<String, RetryPolicy>,
+    /// The response nodes: a `then` into one is the run's reply, not a step.
+    pub responses: HashSet<String>,
 }
 
 impl ServiceDeployment {
@@ -91,6 +93,8 @@ pub(crate) struct Inner {
     /// Taken around every write of the engine's: its transactions queue here, in order,
     /// rather than in SQLite's busy handler (which sleeps in steps of milliseconds).
     pub writes: tokio::sync::Mutex<()>,
+    /// Callers waiting for a run's response (endpoints), by run id.
+    responders: Mutex<HashMap<String, oneshot::Sender<Value>>>,
     /// The runs running per account (bounded by `max_runs_per_account`).
     running_runs: Mutex<HashMap<String, HashSet<String>>>,
 }
@@ -116,6 +120,7 @@ impl Engine {
             stopping: AtomicBool::new(false),
             writes: tokio::sync::Mutex::new(()),
             running_runs: Mutex::new(HashMap::new()),
+            responders: Mutex::new(HashMap::new()),
         });
         let engine = Engine { inner };
         let resumed = engine.resume().await?;
@@ -153,7 +158,8 @@ impl Engine {
         Ok(runs.len())
     }
 
-    /// Starts a run of `account`'s `project` (its live deployment) at block `start`.
+    /// Starts a run of `account`'s `project` (its live deployment) at `start`: a block, or
+    /// a trigger (the run starts at the blocks its `then` transitions lead to).
     pub async fn start_run(
         &self,
         account: &Account,
@@ -161,6 +167,36 @@ impl Engine {
         start: &str,
         input: Value,
         backpack: Value,
+    ) -> Result<RunStarted, EngineError> {
+        self.begin(account, project, start, input, backpack, None)
+            .await
+    }
+
+    /// [`Engine::start_run`] for a caller that waits for the run's response (an HTTP
+    /// endpoint): the receiver gets the output of the first `then` into a response node
+    /// (dropped unanswered if the run ends without one).
+    pub async fn start_run_for_response(
+        &self,
+        account: &Account,
+        project: &str,
+        start: &str,
+        input: Value,
+    ) -> Result<(RunStarted, oneshot::Receiver<Value>), EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let started = self
+            .begin(account, project, start, input, json!({}), Some(tx))
+            .await?;
+        Ok((started, rx))
+    }
+
+    async fn begin(
+        &self,
+        account: &Account,
+        project: &str,
+        start: &str,
+        input: Value,
+        backpack: Value,
+        responder: Option<oneshot::Sender<Value>>,
     ) -> Result<RunStarted, EngineError> {
         let inner = &self.inner;
         if inner.stopping.load(Ordering::Acquire) {
@@ -175,20 +211,9 @@ impl Engine {
             .invocations
             .live_deployment(&account.id, project)
             .await?;
-        if !live.blocks.contains_key(start) {
-            let mut blocks: Vec<String> = live.blocks.keys().cloned().collect();
-            blocks.sort_unstable();
-            return Err(EngineError::StartNotFound {
-                project: project.to_string(),
-                deployment: live.number,
-                start: start.to_string(),
-                blocks,
-            });
-        }
         inner.remember_account(account);
-        let run_id = format!("run_{}", uuid::Uuid::now_v7().simple());
-        let run = RunRecord {
-            id: run_id.clone(),
+        let mut run = RunRecord {
+            id: format!("run_{}", uuid::Uuid::now_v7().simple()),
             account_id: account.id.clone(),
             project: project.to_string(),
             deployment_id: live.id,
@@ -200,6 +225,7 @@ impl Engine {
             steps: 0,
             started_at_ms: now_ms(),
             ended_at_ms: None,
+            response: None,
         };
         let deployment =
             inner
@@ -208,6 +234,30 @@ impl Engine {
                 .ok_or_else(|| EngineError::ProjectNotFound {
                     project: project.to_string(),
                 })?;
+        // A block, or a trigger's `then` targets.
+        let (transition, targets): (&str, Vec<(Option<i64>, String)>) =
+            if deployment.blocks.contains_key(start) {
+                ("start", vec![(None, start.to_string())])
+            } else {
+                let targets: Vec<(Option<i64>, String)> = deployment
+                    .graph
+                    .outgoing(start, refinery_domain::TransitionType::Then)
+                    .iter()
+                    .filter(|t| deployment.blocks.contains_key(&t.to))
+                    .map(|t| (Some(t.id as i64), t.to.clone()))
+                    .collect();
+                ("then", targets)
+            };
+        if targets.is_empty() {
+            let mut blocks: Vec<String> = deployment.blocks.keys().cloned().collect();
+            blocks.sort_unstable();
+            return Err(EngineError::StartNotFound {
+                project: project.to_string(),
+                deployment: live.number,
+                start: start.to_string(),
+                blocks,
+            });
+        }
         // A place among the account's running runs, held from here: released by the
         // run's end, or below if it cannot be recorded.
         {
@@ -221,31 +271,41 @@ impl Engine {
             }
             runs.insert(run.id.clone());
         }
-        let step = NewStep {
-            id: advance::new_step_id(),
-            name: start.to_string(),
-            transition: "start".into(),
-            transition_id: None,
-            parents: Vec::new(),
-            item: None,
-            frame: String::new(),
-            depth: 1,
-            attempt: 1,
-            input: input.to_string(),
-            backpack: backpack.to_string(),
-            not_before_ms: 0,
-        };
+        let (input, backpack) = (input.to_string(), backpack.to_string());
+        let steps: Vec<NewStep> = targets
+            .into_iter()
+            .map(|(transition_id, name)| NewStep {
+                id: advance::new_step_id(),
+                name,
+                transition: transition.to_string(),
+                transition_id,
+                parents: Vec::new(),
+                item: None,
+                frame: String::new(),
+                depth: 1,
+                attempt: 1,
+                input: input.clone(),
+                backpack: backpack.clone(),
+                not_before_ms: 0,
+            })
+            .collect();
         let created = {
             let _write = inner.writes.lock().await;
-            advance::create_run(&inner.store, &run, &step).await
+            advance::create_run(&inner.store, &run, &steps).await
         };
         if let Err(e) = created {
             inner.release_run_slot(&run);
             return Err(e);
         }
+        run.steps = steps.len() as i64;
         inner.metrics.runs_started.inc();
-        inner.enqueue(&run, &deployment, &step.id, start, 0);
-        Ok(RunStarted { run_id })
+        if let Some(responder) = responder {
+            lock(&inner.responders).insert(run.id.clone(), responder);
+        }
+        for step in &steps {
+            inner.enqueue(&run, &deployment, &step.id, &step.name, 0);
+        }
+        Ok(RunStarted { run_id: run.id })
     }
 
     /// Waits up to `timeout` for run `run_id` to end; `true` if it has.
@@ -382,6 +442,7 @@ impl Inner {
             graph: manifest.graph(),
             log_level: manifest.log_level,
             retry: manifest.retry.into_iter().collect(),
+            responses: HashSet::new(),
             blocks: deployment
                 .blocks
                 .into_iter()
@@ -566,6 +627,11 @@ impl Inner {
                 status: committed.step_status.to_string(),
             })
             .inc();
+        if let Some(response) = committed.responded {
+            if let Some(responder) = lock(&self.responders).remove(&run.id) {
+                let _ = responder.send(response);
+            }
+        }
         if let Some(status) = &committed.ended {
             self.run_ended(&run, status);
         }
@@ -691,6 +757,8 @@ impl Inner {
     pub fn run_ended(&self, run: &RunRecord, status: &str) {
         EngineMetrics::ended(&self.metrics.runs_ended, status);
         self.release_run_slot(run);
+        // Ended without a response: its caller hears so (the sender dropped).
+        lock(&self.responders).remove(&run.id);
         if let Some(waiters) = lock(&self.waiters).remove(&run.id) {
             for w in waiters {
                 let _ = w.send(());

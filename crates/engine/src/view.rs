@@ -17,6 +17,9 @@ pub struct RunView {
     pub duration_ms: Option<i64>,
     /// Why it failed: `{"type","message"}`, and `steps` naming the failed steps.
     pub error: Option<Value>,
+    /// For a run started by an HTTP endpoint: the output its response node replied with.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response: Option<Value>,
     pub steps: Vec<StepView>,
 }
 
@@ -67,6 +70,7 @@ impl RunView {
             started_at: rfc3339(run.started_at_ms),
             ended_at: run.ended_at_ms.map(rfc3339),
             error: run.error.as_deref().map(parse),
+            response: run.response.as_deref().map(parse),
             steps: steps.into_iter().map(StepView::new).collect(),
         }
     }

@@ -35,6 +35,8 @@ pub struct RunRecord {
     pub steps: i64,
     pub started_at_ms: i64,
     pub ended_at_ms: Option<i64>,
+    /// The endpoint reply it reached (JSON), if any.
+    pub response: Option<String>,
 }
 
 impl RunRecord {
@@ -138,7 +140,7 @@ pub struct JoinEntry {
 }
 
 const RUN_COLUMNS: &str = "id, account_id, project, deployment_id, deployment, start, status, \
-     cancel_requested, error, steps, started_at_ms, ended_at_ms";
+     cancel_requested, error, steps, started_at_ms, ended_at_ms, response";
 
 const STEP_COLUMNS: &str = "id, run_id, seq, name, status, transition, transition_id, parents, \
      item, frame, depth, attempt, input, backpack_in, output, backpack, error, execution_id, \
@@ -158,6 +160,7 @@ fn run_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<RunRecord, sqlx::Error>
         steps: row.try_get("steps")?,
         started_at_ms: row.try_get("started_at_ms")?,
         ended_at_ms: row.try_get("ended_at_ms")?,
+        response: row.try_get("response")?,
     })
 }
 
@@ -665,6 +668,19 @@ impl RunTx {
         .await
         .map_err(StoreError::db(what))?;
         Ok(())
+    }
+
+    /// Sets the run's response (an endpoint's reply) unless it has one; `true` if this
+    /// one is it.
+    pub async fn set_response(&mut self, response: &Value) -> Result<bool, StoreError> {
+        let what = self.what();
+        let done = sqlx::query("UPDATE runs SET response = ? WHERE id = ? AND response IS NULL")
+            .bind(response.to_string())
+            .bind(&self.run_id)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(StoreError::db(what))?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Replaces the run's failure (to name more failed steps in it).
