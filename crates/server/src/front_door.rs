@@ -539,6 +539,7 @@ pub(crate) async fn serve(
                 let _ = stream.set_nodelay(true);
                 connections.spawn(serve_connection(
                     stream,
+                    peer,
                     admitted,
                     router.clone(),
                     http.clone(),
@@ -650,6 +651,7 @@ impl AcceptErrors {
 
 async fn serve_connection(
     stream: TcpStream,
+    peer: SocketAddr,
     admitted: Admitted,
     router: Router,
     http: Arc<http1::Builder>,
@@ -663,6 +665,7 @@ async fn serve_connection(
     });
     let service = ConnService {
         router,
+        peer,
         conn: conn.clone(),
         body_timeout: limits.body_timeout,
     };
@@ -759,6 +762,8 @@ impl AsyncWrite for Tracked {
 #[derive(Clone)]
 struct ConnService {
     router: Router,
+    /// The client's address, given to handlers as axum's `ConnectInfo`.
+    peer: SocketAddr,
     conn: Arc<Conn>,
     body_timeout: Duration,
 }
@@ -776,6 +781,10 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let deadline = Instant::now() + self.body_timeout;
         let conn = self.conn.clone();
         let body_timeout = self.body_timeout;
+        let mut request = request;
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
         let request = request.map(|body| {
             Body::new(DeadlineBody {
                 body,
