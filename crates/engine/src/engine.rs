@@ -403,14 +403,27 @@ impl Inner {
         &self,
         run: &RunRecord,
     ) -> Result<Option<Arc<ServiceDeployment>>, EngineError> {
-        if let Some(d) = lock(&self.deployments).get(&run.deployment_id) {
+        self.deployment_of(&run.account_id, &run.project, run.deployment_id, run.deployment)
+            .await
+    }
+
+    /// Deployment `id` (number `number` of the account's `project`), parsed (cached);
+    /// `None` if it no longer exists.
+    pub async fn deployment_of(
+        &self,
+        account_id: &str,
+        project: &str,
+        id: i64,
+        number: i64,
+    ) -> Result<Option<Arc<ServiceDeployment>>, EngineError> {
+        if let Some(d) = lock(&self.deployments).get(&id) {
             return Ok(Some(d.clone()));
         }
         let Some(deployment) = self
             .store
-            .deployment(&run.account_id, &run.project, run.deployment)
+            .deployment(account_id, project, number)
             .await?
-            .filter(|d| d.id == run.deployment_id)
+            .filter(|d| d.id == id)
         else {
             return Ok(None);
         };
