@@ -635,8 +635,9 @@ pub fn report(r: &ServicesResults) -> String {
             };
             let _ = writeln!(
                 o,
-                "| {} blocks | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} block{} | {} | {} | {} | {} | {} | {} | {} |",
                 row.steps,
+                if row.steps == 1 { "" } else { "s" },
                 b.samples,
                 ms(b.before_first),
                 ms(b.executing),
