@@ -14,7 +14,7 @@ deploys the bench's 10-block `then` chain (s1 -> ... -> s10, warm Python blocks)
    (COMMIT, enqueue, dispatch).
 PROFILE_LOG=warn runs 1 and 2 without the debug log (2 then counts no statements; 3 is empty).
 """
-import glob, http.client, json, os, re, statistics, subprocess, sys, tempfile, time
+import glob, http.client, json, os, re, shutil, statistics, subprocess, sys, tempfile, time
 from datetime import datetime
 
 runs = int(sys.argv[1]) if len(sys.argv) > 1 else 200
@@ -134,3 +134,4 @@ print("3. per step of the chains (median µs, from the sqlx log):")
 for name, values in phases.items():
     if values:
         print(f"   {name}: {statistics.median(values):.0f} (mean {statistics.mean(values):.0f}, {len(values)} steps)")
+shutil.rmtree(data, ignore_errors=True)
