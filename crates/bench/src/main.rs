@@ -8,8 +8,9 @@
 //! run and printed as ratios. `--write docs/BENCHMARKS.md` puts the Markdown between the
 //! document's marker comments; `scripts/bench` is the documented way to run it all.
 //!
-//! Other modes: `--keep-alive-sim` (only the simulation) and `--neighbour` (noisy-neighbour
-//! isolation between two accounts).
+//! Other modes: `--keep-alive-sim` (only the simulation), `--neighbour` (noisy-neighbour
+//! isolation between two accounts) and the `services` subcommand (the services engine: chains
+//! as runs against client-driven calls, the cost of a step, a fan-out, runs per second).
 
 mod baseline;
 mod cpu;
@@ -20,6 +21,7 @@ mod memory;
 mod neighbour;
 mod report;
 mod server;
+mod services;
 mod stats;
 mod suite;
 
@@ -73,6 +75,37 @@ struct Args {
     /// Also replay the Azure 2019 sample in this directory in the keep-alive simulation.
     #[arg(long, value_name = "DIR")]
     azure_trace: Option<PathBuf>,
+    #[command(subcommand)]
+    mode: Option<Mode>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Mode {
+    /// Measure the services engine: a 3-block chain as a run vs the client calling the blocks,
+    /// the cost of a `then` step, a fan-out + fan-in, runs per second.
+    Services(ServicesArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ServicesArgs {
+    /// Samples of each chain row (1, 2, 3, 10 blocks as runs; 3 blocks called by the client).
+    #[arg(long, default_value_t = 300)]
+    runs: usize,
+    /// Items of the fan-out.
+    #[arg(long, default_value_t = 1000)]
+    fan_out: usize,
+    /// `max_concurrency` of the fan-out's no-op block (default: 8 × cores).
+    #[arg(long)]
+    fan_concurrency: Option<usize>,
+    /// Concurrent clients of the runs-per-second figure (default: 2 × cores).
+    #[arg(long)]
+    clients: Option<usize>,
+    /// How long (s) the runs-per-second clients run.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Write the figures into this Markdown file, between its `services` marker comments.
+    #[arg(long, value_name = "FILE")]
+    write: Option<PathBuf>,
 }
 
 /// The burst holds hundreds of connections and instance pipes: raise the open-file limit
@@ -101,6 +134,10 @@ async fn main() -> Result<()> {
         Some(path) => path,
         None => std::env::current_exe()?.with_file_name("refinery"),
     };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if let Some(Mode::Services(services)) = &args.mode {
+        return run_services(binary, services, cores).await;
+    }
     if args.neighbour {
         let server = server::start(&binary, &[])?;
         let api = server::Api::new(&server)?;
@@ -115,7 +152,6 @@ async fn main() -> Result<()> {
                 .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         }
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let config = suite::SuiteConfig {
         refinery: binary,
         cold: args.cold.max(1),
@@ -136,6 +172,37 @@ async fn main() -> Result<()> {
             path,
             &[("suite", &markdown), ("keep-alive", &results.keep_alive)],
         )?;
+        eprintln!("bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+async fn run_services(binary: PathBuf, args: &ServicesArgs, cores: usize) -> Result<()> {
+    if let Some(path) = &args.write {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        doc::replace_region(&text, "services", "")
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    if !(args.seconds.is_finite() && args.seconds > 0.0) {
+        anyhow::bail!(
+            "--seconds {} is not a positive number of seconds: use e.g. --seconds 10",
+            args.seconds
+        );
+    }
+    let config = services::ServicesConfig {
+        refinery: binary,
+        runs: args.runs.max(1),
+        fan_out: args.fan_out.max(1),
+        fan_concurrency: args.fan_concurrency.unwrap_or(8 * cores).max(1),
+        clients: args.clients.unwrap_or(2 * cores).max(1),
+        seconds: args.seconds,
+    };
+    let results = services::run(config).await?;
+    let markdown = services::report(&results);
+    println!("{markdown}");
+    if let Some(path) = &args.write {
+        doc::write_regions(path, &[("services", &markdown)])?;
         eprintln!("bench: wrote {}", path.display());
     }
     Ok(())

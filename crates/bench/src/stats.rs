@@ -1,10 +1,11 @@
 //! Percentiles of latency samples.
 
-/// p50 / p99 / mean of a set of samples (ms or any unit).
+/// p50 / p90 / p99 / mean of a set of samples (ms or any unit).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Summary {
     pub n: usize,
     pub p50: f64,
+    pub p90: f64,
     pub p99: f64,
     pub mean: f64,
     pub max: f64,
@@ -25,6 +26,7 @@ pub fn summary(samples: &[f64]) -> Summary {
     Summary {
         n: sorted.len(),
         p50: percentile(&sorted, 50.0),
+        p90: percentile(&sorted, 90.0),
         p99: percentile(&sorted, 99.0),
         mean: sorted.iter().sum::<f64>() / sorted.len().max(1) as f64,
         max: sorted.last().copied().unwrap_or(f64::NAN),
@@ -41,6 +43,7 @@ mod tests {
         let s = summary(&samples);
         assert_eq!(s.n, 100);
         assert_eq!(s.p50, 51.0);
+        assert_eq!(s.p90, 90.0);
         assert_eq!(s.p99, 99.0);
         assert_eq!(s.max, 100.0);
         assert!((s.mean - 50.5).abs() < 1e-9);
