@@ -295,12 +295,14 @@ fn json_kind(value: &Value) -> String {
 pub struct Committed {
     /// The step's recorded status.
     pub step_status: &'static str,
-    /// Steps it started (to queue).
-    pub started: Vec<NewStep>,
+    /// Steps it started (to queue), as stored.
+    pub started: Vec<StepRecord>,
     /// The run's status if it ended.
     pub ended: Option<String>,
     /// The endpoint reply it reached.
     pub responded: Option<Value>,
+    /// Whether the run now starts nothing new (it is failing).
+    pub halted: bool,
 }
 
 /// Records the run and its first steps, in one transaction.
@@ -333,7 +335,7 @@ struct Pending<'a> {
     run: RunRecord,
     deployment: &'a ServiceDeployment,
     config: &'a EngineConfig,
-    started: Vec<NewStep>,
+    started: Vec<StepRecord>,
     /// The run's failure, if this commit fails it.
     failure: Option<Value>,
     /// The endpoint reply this commit reached (the run's first).
@@ -369,8 +371,8 @@ impl Pending<'_> {
             ));
             return Ok(false);
         }
-        self.tx.insert_step(&step).await?;
-        self.started.push(step);
+        let seq = self.tx.insert_step(&step).await?;
+        self.started.push(pending_record(&self.run.id, step, seq));
         Ok(true)
     }
 
@@ -576,6 +578,7 @@ pub async fn commit(
             started: Vec::new(),
             ended,
             responded: None,
+            halted: true,
         });
     }
 
@@ -645,6 +648,7 @@ pub async fn commit(
             p.settle(frame).await?;
         }
     }
+    let halted = p.failure.is_some();
     let ended = if let Some(failure) = p.failure.take() {
         p.tx.fail_run(&failure).await?;
         p.started.clear();
@@ -664,6 +668,7 @@ pub async fn commit(
         started,
         ended,
         responded,
+        halted,
     })
 }
 
@@ -757,6 +762,34 @@ async fn fire(
             next.parents = parents;
             Ok(i64::from(p.add(next).await?))
         }
+    }
+}
+
+/// A step just inserted, as the store now holds it.
+pub fn pending_record(run_id: &str, step: NewStep, seq: i64) -> StepRecord {
+    StepRecord {
+        id: step.id,
+        run_id: run_id.to_string(),
+        seq,
+        name: step.name,
+        status: "pending".into(),
+        transition: step.transition,
+        transition_id: step.transition_id,
+        parents: step.parents,
+        item: step.item,
+        frame: step.frame,
+        depth: step.depth,
+        attempt: step.attempt,
+        input: Some(step.input),
+        backpack_in: Some(step.backpack),
+        output: None,
+        backpack: None,
+        error: None,
+        execution_id: None,
+        not_before_ms: step.not_before_ms,
+        created_at_ms: now_ms(),
+        started_at_ms: None,
+        duration_ms: None,
     }
 }
 

@@ -93,6 +93,10 @@ pub(crate) struct Inner {
     /// Taken around every write of the engine's: its transactions queue here, in order,
     /// rather than in SQLite's busy handler (which sleeps in steps of milliseconds).
     pub writes: tokio::sync::Mutex<()>,
+    /// Steps queued by this process, with their run: read from here, not the store.
+    prefetched: Mutex<HashMap<String, (Arc<RunRecord>, StepRecord)>>,
+    /// Runs failing or cancelled (by this process): their queued steps do not run.
+    halted: Mutex<HashSet<String>>,
     /// Callers waiting for a run's response (endpoints), by run id.
     responders: Mutex<HashMap<String, oneshot::Sender<Value>>>,
     /// The runs running per account (bounded by `max_runs_per_account`).
@@ -121,6 +125,8 @@ impl Engine {
             writes: tokio::sync::Mutex::new(()),
             running_runs: Mutex::new(HashMap::new()),
             responders: Mutex::new(HashMap::new()),
+            prefetched: Mutex::new(HashMap::new()),
+            halted: Mutex::new(HashSet::new()),
         });
         let engine = Engine { inner };
         let resumed = engine.resume().await?;
@@ -302,10 +308,15 @@ impl Engine {
         if let Some(responder) = responder {
             lock(&inner.responders).insert(run.id.clone(), responder);
         }
-        for step in &steps {
+        let run = Arc::new(run);
+        for (seq, step) in steps.into_iter().enumerate() {
             inner.enqueue(&run, &deployment, &step.id, &step.name, 0);
+            let record = advance::pending_record(&run.id, step, seq as i64);
+            lock(&inner.prefetched).insert(record.id.clone(), (run.clone(), record));
         }
-        Ok(RunStarted { run_id: run.id })
+        Ok(RunStarted {
+            run_id: run.id.clone(),
+        })
     }
 
     /// Waits up to `timeout` for run `run_id` to end; `true` if it has.
@@ -372,8 +383,11 @@ impl Engine {
             let _write = inner.writes.lock().await;
             advance::cancel(&inner.store, run_id).await?
         };
-        if let Some(status) = &status {
-            inner.run_ended(&run, status);
+        match &status {
+            Some(status) => inner.run_ended(&run, status),
+            None => {
+                lock(&inner.halted).insert(run.id.clone());
+            }
         }
         Ok(status.unwrap_or_else(|| "running".into()))
     }
@@ -597,20 +611,30 @@ impl Inner {
     /// Runs the step and commits what follows; `Some(delay)` to try it again later
     /// (back-pressure), `None` when it is done with.
     async fn execute(&self, ready: &Ready) -> Result<Option<Duration>, EngineError> {
-        let Some(step) = self.store.step(&ready.step_id).await? else {
-            // Deleted with its project.
-            self.release(&ready.key.account_id, &ready.run_id);
-            return Ok(None);
+        // A step this process created comes with its records (the commit that created it
+        // wrote them); a resumed or requeued one is read back.
+        let prefetched = lock(&self.prefetched).remove(&ready.step_id);
+        let halted = lock(&self.halted).contains(&ready.run_id);
+        let (run, step) = match prefetched {
+            Some((run, step)) if !halted => (run, step),
+            _ => {
+                let Some(step) = self.store.step(&ready.step_id).await? else {
+                    // Deleted with its project.
+                    self.release(&ready.key.account_id, &ready.run_id);
+                    return Ok(None);
+                };
+                if step.status != "pending" && step.status != "running" {
+                    return Ok(None);
+                }
+                let Some(run) = self.store.run_record(&ready.run_id).await? else {
+                    // Deleted with its project.
+                    self.release(&ready.key.account_id, &ready.run_id);
+                    return Ok(None);
+                };
+                (Arc::new(run), step)
+            }
         };
-        if step.status != "pending" && step.status != "running" {
-            return Ok(None);
-        }
-        let Some(run) = self.store.run_record(&ready.run_id).await? else {
-            // Deleted with its project.
-            self.release(&ready.key.account_id, &ready.run_id);
-            return Ok(None);
-        };
-        if run.halted() {
+        if halted || run.halted() {
             // Cancelled or failed after it was queued: it never runs.
             let ended = {
                 let _write = self.writes.lock().await;
@@ -626,7 +650,10 @@ impl Inner {
         };
         let outcome = match self.invoke(&run, &deployment, &step, ready).await {
             Invoked::Outcome(outcome) => outcome,
-            Invoked::Later(delay) => return Ok(Some(delay)),
+            Invoked::Later(delay) => {
+                lock(&self.prefetched).insert(step.id.clone(), (run, step));
+                return Ok(Some(delay));
+            }
             Invoked::Stopping => return Ok(None),
         };
         let plan = advance::plan(&self.config, deployment.clone(), &step, outcome).await;
@@ -648,8 +675,12 @@ impl Inner {
         if let Some(status) = &committed.ended {
             self.run_ended(&run, status);
         }
-        for new in &committed.started {
+        if committed.halted {
+            lock(&self.halted).insert(run.id.clone());
+        }
+        for new in committed.started {
             self.enqueue(&run, &deployment, &new.id, &new.name, new.not_before_ms);
+            lock(&self.prefetched).insert(new.id.clone(), (run.clone(), new));
         }
         Ok(None)
     }
@@ -772,6 +803,7 @@ impl Inner {
         self.release_run_slot(run);
         // Ended without a response: its caller hears so (the sender dropped).
         lock(&self.responders).remove(&run.id);
+        lock(&self.halted).remove(&run.id);
         if let Some(waiters) = lock(&self.waiters).remove(&run.id) {
             for w in waiters {
                 let _ = w.send(());
