@@ -726,13 +726,6 @@ impl Inner {
             .as_deref()
             .and_then(|b| serde_json::from_str(b).ok())
             .unwrap_or_else(|| json!({}));
-        let marked = {
-            let _write = self.writes.lock().await;
-            self.store.mark_step_running(&step.id).await
-        };
-        if let Err(e) = marked {
-            tracing::warn!(step = %step.id, error = %e, "could not mark a step running");
-        }
         self.metrics
             .transition_seconds
             .observe(ready.queued_at.elapsed().as_secs_f64());
@@ -755,7 +748,17 @@ impl Inner {
                 attempt: u32::try_from(step.attempt).unwrap_or(u32::MAX),
             }),
         };
-        match self.invocations.invoke(&account, request).await {
+        // The step is marked running while its block runs (the write overlaps the
+        // invocation; both are done before its result is committed).
+        let mark = async {
+            let _write = self.writes.lock().await;
+            self.store.mark_step_running(&step.id).await
+        };
+        let (marked, invoked) = tokio::join!(mark, self.invocations.invoke(&account, request));
+        if let Err(e) = marked {
+            tracing::warn!(step = %step.id, error = %e, "could not mark a step running");
+        }
+        match invoked {
             Ok(execution) => Invoked::Outcome(Outcome::from_execution(execution)),
             Err(InvocationError::Throttled {
                 retry_after, limit, ..
