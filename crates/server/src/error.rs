@@ -53,6 +53,12 @@ pub enum ApiError {
         limit_bytes: u64,
         needed_bytes: u64,
     },
+    /// The path exists, not with this method (an endpoint trigger): 405 with `Allow`.
+    #[error("{message}")]
+    MethodNotAllowed {
+        message: String,
+        allowed: Vec<String>,
+    },
     /// Something that existed and was removed on purpose (a pruned deployment): 410.
     #[error("{0}")]
     Gone(String),
@@ -91,6 +97,7 @@ impl ApiError {
             }
             ApiError::StorageQuota { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Gone(_) => StatusCode::GONE,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::PaymentRequired(_) => StatusCode::PAYMENT_REQUIRED,
             ApiError::Unavailable(_) | ApiError::DiskFull(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -113,6 +120,7 @@ impl ApiError {
             }
             ApiError::StorageQuota { .. } => "storage_quota",
             ApiError::Gone(_) => "gone",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::Throttled { .. } => "throttled",
             ApiError::PaymentRequired(_) => "spending_cap_reached",
             ApiError::Unavailable(_) => "unavailable",
@@ -181,6 +189,11 @@ impl IntoResponse for ApiError {
             let secs = retry_after_secs(*retry_after).to_string();
             if let Ok(value) = HeaderValue::from_str(&secs) {
                 response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+        }
+        if let ApiError::MethodNotAllowed { allowed, .. } = &self {
+            if let Ok(value) = HeaderValue::from_str(&allowed.join(", ")) {
+                response.headers_mut().insert(header::ALLOW, value);
             }
         }
         if let ApiError::DiskFull(_) = &self {
