@@ -16,10 +16,15 @@ pub mod limits;
 pub mod manifest;
 pub mod names;
 pub mod service;
+pub mod trigger;
 
 pub use block::{BlockSpec, Language};
 pub use execution::{ExecutionRecord, ExecutionStatus, UserError};
 pub use manifest::{Manifest, ManifestError};
 pub use service::{
     Expression, ExpressionError, LogLevel, RetryPolicy, ServiceGraph, Transition, TransitionType,
+};
+pub use trigger::{
+    Cors, Endpoint, EndpointAuth, HttpMethod, NodeKind, PathTemplate, Queue, Response, Schedule,
+    Timer, Topic,
 };

@@ -30,9 +30,10 @@
 //!   nesting is an error on the line of the `expression`, quoting it. At run time a result
 //!   that is not a bool, or an error (a missing field, a type mismatch) is an
 //!   [`ExpressionError`](crate::service::ExpressionError): it fails the step.
-//! - Every `from` and `to` must name a block of the manifest (the error lists them);
-//!   triggers (`[[endpoints]]`, `[[responses]]`, `[[timers]]`, `[[queues]]`, `[[topics]]`)
-//!   are refused with a message saying they are not available yet.
+//! - `from` names a block or a trigger (an endpoint, a timer, a queue, a topic); `to` a
+//!   block, a queue, a topic or a response. A trigger starts blocks with `then` only; a
+//!   block's output goes to a queue, a topic or a response with `then` only. The error on
+//!   an unknown name lists the names there are.
 //! - `merge` takes a list of at least two distinct blocks; every other type one block.
 //! - `else` only from a block that has an `if` transition.
 //! - `fan-in` only downstream of a `fan-out`: accepted when some path of transitions to
@@ -41,6 +42,45 @@
 //! - Two identical transitions (same `from`, `to`, `type` and `expression`) are an error.
 //! - Cycles are allowed (a loop through an `if`); the engine bounds a run's steps.
 //! - At most 1000 transitions per manifest.
+//!
+//! # Triggers (BRIEF §7b)
+//!
+//! ```toml
+//! [[endpoints]]
+//! name = "api"
+//! method = "POST"        # GET | POST | PUT | PATCH | DELETE | ANY (GET also answers HEAD)
+//! path = "/orders/{id}"  # literal segments and whole-segment {parameters}
+//! auth = "none"          # none (default) | key
+//! timeout_s = 29         # 1-900 (default 29): past it the caller gets 504, the run goes on
+//! cors = { allow_origins = ["https://app.example.com"], allow_headers = ["content-type"], max_age_s = 600 }
+//!                        # or `cors = true` (any origin); default: no CORS headers
+//!
+//! [[responses]]
+//! name = "reply"
+//!
+//! [[timers]]
+//! name = "nightly"
+//! schedule = "cron(0 2 * * ? *)"  # or rate(5 minutes); also rate(N seconds) (Refinery's own)
+//! input = { full = true }         # optional, at most 64 KiB as JSON; default {}
+//!
+//! [[queues]]
+//! name = "urls"
+//! batch_size = 10            # 1-10 (default 10)
+//! visibility_timeout_s = 30  # 1-43200 (default 30)
+//! max_receive_count = 5      # 1-1000 (default 5)
+//!
+//! [[topics]]
+//! name = "events"
+//! ```
+//!
+//! - Every name (block, endpoint, response, timer, queue, topic) is unique in the project.
+//! - An endpoint and a timer start at least one block (`then` transitions from them); a
+//!   queue has exactly one consumer block; a topic any number of subscribers.
+//! - Two endpoints with the same method and the same path shape (parameter names aside)
+//!   are an error; at a request, a literal segment wins over a parameter.
+//! - cron: EventBridge's six fields, one of day-of-month and day-of-week `?`, day-of-week
+//!   1-7 = SUN-SAT or names, `L`, `W`, `#`; rates are aligned on multiples of the period
+//!   since the Unix epoch (UTC).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -56,6 +96,11 @@ use crate::service::{
     retry_limits, with_compile_stack, Expression, LogLevel, RetryPolicy, ServiceGraph, Transition,
     TransitionType, MAX_TRANSITIONS,
 };
+use crate::trigger::{Endpoint, NodeKind, Queue, Response, Timer, Topic};
+
+mod triggers;
+pub use triggers::MAX_TIMER_INPUT_BYTES;
+use triggers::{RawEndpoint, RawNamed, RawQueue, RawTimer};
 
 /// A parsed, validated manifest: a project and its blocks with their sources resolved,
 /// and the service definitions that connect them.
@@ -69,6 +114,12 @@ pub struct Manifest {
     pub retry: BTreeMap<String, RetryPolicy>,
     /// `[[transitions]]`, in manifest order (each one's `id` is its index).
     pub transitions: Vec<Transition>,
+    /// The triggers and responses, each in manifest order.
+    pub endpoints: Vec<Endpoint>,
+    pub responses: Vec<Response>,
+    pub timers: Vec<Timer>,
+    pub queues: Vec<Queue>,
+    pub topics: Vec<Topic>,
 }
 
 /// A manifest problem, located.
@@ -120,12 +171,16 @@ struct RawManifest {
     blocks: Vec<Spanned<RawBlock>>,
     #[serde(default)]
     transitions: Vec<Spanned<RawTransition>>,
-    // Triggers (BRIEF §7b): recognised only to refuse them with a clear message.
-    endpoints: Option<Spanned<toml::Value>>,
-    responses: Option<Spanned<toml::Value>>,
-    timers: Option<Spanned<toml::Value>>,
-    queues: Option<Spanned<toml::Value>>,
-    topics: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    endpoints: Vec<Spanned<RawEndpoint>>,
+    #[serde(default)]
+    responses: Vec<Spanned<RawNamed>>,
+    #[serde(default)]
+    timers: Vec<Spanned<RawTimer>>,
+    #[serde(default)]
+    queues: Vec<Spanned<RawQueue>>,
+    #[serde(default)]
+    topics: Vec<Spanned<RawNamed>>,
 }
 
 #[derive(Deserialize)]
@@ -204,7 +259,6 @@ impl Manifest {
             ));
         }
 
-        ctx.refuse_triggers(&raw)?;
         let log_level = match &raw.log_level {
             None => LogLevel::default(),
             Some(level) => LogLevel::ALL
@@ -242,24 +296,48 @@ impl Manifest {
             }
             blocks.push(block);
         }
+        let triggers = ctx.triggers(&raw)?;
+        let mut kinds: BTreeMap<String, NodeKind> = blocks
+            .iter()
+            .map(|b| (b.name.clone(), NodeKind::Block))
+            .collect();
+        for (kind, table, index, name) in &triggers.names {
+            if let Some(first) = kinds.insert(name.get_ref().clone(), *kind) {
+                return Err(ctx.error(
+                    Some(name.span()),
+                    Some(format!("{table}[{index}].name")),
+                    format!(
+                        "`{}` is already the name of a {first}: every name (block, endpoint, response, timer, queue, topic) must be unique within a project",
+                        name.get_ref()
+                    ),
+                ));
+            }
+        }
         let transitions = if raw
             .transitions
             .iter()
             .any(|t| t.get_ref().expression.is_some())
         {
             // One thread with a stack fit for the CEL parser compiles every expression.
-            with_compile_stack(|| ctx.transitions(&raw.transitions, &blocks))
+            with_compile_stack(|| ctx.transitions(&raw.transitions, &kinds))
                 .map_err(|message| ctx.error(None, Some("transitions".into()), message))??
         } else {
-            ctx.transitions(&raw.transitions, &blocks)?
+            ctx.transitions(&raw.transitions, &kinds)?
         };
-        Ok(Manifest {
+        let manifest = Manifest {
             name: name.clone(),
             blocks,
             log_level,
             retry,
             transitions,
-        })
+            endpoints: triggers.endpoints,
+            responses: triggers.responses,
+            timers: triggers.timers,
+            queues: triggers.queues,
+            topics: triggers.topics,
+        };
+        ctx.check_wiring(&raw, &manifest)?;
+        Ok(manifest)
     }
 
     /// Whether the manifest connects its blocks (has `[[transitions]]`): a service.
@@ -269,8 +347,66 @@ impl Manifest {
 
     /// The transitions indexed for the engine.
     pub fn graph(&self) -> ServiceGraph {
-        let blocks: Vec<String> = self.blocks.iter().map(|b| b.name.clone()).collect();
-        ServiceGraph::new(&blocks, &self.transitions)
+        ServiceGraph::new(&self.nodes(), &self.transitions)
+    }
+
+    /// Every name of the manifest with its kind: blocks first, then the triggers, each in
+    /// manifest order.
+    pub fn nodes(&self) -> Vec<(String, NodeKind)> {
+        let mut nodes: Vec<(String, NodeKind)> = Vec::new();
+        nodes.extend(
+            self.blocks
+                .iter()
+                .map(|b| (b.name.clone(), NodeKind::Block)),
+        );
+        nodes.extend(
+            self.endpoints
+                .iter()
+                .map(|e| (e.name.clone(), NodeKind::Endpoint)),
+        );
+        nodes.extend(
+            self.responses
+                .iter()
+                .map(|r| (r.name.clone(), NodeKind::Response)),
+        );
+        nodes.extend(
+            self.timers
+                .iter()
+                .map(|t| (t.name.clone(), NodeKind::Timer)),
+        );
+        nodes.extend(
+            self.queues
+                .iter()
+                .map(|q| (q.name.clone(), NodeKind::Queue)),
+        );
+        nodes.extend(
+            self.topics
+                .iter()
+                .map(|t| (t.name.clone(), NodeKind::Topic)),
+        );
+        nodes
+    }
+
+    /// What `name` is in this manifest, if anything.
+    pub fn node_kind(&self, name: &str) -> Option<NodeKind> {
+        self.nodes()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, kind)| kind)
+    }
+
+    /// The queue named `name`.
+    pub fn queue(&self, name: &str) -> Option<&Queue> {
+        self.queues.iter().find(|q| q.name == name)
+    }
+
+    /// The blocks a trigger's `then` transitions start, in manifest order.
+    pub fn trigger_targets(&self, trigger: &str) -> Vec<&str> {
+        self.transitions
+            .iter()
+            .filter(|t| t.kind == TransitionType::Then && t.from[0] == trigger)
+            .map(|t| t.to.as_str())
+            .collect()
     }
 
     /// The `source = "..."` paths the manifest references, for a client to upload
@@ -285,6 +421,17 @@ impl Manifest {
             .filter_map(|b| b.get_ref().source.as_ref().map(|s| s.get_ref().clone()))
             .collect()
     }
+}
+
+/// The trigger tables, parsed, and every trigger's name with where it came from.
+#[derive(Default)]
+struct Triggers<'r> {
+    endpoints: Vec<Endpoint>,
+    responses: Vec<Response>,
+    timers: Vec<Timer>,
+    queues: Vec<Queue>,
+    topics: Vec<Topic>,
+    names: Vec<(NodeKind, &'static str, usize, &'r Spanned<String>)>,
 }
 
 struct Context<'a> {
@@ -532,23 +679,106 @@ impl Context<'_> {
 }
 
 impl Context<'_> {
-    /// Triggers are the next step (issue 13): a manifest declaring one is refused, saying so.
-    fn refuse_triggers(&self, raw: &RawManifest) -> Result<(), ManifestError> {
-        let declared = [
-            ("endpoints", &raw.endpoints),
-            ("responses", &raw.responses),
-            ("timers", &raw.timers),
-            ("queues", &raw.queues),
-            ("topics", &raw.topics),
-        ];
-        if let Some((key, Some(value))) = declared.iter().find(|(_, v)| v.is_some()) {
-            return Err(self.error(
-                Some(value.span()),
-                Some((*key).into()),
-                format!(
-                    "triggers (`[[endpoints]]`, `[[responses]]`, `[[timers]]`, `[[queues]]`, `[[topics]]`) are not available in this version yet: remove `[[{key}]]`, and invoke blocks with `refinery invoke` or `POST /v1/projects/{{project}}/blocks/{{block}}/invoke`"
-                ),
-            ));
+    /// Every trigger table, parsed, with each name located for the uniqueness check.
+    fn triggers<'r>(&self, raw: &'r RawManifest) -> Result<Triggers<'r>, ManifestError> {
+        let mut t = Triggers::default();
+        for (index, e) in raw.endpoints.iter().enumerate() {
+            t.endpoints.push(self.endpoint(index, e.get_ref())?);
+            t.names
+                .push((NodeKind::Endpoint, "endpoints", index, &e.get_ref().name));
+        }
+        for (index, r) in raw.responses.iter().enumerate() {
+            t.responses.push(self.response(index, r.get_ref())?);
+            t.names
+                .push((NodeKind::Response, "responses", index, &r.get_ref().name));
+        }
+        for (index, timer) in raw.timers.iter().enumerate() {
+            t.timers.push(self.timer(index, timer.get_ref())?);
+            t.names
+                .push((NodeKind::Timer, "timers", index, &timer.get_ref().name));
+        }
+        for (index, q) in raw.queues.iter().enumerate() {
+            t.queues.push(self.queue(index, q.get_ref())?);
+            t.names
+                .push((NodeKind::Queue, "queues", index, &q.get_ref().name));
+        }
+        for (index, topic) in raw.topics.iter().enumerate() {
+            t.topics.push(self.topic(index, topic.get_ref())?);
+            t.names
+                .push((NodeKind::Topic, "topics", index, &topic.get_ref().name));
+        }
+        // Two endpoints answering the same requests would be ambiguous.
+        for (index, e) in t.endpoints.iter().enumerate() {
+            if let Some(first) = t.endpoints[..index]
+                .iter()
+                .position(|o| o.method == e.method && o.path.shape() == e.path.shape())
+            {
+                return Err(self.error(
+                    Some(raw.endpoints[index].get_ref().path.span()),
+                    Some(format!("endpoints[{index}].path")),
+                    format!(
+                        "`{} {}` answers the same requests as endpoint `{}` (`{} {}`): give one another path or method",
+                        e.method.as_str(),
+                        e.path.as_str(),
+                        t.endpoints[first].name,
+                        t.endpoints[first].method.as_str(),
+                        t.endpoints[first].path.as_str()
+                    ),
+                ));
+            }
+        }
+        Ok(t)
+    }
+
+    /// The rules that tie triggers to transitions: an endpoint and a timer start at least one
+    /// block, a queue has exactly one consumer.
+    fn check_wiring(&self, raw: &RawManifest, manifest: &Manifest) -> Result<(), ManifestError> {
+        let starts = |name: &str| manifest.trigger_targets(name).len();
+        for (index, e) in manifest.endpoints.iter().enumerate() {
+            if starts(&e.name) == 0 {
+                return Err(self.error(
+                    Some(raw.endpoints[index].span()),
+                    Some(format!("endpoints[{index}]")),
+                    format!(
+                        "endpoint `{}` starts nothing: add a transition `from = \"{}\"`, `to` a block, `type = \"then\"`",
+                        e.name, e.name
+                    ),
+                ));
+            }
+        }
+        for (index, timer) in manifest.timers.iter().enumerate() {
+            if starts(&timer.name) == 0 {
+                return Err(self.error(
+                    Some(raw.timers[index].span()),
+                    Some(format!("timers[{index}]")),
+                    format!(
+                        "timer `{}` starts nothing: add a transition `from = \"{}\"`, `to` a block, `type = \"then\"`",
+                        timer.name, timer.name
+                    ),
+                ));
+            }
+        }
+        for (index, q) in manifest.queues.iter().enumerate() {
+            let consumers = manifest.trigger_targets(&q.name);
+            if consumers.len() != 1 {
+                return Err(self.error(
+                    Some(raw.queues[index].span()),
+                    Some(format!("queues[{index}]")),
+                    if consumers.is_empty() {
+                        format!(
+                            "queue `{}` has no consumer: add one transition `from = \"{}\"`, `to` the block that processes its messages, `type = \"then\"`",
+                            q.name, q.name
+                        )
+                    } else {
+                        format!(
+                            "queue `{}` has {} consumers ({}): a queue has exactly one consumer block; to deliver to several, publish to a topic",
+                            q.name,
+                            consumers.len(),
+                            consumers.join(", ")
+                        )
+                    },
+                ));
+            }
         }
         Ok(())
     }
@@ -618,7 +848,7 @@ impl Context<'_> {
     fn transitions(
         &self,
         raw: &[Spanned<RawTransition>],
-        blocks: &[BlockSpec],
+        kinds: &BTreeMap<String, NodeKind>,
     ) -> Result<Vec<Transition>, ManifestError> {
         if let Some(over) = raw.get(MAX_TRANSITIONS) {
             return Err(self.error(
@@ -630,10 +860,14 @@ impl Context<'_> {
                 ),
             ));
         }
-        let names: Vec<&str> = blocks.iter().map(|b| b.name.as_str()).collect();
+        let names: Vec<&str> = kinds
+            .iter()
+            .filter(|(_, kind)| **kind == NodeKind::Block)
+            .map(|(name, _)| name.as_str())
+            .collect();
         let mut transitions: Vec<Transition> = Vec::with_capacity(raw.len());
         for (index, raw_transition) in raw.iter().enumerate() {
-            let transition = self.transition(index, raw_transition, &names)?;
+            let transition = self.transition(index, raw_transition, kinds)?;
             if let Some(first) = transitions.iter().find(|t| {
                 (&t.from, &t.to, t.kind, &t.expression)
                     == (
@@ -698,7 +932,7 @@ impl Context<'_> {
         &self,
         index: usize,
         raw: &Spanned<RawTransition>,
-        names: &[&str],
+        kinds: &BTreeMap<String, NodeKind>,
     ) -> Result<Transition, ManifestError> {
         let field = |name: &str| Some(format!("transitions[{index}].{name}"));
         let t = raw.get_ref();
@@ -753,13 +987,50 @@ impl Context<'_> {
             }
         };
         for name in &from {
-            if !names.contains(&name.as_str()) {
-                return Err(from_error(unknown_block(name, names)));
+            match kinds.get(name) {
+                None => return Err(from_error(unknown_name(name, kinds))),
+                Some(NodeKind::Block) => {}
+                Some(NodeKind::Response) => {
+                    return Err(from_error(format!(
+                        "`{name}` is a response, which ends a pipeline: a transition starts at a block or a trigger (endpoint, timer, queue, topic)"
+                    )))
+                }
+                Some(trigger) if kind == TransitionType::Then => {
+                    if from.len() > 1 {
+                        return Err(from_error(format!(
+                            "`{name}` is a {trigger}: a `merge` waits for blocks only"
+                        )));
+                    }
+                }
+                Some(trigger) => {
+                    return Err(from_error(format!(
+                        "`{name}` is a {trigger}: a trigger starts blocks with `type = \"then\"` only, and this one is `{kind}`"
+                    )))
+                }
             }
         }
         let to = t.to.get_ref();
-        if !names.contains(&to.as_str()) {
-            return Err(self.error(Some(t.to.span()), field("to"), unknown_block(to, names)));
+        let to_error = |message: String| self.error(Some(t.to.span()), field("to"), message);
+        let source_is_block = kinds.get(&from[0]) == Some(&NodeKind::Block);
+        match kinds.get(to) {
+            None => return Err(to_error(unknown_name(to, kinds))),
+            Some(NodeKind::Block) => {}
+            Some(target @ (NodeKind::Endpoint | NodeKind::Timer)) => {
+                return Err(to_error(format!(
+                    "`{to}` is a {target}, which starts runs and cannot be a transition's target: `to` is a block, a queue, a topic or a response"
+                )))
+            }
+            Some(target) if !source_is_block => {
+                return Err(to_error(format!(
+                    "`{to}` is a {target}; a trigger's transitions lead to blocks: add a block between them"
+                )))
+            }
+            Some(target) if kind != TransitionType::Then => {
+                return Err(to_error(format!(
+                    "`{to}` is a {target}: a block's output goes to a {target} with `type = \"then\"` only, and this one is `{kind}`"
+                )))
+            }
+            Some(_) => {}
         }
 
         let expression = match (&t.expression, kind) {
@@ -800,20 +1071,20 @@ impl Context<'_> {
     }
 }
 
-/// "unknown block `x`: ..." listing the blocks there are.
-fn unknown_block(name: &str, names: &[&str]) -> String {
+/// "unknown name `x`: ..." listing the names there are.
+fn unknown_name(name: &str, kinds: &BTreeMap<String, NodeKind>) -> String {
     const SHOWN: usize = 20;
-    let mut known = names
+    let mut known = kinds
         .iter()
         .take(SHOWN)
-        .map(|n| format!("`{n}`"))
+        .map(|(n, kind)| format!("`{n}` ({kind})"))
         .collect::<Vec<_>>()
         .join(", ");
-    if names.len() > SHOWN {
-        known.push_str(&format!(" and {} more", names.len() - SHOWN));
+    if kinds.len() > SHOWN {
+        known.push_str(&format!(" and {} more", kinds.len() - SHOWN));
     }
     format!(
-        "unknown block `{}`: a transition connects blocks of this manifest ({known}); triggers are not available yet",
+        "unknown name `{}`: a transition connects the blocks and triggers of this manifest ({known})",
         printable(name)
     )
 }
@@ -913,6 +1184,7 @@ fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::trigger::{EndpointAuth, HttpMethod};
 
     fn no_files(path: &str) -> Result<String, String> {
         Err(format!("no file `{path}`"))
@@ -1230,11 +1502,14 @@ code = "cat"
     fn unknown_blocks_are_named_with_the_known_ones() {
         let (line, field, message) = transition_error(&transition("\"a\"", "nope", "then"));
         assert_eq!((line, field.as_str()), (3, "transitions[0].to"));
-        assert!(message.contains("unknown block `nope`"), "{message}");
-        assert!(message.contains("`a`, `b`, `c`"), "{message}");
+        assert!(message.contains("unknown name `nope`"), "{message}");
+        assert!(
+            message.contains("`a` (block), `b` (block), `c` (block)"),
+            "{message}"
+        );
         let (line, field, message) = transition_error(&transition("\"x\"", "a", "then"));
         assert_eq!((line, field.as_str()), (2, "transitions[0].from"));
-        assert!(message.contains("unknown block `x`"), "{message}");
+        assert!(message.contains("unknown name `x`"), "{message}");
         let (line, field, message) = transition_error(&transition("[\"a\", \"zz\"]", "c", "merge"));
         assert_eq!((line, field.as_str()), (2, "transitions[0].from"));
         assert!(message.contains("`zz`"), "{message}");
@@ -1433,33 +1708,173 @@ code = "cat"
         );
     }
 
+    const TRIGGERS: &str = r#"
+[[endpoints]]
+name = "api"
+method = "POST"
+path = "/orders/{id}"
+cors = { allow_origins = ["https://app.example.com"] }
+
+[[endpoints]]
+name = "hook"
+method = "ANY"
+path = "/hook"
+auth = "key"
+timeout_s = 5
+
+[[responses]]
+name = "reply"
+
+[[timers]]
+name = "nightly"
+schedule = "cron(0 2 * * ? *)"
+input = { full = true, n = 3 }
+
+[[queues]]
+name = "urls"
+batch_size = 5
+visibility_timeout_s = 10
+
+[[topics]]
+name = "events"
+
+[[transitions]]
+from = "api"
+to = "a"
+type = "then"
+
+[[transitions]]
+from = "hook"
+to = "b"
+type = "then"
+
+[[transitions]]
+from = "a"
+to = "reply"
+type = "then"
+
+[[transitions]]
+from = "nightly"
+to = "a"
+type = "then"
+
+[[transitions]]
+from = "urls"
+to = "b"
+type = "then"
+
+[[transitions]]
+from = "a"
+to = "urls"
+type = "then"
+
+[[transitions]]
+from = "events"
+to = "a"
+type = "then"
+
+[[transitions]]
+from = "b"
+to = "events"
+type = "then"
+"#;
+
     #[test]
-    fn triggers_are_refused_as_not_available_yet() {
-        for (key, table) in [
+    fn triggers_parse_with_defaults() {
+        let m = parse(&format!("{TWO_BLOCKS}{TRIGGERS}")).expect("valid");
+        assert_eq!(m.endpoints.len(), 2);
+        let api = &m.endpoints[0];
+        assert_eq!(
+            (api.method, api.path.as_str()),
+            (HttpMethod::Post, "/orders/{id}")
+        );
+        assert_eq!((api.auth, api.timeout_s), (EndpointAuth::None, 29));
+        let cors = api.cors.as_ref().expect("cors");
+        assert_eq!(cors.allow_origins, ["https://app.example.com"]);
+        assert_eq!(cors.allow_headers, ["content-type", "authorization"]);
+        assert_eq!(
+            (m.endpoints[1].auth, m.endpoints[1].timeout_s),
+            (EndpointAuth::Key, 5)
+        );
+        assert_eq!(m.timers[0].input, serde_json::json!({"full": true, "n": 3}));
+        let q = m.queue("urls").expect("queue");
+        assert_eq!(
+            (q.batch_size, q.visibility_timeout_s, q.max_receive_count),
+            (5, 10, 5)
+        );
+        assert_eq!(m.node_kind("events"), Some(NodeKind::Topic));
+        assert_eq!(m.node_kind("reply"), Some(NodeKind::Response));
+        assert_eq!(m.trigger_targets("urls"), ["b"]);
+        let graph = m.graph();
+        assert_eq!(graph.kind("urls"), Some(NodeKind::Queue));
+        assert_eq!(graph.kind("a"), Some(NodeKind::Block));
+    }
+
+    #[test]
+    fn trigger_errors_are_located_and_say_how_to_fix_them() {
+        let route = |method: &str, path: &str| {
+            format!("[[endpoints]]\nname = \"e\"\nmethod = \"{method}\"\npath = \"{path}\"\n[[transitions]]\nfrom = \"e\"\nto = \"a\"\ntype = \"then\"\n")
+        };
+        for (extra, field, needle) in [
+            (route("FETCH", "/x"), "endpoints[0].method", "unknown method `FETCH`"),
+            (route("GET", "x"), "endpoints[0].path", "start with `/`"),
             (
-                "endpoints",
-                "[[endpoints]]\nname = \"api\"\nmethod = \"POST\"\npath = \"/x\"\n",
+                "[[endpoints]]\nname = \"e\"\nmethod = \"GET\"\npath = \"/x\"\n".into(),
+                "endpoints[0]",
+                "starts nothing",
             ),
-            ("responses", "[[responses]]\nname = \"reply\"\n"),
             (
-                "timers",
-                "[[timers]]\nname = \"nightly\"\nschedule = \"rate(5 minutes)\"\n",
+                format!("{}[[endpoints]]\nname = \"f\"\nmethod = \"GET\"\npath = \"/{{other}}\"\n[[transitions]]\nfrom = \"f\"\nto = \"a\"\ntype = \"then\"\n", route("GET", "/{id}")),
+                "endpoints[1].path",
+                "answers the same requests as endpoint `e`",
             ),
-            ("queues", "[[queues]]\nname = \"urls\"\n"),
-            ("topics", "[[topics]]\nname = \"events\"\n"),
+            (
+                "[[timers]]\nname = \"t\"\nschedule = \"rate(5 fortnights)\"\n".into(),
+                "timers[0].schedule",
+                "unknown unit",
+            ),
+            ("[[queues]]\nname = \"q\"\n".into(), "queues[0]", "has no consumer"),
+            (
+                "[[queues]]\nname = \"q\"\nbatch_size = 11\n".into(),
+                "queues[0].batch_size",
+                "from 1 to 10",
+            ),
+            (
+                "[[queues]]\nname = \"q\"\n[[transitions]]\nfrom = \"q\"\nto = \"a\"\ntype = \"then\"\n[[transitions]]\nfrom = \"q\"\nto = \"b\"\ntype = \"then\"\n".into(),
+                "queues[0]",
+                "has 2 consumers",
+            ),
+            ("[[topics]]\nname = \"a\"\n".into(), "topics[0].name", "already the name of a block"),
+            (
+                "[[topics]]\nname = \"t\"\n[[transitions]]\nfrom = \"t\"\nto = \"a\"\ntype = \"fan-out\"\n".into(),
+                "transitions[0].from",
+                "only, and this one is",
+            ),
+            (
+                "[[responses]]\nname = \"r\"\n[[transitions]]\nfrom = \"r\"\nto = \"a\"\ntype = \"then\"\n".into(),
+                "transitions[0].from",
+                "ends a pipeline",
+            ),
+            (
+                "[[responses]]\nname = \"r\"\n[[transitions]]\nfrom = \"a\"\nto = \"r\"\ntype = \"exception\"\n".into(),
+                "transitions[0].to",
+                "only, and this one is",
+            ),
+            (
+                "[[topics]]\nname = \"t\"\n[[queues]]\nname = \"q\"\n[[transitions]]\nfrom = \"t\"\nto = \"q\"\ntype = \"then\"\n".into(),
+                "transitions[0].to",
+                "lead to blocks",
+            ),
+            (
+                format!("{}[[transitions]]\nfrom = \"a\"\nto = \"e\"\ntype = \"then\"\n", route("GET", "/x")),
+                "transitions[1].to",
+                "cannot be a transition's target",
+            ),
         ] {
-            let err = parse(&format!("{TWO_BLOCKS}{table}")).expect_err(key);
-            assert_eq!(err.field.as_deref(), Some(key), "{err}");
+            let err = parse(&format!("{TWO_BLOCKS}{extra}")).expect_err(&extra);
+            assert_eq!(err.field.as_deref(), Some(field), "{err}");
             assert!(err.line.is_some_and(|l| l > BASE_LINES), "{err}");
-            assert!(
-                err.message
-                    .contains("are not available in this version yet"),
-                "{err}"
-            );
-            assert!(
-                err.message.contains(&format!("remove `[[{key}]]`")),
-                "{err}"
-            );
+            assert!(err.message.contains(needle), "{needle}: {err}");
         }
         let err = parse(&format!("{TWO_BLOCKS}[[widgets]]\nname = \"w\"\n")).expect_err("other");
         assert!(err.message.contains("unknown field `widgets`"), "{err}");

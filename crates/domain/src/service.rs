@@ -13,6 +13,8 @@ use std::sync::{Arc, LazyLock};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value as Json;
 
+use crate::trigger::NodeKind;
+
 /// How much of a run the store keeps (`log_level`, per project).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -552,6 +554,7 @@ pub struct ServiceGraph {
     transitions: Vec<Transition>,
     outgoing: BTreeMap<String, Outgoing>,
     starts: Vec<String>,
+    kinds: BTreeMap<String, NodeKind>,
 }
 
 /// One block's outgoing transitions (indices into the graph's transitions), by type.
@@ -561,12 +564,12 @@ struct Outgoing {
 }
 
 impl ServiceGraph {
-    /// Indexes `transitions` (validated ones: [`crate::Manifest::parse`]) over `blocks`
-    /// (every block name, in manifest order).
-    pub fn new(blocks: &[String], transitions: &[Transition]) -> ServiceGraph {
-        let mut outgoing: BTreeMap<String, Outgoing> = blocks
+    /// Indexes `transitions` (validated ones: [`crate::Manifest::parse`]) over `nodes`
+    /// (every name with its kind, in manifest order: [`crate::Manifest::nodes`]).
+    pub fn new(nodes: &[(String, NodeKind)], transitions: &[Transition]) -> ServiceGraph {
+        let mut outgoing: BTreeMap<String, Outgoing> = nodes
             .iter()
-            .map(|b| (b.clone(), Outgoing::default()))
+            .map(|(name, _)| (name.clone(), Outgoing::default()))
             .collect();
         let mut targeted = std::collections::BTreeSet::new();
         for (index, transition) in transitions.iter().enumerate() {
@@ -581,16 +584,23 @@ impl ServiceGraph {
                     .push(index);
             }
         }
-        let starts = blocks
+        let starts = nodes
             .iter()
-            .filter(|b| !targeted.contains(b.as_str()))
-            .cloned()
+            .filter(|(name, kind)| *kind == NodeKind::Block && !targeted.contains(name.as_str()))
+            .map(|(name, _)| name.clone())
             .collect();
         ServiceGraph {
             transitions: transitions.to_vec(),
             outgoing,
             starts,
+            kinds: nodes.iter().cloned().collect(),
         }
+    }
+
+    /// What `name` is: a block, a trigger or a response; `None` if the service has no such
+    /// name.
+    pub fn kind(&self, name: &str) -> Option<NodeKind> {
+        self.kinds.get(name).copied()
     }
 
     /// Every transition, in manifest order (a transition's `id` is its index here).

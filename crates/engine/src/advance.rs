@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use refinery_domain::{ExecutionStatus, Transition, TransitionType, UserError};
+use refinery_domain::{ExecutionStatus, NodeKind, Transition, TransitionType, UserError};
 use refinery_invocation::Execution;
 use refinery_store::{
     GroupRecord, JoinEntry, NewStep, RunRecord, RunTx, StepRecord, StepResult, Store,
@@ -686,12 +686,22 @@ async fn fire(
         | TransitionType::If
         | TransitionType::Else
         | TransitionType::Exception => {
-            if p.deployment.responses.contains(&t.to) {
-                // Into a response node: the run's reply (the first one reached wins).
-                if p.responded.is_none() && p.tx.set_response(output).await? {
-                    p.responded = Some(output.clone());
+            match p.deployment.graph.kind(&t.to) {
+                Some(NodeKind::Response) => {
+                    // Into a response node: the run's reply (the first one reached wins).
+                    if p.responded.is_none() && p.tx.set_response(output).await? {
+                        p.responded = Some(output.clone());
+                    }
+                    return Ok(0);
                 }
-                return Ok(0);
+                Some(kind @ (NodeKind::Queue | NodeKind::Topic)) => {
+                    // Refused at deploy until this server delivers them.
+                    return Err(EngineError::Internal(format!(
+                        "a `then` into {kind} `{}` is not available in this version",
+                        t.to
+                    )));
+                }
+                _ => {}
             }
             let next = successor(step, t, output.to_string(), backpack);
             Ok(i64::from(p.add(next).await?))

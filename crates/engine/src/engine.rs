@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use refinery_domain::{BlockSpec, LogLevel, Manifest, RetryPolicy, ServiceGraph, UserError};
+use refinery_domain::{
+    BlockSpec, Endpoint, LogLevel, Manifest, RetryPolicy, ServiceGraph, UserError,
+};
 use refinery_invocation::{InvocationError, InvocationRequest, InvocationService, Limit};
 use refinery_pool::{BlockTarget, RunContext};
 use refinery_store::{Account, NewStep, RunRecord, StepRecord, Store};
@@ -63,8 +65,8 @@ pub(crate) struct ServiceDeployment {
     pub graph: ServiceGraph,
     pub log_level: LogLevel,
     pub retry: HashMap<String, RetryPolicy>,
-    /// The response nodes: a `then` into one is the run's reply, not a step.
-    pub responses: HashSet<String>,
+    /// Its HTTP endpoints (from its manifest).
+    pub endpoints: Vec<Endpoint>,
 }
 
 impl ServiceDeployment {
@@ -76,7 +78,7 @@ impl ServiceDeployment {
 /// Runs services. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 pub(crate) struct Inner {
@@ -417,8 +419,13 @@ impl Inner {
         &self,
         run: &RunRecord,
     ) -> Result<Option<Arc<ServiceDeployment>>, EngineError> {
-        self.deployment_of(&run.account_id, &run.project, run.deployment_id, run.deployment)
-            .await
+        self.deployment_of(
+            &run.account_id,
+            &run.project,
+            run.deployment_id,
+            run.deployment,
+        )
+        .await
     }
 
     /// Deployment `id` (number `number` of the account's `project`), parsed (cached);
@@ -469,7 +476,7 @@ impl Inner {
             graph: manifest.graph(),
             log_level: manifest.log_level,
             retry: manifest.retry.into_iter().collect(),
-            responses: HashSet::new(),
+            endpoints: manifest.endpoints,
             blocks: deployment
                 .blocks
                 .into_iter()

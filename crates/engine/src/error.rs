@@ -17,6 +17,21 @@ pub enum EngineError {
         start: String,
         blocks: Vec<String>,
     },
+    /// No endpoint of the project has that path.
+    #[error("project `{project}` has no endpoint for `{method} {path}`: its endpoints are the `[[endpoints]]` of its manifest (method and path)")]
+    NoEndpoint {
+        project: String,
+        method: String,
+        path: String,
+    },
+    /// Endpoints have that path, none that method.
+    #[error("project `{project}` has no `{method}` endpoint at `{path}`; that path answers {}", allow.join(", "))]
+    EndpointMethod {
+        project: String,
+        method: String,
+        path: String,
+        allow: Vec<String>,
+    },
     /// The account has as many runs running as it may.
     #[error("account {account} has {limit} runs running, the most it may have at once; wait for some to end (or cancel them: refinery runs cancel RUN_ID), or ask the operator to raise the limit (refinery serve --max-runs-per-account N)")]
     TooManyRuns { account: String, limit: usize },

@@ -29,8 +29,10 @@ mod engine;
 mod error;
 mod metrics;
 mod scheduler;
+mod triggers;
 mod view;
 
 pub use engine::{Engine, EngineConfig, RunStarted};
 pub use error::EngineError;
+pub use triggers::EndpointRoute;
 pub use view::{RunSummaryView, RunView, StepView};

@@ -1,6 +1,6 @@
 //! Services in the manifest: `[[transitions]]`, `log_level` and `retry` are parsed and
-//! validated at deploy, with located errors; a valid service deploys and runs. Triggers
-//! are refused as not available yet.
+//! validated at deploy, with located errors; a valid service deploys and runs. Trigger
+//! tables are validated too (an endpoint that starts nothing is located).
 
 mod common;
 
@@ -121,9 +121,9 @@ async fn invalid_transitions_are_located_deploy_errors() {
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["error"]["field"], "transitions[1].to", "{body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("unknown block `refnud`"), "{message}");
+    assert!(message.contains("unknown name `refnud`"), "{message}");
     assert!(
-        message.contains("`validate`, `charge`, `refund`"),
+        message.contains("`charge` (block), `refund` (block), `validate` (block)"),
         "{message}"
     );
 
@@ -133,16 +133,16 @@ async fn invalid_transitions_are_located_deploy_errors() {
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["error"]["field"], "transitions[2].from", "{body}");
 
-    // Triggers: not available yet, said so.
+    // A trigger that starts nothing is located and says how to fix it.
     let trigger = format!(
         "{SERVICE}\n[[endpoints]]\nname = \"api\"\nmethod = \"POST\"\npath = \"/orders\"\n"
     );
     let (status, body) = server.deploy(&key, &trigger, &[]).await;
     assert_eq!(status, 422, "{body}");
-    assert_eq!(body["error"]["field"], "endpoints", "{body}");
+    assert_eq!(body["error"]["field"], "endpoints[0]", "{body}");
     let message = body["error"]["message"].as_str().unwrap_or_default();
     assert!(
-        message.contains("are not available in this version yet: remove `[[endpoints]]`"),
+        message.contains("endpoint `api` starts nothing: add a transition `from = \"api\"`"),
         "{message}"
     );
 

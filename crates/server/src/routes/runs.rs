@@ -162,7 +162,12 @@ impl From<EngineError> for ApiError {
         match e {
             EngineError::ProjectNotFound { .. }
             | EngineError::StartNotFound { .. }
-            | EngineError::RunNotFound(_) => ApiError::NotFound(e.to_string()),
+            | EngineError::RunNotFound(_)
+            | EngineError::NoEndpoint { .. } => ApiError::NotFound(e.to_string()),
+            EngineError::EndpointMethod { ref allow, .. } => ApiError::MethodNotAllowed {
+                allowed: allow.clone(),
+                message: e.to_string(),
+            },
             EngineError::Invalid(_) => ApiError::BadRequest(e.to_string()),
             EngineError::TooManyRuns { .. } => ApiError::Throttled {
                 message: e.to_string(),
