@@ -3,6 +3,7 @@
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
+use axum::http::HeaderMap;
 use refinery_store::Account;
 use subtle::ConstantTimeEq;
 
@@ -44,8 +45,17 @@ impl FromRequestParts<SharedState> for Caller {
         parts: &mut Parts,
         state: &SharedState,
     ) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
+        Caller::from_headers(&parts.headers, state).await
+    }
+}
+
+impl Caller {
+    /// The caller that `headers`' `Authorization: Bearer KEY` names.
+    pub async fn from_headers(
+        headers: &HeaderMap,
+        state: &SharedState,
+    ) -> Result<Caller, ApiError> {
+        let header = headers
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .ok_or(ApiError::Unauthorized)?;

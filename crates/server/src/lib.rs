@@ -16,6 +16,7 @@ mod audit;
 mod auth;
 mod deploy_gate;
 mod disk;
+mod endpoint_http;
 mod error;
 mod front_door;
 mod keys;

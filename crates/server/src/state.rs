@@ -26,6 +26,8 @@ pub struct AppState {
     /// Bumped by every such invalidation, like `live_generation`: a lookup that raced a
     /// rotation must not put the old key back.
     keys_generation: AtomicU64,
+    /// Accounts by name (for endpoints, whose URLs name the account), dropped with the keys.
+    accounts_by_name: RwLock<HashMap<String, Account>>,
     /// Resolves and runs invocations (admission, pool, record, metering); holds the
     /// live-deployment and spending-cap caches.
     pub invocations: InvocationService,
@@ -60,6 +62,7 @@ impl AppState {
             operator_key_hash,
             accounts_by_key: RwLock::new(HashMap::new()),
             keys_generation: AtomicU64::new(0),
+            accounts_by_name: RwLock::new(HashMap::new()),
             invocations,
             engine,
             quota_updates: tokio::sync::Mutex::new(()),
@@ -94,12 +97,29 @@ impl AppState {
         Ok(found)
     }
 
+    /// The account named `name` (cached like keys, and forgotten with them).
+    pub async fn account_by_name(&self, name: &str) -> Result<Option<Account>, ApiError> {
+        if let Some(account) = read(&self.accounts_by_name).get(name) {
+            return Ok(Some(account.clone()));
+        }
+        let generation = self.keys_generation.load(Ordering::Acquire);
+        let found = self.store.account_by_name(name).await?;
+        if let Some(account) = &found {
+            let mut cache = write(&self.accounts_by_name);
+            if self.keys_generation.load(Ordering::Acquire) == generation {
+                cache.insert(name.to_string(), account.clone());
+            }
+        }
+        Ok(found)
+    }
+
     /// Forgets every cached key of the account, after its keys or its state changed in
     /// the store: the next request with any of them reads the store again.
     pub fn forget_account_keys(&self, account_id: &str) {
         let mut cache = write(&self.accounts_by_key);
         self.keys_generation.fetch_add(1, Ordering::AcqRel);
         cache.retain(|_, account| account.id != account_id);
+        write(&self.accounts_by_name).retain(|_, account| account.id != account_id);
     }
 
     /// The live deployment of `project` owned by `account_id` (the invocation service's

@@ -4,6 +4,7 @@ mod accounts;
 mod audit;
 mod billing;
 mod deployments;
+mod endpoints;
 mod executions;
 mod health;
 mod instances;
@@ -12,7 +13,7 @@ mod metrics;
 mod runs;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
 
 use crate::state::SharedState;
@@ -70,8 +71,23 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/instances", get(instances::list))
         .route("/v1/audit", get(audit::list))
         .route("/metrics", get(metrics::metrics))
+        .merge(endpoint_routes())
         .merge(billing_routes())
         .with_state(state)
+}
+
+/// Public endpoints (`routes/endpoints.rs`): the project's root, with and without a
+/// trailing `/`, and every path below it.
+fn endpoint_routes() -> Router<SharedState> {
+    let call = || {
+        any(endpoints::call).layer(DefaultBodyLimit::max(
+            refinery_domain::limits::MAX_PAYLOAD_BYTES,
+        ))
+    };
+    Router::new()
+        .route("/http/{account}/{project}", call())
+        .route("/http/{account}/{project}/", call())
+        .route("/http/{account}/{project}/{*path}", call())
 }
 
 /// Pricing, per-account terms, usage and bills (`routes/billing.rs`).
