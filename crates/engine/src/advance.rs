@@ -303,6 +303,8 @@ pub struct Committed {
     pub responded: Option<Value>,
     /// Whether the run now starts nothing new (it is failing).
     pub halted: bool,
+    /// Runs it started by publishing to a topic (one per subscriber), with their first step.
+    pub published: Vec<(RunRecord, NewStep)>,
 }
 
 /// Records the run and its first steps, in one transaction.
@@ -312,6 +314,13 @@ pub async fn create_run(
     steps: &[NewStep],
 ) -> Result<(), EngineError> {
     let mut tx = store.begin_run(&run.id).await?;
+    write_run(&mut tx, run, steps).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Writes a new run and its first steps in `tx` (pointed at the run).
+async fn write_run(tx: &mut RunTx, run: &RunRecord, steps: &[NewStep]) -> Result<(), EngineError> {
     tx.create_run(
         &run.account_id,
         &run.project,
@@ -325,7 +334,6 @@ pub async fn create_run(
         tx.insert_step(step).await?;
     }
     tx.add_live("", steps.len() as i64).await?;
-    tx.commit().await?;
     Ok(())
 }
 
@@ -340,6 +348,8 @@ struct Pending<'a> {
     failure: Option<Value>,
     /// The endpoint reply this commit reached (the run's first).
     responded: Option<Value>,
+    /// The subscriber runs its publications created.
+    published: Vec<(RunRecord, NewStep)>,
 }
 
 impl Pending<'_> {
@@ -550,6 +560,7 @@ pub async fn commit(
         started: Vec::new(),
         failure: None,
         responded: None,
+        published: Vec::new(),
     };
     if halted {
         // Failing or cancelled: nothing new starts; a failure is named with the others.
@@ -579,6 +590,7 @@ pub async fn commit(
             ended,
             responded: None,
             halted: true,
+            published: Vec::new(),
         });
     }
 
@@ -662,6 +674,9 @@ pub async fn commit(
     };
     let started = std::mem::take(&mut p.started);
     let responded = p.responded.take();
+    // Publications stand even if another transition of this commit failed the run: the
+    // publishing step succeeded, and its subscribers' runs are their own.
+    let published = std::mem::take(&mut p.published);
     p.tx.commit().await?;
     Ok(Committed {
         step_status,
@@ -669,7 +684,90 @@ pub async fn commit(
         ended,
         responded,
         halted,
+        published,
     })
+}
+
+/// Publishes `output` to `topic`: one run per subscriber block, each with this input and
+/// `backpack`, created in the publishing step's transaction (so a crash either kept the
+/// step's success and every subscriber run, or neither).
+async fn publish(
+    p: &mut Pending<'_>,
+    topic: &str,
+    output: &Value,
+    backpack: &Value,
+) -> Result<(), EngineError> {
+    for (run, first) in subscriber_runs(p.deployment, &p.run, topic, output, backpack) {
+        let saved = p.tx.retarget(&run.id);
+        let written = write_run(&mut p.tx, &run, std::slice::from_ref(&first)).await;
+        p.tx.restore(saved);
+        written?;
+        p.published.push((run, first));
+    }
+    Ok(())
+}
+
+/// The runs a publication to `topic` starts (one per subscriber, in manifest order), in the
+/// account, project and deployment of `like`.
+pub fn subscriber_runs(
+    deployment: &ServiceDeployment,
+    like: &RunRecord,
+    topic: &str,
+    input: &Value,
+    backpack: &Value,
+) -> Vec<(RunRecord, NewStep)> {
+    let (input, backpack) = (input.to_string(), backpack.to_string());
+    deployment
+        .graph
+        .outgoing(topic, TransitionType::Then)
+        .into_iter()
+        .filter(|t| deployment.blocks.contains_key(&t.to))
+        .map(|t| {
+            let run = RunRecord {
+                id: new_run_id(),
+                start: topic.to_string(),
+                status: "running".into(),
+                cancel_requested: false,
+                error: None,
+                steps: 1,
+                started_at_ms: now_ms(),
+                ended_at_ms: None,
+                response: None,
+                ..like.clone()
+            };
+            let first = first_step(&t.to, "then", Some(t.id as i64), &input, &backpack);
+            (run, first)
+        })
+        .collect()
+}
+
+/// A new run id.
+pub fn new_run_id() -> String {
+    format!("run_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A run's first step at `block`.
+pub fn first_step(
+    block: &str,
+    transition: &str,
+    transition_id: Option<i64>,
+    input: &str,
+    backpack: &str,
+) -> NewStep {
+    NewStep {
+        id: new_step_id(),
+        name: block.to_string(),
+        transition: transition.to_string(),
+        transition_id,
+        parents: Vec::new(),
+        item: None,
+        frame: String::new(),
+        depth: 1,
+        attempt: 1,
+        input: input.to_string(),
+        backpack: backpack.to_string(),
+        not_before_ms: 0,
+    }
 }
 
 /// Fires one transition of a succeeded step; returns how many units of live work it added
@@ -694,7 +792,11 @@ async fn fire(
                     }
                     return Ok(0);
                 }
-                Some(kind @ (NodeKind::Queue | NodeKind::Topic)) => {
+                Some(NodeKind::Topic) => {
+                    publish(p, &t.to, output, backpack).await?;
+                    return Ok(0);
+                }
+                Some(kind @ NodeKind::Queue) => {
                     // Refused at deploy until this server delivers them.
                     return Err(EngineError::Internal(format!(
                         "a `then` into {kind} `{}` is not available in this version",

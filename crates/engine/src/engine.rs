@@ -220,8 +220,8 @@ impl Engine {
             .live_deployment(&account.id, project)
             .await?;
         inner.remember_account(account);
-        let mut run = RunRecord {
-            id: format!("run_{}", uuid::Uuid::now_v7().simple()),
+        let run = RunRecord {
+            id: advance::new_run_id(),
             account_id: account.id.clone(),
             project: project.to_string(),
             deployment_id: live.id,
@@ -243,20 +243,19 @@ impl Engine {
                     project: project.to_string(),
                 })?;
         // A block, or a trigger's `then` targets.
-        let (transition, targets): (&str, Vec<(Option<i64>, String)>) =
-            if deployment.blocks.contains_key(start) {
-                ("start", vec![(None, start.to_string())])
-            } else {
-                let targets: Vec<(Option<i64>, String)> = deployment
-                    .graph
-                    .outgoing(start, refinery_domain::TransitionType::Then)
-                    .iter()
-                    .filter(|t| deployment.blocks.contains_key(&t.to))
-                    .map(|t| (Some(t.id as i64), t.to.clone()))
-                    .collect();
-                ("then", targets)
-            };
-        if targets.is_empty() {
+        let (input, backpack) = (input.to_string(), backpack.to_string());
+        let steps: Vec<NewStep> = if deployment.blocks.contains_key(start) {
+            vec![advance::first_step(start, "start", None, &input, &backpack)]
+        } else {
+            deployment
+                .graph
+                .outgoing(start, refinery_domain::TransitionType::Then)
+                .iter()
+                .filter(|t| deployment.blocks.contains_key(&t.to))
+                .map(|t| advance::first_step(&t.to, "then", Some(t.id as i64), &input, &backpack))
+                .collect()
+        };
+        if steps.is_empty() {
             let mut blocks: Vec<String> = deployment.blocks.keys().cloned().collect();
             blocks.sort_unstable();
             return Err(EngineError::StartNotFound {
@@ -266,59 +265,62 @@ impl Engine {
                 blocks,
             });
         }
-        // A place among the account's running runs, held from here: released by the
-        // run's end, or below if it cannot be recorded.
-        {
-            let mut running = lock(&inner.running_runs);
-            let runs = running.entry(account.id.clone()).or_default();
-            if runs.len() >= inner.config.max_runs_per_account {
-                return Err(EngineError::TooManyRuns {
-                    account: account.name.clone(),
-                    limit: inner.config.max_runs_per_account,
-                });
-            }
-            runs.insert(run.id.clone());
+        inner
+            .create(account, run, steps, &deployment, responder)
+            .await
+    }
+
+    /// Publishes `input` to `account`'s `project`'s topic `topic` (its live deployment):
+    /// one run per subscriber block, each with this input and `backpack`. Returns their ids
+    /// (none for a topic without subscribers).
+    pub async fn publish(
+        &self,
+        account: &Account,
+        project: &str,
+        topic: &str,
+        input: Value,
+        backpack: Value,
+    ) -> Result<Vec<String>, EngineError> {
+        let inner = &self.inner;
+        if inner.stopping.load(Ordering::Acquire) {
+            return Err(EngineError::ShuttingDown);
         }
-        let (input, backpack) = (input.to_string(), backpack.to_string());
-        let steps: Vec<NewStep> = targets
-            .into_iter()
-            .map(|(transition_id, name)| NewStep {
-                id: advance::new_step_id(),
-                name,
-                transition: transition.to_string(),
-                transition_id,
-                parents: Vec::new(),
-                item: None,
-                frame: String::new(),
-                depth: 1,
-                attempt: 1,
-                input: input.clone(),
-                backpack: backpack.clone(),
-                not_before_ms: 0,
-            })
-            .collect();
-        let created = {
-            let _write = inner.writes.lock().await;
-            advance::create_run(&inner.store, &run, &steps).await
+        if !backpack.is_object() {
+            return Err(EngineError::Invalid(
+                "`backpack` must be a JSON object, e.g. {\"user\": 1}".into(),
+            ));
+        }
+        let deployment = self.live_service(&account.id, project).await?;
+        if deployment.graph.kind(topic) != Some(refinery_domain::NodeKind::Topic) {
+            return Err(EngineError::NoTopic {
+                project: project.to_string(),
+                topic: topic.to_string(),
+            });
+        }
+        inner.remember_account(account);
+        let like = RunRecord {
+            id: String::new(),
+            account_id: account.id.clone(),
+            project: project.to_string(),
+            deployment_id: deployment.id,
+            deployment: deployment.number,
+            start: topic.to_string(),
+            status: "running".into(),
+            cancel_requested: false,
+            error: None,
+            steps: 0,
+            started_at_ms: now_ms(),
+            ended_at_ms: None,
+            response: None,
         };
-        if let Err(e) = created {
-            inner.release_run_slot(&run);
-            return Err(e);
+        let mut run_ids = Vec::new();
+        for (run, first) in advance::subscriber_runs(&deployment, &like, topic, &input, &backpack) {
+            let started = inner
+                .create(account, run, vec![first], &deployment, None)
+                .await?;
+            run_ids.push(started.run_id);
         }
-        run.steps = steps.len() as i64;
-        inner.metrics.runs_started.inc();
-        if let Some(responder) = responder {
-            lock(&inner.responders).insert(run.id.clone(), responder);
-        }
-        let run = Arc::new(run);
-        for (seq, step) in steps.into_iter().enumerate() {
-            inner.enqueue(&run, &deployment, &step.id, &step.name, 0);
-            let record = advance::pending_record(&run.id, step, seq as i64);
-            lock(&inner.prefetched).insert(record.id.clone(), (run.clone(), record));
-        }
-        Ok(RunStarted {
-            run_id: run.id.clone(),
-        })
+        Ok(run_ids)
     }
 
     /// Waits up to `timeout` for run `run_id` to end; `true` if it has.
@@ -414,6 +416,58 @@ impl Engine {
 }
 
 impl Inner {
+    /// Records a new run with its first steps (within the account's running-runs limit),
+    /// then runs them.
+    async fn create(
+        &self,
+        account: &Account,
+        mut run: RunRecord,
+        steps: Vec<NewStep>,
+        deployment: &Arc<ServiceDeployment>,
+        responder: Option<oneshot::Sender<Value>>,
+    ) -> Result<RunStarted, EngineError> {
+        // A place among the account's running runs, held from here: released by the
+        // run's end, or below if it cannot be recorded.
+        {
+            let mut running = lock(&self.running_runs);
+            let runs = running.entry(account.id.clone()).or_default();
+            if runs.len() >= self.config.max_runs_per_account {
+                return Err(EngineError::TooManyRuns {
+                    account: account.name.clone(),
+                    limit: self.config.max_runs_per_account,
+                });
+            }
+            runs.insert(run.id.clone());
+        }
+        let created = {
+            let _write = self.writes.lock().await;
+            advance::create_run(&self.store, &run, &steps).await
+        };
+        if let Err(e) = created {
+            self.release_run_slot(&run);
+            return Err(e);
+        }
+        run.steps = steps.len() as i64;
+        if let Some(responder) = responder {
+            lock(&self.responders).insert(run.id.clone(), responder);
+        }
+        let run_id = run.id.clone();
+        self.launch(run, steps, deployment);
+        Ok(RunStarted { run_id })
+    }
+
+    /// Queues the first steps of a run just recorded (its place among the account's
+    /// running runs taken).
+    fn launch(&self, run: RunRecord, steps: Vec<NewStep>, deployment: &Arc<ServiceDeployment>) {
+        self.metrics.runs_started.inc();
+        let run = Arc::new(run);
+        for (seq, step) in steps.into_iter().enumerate() {
+            self.enqueue(&run, deployment, &step.id, &step.name, 0);
+            let record = advance::pending_record(&run.id, step, seq as i64);
+            lock(&self.prefetched).insert(record.id.clone(), (run.clone(), record));
+        }
+    }
+
     /// The deployment `run` runs, parsed (cached); `None` if it no longer exists.
     pub async fn deployment(
         &self,
@@ -688,6 +742,14 @@ impl Inner {
         for new in committed.started {
             self.enqueue(&run, &deployment, &new.id, &new.name, new.not_before_ms);
             lock(&self.prefetched).insert(new.id.clone(), (run.clone(), new));
+        }
+        for (published, first) in committed.published {
+            // Recorded with the step, so not refused for the limit: counted from here.
+            lock(&self.running_runs)
+                .entry(published.account_id.clone())
+                .or_default()
+                .insert(published.id.clone());
+            self.launch(published, vec![first], &deployment);
         }
         Ok(None)
     }

@@ -24,6 +24,9 @@ pub enum EngineError {
         method: String,
         path: String,
     },
+    /// The project has no topic of that name.
+    #[error("project `{project}` has no topic `{topic}`: its topics are the `[[topics]]` of its manifest")]
+    NoTopic { project: String, topic: String },
     /// Endpoints have that path, none that method.
     #[error("project `{project}` has no `{method}` endpoint at `{path}`; that path answers {}", allow.join(", "))]
     EndpointMethod {

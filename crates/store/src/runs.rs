@@ -341,6 +341,20 @@ impl RunTx {
         format!("updating run {}", self.run_id)
     }
 
+    /// Points the transaction at another run (one to create in it: a topic's subscriber
+    /// run, written atomically with the step that published); returns what
+    /// [`RunTx::restore`] needs to point it back.
+    pub fn retarget(&mut self, run_id: &str) -> (String, Option<i64>) {
+        let previous = std::mem::replace(&mut self.run_id, run_id.to_string());
+        (previous, self.next_seq.take())
+    }
+
+    /// Points the transaction back at the run [`RunTx::retarget`] left.
+    pub fn restore(&mut self, (run_id, next_seq): (String, Option<i64>)) {
+        self.run_id = run_id;
+        self.next_seq = next_seq;
+    }
+
     /// Creates the run (status `running`) and nothing else: add its first step with
     /// [`RunTx::insert_step`].
     pub async fn create_run(

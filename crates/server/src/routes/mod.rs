@@ -11,6 +11,7 @@ mod instances;
 mod invoke;
 mod metrics;
 mod runs;
+mod topics;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{any, get, post};
@@ -63,6 +64,12 @@ pub fn router(state: SharedState) -> Router {
             post(runs::start)
                 .layer(DefaultBodyLimit::max(runs::MAX_RUN_REQUEST_BYTES))
                 .get(runs::list),
+        )
+        .route(
+            "/v1/projects/{project}/topics/{topic}/publish",
+            post(topics::publish).layer(DefaultBodyLimit::max(
+                refinery_domain::limits::MAX_PAYLOAD_BYTES,
+            )),
         )
         .route("/v1/runs/{run_id}", get(runs::show))
         .route("/v1/runs/{run_id}/cancel", post(runs::cancel))

@@ -163,7 +163,8 @@ impl From<EngineError> for ApiError {
             EngineError::ProjectNotFound { .. }
             | EngineError::StartNotFound { .. }
             | EngineError::RunNotFound(_)
-            | EngineError::NoEndpoint { .. } => ApiError::NotFound(e.to_string()),
+            | EngineError::NoEndpoint { .. }
+            | EngineError::NoTopic { .. } => ApiError::NotFound(e.to_string()),
             EngineError::EndpointMethod { ref allow, .. } => ApiError::MethodNotAllowed {
                 allowed: allow.clone(),
                 message: e.to_string(),
