@@ -15,6 +15,7 @@
 mod baseline;
 mod cpu;
 mod doc;
+mod endpoints;
 mod keep_alive_sim;
 mod machine;
 mod memory;
@@ -84,6 +85,15 @@ enum Mode {
     /// Measure the services engine: a 3-block chain as a run vs the client calling the blocks,
     /// the cost of a `then` step, a fan-out + fan-in, runs per second.
     Services(ServicesArgs),
+    /// Measure HTTP endpoints: an endpoint call against a direct invoke of the same block.
+    Endpoints(EndpointsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct EndpointsArgs {
+    /// Samples of each mode.
+    #[arg(long, default_value_t = 500)]
+    samples: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -135,8 +145,14 @@ async fn main() -> Result<()> {
         None => std::env::current_exe()?.with_file_name("refinery"),
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if let Some(Mode::Services(services)) = &args.mode {
-        return run_services(binary, services, cores).await;
+    match &args.mode {
+        Some(Mode::Services(services)) => return run_services(binary, services, cores).await,
+        Some(Mode::Endpoints(endpoints)) => {
+            let results = endpoints::run(&binary, endpoints.samples.max(1)).await?;
+            println!("{}", endpoints::report(&results));
+            return Ok(());
+        }
+        None => {}
     }
     if args.neighbour {
         let server = server::start(&binary, &[])?;
