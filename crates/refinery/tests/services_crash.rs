@@ -674,3 +674,103 @@ async fn a_cancelled_run_killed_before_its_step_finished_ends_cancelled() {
         .await
         .is_empty());
 }
+
+/// 6. Publications to a topic: `kill -9` while runs publish (each publishing step's success
+///    and its subscriber runs are one transaction), then every publishing run has ended with
+///    exactly one run per subscriber — none lost, none twice.
+#[tokio::test]
+async fn publications_survive_a_kill_exactly_once() {
+    let (root, mut server) = server_in_fresh_dir().await;
+    let data = root.path().join("data");
+    let (_, key) = server.account("pubcrash").await;
+    let manifest = r#"
+name = "pubs"
+
+[[blocks]]
+name = "emit"
+language = "python"
+code = """
+import time
+def main(n, backpack):
+    time.sleep(0.05)
+    return {"n": n}
+"""
+
+[[blocks]]
+name = "sub_a"
+language = "python"
+code = "def main(e, b):\n    return e\n"
+
+[[blocks]]
+name = "sub_b"
+language = "python"
+code = "def main(e, b):\n    return e\n"
+
+[[topics]]
+name = "out"
+
+[[transitions]]
+from = "emit"
+to = "out"
+type = "then"
+
+[[transitions]]
+from = "out"
+to = "sub_a"
+type = "then"
+
+[[transitions]]
+from = "out"
+to = "sub_b"
+type = "then"
+"#;
+    server.deploy_ok(&key, manifest).await;
+    const RUNS: i64 = 20;
+    let mut emitters = Vec::new();
+    for n in 0..RUNS {
+        emitters.push(start_async(&server, &key, "pubs", "emit", json!(n)).await);
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let server = crash_and_restart(&mut server, &data).await;
+    for id in &emitters {
+        let run = server.await_run(&key, id, RUN_END).await;
+        assert_eq!(run["status"], "succeeded", "{run}");
+    }
+    // Every subscriber run, once each: 2 per emitted number.
+    let deadline = std::time::Instant::now() + RUN_END;
+    let counts = loop {
+        let (status, list) = server
+            .request("GET", "/v1/projects/pubs/runs?limit=1000", Some(&key), None)
+            .await;
+        assert_eq!(status, 200, "{list}");
+        let runs = list["runs"].as_array().cloned().unwrap_or_default();
+        let subscribers: Vec<&Value> = runs.iter().filter(|r| r["start"] == "out").collect();
+        let done = subscribers.iter().all(|r| r["status"] != "running");
+        if done && subscribers.len() as i64 >= 2 * RUNS || std::time::Instant::now() > deadline {
+            let mut counts: BTreeMap<(i64, String), usize> = BTreeMap::new();
+            for r in subscribers {
+                let run = server
+                    .get_run(&key, r["run_id"].as_str().expect("id"))
+                    .await;
+                assert_eq!(run["status"], "succeeded", "{run}");
+                let step = &run["steps"][0];
+                let n = step["input"]["n"].as_i64().expect("n");
+                *counts
+                    .entry((n, step["name"].as_str().expect("name").to_string()))
+                    .or_default() += 1;
+            }
+            break counts;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for n in 0..RUNS {
+        for sub in ["sub_a", "sub_b"] {
+            assert_eq!(
+                counts.get(&(n, sub.to_string())),
+                Some(&1),
+                "{sub} for {n}: {counts:?}"
+            );
+        }
+    }
+    assert_eq!(counts.len() as i64, 2 * RUNS, "{counts:?}");
+}
