@@ -519,3 +519,76 @@ type = "then"
     assert_eq!(status, 413, "{body}");
     assert_eq!(body["error"]["code"], "payload_too_large", "{body}");
 }
+
+/// A flood on one account's public endpoint is that account's: past its running-runs limit
+/// it gets 429 with `Retry-After`, while another account's endpoint answers every call.
+#[tokio::test]
+async fn a_flood_on_one_accounts_endpoint_leaves_another_unaffected() {
+    let server = Server::start_with(&["--max-runs-per-account", "4"]).await;
+    let manifest = |name: &str| {
+        format!(
+            r#"
+name = "{name}"
+[[blocks]]
+name = "work"
+language = "python"
+code = "import time\ndef main(e, b):\n    time.sleep(0.3)\n    return 'done'\n"
+[[endpoints]]
+name = "go"
+method = "GET"
+path = "/go"
+[[responses]]
+name = "reply"
+[[transitions]]
+from = "go"
+to = "work"
+type = "then"
+[[transitions]]
+from = "work"
+to = "reply"
+type = "then"
+"#
+        )
+    };
+    let (_, flooder) = server.account("flooder").await;
+    let (_, quiet) = server.account("quiet").await;
+    server.deploy_ok(&flooder, &manifest("flood")).await;
+    server.deploy_ok(&quiet, &manifest("calm")).await;
+
+    let flood_url = format!("{}/http/flooder/flood/go", server.url);
+    let calls: Vec<_> = (0..24)
+        .map(|_| {
+            let http = server.http.clone();
+            let url = flood_url.clone();
+            tokio::spawn(async move {
+                let response = http.get(url).send().await.expect("send");
+                let retry_after = response.headers().get("retry-after").is_some();
+                (response.status().as_u16(), retry_after)
+            })
+        })
+        .collect();
+    // Meanwhile, the quiet account's calls all succeed.
+    for _ in 0..3 {
+        let response = server
+            .http
+            .get(format!("{}/http/quiet/calm/go", server.url))
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().await.expect("body"), "\"done\"");
+    }
+    let mut statuses = Vec::new();
+    for call in calls {
+        statuses.push(call.await.expect("join"));
+    }
+    assert!(statuses.iter().any(|(s, _)| *s == 200), "{statuses:?}");
+    assert!(
+        statuses.iter().any(|(s, retry)| *s == 429 && *retry),
+        "past 4 running runs the flooder gets 429 with Retry-After: {statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|(s, _)| *s == 200 || *s == 429),
+        "{statuses:?}"
+    );
+}
