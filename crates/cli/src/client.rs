@@ -23,6 +23,11 @@ impl Client {
         })
     }
 
+    /// The server's base URL (`http://host:port`).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     pub async fn get(&self, path: &str) -> Result<Value> {
         self.send(Method::GET, path, None, &[]).await
     }

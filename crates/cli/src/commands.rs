@@ -329,12 +329,27 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
                     .as_array()
                     .map(|b| b.iter().filter_map(|b| b["name"].as_str()).collect())
                     .unwrap_or_default();
-                format!(
+                let mut text = format!(
                     "Deployed {}: deployment {} is live (blocks: {}).",
                     reply["project"].as_str().unwrap_or_default(),
                     reply["deployment"],
                     blocks.join(", ")
-                )
+                );
+                for e in reply["endpoints"].as_array().into_iter().flatten() {
+                    text.push_str(&format!(
+                        "\n  endpoint {}: {} {}{}{}",
+                        e["name"].as_str().unwrap_or_default(),
+                        e["method"].as_str().unwrap_or_default(),
+                        client.base().trim_end_matches('/'),
+                        e["url_path"].as_str().unwrap_or_default(),
+                        if e["auth"] == "key" {
+                            " (needs an API key)"
+                        } else {
+                            ""
+                        }
+                    ));
+                }
+                text
             })?;
         }
         ClientCommand::Deployments { project } => {

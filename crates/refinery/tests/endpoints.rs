@@ -177,7 +177,17 @@ type = "then"
 async fn setup() -> (Server, String, String) {
     let server = Server::start().await;
     let (_, key) = server.account("acme").await;
-    server.deploy_ok(&key, API).await;
+    let deployed = server.deploy_ok(&key, API).await;
+    let first = &deployed["endpoints"][0];
+    assert_eq!(
+        (&first["name"], &first["method"], &first["url_path"]),
+        (
+            &json!("get-order"),
+            &json!("GET"),
+            &json!("/http/acme/api/orders/{id}")
+        ),
+        "the deploy answer lists the endpoints: {deployed}"
+    );
     let base = format!("{}/http/acme/api", server.url);
     (server, key, base)
 }

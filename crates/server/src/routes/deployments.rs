@@ -101,7 +101,21 @@ pub async fn deploy(
     }
     provision(&state, account, &deployment).await;
     tracing::info!(account = %account.id, project = %deployment.project, deployment = deployment.number, "deployed");
-    Ok((StatusCode::CREATED, Json(deployment_json(&deployment))))
+    let mut reply = deployment_json(&deployment);
+    reply["endpoints"] = manifest
+        .endpoints
+        .iter()
+        .map(|e| {
+            json!({
+                "name": e.name,
+                "method": e.method.as_str(),
+                "path": e.path.as_str(),
+                "auth": e.auth.as_str(),
+                "url_path": format!("/http/{}/{}{}", account.name, manifest.name, e.path.as_str()),
+            })
+        })
+        .collect();
+    Ok((StatusCode::CREATED, Json(reply)))
 }
 
 const MIB: u64 = 1024 * 1024;
