@@ -39,6 +39,19 @@ pub struct ClientArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum TopicsCommand {
+    /// Publish a message: one run per subscriber block, each with the message as its input.
+    Publish {
+        project: String,
+        topic: String,
+        /// The message: JSON text, `-` to read it from stdin, or `@FILE` to read it from a
+        /// file.
+        #[arg(long, default_value = "null", value_name = "JSON|-|@FILE")]
+        input: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ClientCommand {
     /// Manage accounts (the operator key, except where a subcommand says otherwise).
     #[command(subcommand)]
@@ -73,6 +86,9 @@ pub enum ClientCommand {
     /// Start a run of a project's service at a block (or trigger); prints its id, or with
     /// --wait the run once it ended.
     Run(RunArgs),
+    /// Publish to a project's topic: one run per subscriber block.
+    #[command(subcommand)]
+    Topics(TopicsCommand),
     /// A project's runs (`runs PROJECT`), one run's step tree (`runs show RUN_ID`), or
     /// cancel one (`runs cancel RUN_ID`).
     Runs(RunsArgs),
@@ -201,6 +217,38 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
         ClientCommand::Usage(args) => return billing::usage(&client, json, args).await,
         ClientCommand::Bills(command) => return billing::bills(&client, json, command).await,
         ClientCommand::Run(args) => return runs::start(&client, json, args).await,
+        ClientCommand::Topics(TopicsCommand::Publish {
+            project,
+            topic,
+            input,
+        }) => {
+            let message = read_input(&input)?;
+            let reply = client
+                .post(
+                    &format!(
+                        "/v1/projects/{}/topics/{}/publish",
+                        path_segment(&project),
+                        path_segment(&topic)
+                    ),
+                    &message,
+                )
+                .await?;
+            print(json, &reply, || {
+                let ids: Vec<&str> = reply["run_ids"]
+                    .as_array()
+                    .map(|ids| ids.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                if ids.is_empty() {
+                    format!("Published to {topic}: it has no subscribers, no run started.")
+                } else {
+                    format!(
+                        "Published to {topic}: {} runs started ({}).",
+                        ids.len(),
+                        ids.join(", ")
+                    )
+                }
+            })?;
+        }
         ClientCommand::Runs(args) => return runs::runs(&client, json, args).await,
         ClientCommand::Accounts(AccountsCommand::SetBilling(args)) => {
             return billing::set_billing(&client, json, args).await

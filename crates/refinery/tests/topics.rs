@@ -126,6 +126,37 @@ async fn a_publication_starts_one_run_per_subscriber() {
     assert_eq!(runs[0].1["audited"], json!({"id": 7}));
     assert_eq!(runs[1].1["mailed"], json!({"id": 7}));
 
+    // From the CLI.
+    let (code, stdout, stderr) = server.cli(
+        &key,
+        &[
+            "topics",
+            "publish",
+            "events",
+            "placed",
+            "--input",
+            r#"{"id": 8}"#,
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("Published to placed: 3 runs started"),
+        "{stdout}"
+    );
+    let (code, stdout, stderr) = server.cli(
+        &key,
+        &["topics", "publish", "events", "placed", "--json"],
+        None,
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let reply: Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(
+        reply["run_ids"].as_array().map(Vec::len),
+        Some(3),
+        "{reply}"
+    );
+
     // A topic without subscribers starts nothing; an unknown one is a 404.
     let (status, body) = publish(&server, &key, "events", "quiet", json!(1)).await;
     assert_eq!(
