@@ -116,6 +116,14 @@ pub enum StoreError {
     #[error("the store is closed (the server is shutting down): {0} can no longer be written")]
     Closed(&'static str),
 
+    /// A writer thread gave up an operation before it was written (the store is closing,
+    /// or the operation failed unexpectedly): nothing of it was written.
+    #[error(
+        "{0} was not written: the store's writer thread gave it up (the server is shutting \
+         down, or it failed unexpectedly: see the server log); retry it"
+    )]
+    Interrupted(&'static str),
+
     #[error("database holds invalid data ({0}); restore from a backup or report a bug")]
     Corrupt(String),
 }
