@@ -7,13 +7,10 @@
 //! frame counters and joins it moves, and the run's end commit together or not at all.
 //! Reads for the API (runs and their steps) go through the sqlx pool, beside it. Payloads (inputs, outputs, backpacks) are JSON text, as the engine wrote them.
 
+use crate::{now_ms, Store, StoreError};
 use rusqlite::{params, OptionalExtension};
 use serde_json::Value;
 use sqlx::Row;
-use tokio::sync::oneshot;
-
-use crate::run_writer::{in_transaction, Job};
-use crate::{now_ms, Store, StoreError};
 
 /// The most runs one listing returns.
 pub const MAX_RUN_LIST: u32 = 1000;
@@ -213,26 +210,19 @@ impl Store {
         E: From<StoreError> + Send + 'static,
     {
         let run_id = run_id.to_string();
-        let (done, answer) = oneshot::channel();
-        let job: Job = Box::new(move |conn: &mut rusqlite::Connection| {
-            let what = || format!("updating run {run_id}");
-            let result = in_transaction(conn, what, |tx| {
+        self.runs
+            .transact("a run transaction", move |conn| {
                 let mut run = RunTx {
-                    conn: tx,
-                    run_id: run_id.clone(),
+                    conn,
+                    run_id,
                     next_seq: None,
                     inserted: false,
                 };
                 let value = f(&mut run)?;
                 run.finish()?;
                 Ok(value)
-            });
-            let _ = done.send(result);
-        });
-        self.runs.send(job)?;
-        answer
+            })
             .await
-            .map_err(|_| E::from(StoreError::Interrupted("a run transaction")))?
     }
 
     /// The account's run `run_id` with its steps in creation order; `None` if the account
@@ -346,22 +336,17 @@ impl Store {
     /// again, exactly like a pending one). Written on the run writer's thread.
     pub async fn mark_step_running(&self, step_id: &str) -> Result<(), StoreError> {
         let step_id = step_id.to_string();
-        let (done, answer) = oneshot::channel();
-        let job: Job = Box::new(move |conn: &mut rusqlite::Connection| {
-            let result = conn
-                .prepare_cached(
+        self.runs
+            .transact("marking a step running", move |conn| {
+                conn.prepare_cached(
                     "UPDATE steps SET status = 'running', started_at_ms = ?1 \
                      WHERE id = ?2 AND status = 'pending'",
                 )
                 .and_then(|mut s| s.execute(params![now_ms(), step_id]))
-                .map(|_| ())
-                .map_err(StoreError::write(format!("starting step {step_id}")));
-            let _ = done.send(result);
-        });
-        self.runs.send(job)?;
-        answer
+                .map_err(StoreError::write(format!("starting step {step_id}")))?;
+                Ok(())
+            })
             .await
-            .map_err(|_| StoreError::Interrupted("marking a step running"))?
     }
 }
 

@@ -158,3 +158,72 @@ async fn run_transactions_run_in_the_order_they_were_sent() -> TestResult {
     assert!(matches!(closed, Err(StoreError::Closed(_))), "{closed:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_failing_transaction_waiting_with_others_loses_none_of_theirs() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path()).await?;
+    let acct = store.create_account("alice", "h", "p").await?;
+    create(&store, &acct.id, "run_1", Vec::new()).await?;
+
+    // A slow transaction first, so that the next ones wait together (they then share a
+    // transaction, each in a savepoint): every third fails after writing, one panics.
+    let slow = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .run_tx("run_1", |tx| {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    tx.add_live("slow", 1)
+                })
+                .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            store
+                .run_tx("run_1", move |tx| {
+                    tx.insert_step(&step(&format!("st_{i}")))?;
+                    tx.add_live(&format!("f{i}"), 1)?;
+                    if i == 7 {
+                        panic!("a bug in a run transaction (this test's)");
+                    }
+                    if i % 3 == 0 {
+                        return Err(StoreError::Corrupt(format!("test failure {i}")));
+                    }
+                    Ok(i)
+                })
+                .await
+        }));
+    }
+    assert_eq!(slow.await??, 1);
+    let mut kept = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await? {
+            Ok(n) => kept.push(n),
+            Err(StoreError::Corrupt(_)) => assert_eq!(i % 3, 0, "{i} failed"),
+            Err(StoreError::Interrupted(_)) => assert_eq!(i, 7),
+            Err(e) => return Err(format!("transaction {i}: {e}").into()),
+        }
+    }
+    let expected: Vec<i32> = (0..30).filter(|i| i % 3 != 0 && *i != 7).collect();
+    assert_eq!(kept, expected);
+    let (run, steps) = store
+        .run_with_steps(&acct.id, "run_1")
+        .await?
+        .ok_or("run_1 vanished")?;
+    let ids: Vec<String> = steps.iter().map(|s| s.id.clone()).collect();
+    let want: Vec<String> = expected.iter().map(|i| format!("st_{i}")).collect();
+    assert_eq!(
+        ids, want,
+        "exactly the steps of the transactions that succeeded"
+    );
+    // Their numbers are consecutive: a rolled-back one gave its number back.
+    let seqs: Vec<i64> = steps.iter().map(|s| s.seq).collect();
+    assert_eq!(seqs, (0..expected.len() as i64).collect::<Vec<_>>());
+    assert_eq!(run.steps, expected.len() as i64);
+    Ok(())
+}
