@@ -17,8 +17,8 @@
 //! SQLite roll back the whole transaction on a closure's failure (it does on some
 //! errors, a full disk among them), the closures before it in the transaction fail too,
 //! saying so (nothing of theirs was written, nothing was acknowledged), and the ones after
-//! it start a new transaction. Measured, sharing halves the time a 1000-item fan-out
-//! spends committing (docs/BENCHMARKS.md, "Services (issue 12)").
+//! it start a new transaction. Measured against one transaction per closure, sharing made
+//! a warm 1000-item fan-out about twice as fast (docs/BENCHMARKS.md, "Services (issue 12)").
 //!
 //! The thread survives every failure of a transaction (and a panicking closure: its
 //! writes are rolled back and its caller told), so writing resumes by itself once, say,
