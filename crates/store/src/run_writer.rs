@@ -211,12 +211,13 @@ fn run_batch(conn: &Connection, batch: Vec<Job>) {
         if conn.is_autocommit() {
             // SQLite rolled the whole transaction back: the jobs before this one with it.
             let error = StoreError::Write {
-                operation: "a run transaction of the same batch failed and SQLite rolled \
-                            back the whole transaction; retry"
+                operation: "updating a run: nothing was written, because another run \
+                            transaction sharing its SQLite transaction failed and SQLite \
+                            rolled back the whole of it; retry"
                     .into(),
                 source: rusqlite::Error::SqliteFailure(
                     rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
-                    None,
+                    Some("rolled back".into()),
                 ),
             };
             for a in done.drain(..) {
