@@ -307,20 +307,23 @@ pub struct Committed {
     pub published: Vec<(RunRecord, NewStep)>,
 }
 
-/// Records the run and its first steps, in one transaction.
+/// Records the run and its first steps, in one transaction; gives the steps back.
 pub async fn create_run(
     store: &Store,
     run: &RunRecord,
-    steps: &[NewStep],
-) -> Result<(), EngineError> {
-    let mut tx = store.begin_run(&run.id).await?;
-    write_run(&mut tx, run, steps).await?;
-    tx.commit().await?;
-    Ok(())
+    steps: Vec<NewStep>,
+) -> Result<Vec<NewStep>, EngineError> {
+    let run = run.clone();
+    store
+        .run_tx(&run.id.clone(), move |tx| {
+            write_run(tx, &run, &steps)?;
+            Ok(steps)
+        })
+        .await
 }
 
 /// Writes a new run and its first steps in `tx` (pointed at the run).
-async fn write_run(tx: &mut RunTx, run: &RunRecord, steps: &[NewStep]) -> Result<(), EngineError> {
+fn write_run(tx: &mut RunTx<'_>, run: &RunRecord, steps: &[NewStep]) -> Result<(), EngineError> {
     tx.create_run(
         &run.account_id,
         &run.project,
@@ -328,18 +331,17 @@ async fn write_run(tx: &mut RunTx, run: &RunRecord, steps: &[NewStep]) -> Result
         run.deployment,
         &run.start,
         run.started_at_ms,
-    )
-    .await?;
+    )?;
     for step in steps {
-        tx.insert_step(step).await?;
+        tx.insert_step(step)?;
     }
-    tx.add_live("", steps.len() as i64).await?;
+    tx.add_live("", steps.len() as i64)?;
     Ok(())
 }
 
 /// The pending changes of one commit, before they are written.
-struct Pending<'a> {
-    tx: RunTx,
+struct Pending<'a, 'c> {
+    tx: &'a mut RunTx<'c>,
     run: RunRecord,
     deployment: &'a ServiceDeployment,
     config: &'a EngineConfig,
@@ -352,9 +354,9 @@ struct Pending<'a> {
     published: Vec<(RunRecord, NewStep)>,
 }
 
-impl Pending<'_> {
+impl Pending<'_, '_> {
     /// Adds a step (checking the step limits first); `false` if the run failed instead.
-    async fn add(&mut self, step: NewStep) -> Result<bool, EngineError> {
+    fn add(&mut self, step: NewStep) -> Result<bool, EngineError> {
         if self.failure.is_some() {
             return Ok(false);
         }
@@ -381,7 +383,7 @@ impl Pending<'_> {
             ));
             return Ok(false);
         }
-        let seq = self.tx.insert_step(&step).await?;
+        let seq = self.tx.insert_step(&step)?;
         self.started.push(pending_record(&self.run.id, step, seq));
         Ok(true)
     }
@@ -393,23 +395,18 @@ impl Pending<'_> {
     }
 
     /// A frame's live work reached zero: settles it and the frames above it.
-    async fn settle(&mut self, mut frame: String) -> Result<(), EngineError> {
+    fn settle(&mut self, mut frame: String) -> Result<(), EngineError> {
         loop {
             if self.failure.is_some() {
                 return Ok(());
             }
             // A merge still waiting here can no longer complete.
-            if let Some(&tid) = self.tx.join_transitions(&frame).await?.first() {
+            if let Some(&tid) = self.tx.join_transitions(&frame)?.first() {
                 let t = self
                     .transition(usize::try_from(tid).unwrap_or(usize::MAX))?
                     .clone();
-                let arrived: Vec<i64> = self
-                    .tx
-                    .joins(&frame, tid)
-                    .await?
-                    .iter()
-                    .map(|e| e.slot)
-                    .collect();
+                let arrived: Vec<i64> =
+                    self.tx.joins(&frame, tid)?.iter().map(|e| e.slot).collect();
                 let missing: Vec<&str> = t
                     .from
                     .iter()
@@ -432,12 +429,12 @@ impl Pending<'_> {
                 // The run's own frame: nothing is left to do.
                 return Ok(());
             };
-            let group = self.tx.settle_item(group).await?;
+            let group = self.tx.settle_item(group)?;
             if group.settled < group.items {
                 return Ok(());
             }
-            let added = self.join_fan_out(&group).await?;
-            let live = self.tx.add_live(&group.parent_frame, added - 1).await?;
+            let added = self.join_fan_out(&group)?;
+            let live = self.tx.add_live(&group.parent_frame, added - 1)?;
             if live > 0 {
                 return Ok(());
             }
@@ -446,8 +443,8 @@ impl Pending<'_> {
     }
 
     /// All items of a fan-out are done: runs its fan-ins. Returns how many steps started.
-    async fn join_fan_out(&mut self, group: &GroupRecord) -> Result<i64, EngineError> {
-        let mut tids = self.tx.join_transitions(&group.grp).await?;
+    fn join_fan_out(&mut self, group: &GroupRecord) -> Result<i64, EngineError> {
+        let mut tids = self.tx.join_transitions(&group.grp)?;
         if tids.is_empty() && group.items == 0 {
             let fan_out = usize::try_from(group.transition_id).unwrap_or(usize::MAX);
             tids = self
@@ -460,7 +457,7 @@ impl Pending<'_> {
         }
         let mut added = 0;
         for tid in tids {
-            let entries = self.tx.joins(&group.grp, tid).await?;
+            let entries = self.tx.joins(&group.grp, tid)?;
             let t = self
                 .transition(usize::try_from(tid).unwrap_or(usize::MAX))?
                 .clone();
@@ -485,8 +482,8 @@ impl Pending<'_> {
                 backpack: backpack.to_string(),
                 not_before_ms: 0,
             };
-            self.tx.remove_joins(tid, &parents).await?;
-            if self.add(step).await? {
+            self.tx.remove_joins(tid, &parents)?;
+            if self.add(step)? {
                 added += 1;
             }
         }
@@ -498,14 +495,28 @@ impl Pending<'_> {
 /// last) the run's end. A step whose result is already recorded changes nothing.
 pub async fn commit(
     store: &Store,
+    config: EngineConfig,
+    run_id: &str,
+    deployment: Arc<ServiceDeployment>,
+    step: StepRecord,
+    plan: Plan,
+) -> Result<Committed, EngineError> {
+    store
+        .run_tx(run_id, move |tx| {
+            commit_in(tx, &config, &deployment, &step, plan)
+        })
+        .await
+}
+
+/// [`commit`], inside its transaction.
+fn commit_in(
+    tx: &mut RunTx<'_>,
     config: &EngineConfig,
-    run: &RunRecord,
     deployment: &ServiceDeployment,
     step: &StepRecord,
     plan: Plan,
 ) -> Result<Committed, EngineError> {
-    let mut tx = store.begin_run(&run.id).await?;
-    let Some(current) = tx.run().await? else {
+    let Some(current) = tx.run()? else {
         return Ok(Committed::default());
     };
     let keep_all = deployment.log_level == refinery_domain::LogLevel::All;
@@ -548,7 +559,7 @@ pub async fn commit(
             "failed",
         ),
     };
-    if !tx.finish_step(&step.id, &result).await? {
+    if !tx.finish_step(&step.id, &result)? {
         return Ok(Committed::default());
     }
     let halted = current.halted();
@@ -579,11 +590,10 @@ pub async fn commit(
                     .map(parse)
                     .unwrap_or_else(|| json!({}));
                 add_failed_step(&mut e, step, error);
-                p.tx.set_run_error(&e).await?;
+                p.tx.set_run_error(&e)?;
             }
         }
-        let ended = end_if_done(&mut p.tx, &p.run).await?;
-        p.tx.commit().await?;
+        let ended = end_if_done(p.tx, &p.run)?;
         return Ok(Committed {
             step_status,
             started: Vec::new(),
@@ -605,7 +615,7 @@ pub async fn commit(
         } => {
             for tid in fired {
                 let t = p.transition(tid)?.clone();
-                in_frame += fire(&mut p, step, &t, &output, &backpack).await?;
+                in_frame += fire(&mut p, step, &t, &output, &backpack)?;
             }
         }
         Plan::Failed {
@@ -630,7 +640,7 @@ pub async fn commit(
                     backpack: step.backpack_in.clone().unwrap_or_else(|| "{}".into()),
                     not_before_ms: now_ms() + i64::try_from(delay.as_millis()).unwrap_or(0),
                 };
-                if p.add(retry).await? {
+                if p.add(retry)? {
                     in_frame += 1;
                 }
             } else if exceptions.is_empty() {
@@ -647,7 +657,7 @@ pub async fn commit(
                 for tid in exceptions {
                     let t = p.transition(tid)?.clone();
                     let next = successor(step, &t, exception_input.to_string(), &backpack);
-                    if p.add(next).await? {
+                    if p.add(next)? {
                         in_frame += 1;
                     }
                 }
@@ -655,19 +665,19 @@ pub async fn commit(
         }
     }
     if p.failure.is_none() {
-        let live = p.tx.add_live(&frame, in_frame - 1).await?;
+        let live = p.tx.add_live(&frame, in_frame - 1)?;
         if live == 0 {
-            p.settle(frame).await?;
+            p.settle(frame)?;
         }
     }
     let halted = p.failure.is_some();
     let ended = if let Some(failure) = p.failure.take() {
-        p.tx.fail_run(&failure).await?;
+        p.tx.fail_run(&failure)?;
         p.started.clear();
         p.run.error = Some(failure.to_string());
-        end_if_done(&mut p.tx, &p.run).await?
-    } else if p.tx.live("").await? == 0 {
-        p.tx.end_run("succeeded").await?;
+        end_if_done(p.tx, &p.run)?
+    } else if p.tx.live("")? == 0 {
+        p.tx.end_run("succeeded")?;
         Some("succeeded".to_string())
     } else {
         None
@@ -677,7 +687,6 @@ pub async fn commit(
     // Publications stand even if another transition of this commit failed the run: the
     // publishing step succeeded, and its subscribers' runs are their own.
     let published = std::mem::take(&mut p.published);
-    p.tx.commit().await?;
     Ok(Committed {
         step_status,
         started,
@@ -691,16 +700,16 @@ pub async fn commit(
 /// Publishes `output` to `topic`: one run per subscriber block, each with this input and
 /// `backpack`, created in the publishing step's transaction (so a crash either kept the
 /// step's success and every subscriber run, or neither).
-async fn publish(
-    p: &mut Pending<'_>,
+fn publish(
+    p: &mut Pending<'_, '_>,
     topic: &str,
     output: &Value,
     backpack: &Value,
 ) -> Result<(), EngineError> {
     for (run, first) in subscriber_runs(p.deployment, &p.run, topic, output, backpack) {
         let saved = p.tx.retarget(&run.id);
-        let written = write_run(&mut p.tx, &run, std::slice::from_ref(&first)).await;
-        p.tx.restore(saved);
+        let written = write_run(p.tx, &run, std::slice::from_ref(&first));
+        p.tx.restore(saved)?;
         written?;
         p.published.push((run, first));
     }
@@ -772,8 +781,8 @@ pub fn first_step(
 
 /// Fires one transition of a succeeded step; returns how many units of live work it added
 /// to the step's frame.
-async fn fire(
-    p: &mut Pending<'_>,
+fn fire(
+    p: &mut Pending<'_, '_>,
     step: &StepRecord,
     t: &Transition,
     output: &Value,
@@ -787,13 +796,13 @@ async fn fire(
             match p.deployment.graph.kind(&t.to) {
                 Some(NodeKind::Response) => {
                     // Into a response node: the run's reply (the first one reached wins).
-                    if p.responded.is_none() && p.tx.set_response(output).await? {
+                    if p.responded.is_none() && p.tx.set_response(output)? {
                         p.responded = Some(output.clone());
                     }
                     return Ok(0);
                 }
                 Some(NodeKind::Topic) => {
-                    publish(p, &t.to, output, backpack).await?;
+                    publish(p, &t.to, output, backpack)?;
                     return Ok(0);
                 }
                 Some(kind @ NodeKind::Queue) => {
@@ -806,7 +815,7 @@ async fn fire(
                 _ => {}
             }
             let next = successor(step, t, output.to_string(), backpack);
-            Ok(i64::from(p.add(next).await?))
+            Ok(i64::from(p.add(next)?))
         }
         TransitionType::FanOut => {
             let items = output.as_array().cloned().unwrap_or_default();
@@ -819,22 +828,21 @@ async fn fire(
                 items: items.len() as i64,
                 settled: 0,
                 depth: step.depth,
-            })
-            .await?;
+            })?;
             if items.is_empty() {
                 // Nothing to wait for: the fan-ins run now, with `[]`.
-                let group = p.tx.group(&grp).await?;
-                return p.join_fan_out(&group).await;
+                let group = p.tx.group(&grp)?;
+                return p.join_fan_out(&group);
             }
             for (i, item) in items.into_iter().enumerate() {
                 let frame = format!("{grp}#{i}");
                 let mut next = successor(step, t, item.to_string(), backpack);
                 next.item = Some(i as i64);
                 next.frame = frame.clone();
-                if !p.add(next).await? {
+                if !p.add(next)? {
                     return Ok(0);
                 }
-                p.tx.add_live(&frame, 1).await?;
+                p.tx.add_live(&frame, 1)?;
             }
             // The fan-out counts as live work of this frame until its fan-ins ran.
             Ok(1)
@@ -843,10 +851,9 @@ async fn fire(
             let Some((grp, item)) = split_frame(&step.frame) else {
                 // Started past the fan-out (a run started at an item block): one item.
                 let next = successor(step, t, json!([output]).to_string(), backpack);
-                return Ok(i64::from(p.add(next).await?));
+                return Ok(i64::from(p.add(next)?));
             };
-            p.tx.add_join(grp, t.id as i64, &arrival(step, item, output, backpack))
-                .await?;
+            p.tx.add_join(grp, t.id as i64, &arrival(step, item, output, backpack))?;
             Ok(0)
         }
         TransitionType::Merge => {
@@ -855,10 +862,9 @@ async fn fire(
                 &step.frame,
                 t.id as i64,
                 &arrival(step, slot, output, backpack),
-            )
-            .await?;
+            )?;
             // Complete when every source has an arrival: take the first of each.
-            let entries = p.tx.joins(&step.frame, t.id as i64).await?;
+            let entries = p.tx.joins(&step.frame, t.id as i64)?;
             let mut first: BTreeMap<i64, &JoinEntry> = BTreeMap::new();
             for e in &entries {
                 first.entry(e.slot).or_insert(e);
@@ -869,10 +875,10 @@ async fn fire(
             let outputs: Vec<Value> = first.values().map(|e| parse(&e.output)).collect();
             let merged_backpack = merged(first.values().map(|e| parse(&e.backpack)));
             let parents: Vec<String> = first.values().map(|e| e.step_id.clone()).collect();
-            p.tx.remove_joins(t.id as i64, &parents).await?;
+            p.tx.remove_joins(t.id as i64, &parents)?;
             let mut next = successor(step, t, Value::Array(outputs).to_string(), &merged_backpack);
             next.parents = parents;
-            Ok(i64::from(p.add(next).await?))
+            Ok(i64::from(p.add(next)?))
         }
     }
 }
@@ -935,8 +941,8 @@ fn successor(step: &StepRecord, t: &Transition, input: String, backpack: &Value)
 }
 
 /// Ends a halted run if none of its steps is unfinished; its status then.
-async fn end_if_done(tx: &mut RunTx, run: &RunRecord) -> Result<Option<String>, EngineError> {
-    if tx.unfinished_steps().await? > 0 {
+fn end_if_done(tx: &mut RunTx<'_>, run: &RunRecord) -> Result<Option<String>, EngineError> {
+    if tx.unfinished_steps()? > 0 {
         return Ok(None);
     }
     let status = if run.error.is_some() {
@@ -946,88 +952,93 @@ async fn end_if_done(tx: &mut RunTx, run: &RunRecord) -> Result<Option<String>, 
     } else {
         "succeeded"
     };
-    tx.end_run(status).await?;
+    tx.end_run(status)?;
     Ok(Some(status.to_string()))
 }
 
 /// A queued step of a halted run: cancelled; the run ends if it was the last.
 pub async fn skip(
     store: &Store,
-    run: &RunRecord,
-    step: &StepRecord,
+    run_id: &str,
+    step_id: &str,
 ) -> Result<Option<String>, EngineError> {
-    let mut tx = store.begin_run(&run.id).await?;
-    let Some(current) = tx.run().await? else {
-        return Ok(None);
-    };
-    tx.finish_step(
-        &step.id,
-        &StepResult {
-            status: "cancelled",
-            output: None,
-            backpack: None,
-            error: None,
-            execution_id: None,
-            started_at_ms: None,
-            duration_ms: None,
-            keep_input: false,
-        },
-    )
-    .await?;
-    let ended = end_if_done(&mut tx, &current).await?;
-    tx.commit().await?;
-    Ok(ended)
+    let step_id = step_id.to_string();
+    store
+        .run_tx(run_id, move |tx| {
+            let Some(current) = tx.run()? else {
+                return Ok(None);
+            };
+            tx.finish_step(
+                &step_id,
+                &StepResult {
+                    status: "cancelled",
+                    output: None,
+                    backpack: None,
+                    error: None,
+                    execution_id: None,
+                    started_at_ms: None,
+                    duration_ms: None,
+                    keep_input: false,
+                },
+            )?;
+            end_if_done(tx, &current)
+        })
+        .await
 }
 
 /// At start: a run that was failing or cancelled when the server stopped ends now (what
 /// was running then is gone).
-pub async fn end_halted(store: &Store, run: &RunRecord) -> Result<Option<String>, EngineError> {
-    let mut tx = store.begin_run(&run.id).await?;
-    let Some(current) = tx.run().await? else {
-        return Ok(None);
-    };
-    tx.cancel_unfinished().await?;
-    let ended = end_if_done(&mut tx, &current).await?;
-    tx.commit().await?;
-    Ok(ended)
+pub async fn end_halted(store: &Store, run_id: &str) -> Result<Option<String>, EngineError> {
+    store
+        .run_tx(run_id, |tx| {
+            let Some(current) = tx.run()? else {
+                return Ok(None);
+            };
+            tx.cancel_unfinished()?;
+            end_if_done(tx, &current)
+        })
+        .await
 }
 
 /// The run cannot go on (its deployment was removed, or no longer reads): it fails now,
 /// and what it had unfinished is cancelled.
 pub async fn fail_unrunnable(
     store: &Store,
-    run: &RunRecord,
+    run_id: &str,
     kind: &str,
     message: String,
 ) -> Result<(), EngineError> {
-    let mut tx = store.begin_run(&run.id).await?;
-    let Some(mut current) = tx.run().await? else {
-        return Ok(());
-    };
     let error = run_error(kind, message);
-    tx.fail_run(&error).await?;
-    tx.cancel_unfinished().await?;
-    current.error = Some(error.to_string());
-    end_if_done(&mut tx, &current).await?;
-    tx.commit().await?;
-    Ok(())
+    store
+        .run_tx(run_id, move |tx| {
+            let Some(mut current) = tx.run()? else {
+                return Ok(());
+            };
+            tx.fail_run(&error)?;
+            tx.cancel_unfinished()?;
+            current.error = Some(error.to_string());
+            end_if_done(tx, &current)?;
+            Ok(())
+        })
+        .await
 }
 
 /// Cancels a run: pending steps at once; it ends when its running steps have. Returns its
 /// status if it ended.
 pub async fn cancel(store: &Store, run_id: &str) -> Result<Option<String>, EngineError> {
-    let mut tx = store.begin_run(run_id).await?;
-    let Some(mut current) = tx.run().await? else {
-        return Ok(None);
-    };
-    if current.status != "running" {
-        return Ok(Some(current.status));
-    }
-    tx.request_cancel().await?;
-    current.cancel_requested = true;
-    let ended = end_if_done(&mut tx, &current).await?;
-    tx.commit().await?;
-    Ok(ended)
+    store
+        .run_tx(run_id, |tx| {
+            let Some(mut current) = tx.run()? else {
+                return Ok(None);
+            };
+            if current.status != "running" {
+                return Ok(Some(current.status));
+            }
+            tx.request_cancel()?;
+            current.cancel_requested = true;
+            end_if_done(tx, &current)
+        })
+        .await
 }
 
 fn run_error(kind: &str, message: String) -> Value {

@@ -92,9 +92,6 @@ pub(crate) struct Inner {
     wake: Notify,
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
     stopping: AtomicBool,
-    /// Taken around every write of the engine's: its transactions queue here, in order,
-    /// rather than in SQLite's busy handler (which sleeps in steps of milliseconds).
-    pub writes: tokio::sync::Mutex<()>,
     /// Steps queued by this process, with their run: read from here, not the store.
     prefetched: Mutex<HashMap<String, (Arc<RunRecord>, StepRecord)>>,
     /// Runs failing or cancelled (by this process): their queued steps do not run.
@@ -124,7 +121,6 @@ impl Engine {
             wake: Notify::new(),
             waiters: Mutex::new(HashMap::new()),
             stopping: AtomicBool::new(false),
-            writes: tokio::sync::Mutex::new(()),
             running_runs: Mutex::new(HashMap::new()),
             responders: Mutex::new(HashMap::new()),
             prefetched: Mutex::new(HashMap::new()),
@@ -151,7 +147,7 @@ impl Engine {
             if run.halted() {
                 // Failing or cancelled when the server stopped: what was running then is
                 // gone; the run ends now.
-                if let Some(status) = advance::end_halted(&inner.store, run).await? {
+                if let Some(status) = advance::end_halted(&inner.store, &run.id).await? {
                     inner.run_ended(run, &status);
                 }
                 continue;
@@ -383,10 +379,7 @@ impl Engine {
         if run.status != "running" {
             return Ok(run.status);
         }
-        let status = {
-            let _write = inner.writes.lock().await;
-            advance::cancel(&inner.store, run_id).await?
-        };
+        let status = advance::cancel(&inner.store, run_id).await?;
         match &status {
             Some(status) => inner.run_ended(&run, status),
             None => {
@@ -439,14 +432,13 @@ impl Inner {
             }
             runs.insert(run.id.clone());
         }
-        let created = {
-            let _write = self.writes.lock().await;
-            advance::create_run(&self.store, &run, &steps).await
+        let steps = match advance::create_run(&self.store, &run, steps).await {
+            Ok(steps) => steps,
+            Err(e) => {
+                self.release_run_slot(&run);
+                return Err(e);
+            }
         };
-        if let Err(e) = created {
-            self.release_run_slot(&run);
-            return Err(e);
-        }
         run.steps = steps.len() as i64;
         if let Some(responder) = responder {
             lock(&self.responders).insert(run.id.clone(), responder);
@@ -559,10 +551,7 @@ impl Inner {
             Err(EngineError::Internal(message)) => ("DeploymentUnreadable", message),
             Err(e) => return Err(e),
         };
-        {
-            let _write = self.writes.lock().await;
-            advance::fail_unrunnable(&self.store, run, kind, message).await?;
-        }
+        advance::fail_unrunnable(&self.store, &run.id, kind, message).await?;
         self.run_ended(run, "failed");
         Ok(None)
     }
@@ -697,10 +686,7 @@ impl Inner {
         };
         if halted || run.halted() {
             // Cancelled or failed after it was queued: it never runs.
-            let ended = {
-                let _write = self.writes.lock().await;
-                advance::skip(&self.store, &run, &step).await?
-            };
+            let ended = advance::skip(&self.store, &run.id, &step.id).await?;
             if let Some(status) = ended {
                 self.run_ended(&run, &status);
             }
@@ -718,10 +704,15 @@ impl Inner {
             Invoked::Stopping => return Ok(None),
         };
         let plan = advance::plan(&self.config, deployment.clone(), &step, outcome).await;
-        let committed = {
-            let _write = self.writes.lock().await;
-            advance::commit(&self.store, &self.config, &run, &deployment, &step, plan).await?
-        };
+        let committed = advance::commit(
+            &self.store,
+            self.config,
+            &run.id,
+            deployment.clone(),
+            step,
+            plan,
+        )
+        .await?;
         self.metrics
             .steps_ended
             .get_or_create(&crate::metrics::StatusLabels {
@@ -819,10 +810,7 @@ impl Inner {
         };
         // The step is marked running while its block runs (the write overlaps the
         // invocation; both are done before its result is committed).
-        let mark = async {
-            let _write = self.writes.lock().await;
-            self.store.mark_step_running(&step.id).await
-        };
+        let mark = self.store.mark_step_running(&step.id);
         let (marked, invoked) = tokio::join!(mark, self.invocations.invoke(&account, request));
         if let Err(e) = marked {
             tracing::warn!(step = %step.id, error = %e, "could not mark a step running");

@@ -116,6 +116,14 @@ pub enum StoreError {
     #[error("the store is closed (the server is shutting down): {0} can no longer be written")]
     Closed(&'static str),
 
+    /// A writer thread gave up an operation before it was written (it panicked: a bug):
+    /// nothing of it was written.
+    #[error(
+        "{0} was not written: it failed unexpectedly on the store's writer thread and was \
+         rolled back (a bug: the server log has the panic); retry it, and report it"
+    )]
+    Interrupted(&'static str),
+
     #[error("database holds invalid data ({0}); restore from a backup or report a bug")]
     Corrupt(String),
 }

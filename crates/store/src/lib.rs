@@ -1,8 +1,9 @@
 //! Refinery's persistence: accounts, API keys, projects, deployments and executions,
 //! kept in one embedded SQLite database (`<data_dir>/refinery.db`) through sqlx — except the
-//! hot path, execution records with their usage, which one writer thread of its own writes
-//! through a synchronous `rusqlite` connection in group-committed batches
-//! (`execution_writer.rs`).
+//! hot paths, each written by a thread of its own through a synchronous `rusqlite`
+//! connection with cached statements: execution records with their usage, in
+//! group-committed batches (`execution_writer.rs`), and the engine's run transactions
+//! ([`Store::run_tx`], `run_writer.rs`).
 //!
 //! # What this crate owns
 //!
@@ -53,11 +54,13 @@ mod execution_writer;
 pub mod executions;
 pub mod pricing;
 pub mod quotas;
+mod run_writer;
 pub mod runs;
 pub mod storage;
 pub mod usage;
 
 use execution_writer::ExecutionWriter;
+use run_writer::RunWriter;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -96,6 +99,8 @@ pub struct Store {
     pool: SqlitePool,
     /// Writes execution records (with their usage) in group-committed batches.
     writer: ExecutionWriter,
+    /// Runs the engine's run transactions ([`Store::run_tx`]).
+    runs: RunWriter,
     path: PathBuf,
 }
 
@@ -133,8 +138,14 @@ impl Store {
                 source,
             })?;
         let writer = ExecutionWriter::start(&path)?;
+        let runs = RunWriter::start(&path)?;
         tracing::debug!(path = %path.display(), "store opened");
-        Ok(Store { pool, writer, path })
+        Ok(Store {
+            pool,
+            writer,
+            runs,
+            path,
+        })
     }
 
     /// Path of the database file.
@@ -159,6 +170,7 @@ impl Store {
     /// its clones) fail; open the directory again to continue.
     pub async fn close(&self) {
         self.writer.close().await;
+        self.runs.close().await;
         self.pool.close().await;
     }
 }

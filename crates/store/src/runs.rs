@@ -2,14 +2,15 @@
 //! pipeline engine (`refinery_engine`) keeps here so that a run resumes after a crash.
 //!
 //! The engine decides; this module only stores. Every change of a run after its start is
-//! made through one [`RunTx`] (a `BEGIN IMMEDIATE` transaction): a step's result, the steps
-//! it starts, the frame counters and joins it moves, and the run's end commit together or
-//! not at all. Payloads (inputs, outputs, backpacks) are JSON text, as the engine wrote them.
-
-use serde_json::Value;
-use sqlx::Row;
+//! made through one [`RunTx`] (a `BEGIN IMMEDIATE` transaction, run by [`Store::run_tx`] on
+//! the run writer's thread, `run_writer.rs`): a step's result, the steps it starts, the
+//! frame counters and joins it moves, and the run's end commit together or not at all.
+//! Reads for the API (runs and their steps) go through the sqlx pool, beside it. Payloads (inputs, outputs, backpacks) are JSON text, as the engine wrote them.
 
 use crate::{now_ms, Store, StoreError};
+use rusqlite::{params, OptionalExtension};
+use serde_json::Value;
+use sqlx::Row;
 
 /// The most runs one listing returns.
 pub const MAX_RUN_LIST: u32 = 1000;
@@ -196,14 +197,32 @@ fn step_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<StepRecord, StoreError
 }
 
 impl Store {
-    /// Starts a write transaction on run `run_id` (which [`RunTx::create_run`] may create).
-    pub async fn begin_run(&self, run_id: &str) -> Result<RunTx, StoreError> {
-        let tx = self.begin_write(format!("updating run {run_id}")).await?;
-        Ok(RunTx {
-            tx,
-            run_id: run_id.to_string(),
-            next_seq: None,
-        })
+    /// Runs `f` on run `run_id` (which [`RunTx::create_run`] may create) in one IMMEDIATE
+    /// transaction on the run writer's thread, and commits it if `f` returns `Ok`: nothing
+    /// of it is written if `f` fails (or the commit does). Returns once it is committed.
+    ///
+    /// `f` runs on that thread, one transaction at a time in the order they were sent: it
+    /// must not block on anything but the database (it holds SQLite's write lock).
+    pub async fn run_tx<T, E, F>(&self, run_id: &str, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&mut RunTx<'_>) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let run_id = run_id.to_string();
+        self.runs
+            .transact("a run transaction", move |conn| {
+                let mut run = RunTx {
+                    conn,
+                    run_id,
+                    next_seq: None,
+                    inserted: false,
+                };
+                let value = f(&mut run)?;
+                run.finish()?;
+                Ok(value)
+            })
+            .await
     }
 
     /// The account's run `run_id` with its steps in creation order; `None` if the account
@@ -314,29 +333,41 @@ impl Store {
     }
 
     /// Marks a pending step running (for display; after a crash a running step is run
-    /// again, exactly like a pending one).
+    /// again, exactly like a pending one). Written on the run writer's thread.
     pub async fn mark_step_running(&self, step_id: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "UPDATE steps SET status = 'running', started_at_ms = ? \
-             WHERE id = ? AND status = 'pending'",
-        )
-        .bind(now_ms())
-        .bind(step_id)
-        .execute(&self.pool)
-        .await
-        .map_err(StoreError::db(format!("starting step {step_id}")))?;
-        Ok(())
+        let step_id = step_id.to_string();
+        self.runs
+            .transact("marking a step running", move |conn| {
+                conn.prepare_cached(
+                    "UPDATE steps SET status = 'running', started_at_ms = ?1 \
+                     WHERE id = ?2 AND status = 'pending'",
+                )
+                .and_then(|mut s| s.execute(params![now_ms(), step_id]))
+                .map_err(StoreError::write(format!("starting step {step_id}")))?;
+                Ok(())
+            })
+            .await
     }
 }
 
-/// One write transaction on one run. Dropped without [`RunTx::commit`], it changes nothing.
-pub struct RunTx {
-    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+/// One write transaction on one run, on the run writer's connection: see
+/// [`Store::run_tx`], which commits it.
+pub struct RunTx<'c> {
+    conn: &'c rusqlite::Connection,
     run_id: String,
     next_seq: Option<i64>,
+    /// Whether it inserted steps (so the run's step count moved).
+    inserted: bool,
 }
 
-impl RunTx {
+/// What [`RunTx::retarget`] set aside.
+pub struct Retargeted {
+    run_id: String,
+    next_seq: Option<i64>,
+    inserted: bool,
+}
+
+impl RunTx<'_> {
     fn what(&self) -> String {
         format!("updating run {}", self.run_id)
     }
@@ -344,20 +375,44 @@ impl RunTx {
     /// Points the transaction at another run (one to create in it: a topic's subscriber
     /// run, written atomically with the step that published); returns what
     /// [`RunTx::restore`] needs to point it back.
-    pub fn retarget(&mut self, run_id: &str) -> (String, Option<i64>) {
-        let previous = std::mem::replace(&mut self.run_id, run_id.to_string());
-        (previous, self.next_seq.take())
+    pub fn retarget(&mut self, run_id: &str) -> Retargeted {
+        Retargeted {
+            run_id: std::mem::replace(&mut self.run_id, run_id.to_string()),
+            next_seq: self.next_seq.take(),
+            inserted: std::mem::take(&mut self.inserted),
+        }
     }
 
-    /// Points the transaction back at the run [`RunTx::retarget`] left.
-    pub fn restore(&mut self, (run_id, next_seq): (String, Option<i64>)) {
-        self.run_id = run_id;
-        self.next_seq = next_seq;
+    /// Writes the other run's step count and points the transaction back at the run
+    /// [`RunTx::retarget`] left.
+    pub fn restore(&mut self, saved: Retargeted) -> Result<(), StoreError> {
+        let finished = self.finish();
+        self.run_id = saved.run_id;
+        self.next_seq = saved.next_seq;
+        self.inserted = saved.inserted;
+        finished
+    }
+
+    fn err(&self) -> impl FnOnce(rusqlite::Error) -> StoreError {
+        StoreError::write(self.what())
+    }
+
+    /// Runs one cached statement; returns the rows it changed.
+    fn exec(&self, sql: &str, params: impl rusqlite::Params) -> Result<usize, StoreError> {
+        self.conn
+            .prepare_cached(sql)
+            .and_then(|mut s| s.execute(params))
+            .map_err(self.err())
+    }
+
+    /// The run `id` of this transaction.
+    pub fn run_id(&self) -> &str {
+        &self.run_id
     }
 
     /// Creates the run (status `running`) and nothing else: add its first step with
     /// [`RunTx::insert_step`].
-    pub async fn create_run(
+    pub fn create_run(
         &mut self,
         account_id: &str,
         project: &str,
@@ -366,37 +421,30 @@ impl RunTx {
         start: &str,
         started_at_ms: i64,
     ) -> Result<(), StoreError> {
-        let what = self.what();
-        sqlx::query(
+        self.exec(
             "INSERT INTO runs (id, account_id, project, deployment_id, deployment, start, status, \
-             started_at_ms) VALUES (?, ?, ?, ?, ?, ?, 'running', ?)",
-        )
-        .bind(&self.run_id)
-        .bind(account_id)
-        .bind(project)
-        .bind(deployment_id)
-        .bind(deployment)
-        .bind(start)
-        .bind(started_at_ms)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(StoreError::db(what))?;
+             started_at_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7)",
+            params![
+                self.run_id,
+                account_id,
+                project,
+                deployment_id,
+                deployment,
+                start,
+                started_at_ms
+            ],
+        )?;
         self.next_seq = Some(0);
         Ok(())
     }
 
     /// The run, as this transaction sees it.
-    pub async fn run(&mut self) -> Result<Option<RunRecord>, StoreError> {
-        let what = self.what();
-        let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"))
-            .bind(&self.run_id)
-            .fetch_optional(&mut *self.tx)
-            .await
-            .map_err(StoreError::db(what.clone()))?;
-        let run = row
-            .map(|r| run_from_row(&r))
-            .transpose()
-            .map_err(StoreError::db(what))?;
+    pub fn run(&mut self) -> Result<Option<RunRecord>, StoreError> {
+        let run = self
+            .conn
+            .prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"))
+            .and_then(|mut s| s.query_row([&self.run_id], run_from_sql).optional())
+            .map_err(self.err())?;
         if let Some(run) = &run {
             self.next_seq.get_or_insert(run.steps);
         }
@@ -404,384 +452,326 @@ impl RunTx {
     }
 
     /// Inserts a step (pending); returns its `seq`.
-    pub async fn insert_step(&mut self, step: &NewStep) -> Result<i64, StoreError> {
-        let what = self.what();
+    pub fn insert_step(&mut self, step: &NewStep) -> Result<i64, StoreError> {
         let seq = match self.next_seq {
             Some(seq) => seq,
-            None => {
-                let (steps,): (i64,) = sqlx::query_as("SELECT steps FROM runs WHERE id = ?")
-                    .bind(&self.run_id)
-                    .fetch_one(&mut *self.tx)
-                    .await
-                    .map_err(StoreError::db(what.clone()))?;
-                steps
-            }
+            None => self
+                .conn
+                .prepare_cached("SELECT steps FROM runs WHERE id = ?1")
+                .and_then(|mut s| s.query_row([&self.run_id], |r| r.get(0)))
+                .map_err(self.err())?,
         };
         let parents = serde_json::to_string(&step.parents).unwrap_or_else(|_| "[]".into());
-        sqlx::query(
+        self.exec(
             "INSERT INTO steps (id, run_id, seq, name, status, transition, transition_id, parents, \
              item, frame, depth, attempt, input, backpack_in, not_before_ms, created_at_ms) \
-             VALUES (?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&step.id)
-        .bind(&self.run_id)
-        .bind(seq)
-        .bind(&step.name)
-        .bind(&step.transition)
-        .bind(step.transition_id)
-        .bind(parents)
-        .bind(step.item)
-        .bind(&step.frame)
-        .bind(step.depth)
-        .bind(step.attempt)
-        .bind(&step.input)
-        .bind(&step.backpack)
-        .bind(step.not_before_ms)
-        .bind(now_ms())
-        .execute(&mut *self.tx)
-        .await
-        .map_err(StoreError::db(what))?;
+             VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            params![
+                step.id,
+                self.run_id,
+                seq,
+                step.name,
+                step.transition,
+                step.transition_id,
+                parents,
+                step.item,
+                step.frame,
+                step.depth,
+                step.attempt,
+                step.input,
+                step.backpack,
+                step.not_before_ms,
+                now_ms()
+            ],
+        )?;
         self.next_seq = Some(seq + 1);
+        self.inserted = true;
         Ok(seq)
     }
 
     /// Records how a pending or running step ended. `false` (and nothing written) if it
     /// had already ended: a result is recorded once.
-    pub async fn finish_step(
-        &mut self,
-        step_id: &str,
-        result: &StepResult,
-    ) -> Result<bool, StoreError> {
-        let what = self.what();
-        let done = sqlx::query(
-            "UPDATE steps SET status = ?, output = ?, backpack = ?, error = ?, execution_id = ?, \
-             started_at_ms = COALESCE(?, started_at_ms), duration_ms = ?, \
-             input = CASE WHEN ? THEN input ELSE NULL END, \
-             backpack_in = CASE WHEN ? THEN backpack_in ELSE NULL END \
-             WHERE id = ? AND run_id = ? AND status IN ('pending', 'running')",
-        )
-        .bind(result.status)
-        .bind(&result.output)
-        .bind(&result.backpack)
-        .bind(&result.error)
-        .bind(&result.execution_id)
-        .bind(result.started_at_ms)
-        .bind(result.duration_ms)
-        .bind(result.keep_input)
-        .bind(result.keep_input)
-        .bind(step_id)
-        .bind(&self.run_id)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(StoreError::db(what))?;
-        Ok(done.rows_affected() == 1)
+    pub fn finish_step(&mut self, step_id: &str, result: &StepResult) -> Result<bool, StoreError> {
+        let done = self.exec(
+            "UPDATE steps SET status = ?1, output = ?2, backpack = ?3, error = ?4, \
+             execution_id = ?5, started_at_ms = COALESCE(?6, started_at_ms), duration_ms = ?7, \
+             input = CASE WHEN ?8 THEN input ELSE NULL END, \
+             backpack_in = CASE WHEN ?8 THEN backpack_in ELSE NULL END \
+             WHERE id = ?9 AND run_id = ?10 AND status IN ('pending', 'running')",
+            params![
+                result.status,
+                result.output,
+                result.backpack,
+                result.error,
+                result.execution_id,
+                result.started_at_ms,
+                result.duration_ms,
+                result.keep_input,
+                step_id,
+                self.run_id
+            ],
+        )?;
+        Ok(done == 1)
     }
 
     /// Adds `delta` to the live count of `frame` (creating it at 0); returns the new count.
-    pub async fn add_live(&mut self, frame: &str, delta: i64) -> Result<i64, StoreError> {
-        let what = self.what();
-        let (live,): (i64,) = sqlx::query_as(
-            "INSERT INTO run_frames (run_id, frame, live) VALUES (?, ?, ?) \
-             ON CONFLICT (run_id, frame) DO UPDATE SET live = live + excluded.live \
-             RETURNING live",
-        )
-        .bind(&self.run_id)
-        .bind(frame)
-        .bind(delta)
-        .fetch_one(&mut *self.tx)
-        .await
-        .map_err(StoreError::db(what))?;
-        Ok(live)
+    pub fn add_live(&mut self, frame: &str, delta: i64) -> Result<i64, StoreError> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO run_frames (run_id, frame, live) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (run_id, frame) DO UPDATE SET live = live + excluded.live \
+                 RETURNING live",
+            )
+            .and_then(|mut s| s.query_row(params![self.run_id, frame, delta], |r| r.get(0)))
+            .map_err(self.err())
     }
 
     /// Records a fan-out.
-    pub async fn insert_group(&mut self, group: &GroupRecord) -> Result<(), StoreError> {
-        let what = self.what();
-        sqlx::query(
+    pub fn insert_group(&mut self, group: &GroupRecord) -> Result<(), StoreError> {
+        self.exec(
             "INSERT INTO run_groups (run_id, grp, parent_frame, from_step, transition_id, items, \
-             settled, depth) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&self.run_id)
-        .bind(&group.grp)
-        .bind(&group.parent_frame)
-        .bind(&group.from_step)
-        .bind(group.transition_id)
-        .bind(group.items)
-        .bind(group.settled)
-        .bind(group.depth)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(StoreError::db(what))?;
+             settled, depth) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                self.run_id,
+                group.grp,
+                group.parent_frame,
+                group.from_step,
+                group.transition_id,
+                group.items,
+                group.settled,
+                group.depth
+            ],
+        )?;
         Ok(())
     }
 
     /// Counts one more item of fan-out `grp` as settled; returns the group as it is now.
-    pub async fn settle_item(&mut self, grp: &str) -> Result<GroupRecord, StoreError> {
-        let what = self.what();
-        let row = sqlx::query(
-            "UPDATE run_groups SET settled = settled + 1 WHERE run_id = ? AND grp = ? \
-             RETURNING grp, parent_frame, from_step, transition_id, items, settled, depth",
-        )
-        .bind(&self.run_id)
-        .bind(grp)
-        .fetch_optional(&mut *self.tx)
-        .await
-        .map_err(StoreError::db(what))?
-        .ok_or_else(|| StoreError::Corrupt(format!("run {}: no fan-out `{grp}`", self.run_id)))?;
-        group_from_row(&row)
+    pub fn settle_item(&mut self, grp: &str) -> Result<GroupRecord, StoreError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE run_groups SET settled = settled + 1 WHERE run_id = ?1 AND grp = ?2 \
+                 RETURNING grp, parent_frame, from_step, transition_id, items, settled, depth",
+            )
+            .and_then(|mut s| s.query_row([&self.run_id, grp], group_from_sql).optional())
+            .map_err(self.err())?
+            .ok_or_else(|| self.no_group(grp))
     }
 
     /// Fan-out `grp` as recorded.
-    pub async fn group(&mut self, grp: &str) -> Result<GroupRecord, StoreError> {
-        let what = self.what();
-        let row = sqlx::query(
-            "SELECT grp, parent_frame, from_step, transition_id, items, settled, depth \
-             FROM run_groups WHERE run_id = ? AND grp = ?",
-        )
-        .bind(&self.run_id)
-        .bind(grp)
-        .fetch_optional(&mut *self.tx)
-        .await
-        .map_err(StoreError::db(what))?
-        .ok_or_else(|| StoreError::Corrupt(format!("run {}: no fan-out `{grp}`", self.run_id)))?;
-        group_from_row(&row)
+    pub fn group(&mut self, grp: &str) -> Result<GroupRecord, StoreError> {
+        self.conn
+            .prepare_cached(
+                "SELECT grp, parent_frame, from_step, transition_id, items, settled, depth \
+                 FROM run_groups WHERE run_id = ?1 AND grp = ?2",
+            )
+            .and_then(|mut s| s.query_row([&self.run_id, grp], group_from_sql).optional())
+            .map_err(self.err())?
+            .ok_or_else(|| self.no_group(grp))
+    }
+
+    fn no_group(&self, grp: &str) -> StoreError {
+        StoreError::Corrupt(format!("run {}: no fan-out `{grp}`", self.run_id))
     }
 
     /// Puts an output at a join (`place`, `transition_id`).
-    pub async fn add_join(
+    pub fn add_join(
         &mut self,
         place: &str,
         transition_id: i64,
         entry: &JoinEntry,
     ) -> Result<(), StoreError> {
-        let what = self.what();
-        sqlx::query(
+        self.exec(
             "INSERT INTO run_joins (run_id, place, transition_id, slot, step_id, seq, output, \
-             backpack) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-        )
-        .bind(&self.run_id)
-        .bind(place)
-        .bind(transition_id)
-        .bind(entry.slot)
-        .bind(&entry.step_id)
-        .bind(entry.seq)
-        .bind(&entry.output)
-        .bind(&entry.backpack)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(StoreError::db(what))?;
+             backpack) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING",
+            params![
+                self.run_id,
+                place,
+                transition_id,
+                entry.slot,
+                entry.step_id,
+                entry.seq,
+                entry.output,
+                entry.backpack
+            ],
+        )?;
         Ok(())
     }
 
     /// The outputs waiting at `place` for `transition_id`, by slot then arrival.
-    pub async fn joins(
-        &mut self,
-        place: &str,
-        transition_id: i64,
-    ) -> Result<Vec<JoinEntry>, StoreError> {
-        let what = self.what();
-        let rows: Vec<(i64, String, i64, String, String)> = sqlx::query_as(
-            "SELECT slot, step_id, seq, output, backpack FROM run_joins \
-             WHERE run_id = ? AND place = ? AND transition_id = ? ORDER BY slot, seq",
-        )
-        .bind(&self.run_id)
-        .bind(place)
-        .bind(transition_id)
-        .fetch_all(&mut *self.tx)
-        .await
-        .map_err(StoreError::db(what))?;
-        Ok(rows
-            .into_iter()
-            .map(|(slot, step_id, seq, output, backpack)| JoinEntry {
-                slot,
-                step_id,
-                seq,
-                output,
-                backpack,
+    pub fn joins(&mut self, place: &str, transition_id: i64) -> Result<Vec<JoinEntry>, StoreError> {
+        self.conn
+            .prepare_cached(
+                "SELECT slot, step_id, seq, output, backpack FROM run_joins \
+                 WHERE run_id = ?1 AND place = ?2 AND transition_id = ?3 ORDER BY slot, seq",
+            )
+            .and_then(|mut s| {
+                s.query_map(params![self.run_id, place, transition_id], |r| {
+                    Ok(JoinEntry {
+                        slot: r.get(0)?,
+                        step_id: r.get(1)?,
+                        seq: r.get(2)?,
+                        output: r.get(3)?,
+                        backpack: r.get(4)?,
+                    })
+                })?
+                .collect()
             })
-            .collect())
+            .map_err(self.err())
     }
 
     /// The transitions with outputs waiting at `place`.
-    pub async fn join_transitions(&mut self, place: &str) -> Result<Vec<i64>, StoreError> {
-        let what = self.what();
-        let rows: Vec<(i64,)> = sqlx::query_as(
-            "SELECT DISTINCT transition_id FROM run_joins WHERE run_id = ? AND place = ? \
-             ORDER BY transition_id",
-        )
-        .bind(&self.run_id)
-        .bind(place)
-        .fetch_all(&mut *self.tx)
-        .await
-        .map_err(StoreError::db(what))?;
-        Ok(rows.into_iter().map(|(t,)| t).collect())
+    pub fn join_transitions(&mut self, place: &str) -> Result<Vec<i64>, StoreError> {
+        self.conn
+            .prepare_cached(
+                "SELECT DISTINCT transition_id FROM run_joins WHERE run_id = ?1 AND place = ?2 \
+                 ORDER BY transition_id",
+            )
+            .and_then(|mut s| s.query_map([&self.run_id, place], |r| r.get(0))?.collect())
+            .map_err(self.err())
     }
 
     /// Removes consumed join entries.
-    pub async fn remove_joins(
+    pub fn remove_joins(
         &mut self,
         transition_id: i64,
         step_ids: &[String],
     ) -> Result<(), StoreError> {
-        let what = self.what();
         for step_id in step_ids {
-            sqlx::query(
-                "DELETE FROM run_joins WHERE run_id = ? AND step_id = ? AND transition_id = ?",
-            )
-            .bind(&self.run_id)
-            .bind(step_id)
-            .bind(transition_id)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(StoreError::db(what.clone()))?;
+            self.exec(
+                "DELETE FROM run_joins WHERE run_id = ?1 AND step_id = ?2 AND transition_id = ?3",
+                params![self.run_id, step_id, transition_id],
+            )?;
         }
         Ok(())
     }
 
     /// Sets the run's failure (the first one set stays) and cancels its pending steps.
-    pub async fn fail_run(&mut self, error: &Value) -> Result<(), StoreError> {
-        let what = self.what();
-        sqlx::query("UPDATE runs SET error = COALESCE(error, ?) WHERE id = ?")
-            .bind(error.to_string())
-            .bind(&self.run_id)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(StoreError::db(what))?;
-        self.cancel_pending().await
+    pub fn fail_run(&mut self, error: &Value) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE runs SET error = COALESCE(error, ?1) WHERE id = ?2",
+            params![error.to_string(), self.run_id],
+        )?;
+        self.cancel_pending()
     }
 
     /// Marks the run cancelled-on-request and cancels its pending steps.
-    pub async fn request_cancel(&mut self) -> Result<(), StoreError> {
-        let what = self.what();
-        sqlx::query("UPDATE runs SET cancel_requested = 1 WHERE id = ?")
-            .bind(&self.run_id)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(StoreError::db(what))?;
-        self.cancel_pending().await
+    pub fn request_cancel(&mut self) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE runs SET cancel_requested = 1 WHERE id = ?1",
+            [&self.run_id],
+        )?;
+        self.cancel_pending()
     }
 
-    async fn cancel_pending(&mut self) -> Result<(), StoreError> {
-        self.cancel_steps("status = 'pending'").await
+    fn cancel_pending(&mut self) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE steps SET status = 'cancelled', input = NULL, backpack_in = NULL \
+             WHERE run_id = ?1 AND status = 'pending'",
+            [&self.run_id],
+        )?;
+        Ok(())
     }
 
     /// Cancels every unfinished step, running ones too (at start, for a run that was
     /// halted when the server stopped: what was running then is gone).
-    pub async fn cancel_unfinished(&mut self) -> Result<(), StoreError> {
-        self.cancel_steps("status IN ('pending', 'running')").await
-    }
-
-    async fn cancel_steps(&mut self, which: &str) -> Result<(), StoreError> {
-        let what = self.what();
-        sqlx::query(&format!(
+    pub fn cancel_unfinished(&mut self) -> Result<(), StoreError> {
+        self.exec(
             "UPDATE steps SET status = 'cancelled', input = NULL, backpack_in = NULL \
-             WHERE run_id = ? AND {which}"
-        ))
-        .bind(&self.run_id)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(StoreError::db(what))?;
+             WHERE run_id = ?1 AND status IN ('pending', 'running')",
+            [&self.run_id],
+        )?;
         Ok(())
     }
 
     /// Sets the run's response (an endpoint's reply) unless it has one; `true` if this
     /// one is it.
-    pub async fn set_response(&mut self, response: &Value) -> Result<bool, StoreError> {
-        let what = self.what();
-        let done = sqlx::query("UPDATE runs SET response = ? WHERE id = ? AND response IS NULL")
-            .bind(response.to_string())
-            .bind(&self.run_id)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(StoreError::db(what))?;
-        Ok(done.rows_affected() == 1)
+    pub fn set_response(&mut self, response: &Value) -> Result<bool, StoreError> {
+        let done = self.exec(
+            "UPDATE runs SET response = ?1 WHERE id = ?2 AND response IS NULL",
+            params![response.to_string(), self.run_id],
+        )?;
+        Ok(done == 1)
     }
 
     /// Replaces the run's failure (to name more failed steps in it).
-    pub async fn set_run_error(&mut self, error: &Value) -> Result<(), StoreError> {
-        let what = self.what();
-        sqlx::query("UPDATE runs SET error = ? WHERE id = ?")
-            .bind(error.to_string())
-            .bind(&self.run_id)
-            .execute(&mut *self.tx)
-            .await
-            .map_err(StoreError::db(what))?;
+    pub fn set_run_error(&mut self, error: &Value) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE runs SET error = ?1 WHERE id = ?2",
+            params![error.to_string(), self.run_id],
+        )?;
         Ok(())
     }
 
     /// The live count of `frame` (0 if it has none).
-    pub async fn live(&mut self, frame: &str) -> Result<i64, StoreError> {
-        let what = self.what();
-        let row: Option<(i64,)> =
-            sqlx::query_as("SELECT live FROM run_frames WHERE run_id = ? AND frame = ?")
-                .bind(&self.run_id)
-                .bind(frame)
-                .fetch_optional(&mut *self.tx)
-                .await
-                .map_err(StoreError::db(what))?;
-        Ok(row.map_or(0, |(l,)| l))
+    pub fn live(&mut self, frame: &str) -> Result<i64, StoreError> {
+        let live: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT live FROM run_frames WHERE run_id = ?1 AND frame = ?2")
+            .and_then(|mut s| s.query_row([&self.run_id, frame], |r| r.get(0)).optional())
+            .map_err(self.err())?;
+        Ok(live.unwrap_or(0))
     }
 
     /// Steps of the run not yet ended (pending or running).
-    pub async fn unfinished_steps(&mut self) -> Result<i64, StoreError> {
-        let what = self.what();
-        let (n,): (i64,) = sqlx::query_as(
-            "SELECT COUNT(*) FROM steps WHERE run_id = ? AND status IN ('pending', 'running')",
-        )
-        .bind(&self.run_id)
-        .fetch_one(&mut *self.tx)
-        .await
-        .map_err(StoreError::db(what))?;
-        Ok(n)
+    pub fn unfinished_steps(&mut self) -> Result<i64, StoreError> {
+        self.conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM steps WHERE run_id = ?1 AND status IN ('pending', 'running')",
+            )
+            .and_then(|mut s| s.query_row([&self.run_id], |r| r.get(0)))
+            .map_err(self.err())
     }
 
     /// Ends the run with `status`, dropping its bookkeeping (frames, fan-outs, joins).
-    pub async fn end_run(&mut self, status: &str) -> Result<(), StoreError> {
-        let what = self.what();
-        sqlx::query(
-            "UPDATE runs SET status = ?, ended_at_ms = ? WHERE id = ? AND status = 'running'",
-        )
-        .bind(status)
-        .bind(now_ms())
-        .bind(&self.run_id)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(StoreError::db(what.clone()))?;
-        for table in ["run_frames", "run_groups", "run_joins"] {
-            sqlx::query(&format!("DELETE FROM {table} WHERE run_id = ?"))
-                .bind(&self.run_id)
-                .execute(&mut *self.tx)
-                .await
-                .map_err(StoreError::db(what.clone()))?;
-        }
+    pub fn end_run(&mut self, status: &str) -> Result<(), StoreError> {
+        self.exec(
+            "UPDATE runs SET status = ?1, ended_at_ms = ?2 WHERE id = ?3 AND status = 'running'",
+            params![status, now_ms(), self.run_id],
+        )?;
+        self.exec("DELETE FROM run_frames WHERE run_id = ?1", [&self.run_id])?;
+        self.exec("DELETE FROM run_groups WHERE run_id = ?1", [&self.run_id])?;
+        self.exec("DELETE FROM run_joins WHERE run_id = ?1", [&self.run_id])?;
         Ok(())
     }
 
-    /// Commits everything done in this transaction (and the step count).
-    pub async fn commit(mut self) -> Result<(), StoreError> {
-        let what = self.what();
-        if let Some(steps) = self.next_seq {
-            sqlx::query("UPDATE runs SET steps = ? WHERE id = ? AND steps < ?")
-                .bind(steps)
-                .bind(&self.run_id)
-                .bind(steps)
-                .execute(&mut *self.tx)
-                .await
-                .map_err(StoreError::db(what.clone()))?;
+    /// Writes the step count, last before the commit.
+    fn finish(&self) -> Result<(), StoreError> {
+        if let (true, Some(steps)) = (self.inserted, self.next_seq) {
+            self.exec(
+                "UPDATE runs SET steps = ?1 WHERE id = ?2 AND steps < ?1",
+                params![steps, self.run_id],
+            )?;
         }
-        self.tx.commit().await.map_err(StoreError::db(what))
+        Ok(())
     }
 }
 
-fn group_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<GroupRecord, StoreError> {
-    let db = |e| StoreError::Corrupt(format!("reading a fan-out: {e}"));
+fn group_from_sql(row: &rusqlite::Row<'_>) -> rusqlite::Result<GroupRecord> {
     Ok(GroupRecord {
-        grp: row.try_get("grp").map_err(db)?,
-        parent_frame: row.try_get("parent_frame").map_err(db)?,
-        from_step: row.try_get("from_step").map_err(db)?,
-        transition_id: row.try_get("transition_id").map_err(db)?,
-        items: row.try_get("items").map_err(db)?,
-        settled: row.try_get("settled").map_err(db)?,
-        depth: row.try_get("depth").map_err(db)?,
+        grp: row.get("grp")?,
+        parent_frame: row.get("parent_frame")?,
+        from_step: row.get("from_step")?,
+        transition_id: row.get("transition_id")?,
+        items: row.get("items")?,
+        settled: row.get("settled")?,
+        depth: row.get("depth")?,
+    })
+}
+
+fn run_from_sql(row: &rusqlite::Row<'_>) -> rusqlite::Result<RunRecord> {
+    Ok(RunRecord {
+        id: row.get("id")?,
+        account_id: row.get("account_id")?,
+        project: row.get("project")?,
+        deployment_id: row.get("deployment_id")?,
+        deployment: row.get("deployment")?,
+        start: row.get("start")?,
+        status: row.get("status")?,
+        cancel_requested: row.get::<_, i64>("cancel_requested")? != 0,
+        error: row.get("error")?,
+        steps: row.get("steps")?,
+        started_at_ms: row.get("started_at_ms")?,
+        ended_at_ms: row.get("ended_at_ms")?,
+        response: row.get("response")?,
     })
 }
