@@ -305,11 +305,14 @@ pub struct Committed {
     pub halted: bool,
 }
 
-/// Records the run and its first steps, in one transaction.
+/// Records the run and its first steps, in one transaction; with `claim`, the timer slot
+/// it fires for is claimed in the same transaction ([`EngineError::SlotFired`] if it was
+/// already, and nothing is recorded).
 pub async fn create_run(
     store: &Store,
     run: &RunRecord,
     steps: &[NewStep],
+    claim: Option<&refinery_store::TimerClaim>,
 ) -> Result<(), EngineError> {
     let mut tx = store.begin_run(&run.id).await?;
     tx.create_run(
@@ -321,6 +324,14 @@ pub async fn create_run(
         run.started_at_ms,
     )
     .await?;
+    if let Some(claim) = claim {
+        if !tx.claim_timer_slot(claim).await? {
+            return Err(EngineError::SlotFired {
+                timer: claim.timer.clone(),
+                slot_ms: claim.slot_ms,
+            });
+        }
+    }
     for step in steps {
         tx.insert_step(step).await?;
     }

@@ -93,6 +93,7 @@ pub async fn deploy(
         })?;
     let deployment = deployed.deployment;
     state.invalidate_live(&account.id, &manifest.name);
+    state.engine.deployments_changed();
     retire_all_but_live(&state, &account.id, &manifest.name).await?;
     if !deployed.pruned.is_empty() {
         state.pool.retire_deployments(&deployed.pruned).await;
@@ -391,6 +392,7 @@ pub async fn rollback(
             other => other.into(),
         })?;
     state.invalidate_live(&account.id, &project);
+    state.engine.deployments_changed();
     retire_all_but_live(&state, &account.id, &project).await?;
     provision(&state, account, &deployment).await;
     tracing::info!(account = %account.id, project = %project, deployment = deployment.number, "rolled back");
@@ -467,13 +469,12 @@ fn deployment_json(deployment: &Deployment) -> Value {
 /// accepted and never fired.
 fn refuse_unavailable_triggers(manifest: &Manifest) -> Result<(), ApiError> {
     let unavailable = [
-        ("timers", manifest.timers.len()),
         ("queues", manifest.queues.len()),
         ("topics", manifest.topics.len()),
     ];
     match unavailable.iter().find(|(_, n)| *n > 0) {
         Some((table, _)) => Err(ApiError::Unprocessable(format!(
-            "`[[{table}]]` is not available in this version yet: remove it (endpoints and responses are)"
+            "`[[{table}]]` is not available in this version yet: remove it (endpoints, responses and timers are)"
         ))),
         None => Ok(()),
     }

@@ -10,6 +10,7 @@ mod instances;
 mod invoke;
 mod metrics;
 mod runs;
+mod timers;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -63,6 +64,7 @@ pub fn router(state: SharedState) -> Router {
                 .layer(DefaultBodyLimit::max(runs::MAX_RUN_REQUEST_BYTES))
                 .get(runs::list),
         )
+        .route("/v1/projects/{project}/timers", get(timers::list))
         .route("/v1/runs/{run_id}", get(runs::show))
         .route("/v1/runs/{run_id}/cancel", post(runs::cancel))
         .route("/v1/projects/{project}/executions", get(executions::list))
