@@ -175,7 +175,10 @@ pub async fn run(config: TimersConfig) -> Result<TimersResults> {
     let key = api.account(&server.operator_key, "bench").await?;
     let span = Duration::from_secs(config.seconds);
 
-    eprintln!("bench timers: 1 timer, rate(1 second), {} s", config.seconds);
+    eprintln!(
+        "bench timers: 1 timer, rate(1 second), {} s",
+        config.seconds
+    );
     let first = vec!["t1".to_string()];
     api.deploy(&key, &manifest("t1")).await?;
     // The first slot after the deploy (a new timer waits for its next slot) and the next

@@ -539,7 +539,7 @@ impl Inner {
             .or_insert_with(|| account.clone());
     }
 
-    pub(crate) async fn account(&self, account_id: &str) -> Result<Option<Account>, EngineError> {
+    async fn account(&self, account_id: &str) -> Result<Option<Account>, EngineError> {
         if let Some(a) = lock(&self.accounts).get(account_id) {
             return Ok(Some(a.clone()));
         }

@@ -15,6 +15,7 @@
 //!   server is up; earlier missed slots are skipped (`refinery_timer_catch_up_fires`).
 //! - **A fire that cannot start** (the account's run limit, a store error) is tried again
 //!   every second until the timer's next slot comes; then that slot is due instead.
+//! - **A disabled account's** slots are skipped (none of its code runs).
 //!
 //! The run starts at the timer (its `then` blocks) with the timer's `input` exactly and
 //! an empty backpack; its slot and run are listed by `GET /v1/projects/{p}/timers`.
@@ -244,7 +245,13 @@ impl Engine {
     async fn fire(&self, timer: &mut LiveTimer, slot: i64, started_ms: i64) -> bool {
         let inner = &self.inner;
         let key = timer.key();
-        let started = match inner.account(&timer.account_id).await {
+        // Read afresh: an account disabled since is seen at once.
+        let started = match inner.store.account(&timer.account_id).await {
+            Ok(Some(account)) if account.is_disabled() => {
+                // None of a disabled account's code runs: its slots are skipped.
+                timer.last_slot_ms = slot;
+                return true;
+            }
             Ok(Some(account)) => {
                 self.begin(
                     &account,
@@ -261,7 +268,7 @@ impl Engine {
                 "account {} no longer exists",
                 timer.account_id
             ))),
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         };
         match started {
             Ok(run) => {
@@ -290,14 +297,17 @@ impl Engine {
                 }
             }
             Err(e) => {
-                tracing::warn!(project = %timer.project, timer = %timer.timer.name, slot = %rfc3339(slot), error = %e, "a timer's slot could not start its run; trying again in a second, until its next slot");
-                lock(&inner.timers.errors).insert(
-                    key,
-                    format!(
-                        "slot {} could not start a run: {e}; it is tried again every second until the next slot",
-                        rfc3339(slot)
-                    ),
+                let message = format!(
+                    "slot {} could not start a run: {e}; it is tried again every second until the next slot",
+                    rfc3339(slot)
                 );
+                let repeated = lock(&inner.timers.errors).insert(key, message.clone())
+                    == Some(message.clone());
+                if repeated {
+                    tracing::debug!(project = %timer.project, timer = %timer.timer.name, "{message}");
+                } else {
+                    tracing::warn!(project = %timer.project, timer = %timer.timer.name, "{message}");
+                }
                 timer.retry_at_ms = now_ms() + RETRY.as_millis() as i64;
             }
         }

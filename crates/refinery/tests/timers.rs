@@ -58,7 +58,11 @@ async fn assert_each_slot_once(server: &Server, key: &str, project: &str) -> Vec
     let slots: BTreeSet<i64> = fires.iter().map(|f| f.slot_ms).collect();
     assert_eq!(slots.len(), fires.len(), "a slot fired twice: {fires:?}");
     let fired_runs: HashSet<&str> = fires.iter().map(|f| f.run_id.as_str()).collect();
-    assert_eq!(fired_runs.len(), fires.len(), "a run for two slots: {fires:?}");
+    assert_eq!(
+        fired_runs.len(),
+        fires.len(),
+        "a run for two slots: {fires:?}"
+    );
     for run in &runs {
         assert!(
             fired_runs.contains(run.as_str()),
@@ -103,7 +107,9 @@ async fn a_rate_timer_fires_every_slot_once_with_its_input() {
             "slot fired {} ms late: {f:?}",
             f.late_ms
         );
-        let run = server.await_run(&key, &f.run_id, Duration::from_secs(60)).await;
+        let run = server
+            .await_run(&key, &f.run_id, Duration::from_secs(60))
+            .await;
         assert_eq!(run["status"], "succeeded", "{run}");
         assert_eq!(run["start"], "every2");
         let ticks = steps_named(&run, "tick");
@@ -162,7 +168,10 @@ async fn no_slot_fires_twice_across_kill9_and_the_latest_missed_slot_fires_once(
         .await_fires(&key, "clock", "every2", 2, Duration::from_secs(20))
         .await;
     // Killed at some moment within a period (maybe while a slot fires).
-    tokio::time::sleep(Duration::from_millis(now_ms().rem_euclid(PERIOD_MS) as u64 / 2)).await;
+    tokio::time::sleep(Duration::from_millis(
+        now_ms().rem_euclid(PERIOD_MS) as u64 / 2,
+    ))
+    .await;
     server.kill9();
     let killed_at = now_ms();
     // Down for more than two periods (two or three slots are missed), restarted 100 ms
@@ -272,7 +281,9 @@ async fn redeploys_and_rollbacks_keep_the_slots_and_a_removed_timer_stops() {
     // Each run has the input of the deployment live when its slot fired.
     let mut tags = Vec::new();
     for f in &fires {
-        let run = server.await_run(&key, &f.run_id, Duration::from_secs(60)).await;
+        let run = server
+            .await_run(&key, &f.run_id, Duration::from_secs(60))
+            .await;
         let tag = steps_named(&run, "tick")[0]["input"]["tag"].clone();
         let expected = if run["deployment"] == 2 { "v2" } else { "v1" };
         assert_eq!(tag, expected, "{run}");
@@ -293,7 +304,10 @@ def main(x, backpack):
 """
 "#;
     server.deploy_ok(&key, without).await;
-    let stopped = server.run_ids_started_at(&key, "clock", "every2").await.len();
+    let stopped = server
+        .run_ids_started_at(&key, "clock", "every2")
+        .await
+        .len();
     assert_eq!(server.timers(&key, "clock").await["timers"], json!([]));
     tokio::time::sleep(Duration::from_millis(4_500)).await;
     let runs = server.run_ids_started_at(&key, "clock", "every2").await;

@@ -644,14 +644,29 @@ async fn a_timer_slot_is_claimed_once_and_only_upwards() -> TestResult {
         .know_timer(&acct.id, "clock", "tick", "rate(2 seconds)", 10_000)
         .await?;
     assert_eq!(state.last_slot_ms, 10_000);
-    assert!(!fire(&store, &acct.id, "run_a", 10_000).await?, "counted as fired");
+    assert!(
+        !fire(&store, &acct.id, "run_a", 10_000).await?,
+        "counted as fired"
+    );
     assert!(fire(&store, &acct.id, "run_b", 12_000).await?);
-    assert!(!fire(&store, &acct.id, "run_c", 12_000).await?, "a slot fires once");
-    assert!(!fire(&store, &acct.id, "run_d", 8_000).await?, "never an earlier slot");
-    assert!(store.run_record("run_c").await?.is_none(), "no run without its claim");
+    assert!(
+        !fire(&store, &acct.id, "run_c", 12_000).await?,
+        "a slot fires once"
+    );
+    assert!(
+        !fire(&store, &acct.id, "run_d", 8_000).await?,
+        "never an earlier slot"
+    );
+    assert!(
+        store.run_record("run_c").await?.is_none(),
+        "no run without its claim"
+    );
     let fires = store.timer_fires(&acct.id, "clock", "tick", 10).await?;
     assert_eq!(fires.len(), 1);
-    assert_eq!((fires[0].slot_ms, fires[0].run_id.as_str()), (12_000, "run_b"));
+    assert_eq!(
+        (fires[0].slot_ms, fires[0].run_id.as_str()),
+        (12_000, "run_b")
+    );
     assert_eq!(fires[0].fired_at_ms, 12_003);
     // Known again with the same schedule (a redeploy): the state stays.
     let state = store
