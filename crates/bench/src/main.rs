@@ -10,7 +10,8 @@
 //!
 //! Other modes: `--keep-alive-sim` (only the simulation), `--neighbour` (noisy-neighbour
 //! isolation between two accounts) and the `services` subcommand (the services engine: chains
-//! as runs against client-driven calls, the cost of a step, a fan-out, runs per second).
+//! as runs against client-driven calls, the cost of a step, a fan-out, runs per second) and
+//! the `timers` subcommand (timer slot accuracy: how late each slot fires).
 
 mod baseline;
 mod cpu;
@@ -25,6 +26,7 @@ mod server;
 mod services;
 mod stats;
 mod suite;
+mod timers;
 
 use std::path::PathBuf;
 
@@ -87,6 +89,9 @@ enum Mode {
     Services(ServicesArgs),
     /// Measure HTTP endpoints: an endpoint call against a direct invoke of the same block.
     Endpoints(EndpointsArgs),
+    /// Measure timer slot accuracy: how late each `rate(1 second)` slot fires, with 1 timer
+    /// and with N timers sharing every slot, and that each slot fires once.
+    Timers(TimersArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -94,6 +99,19 @@ struct EndpointsArgs {
     /// Samples of each mode.
     #[arg(long, default_value_t = 500)]
     samples: usize,
+}
+
+#[derive(Debug, clap::Args)]
+struct TimersArgs {
+    /// Timers (one project each) of the second phase.
+    #[arg(long, default_value_t = 20)]
+    timers: usize,
+    /// How long (s) each phase lasts (5–45).
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Write the figures into this Markdown file, between its `timers` marker comments.
+    #[arg(long, value_name = "FILE")]
+    write: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -152,6 +170,7 @@ async fn main() -> Result<()> {
             println!("{}", endpoints::report(&results));
             return Ok(());
         }
+        Some(Mode::Timers(timers)) => return run_timers(binary, timers).await,
         None => {}
     }
     if args.neighbour {
@@ -219,6 +238,28 @@ async fn run_services(binary: PathBuf, args: &ServicesArgs, cores: usize) -> Res
     println!("{markdown}");
     if let Some(path) = &args.write {
         doc::write_regions(path, &[("services", &markdown)])?;
+        eprintln!("bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+async fn run_timers(binary: PathBuf, args: &TimersArgs) -> Result<()> {
+    if let Some(path) = &args.write {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        doc::replace_region(&text, "timers", "")
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    let config = timers::TimersConfig {
+        refinery: binary,
+        timers: args.timers.max(1),
+        seconds: args.seconds,
+    };
+    let results = timers::run(config).await?;
+    let markdown = timers::report(&results);
+    println!("{markdown}");
+    if let Some(path) = &args.write {
+        doc::write_regions(path, &[("timers", &markdown)])?;
         eprintln!("bench: wrote {}", path.display());
     }
     Ok(())

@@ -15,6 +15,7 @@ use crate::billing::{self, BillsCommand, PricingCommand, SetBillingArgs, UsageAr
 use crate::client::Client;
 use crate::output::{err_out, out, plural, pretty, print, table, text, user_error_text};
 use crate::runs::{self, RunArgs, RunsArgs};
+use crate::timers::{self, TimersArgs};
 
 // Options shared by every client command (not `serve`): given after the command, e.g.
 // `refinery accounts list --json`, or through the environment. (A plain comment: a doc
@@ -92,6 +93,9 @@ pub enum ClientCommand {
     /// A project's runs (`runs PROJECT`), one run's step tree (`runs show RUN_ID`), or
     /// cancel one (`runs cancel RUN_ID`).
     Runs(RunsArgs),
+    /// A project's timers: schedule, next fire time and last fire (UTC); `--fires N` lists
+    /// the recent fires too.
+    Timers(TimersArgs),
     /// List a project's recent executions.
     Executions {
         project: String,
@@ -250,6 +254,7 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
             })?;
         }
         ClientCommand::Runs(args) => return runs::runs(&client, json, args).await,
+        ClientCommand::Timers(args) => return timers::timers(&client, json, args).await,
         ClientCommand::Accounts(AccountsCommand::SetBilling(args)) => {
             return billing::set_billing(&client, json, args).await
         }

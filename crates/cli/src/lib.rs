@@ -10,5 +10,6 @@ mod commands;
 mod output;
 mod run_tree;
 mod runs;
+mod timers;
 
 pub use commands::{run, ClientArgs, ClientCommand};

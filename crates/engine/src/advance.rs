@@ -307,16 +307,27 @@ pub struct Committed {
     pub published: Vec<(RunRecord, NewStep)>,
 }
 
-/// Records the run and its first steps, in one transaction; gives the steps back.
+/// Records the run and its first steps, in one transaction; gives the steps back. With
+/// `claim`, the timer slot it fires for is claimed in the same transaction
+/// ([`EngineError::SlotFired`] if it was already, and nothing is recorded).
 pub async fn create_run(
     store: &Store,
     run: &RunRecord,
     steps: Vec<NewStep>,
+    claim: Option<refinery_store::TimerClaim>,
 ) -> Result<Vec<NewStep>, EngineError> {
     let run = run.clone();
     store
         .run_tx(&run.id.clone(), move |tx| {
             write_run(tx, &run, &steps)?;
+            if let Some(claim) = claim {
+                if !tx.claim_timer_slot(&claim)? {
+                    return Err(EngineError::SlotFired {
+                        timer: claim.timer.clone(),
+                        slot_ms: claim.slot_ms,
+                    });
+                }
+            }
             Ok(steps)
         })
         .await

@@ -6,11 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use refinery_domain::{
-    BlockSpec, Endpoint, LogLevel, Manifest, RetryPolicy, ServiceGraph, UserError,
+    BlockSpec, Endpoint, LogLevel, Manifest, RetryPolicy, ServiceGraph, Timer, UserError,
 };
 use refinery_invocation::{InvocationError, InvocationRequest, InvocationService, Limit};
 use refinery_pool::{BlockTarget, RunContext};
-use refinery_store::{Account, NewStep, RunRecord, StepRecord, Store};
+use refinery_store::{Account, NewStep, RunRecord, StepRecord, Store, TimerClaim};
 use serde_json::{json, Value};
 use tokio::sync::{oneshot, Notify};
 
@@ -67,6 +67,8 @@ pub(crate) struct ServiceDeployment {
     pub retry: HashMap<String, RetryPolicy>,
     /// Its HTTP endpoints (from its manifest).
     pub endpoints: Vec<Endpoint>,
+    /// Its timers (from its manifest).
+    pub timers: Vec<Timer>,
 }
 
 impl ServiceDeployment {
@@ -91,11 +93,13 @@ pub(crate) struct Inner {
     scheduler: Mutex<Scheduler>,
     wake: Notify,
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<()>>>>,
-    stopping: AtomicBool,
+    pub(crate) stopping: AtomicBool,
     /// Steps queued by this process, with their run: read from here, not the store.
     prefetched: Mutex<HashMap<String, (Arc<RunRecord>, StepRecord)>>,
     /// Runs failing or cancelled (by this process): their queued steps do not run.
     halted: Mutex<HashSet<String>>,
+    /// The timers' loop: the live timers and what wakes it (`timers.rs`).
+    pub timers: crate::timers::TimerLoop,
     /// Callers waiting for a run's response (endpoints), by run id.
     responders: Mutex<HashMap<String, oneshot::Sender<Value>>>,
     /// The runs running per account (bounded by `max_runs_per_account`).
@@ -125,6 +129,7 @@ impl Engine {
             responders: Mutex::new(HashMap::new()),
             prefetched: Mutex::new(HashMap::new()),
             halted: Mutex::new(HashSet::new()),
+            timers: crate::timers::TimerLoop::default(),
         });
         let engine = Engine { inner };
         let resumed = engine.resume().await?;
@@ -132,6 +137,7 @@ impl Engine {
             tracing::info!(runs = resumed, "resumed service runs");
         }
         tokio::spawn(engine.inner.clone().dispatch());
+        tokio::spawn(engine.clone().run_timers());
         Ok(engine)
     }
 
@@ -172,7 +178,7 @@ impl Engine {
         input: Value,
         backpack: Value,
     ) -> Result<RunStarted, EngineError> {
-        self.begin(account, project, start, input, backpack, None)
+        self.begin(account, project, start, input, backpack, None, None)
             .await
     }
 
@@ -188,12 +194,15 @@ impl Engine {
     ) -> Result<(RunStarted, oneshot::Receiver<Value>), EngineError> {
         let (tx, rx) = oneshot::channel();
         let started = self
-            .begin(account, project, start, input, json!({}), Some(tx))
+            .begin(account, project, start, input, json!({}), Some(tx), None)
             .await?;
         Ok((started, rx))
     }
 
-    async fn begin(
+    /// Starts a run; `slot`: the timer slot (ms since the epoch) it fires for, claimed in
+    /// the run's creation (`start` is then the timer).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn begin(
         &self,
         account: &Account,
         project: &str,
@@ -201,6 +210,7 @@ impl Engine {
         input: Value,
         backpack: Value,
         responder: Option<oneshot::Sender<Value>>,
+        slot: Option<i64>,
     ) -> Result<RunStarted, EngineError> {
         let inner = &self.inner;
         if inner.stopping.load(Ordering::Acquire) {
@@ -261,8 +271,15 @@ impl Engine {
                 blocks,
             });
         }
+        let claim = slot.map(|slot_ms| TimerClaim {
+            account_id: run.account_id.clone(),
+            project: run.project.clone(),
+            timer: run.start.clone(),
+            slot_ms,
+            fired_at_ms: now_ms(),
+        });
         inner
-            .create(account, run, steps, &deployment, responder)
+            .create(account, run, steps, &deployment, responder, claim)
             .await
     }
 
@@ -312,7 +329,7 @@ impl Engine {
         let mut run_ids = Vec::new();
         for (run, first) in advance::subscriber_runs(&deployment, &like, topic, &input, &backpack) {
             let started = inner
-                .create(account, run, vec![first], &deployment, None)
+                .create(account, run, vec![first], &deployment, None, None)
                 .await?;
             run_ids.push(started.run_id);
         }
@@ -394,6 +411,7 @@ impl Engine {
     pub fn stop(&self) {
         self.inner.stopping.store(true, Ordering::Release);
         self.inner.wake.notify_one();
+        self.inner.timers.wake();
     }
 
     /// The engine's metrics as OpenMetrics text (without `# EOF`).
@@ -405,6 +423,7 @@ impl Engine {
     pub fn forget_project(&self, account_id: &str, project: &str) {
         lock(&self.inner.deployments)
             .retain(|_, d| d.project != project || d.account_id != account_id);
+        self.deployments_changed();
     }
 }
 
@@ -418,6 +437,7 @@ impl Inner {
         steps: Vec<NewStep>,
         deployment: &Arc<ServiceDeployment>,
         responder: Option<oneshot::Sender<Value>>,
+        claim: Option<TimerClaim>,
     ) -> Result<RunStarted, EngineError> {
         // A place among the account's running runs, held from here: released by the
         // run's end, or below if it cannot be recorded.
@@ -432,7 +452,7 @@ impl Inner {
             }
             runs.insert(run.id.clone());
         }
-        let steps = match advance::create_run(&self.store, &run, steps).await {
+        let steps = match advance::create_run(&self.store, &run, steps, claim).await {
             Ok(steps) => steps,
             Err(e) => {
                 self.release_run_slot(&run);
@@ -523,6 +543,7 @@ impl Inner {
             log_level: manifest.log_level,
             retry: manifest.retry.into_iter().collect(),
             endpoints: manifest.endpoints,
+            timers: manifest.timers,
             blocks: deployment
                 .blocks
                 .into_iter()

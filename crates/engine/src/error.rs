@@ -44,6 +44,10 @@ pub enum EngineError {
     /// The request itself is wrong (the message says how).
     #[error("{0}")]
     Invalid(String),
+    /// A timer's slot fired already (by an earlier start of the server, or a later slot
+    /// did): no second run for it.
+    #[error("slot {slot_ms} (ms since the epoch) of timer `{timer}` has fired already; a slot fires once")]
+    SlotFired { timer: String, slot_ms: i64 },
     /// The server is stopping: it starts no new runs.
     #[error("the server is shutting down and starts no new runs")]
     ShuttingDown,

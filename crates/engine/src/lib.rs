@@ -23,16 +23,24 @@
 //! once. A step whose result was not committed runs again after the restart (at least
 //! once: blocks get `REFINERY_RUN_ID`, `REFINERY_STEP_ID` and `REFINERY_ATTEMPT` to be
 //! idempotent with). [`Engine::start`] resumes every run still running.
+//!
+//! # Timers
+//!
+//! [`Engine::start`] also starts the timers' loop (`timers.rs`): each slot of a live
+//! deployment's `[[timers]]` starts one run, claimed in the run's creation transaction, so
+//! a slot fires exactly once across restarts, redeploys and rollbacks.
 
 mod advance;
 mod engine;
 mod error;
 mod metrics;
 mod scheduler;
+mod timers;
 mod triggers;
 mod view;
 
 pub use engine::{Engine, EngineConfig, RunStarted};
 pub use error::EngineError;
+pub use timers::{TimerFireView, TimerView, MAX_FIRES_LISTED};
 pub use triggers::EndpointRoute;
 pub use view::{RunSummaryView, RunView, StepView};

@@ -1,5 +1,6 @@
 //! The engine's Prometheus series: runs started and ended (by status), steps ended (by
-//! status), and the transition latency (a step ready → its block invoked). No account or
+//! status), the transition latency (a step ready → its block invoked), and the timers'
+//! fires and lateness (a slot → its run created). No account or
 //! project labels: the series stay few whatever the tenants run.
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -21,6 +22,9 @@ pub struct EngineMetrics {
     pub steps_ended: Family<StatusLabels, Counter>,
     pub transition_seconds: Histogram,
     pub steps_waiting: Gauge,
+    pub timer_fires: Counter,
+    pub timer_catch_up_fires: Counter,
+    pub timer_lateness_seconds: Histogram,
 }
 
 impl EngineMetrics {
@@ -53,8 +57,30 @@ impl EngineMetrics {
             "Steps ready or waiting (retry interval, back-pressure), not yet running",
             steps_waiting.clone(),
         );
+        let timer_fires = Counter::default();
+        let timer_catch_up_fires = Counter::default();
+        // 1 ms … ~65 s.
+        let timer_lateness_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 17));
+        registry.register(
+            "timer_fires",
+            "Timer slots fired (each started one run)",
+            timer_fires.clone(),
+        );
+        registry.register(
+            "timer_catch_up_fires",
+            "Timer slots missed while the server was down, fired once after it started",
+            timer_catch_up_fires.clone(),
+        );
+        registry.register(
+            "timer_lateness_seconds",
+            "From a timer's slot to its run being created (slots due while the server ran)",
+            timer_lateness_seconds.clone(),
+        );
         EngineMetrics {
             registry,
+            timer_fires,
+            timer_catch_up_fires,
+            timer_lateness_seconds,
             runs_started,
             runs_ended,
             steps_ended,

@@ -563,7 +563,7 @@ async fn another_accounts_run_is_a_404_and_its_fan_out_does_not_starve_us() {
     let (_, small) = server.account("small").await;
     let slow = FAN.replace(
         "def main(x, backpack):\n",
-        "import time\ndef main(x, backpack):\n    time.sleep(0.05)\n",
+        "import time\ndef main(x, backpack):\n    time.sleep(0.2)\n",
     );
     server.deploy_ok(&big, &slow).await;
     server.deploy_ok(&small, SHOP).await;

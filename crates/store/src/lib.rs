@@ -17,7 +17,8 @@
 //!   [`usage`] (metering, written with each execution), [`pricing`] (price lists and
 //!   per-account terms), [`bills`] (monthly bills; rating is `refinery_billing`'s) and
 //!   [`audit`] (the security audit trail of refused syscalls, bounded per account) and
-//!   [`runs`] (service runs, their steps and the engine's join bookkeeping).
+//!   [`runs`] (service runs, their steps and the engine's join bookkeeping) and [`timers`]
+//!   (which slot of each timer fired, exactly once).
 //!
 //! # What it must never do
 //!
@@ -57,6 +58,7 @@ pub mod quotas;
 mod run_writer;
 pub mod runs;
 pub mod storage;
+pub mod timers;
 pub mod usage;
 
 use execution_writer::ExecutionWriter;
@@ -80,6 +82,7 @@ pub use quotas::QuotaOverrides;
 pub use runs::{
     GroupRecord, JoinEntry, NewStep, RunRecord, RunTx, StepRecord, StepResult, MAX_RUN_LIST,
 };
+pub use timers::{TimerClaim, TimerFire, TimerSlot, MAX_TIMER_FIRES_KEPT};
 pub use usage::{BlockUsage, ExecutionUsage};
 
 /// File name of the database inside the data directory.

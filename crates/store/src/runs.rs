@@ -398,7 +398,11 @@ impl RunTx<'_> {
     }
 
     /// Runs one cached statement; returns the rows it changed.
-    fn exec(&self, sql: &str, params: impl rusqlite::Params) -> Result<usize, StoreError> {
+    pub(crate) fn exec(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<usize, StoreError> {
         self.conn
             .prepare_cached(sql)
             .and_then(|mut s| s.execute(params))

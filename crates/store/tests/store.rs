@@ -607,3 +607,93 @@ async fn retention_quota_and_deletion_never_reuse_a_deployment_id() -> TestResul
     ));
     Ok(())
 }
+
+/// Creates run `run_id` and, in the same transaction, claims `slot_ms` of timer `tick`;
+/// commits only if the claim succeeded. Returns whether it did.
+async fn fire(
+    store: &Store,
+    account_id: &str,
+    run_id: &str,
+    slot_ms: i64,
+) -> Result<bool, Box<dyn std::error::Error>> {
+    let account_id = account_id.to_string();
+    let claimed = store
+        .run_tx(run_id, move |tx| {
+            tx.create_run(&account_id, "clock", 1, 1, "tick", slot_ms + 3)?;
+            let claimed = tx.claim_timer_slot(&refinery_store::TimerClaim {
+                account_id: account_id.clone(),
+                project: "clock".into(),
+                timer: "tick".into(),
+                slot_ms,
+                fired_at_ms: slot_ms + 3,
+            })?;
+            // Not claimed: roll the run back, as the engine does.
+            if claimed {
+                Ok(true)
+            } else {
+                Err(refinery_store::StoreError::Corrupt("slot fired".into()))
+            }
+        })
+        .await
+        .or_else(|e| match e {
+            refinery_store::StoreError::Corrupt(_) => Ok::<bool, refinery_store::StoreError>(false),
+            other => Err(other),
+        })?;
+    Ok(claimed)
+}
+
+#[tokio::test]
+async fn a_timer_slot_is_claimed_once_and_only_upwards() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let store = Store::open(dir.path()).await?;
+    let acct = store.create_account("alice", "h", "p").await?;
+    // First seen: the latest slot at or before now counts as fired.
+    let state = store
+        .know_timer(&acct.id, "clock", "tick", "rate(2 seconds)", 10_000)
+        .await?;
+    assert_eq!(state.last_slot_ms, 10_000);
+    assert!(
+        !fire(&store, &acct.id, "run_a", 10_000).await?,
+        "counted as fired"
+    );
+    assert!(fire(&store, &acct.id, "run_b", 12_000).await?);
+    assert!(
+        !fire(&store, &acct.id, "run_c", 12_000).await?,
+        "a slot fires once"
+    );
+    assert!(
+        !fire(&store, &acct.id, "run_d", 8_000).await?,
+        "never an earlier slot"
+    );
+    assert!(
+        store.run_record("run_c").await?.is_none(),
+        "no run without its claim"
+    );
+    let fires = store.timer_fires(&acct.id, "clock", "tick", 10).await?;
+    assert_eq!(fires.len(), 1);
+    assert_eq!(
+        (fires[0].slot_ms, fires[0].run_id.as_str()),
+        (12_000, "run_b")
+    );
+    assert_eq!(fires[0].fired_at_ms, 12_003);
+    // Known again with the same schedule (a redeploy): the state stays.
+    let state = store
+        .know_timer(&acct.id, "clock", "tick", "rate(2 seconds)", 14_000)
+        .await?;
+    assert_eq!(state.last_slot_ms, 12_000);
+    // Another schedule starts afresh, never lower.
+    let state = store
+        .know_timer(&acct.id, "clock", "tick", "rate(1 second)", 15_000)
+        .await?;
+    assert_eq!(state.last_slot_ms, 15_000);
+    // Only the most recent fires are kept.
+    for i in 0..(refinery_store::MAX_TIMER_FIRES_KEPT + 5) {
+        assert!(fire(&store, &acct.id, &format!("run_{i}"), 16_000 + i * 1000).await?);
+    }
+    let fires = store.timer_fires(&acct.id, "clock", "tick", 1000).await?;
+    assert_eq!(fires.len() as i64, refinery_store::MAX_TIMER_FIRES_KEPT);
+    // Forgotten (removed from the live deployment): known afresh later.
+    store.forget_timer(&acct.id, "clock", "tick").await?;
+    assert!(store.timer_slot(&acct.id, "clock", "tick").await?.is_none());
+    Ok(())
+}

@@ -617,3 +617,122 @@ pub fn steps_named<'a>(run: &'a Value, name: &str) -> Vec<&'a Value> {
         .map(|s| s.iter().filter(|s| s["name"] == name).collect())
         .unwrap_or_default()
 }
+
+// --- timers ---
+
+/// One fire of a timer, as `GET /v1/projects/{p}/timers?fires=N` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fire {
+    pub slot_ms: i64,
+    pub run_id: String,
+    pub late_ms: i64,
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time.
+pub fn rfc3339_ms(text: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .unwrap_or_else(|e| panic!("`{text}` is not an RFC 3339 time: {e}"))
+        .timestamp_millis()
+}
+
+impl Server {
+    /// `GET /v1/projects/{project}/timers?fires=100`, asserting 200.
+    pub async fn timers(&self, key: &str, project: &str) -> Value {
+        let (status, body) = self
+            .request(
+                "GET",
+                &format!("/v1/projects/{project}/timers?fires=100"),
+                Some(key),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "timers: {body}");
+        body
+    }
+
+    /// The recent fires of the project's timer `timer`, oldest first.
+    pub async fn timer_fires(&self, key: &str, project: &str, timer: &str) -> Vec<Fire> {
+        let body = self.timers(key, project).await;
+        let timers = body["timers"].as_array().cloned().unwrap_or_default();
+        let Some(t) = timers.iter().find(|t| t["name"] == timer) else {
+            return Vec::new();
+        };
+        let mut fires: Vec<Fire> = t["fires"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|f| Fire {
+                slot_ms: rfc3339_ms(f["slot"].as_str().expect("slot")),
+                run_id: f["run_id"].as_str().expect("run_id").to_string(),
+                late_ms: f["late_ms"].as_i64().expect("late_ms"),
+            })
+            .collect();
+        fires.reverse();
+        fires
+    }
+
+    /// The ids of the project's runs (newest 1000) that started at `start`.
+    pub async fn run_ids_started_at(&self, key: &str, project: &str, start: &str) -> Vec<String> {
+        let (status, body) = self
+            .request(
+                "GET",
+                &format!("/v1/projects/{project}/runs?limit=1000"),
+                Some(key),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "runs: {body}");
+        body["runs"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| r["start"] == start)
+            .map(|r| r["run_id"].as_str().expect("run_id").to_string())
+            .collect()
+    }
+
+    /// Waits (up to `timeout`) until the timer has fired at least `count` times in all.
+    pub async fn await_fires(
+        &self,
+        key: &str,
+        project: &str,
+        timer: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<Fire> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let fires = self.timer_fires(key, project, timer).await;
+            if fires.len() >= count {
+                return fires;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timer `{timer}` fired {} times in {timeout:?}, expected {count}: {fires:?}",
+                fires.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The operator's `GET /metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        self.http
+            .get(format!("{}/metrics", self.url))
+            .bearer_auth(&self.operator_key)
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+}
+
+/// The value of an OpenMetrics sample `name` (no labels) in `text`.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}

@@ -93,6 +93,7 @@ pub async fn deploy(
         })?;
     let deployment = deployed.deployment;
     state.invalidate_live(&account.id, &manifest.name);
+    state.engine.deployments_changed();
     retire_all_but_live(&state, &account.id, &manifest.name).await?;
     if !deployed.pruned.is_empty() {
         state.pool.retire_deployments(&deployed.pruned).await;
@@ -405,6 +406,7 @@ pub async fn rollback(
             other => other.into(),
         })?;
     state.invalidate_live(&account.id, &project);
+    state.engine.deployments_changed();
     retire_all_but_live(&state, &account.id, &project).await?;
     provision(&state, account, &deployment).await;
     tracing::info!(account = %account.id, project = %project, deployment = deployment.number, "rolled back");
@@ -480,13 +482,10 @@ fn deployment_json(deployment: &Deployment) -> Value {
 /// Triggers this server does not deliver yet are refused at deploy, saying so, rather than
 /// accepted and never fired.
 fn refuse_unavailable_triggers(manifest: &Manifest) -> Result<(), ApiError> {
-    let unavailable = [
-        ("timers", manifest.timers.len()),
-        ("queues", manifest.queues.len()),
-    ];
+    let unavailable = [("queues", manifest.queues.len())];
     match unavailable.iter().find(|(_, n)| *n > 0) {
         Some((table, _)) => Err(ApiError::Unprocessable(format!(
-            "`[[{table}]]` is not available in this version yet: remove it (endpoints, responses and topics are)"
+            "`[[{table}]]` is not available in this version yet: remove it (endpoints, responses, timers and topics are)"
         ))),
         None => Ok(()),
     }

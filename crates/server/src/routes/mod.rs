@@ -11,6 +11,7 @@ mod instances;
 mod invoke;
 mod metrics;
 mod runs;
+mod timers;
 mod topics;
 
 use axum::extract::DefaultBodyLimit;
@@ -71,6 +72,7 @@ pub fn router(state: SharedState) -> Router {
                 refinery_domain::limits::MAX_PAYLOAD_BYTES,
             )),
         )
+        .route("/v1/projects/{project}/timers", get(timers::list))
         .route("/v1/runs/{run_id}", get(runs::show))
         .route("/v1/runs/{run_id}/cancel", post(runs::cancel))
         .route("/v1/projects/{project}/executions", get(executions::list))

@@ -177,7 +177,9 @@ impl From<EngineError> for ApiError {
             },
             EngineError::ShuttingDown => ApiError::Unavailable(e.to_string()),
             EngineError::Store(e) => e.into(),
-            EngineError::Internal(_) => ApiError::Internal(e.to_string()),
+            EngineError::Internal(_) | EngineError::SlotFired { .. } => {
+                ApiError::Internal(e.to_string())
+            }
         }
     }
 }
