@@ -42,7 +42,7 @@ fn manifest(project: &str) -> String {
 [[blocks]]
 name = "noop"
 language = "python"
-memory_mb = 64
+memory_mb = 128
 code = '''
 def main(block_input, backpack):
     return block_input
@@ -170,7 +170,8 @@ pub async fn run(config: TimersConfig) -> Result<TimersResults> {
     let started = Instant::now();
     let machine = machine::describe();
     let load_before = machine::load();
-    let server = server::start(&config.refinery, &[])?;
+    // N projects are deployed back to back.
+    let server = server::start(&config.refinery, &["--deploy-rate", "1000/1m"])?;
     let api = Api::new(&server)?;
     let key = api.account(&server.operator_key, "bench").await?;
     let span = Duration::from_secs(config.seconds);
