@@ -7,7 +7,7 @@
 //!
 //! Each timer starts a no-op Python block. A slot's lateness is the server's own record of
 //! it (`GET /v1/projects/{p}/timers?fires=100`: `fired_at − slot`, whole milliseconds): from
-//! the slot to the commit of the transaction that claimed it and created its run. Slots
+//! the slot to the claim, in the transaction that creates its run (before its commit). Slots
 //! missing between a timer's first and last fire of a phase, and slots fired twice, are
 //! counted.
 
@@ -42,7 +42,7 @@ fn manifest(project: &str) -> String {
 [[blocks]]
 name = "noop"
 language = "python"
-memory_mb = 64
+memory_mb = 128
 code = '''
 def main(block_input, backpack):
     return block_input
@@ -170,7 +170,8 @@ pub async fn run(config: TimersConfig) -> Result<TimersResults> {
     let started = Instant::now();
     let machine = machine::describe();
     let load_before = machine::load();
-    let server = server::start(&config.refinery, &[])?;
+    // N projects are deployed back to back.
+    let server = server::start(&config.refinery, &["--deploy-rate", "1000/1m"])?;
     let api = Api::new(&server)?;
     let key = api.account(&server.operator_key, "bench").await?;
     let span = Duration::from_secs(config.seconds);
@@ -262,7 +263,7 @@ pub fn report(r: &TimersResults) -> String {
     let _ = writeln!(
         o,
         "Lateness = the server's record of each fire (`fired_at − slot`, whole ms): from the \
-         slot to the commit that claimed it and created its run.\n"
+         slot to its claim, in the transaction that creates its run.\n"
     );
     let _ = writeln!(
         o,

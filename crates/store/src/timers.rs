@@ -34,7 +34,8 @@ pub struct TimerSlot {
 pub struct TimerFire {
     pub slot_ms: i64,
     pub run_id: String,
-    /// When the run was created (the fire committed), in milliseconds since the epoch.
+    /// When the slot was claimed (in the transaction creating its run, before its commit),
+    /// in milliseconds since the epoch.
     pub fired_at_ms: i64,
 }
 
