@@ -541,6 +541,7 @@ pub async fn commit(
     if !tx.finish_step(&step.id, &result).await? {
         return Ok(Committed::default());
     }
+    crate::queues::settle(&mut tx, run, deployment, step, &plan).await?;
     let halted = current.halted();
     let mut p = Pending {
         tx,
@@ -694,7 +695,18 @@ async fn fire(
                     }
                     return Ok(0);
                 }
-                Some(kind @ (NodeKind::Queue | NodeKind::Topic)) => {
+                Some(NodeKind::Queue) => {
+                    // Enqueued with this commit; over a limit the run fails instead.
+                    let failure = crate::queues::enqueue_output(
+                        &mut p.tx, p.config, &p.run, &step.name, &t.to, output,
+                    )
+                    .await?;
+                    if failure.is_some() && p.failure.is_none() {
+                        p.failure = failure;
+                    }
+                    return Ok(0);
+                }
+                Some(kind @ NodeKind::Topic) => {
                     // Refused at deploy until this server delivers them.
                     return Err(EngineError::Internal(format!(
                         "a `then` into {kind} `{}` is not available in this version",

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use refinery_domain::{
-    BlockSpec, Endpoint, LogLevel, Manifest, RetryPolicy, ServiceGraph, UserError,
+    BlockSpec, Endpoint, LogLevel, Manifest, Queue, RetryPolicy, ServiceGraph, UserError,
 };
 use refinery_invocation::{InvocationError, InvocationRequest, InvocationService, Limit};
 use refinery_pool::{BlockTarget, RunContext};
@@ -35,6 +35,10 @@ pub struct EngineConfig {
     /// The most runs one account may have running at once; starting one more is refused
     /// (429) until some end.
     pub max_runs_per_account: usize,
+    /// The largest queue message (its JSON text), in bytes.
+    pub max_message_bytes: usize,
+    /// The most messages one account's queues may hold (visible, in flight, dead letters).
+    pub max_queued_messages: u64,
 }
 
 impl Default for EngineConfig {
@@ -45,6 +49,8 @@ impl Default for EngineConfig {
             max_total_steps: 100_000,
             max_in_flight: 512,
             max_runs_per_account: 1_000,
+            max_message_bytes: 256 * 1024,
+            max_queued_messages: 100_000,
         }
     }
 }
@@ -67,6 +73,8 @@ pub(crate) struct ServiceDeployment {
     pub retry: HashMap<String, RetryPolicy>,
     /// Its HTTP endpoints (from its manifest).
     pub endpoints: Vec<Endpoint>,
+    /// Its queues, by name.
+    pub queues: HashMap<String, Queue>,
 }
 
 impl ServiceDeployment {
@@ -103,6 +111,8 @@ pub(crate) struct Inner {
     responders: Mutex<HashMap<String, oneshot::Sender<Value>>>,
     /// The runs running per account (bounded by `max_runs_per_account`).
     running_runs: Mutex<HashMap<String, HashSet<String>>>,
+    /// The queues' pumps (`queues.rs`).
+    pub queues: crate::queues::Queues,
 }
 
 impl Engine {
@@ -113,7 +123,8 @@ impl Engine {
         invocations: InvocationService,
         config: EngineConfig,
     ) -> Result<Engine, EngineError> {
-        let inner = Arc::new(Inner {
+        let inner = Arc::new_cyclic(|weak| Inner {
+            queues: crate::queues::Queues::new(weak.clone()),
             store,
             invocations,
             config,
@@ -136,6 +147,7 @@ impl Engine {
             tracing::info!(runs = resumed, "resumed service runs");
         }
         tokio::spawn(engine.inner.clone().dispatch());
+        engine.inner.start_queues().await?;
         Ok(engine)
     }
 
@@ -159,6 +171,7 @@ impl Engine {
             let Some(deployment) = inner.runnable_deployment(run).await? else {
                 continue;
             };
+            inner.queues.adopt(run, &deployment);
             for step in inner.store.active_steps(&run.id).await? {
                 inner.enqueue(run, &deployment, &step.id, &step.name, step.not_before_ms);
             }
@@ -176,8 +189,30 @@ impl Engine {
         input: Value,
         backpack: Value,
     ) -> Result<RunStarted, EngineError> {
-        self.begin(account, project, start, input, backpack, None)
+        self.begin(account, project, start, input, backpack, None, None)
             .await
+    }
+
+    /// A run of a queue's consumer with its batch (`input`), under the id its messages
+    /// are claimed by.
+    pub(crate) async fn start_queue_run(
+        &self,
+        account: &Account,
+        project: &str,
+        queue: &str,
+        input: Value,
+        run_id: String,
+    ) -> Result<RunStarted, EngineError> {
+        self.begin(
+            account,
+            project,
+            queue,
+            input,
+            json!({}),
+            None,
+            Some(run_id),
+        )
+        .await
     }
 
     /// [`Engine::start_run`] for a caller that waits for the run's response (an HTTP
@@ -192,7 +227,7 @@ impl Engine {
     ) -> Result<(RunStarted, oneshot::Receiver<Value>), EngineError> {
         let (tx, rx) = oneshot::channel();
         let started = self
-            .begin(account, project, start, input, json!({}), Some(tx))
+            .begin(account, project, start, input, json!({}), Some(tx), None)
             .await?;
         Ok((started, rx))
     }
@@ -205,6 +240,7 @@ impl Engine {
         input: Value,
         backpack: Value,
         responder: Option<oneshot::Sender<Value>>,
+        run_id: Option<String>,
     ) -> Result<RunStarted, EngineError> {
         let inner = &self.inner;
         if inner.stopping.load(Ordering::Acquire) {
@@ -221,7 +257,7 @@ impl Engine {
             .await?;
         inner.remember_account(account);
         let mut run = RunRecord {
-            id: format!("run_{}", uuid::Uuid::now_v7().simple()),
+            id: run_id.unwrap_or_else(new_run_id),
             account_id: account.id.clone(),
             project: project.to_string(),
             deployment_id: live.id,
@@ -477,6 +513,11 @@ impl Inner {
             log_level: manifest.log_level,
             retry: manifest.retry.into_iter().collect(),
             endpoints: manifest.endpoints,
+            queues: manifest
+                .queues
+                .into_iter()
+                .map(|q| (q.name.clone(), q))
+                .collect(),
             blocks: deployment
                 .blocks
                 .into_iter()
@@ -517,6 +558,17 @@ impl Inner {
         lock(&self.accounts)
             .entry(account.id.clone())
             .or_insert_with(|| account.clone());
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    pub(crate) async fn account_of(
+        &self,
+        account_id: &str,
+    ) -> Result<Option<Account>, EngineError> {
+        self.account(account_id).await
     }
 
     async fn account(&self, account_id: &str) -> Result<Option<Account>, EngineError> {
@@ -689,6 +741,7 @@ impl Inner {
             self.enqueue(&run, &deployment, &new.id, &new.name, new.not_before_ms);
             lock(&self.prefetched).insert(new.id.clone(), (run.clone(), new));
         }
+        self.after_step(&run, &deployment, &step.name);
         Ok(None)
     }
 
@@ -811,6 +864,7 @@ impl Inner {
     pub fn run_ended(&self, run: &RunRecord, status: &str) {
         EngineMetrics::ended(&self.metrics.runs_ended, status);
         self.release_run_slot(run);
+        self.queues.run_ended(&run.id);
         // Ended without a response: its caller hears so (the sender dropped).
         lock(&self.responders).remove(&run.id);
         lock(&self.halted).remove(&run.id);
@@ -828,6 +882,11 @@ enum Invoked {
     Later(Duration),
     /// The server is stopping: leave the step for the next start.
     Stopping,
+}
+
+/// A run id: `run_` + a UUIDv7.
+pub(crate) fn new_run_id() -> String {
+    format!("run_{}", uuid::Uuid::now_v7().simple())
 }
 
 pub(crate) fn now_ms() -> i64 {

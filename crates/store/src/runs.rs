@@ -331,13 +331,13 @@ impl Store {
 
 /// One write transaction on one run. Dropped without [`RunTx::commit`], it changes nothing.
 pub struct RunTx {
-    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
-    run_id: String,
+    pub(crate) tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    pub(crate) run_id: String,
     next_seq: Option<i64>,
 }
 
 impl RunTx {
-    fn what(&self) -> String {
+    pub(crate) fn what(&self) -> String {
         format!("updating run {}", self.run_id)
     }
 

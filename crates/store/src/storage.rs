@@ -249,6 +249,13 @@ impl Store {
             .execute(&mut *tx)
             .await
             .map_err(StoreError::db(what()))?;
+        // And its queues' messages.
+        sqlx::query("DELETE FROM queue_messages WHERE account_id = ? AND project = ?")
+            .bind(account_id)
+            .bind(project)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db(what()))?;
         sqlx::query("DELETE FROM projects WHERE id = ? AND account_id = ?")
             .bind(project_row.id)
             .bind(account_id)

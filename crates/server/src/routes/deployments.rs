@@ -468,12 +468,11 @@ fn deployment_json(deployment: &Deployment) -> Value {
 fn refuse_unavailable_triggers(manifest: &Manifest) -> Result<(), ApiError> {
     let unavailable = [
         ("timers", manifest.timers.len()),
-        ("queues", manifest.queues.len()),
         ("topics", manifest.topics.len()),
     ];
     match unavailable.iter().find(|(_, n)| *n > 0) {
         Some((table, _)) => Err(ApiError::Unprocessable(format!(
-            "`[[{table}]]` is not available in this version yet: remove it (endpoints and responses are)"
+            "`[[{table}]]` is not available in this version yet: remove it (endpoints, responses and queues are)"
         ))),
         None => Ok(()),
     }

@@ -9,6 +9,7 @@ mod health;
 mod instances;
 mod invoke;
 mod metrics;
+mod queues;
 mod runs;
 
 use axum::extract::DefaultBodyLimit;
@@ -62,6 +63,23 @@ pub fn router(state: SharedState) -> Router {
             post(runs::start)
                 .layer(DefaultBodyLimit::max(runs::MAX_RUN_REQUEST_BYTES))
                 .get(runs::list),
+        )
+        .route(
+            "/v1/projects/{project}/queues/{queue}/messages",
+            post(queues::send).layer(DefaultBodyLimit::max(queues::MAX_SEND_REQUEST_BYTES)),
+        )
+        .route("/v1/projects/{project}/queues/{queue}", get(queues::show))
+        .route(
+            "/v1/projects/{project}/queues/{queue}/dead-letters",
+            get(queues::dead_letters),
+        )
+        .route(
+            "/v1/projects/{project}/queues/{queue}/dead-letters/redrive",
+            post(queues::redrive),
+        )
+        .route(
+            "/v1/projects/{project}/queues/{queue}/dead-letters/purge",
+            post(queues::purge),
         )
         .route("/v1/runs/{run_id}", get(runs::show))
         .route("/v1/runs/{run_id}/cancel", post(runs::cancel))
