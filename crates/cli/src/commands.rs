@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use crate::billing::{self, BillsCommand, PricingCommand, SetBillingArgs, UsageArgs};
 use crate::client::Client;
 use crate::output::{err_out, out, plural, pretty, print, table, text, user_error_text};
+use crate::queues::{self, QueuesCommand};
 use crate::runs::{self, RunArgs, RunsArgs};
 
 // Options shared by every client command (not `serve`): given after the command, e.g.
@@ -76,6 +77,10 @@ pub enum ClientCommand {
     /// A project's runs (`runs PROJECT`), one run's step tree (`runs show RUN_ID`), or
     /// cancel one (`runs cancel RUN_ID`).
     Runs(RunsArgs),
+    /// A project's queues: `send` messages, `show` one (its counts and settings), `dlq`
+    /// its dead letters (list, redrive, purge).
+    #[command(subcommand)]
+    Queues(QueuesCommand),
     /// List a project's recent executions.
     Executions {
         project: String,
@@ -202,6 +207,7 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
         ClientCommand::Bills(command) => return billing::bills(&client, json, command).await,
         ClientCommand::Run(args) => return runs::start(&client, json, args).await,
         ClientCommand::Runs(args) => return runs::runs(&client, json, args).await,
+        ClientCommand::Queues(command) => return queues::queues(&client, json, command).await,
         ClientCommand::Accounts(AccountsCommand::SetBilling(args)) => {
             return billing::set_billing(&client, json, args).await
         }

@@ -438,3 +438,116 @@ async fn kill_9_mid_way_through_1000_messages_loses_none() {
     }
     assert_eq!(q["dead_letter"].as_u64(), Some(dead.len() as u64), "{q}");
 }
+
+#[tokio::test]
+async fn the_cli_sends_shows_and_manages_dead_letters() {
+    let server = Server::start().await;
+    let (_, key) = server.account("q-cli").await;
+    server.deploy_ok(&key, &project("shop", 10, 1, "")).await;
+
+    let (code, out, err) = server.cli(
+        &key,
+        &[
+            "queues",
+            "send",
+            "shop",
+            "jobs",
+            r#"{"n": 1}"#,
+            r#"{"n": 2, "fail": true}"#,
+            "--json",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let sent: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(sent, json!({"enqueued": 2}));
+    let (code, out, err) = server.cli(&key, &["queues", "send", "shop", "jobs", "{oops"], None);
+    assert_ne!(code, 0, "{out}");
+    assert!(err.contains("message 1 is not valid JSON"), "{err}");
+
+    server
+        .await_queue_drained(&key, "shop", "jobs", DRAIN)
+        .await;
+    let (code, out, err) = server.cli(&key, &["queues", "show", "shop", "jobs", "--json"], None);
+    assert_eq!(code, 0, "{out}{err}");
+    let shown: Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(
+        (shown["visible"].as_u64(), shown["dead_letter"].as_u64()),
+        (Some(0), Some(1)),
+        "{shown}"
+    );
+    let (code, out, _) = server.cli(&key, &["queues", "show", "shop", "jobs"], None);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("dead letter  1") && out.contains("consumer `work`"),
+        "{out}"
+    );
+
+    let (code, out, _) = server.cli(&key, &["queues", "dlq", "shop", "jobs", "list"], None);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("MESSAGE") && out.contains("msg_"), "{out}");
+    let (code, out, _) = server.cli(
+        &key,
+        &["queues", "dlq", "shop", "jobs", "purge", "--json"],
+        None,
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).expect("JSON"),
+        json!({"purged": 1})
+    );
+    let (code, out, _) = server.cli(&key, &["queues", "dlq", "shop", "jobs", "redrive"], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("Moved 0 dead letters"), "{out}");
+    let (code, _, err) = server.cli(&key, &["queues", "show", "shop", "nope"], None);
+    assert_ne!(code, 0);
+    assert!(err.contains("no queue `nope`"), "{err}");
+}
+
+#[tokio::test]
+async fn metrics_show_each_queue() {
+    let server = Server::start().await;
+    let (account, key) = server.account("q-metrics").await;
+    // A consumer that sleeps long keeps the messages visible / in flight for the scrape.
+    let manifest = project("shop", 1, 3, "")
+        .replace(
+            "def main(batch, backpack):",
+            "import time\ndef main(batch, backpack):\n    time.sleep(3)",
+        )
+        .replace("max_concurrency = 4", "max_concurrency = 1");
+    server.deploy_ok(&key, &manifest).await;
+    let (status, _) = server
+        .send_messages(&key, "shop", "jobs", vec![json!(1), json!(2), json!(3)])
+        .await;
+    assert_eq!(status, 202);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let response = server
+        .http
+        .get(format!("{}/metrics", server.url))
+        .bearer_auth(&server.operator_key)
+        .send()
+        .await
+        .expect("metrics");
+    let text = response.text().await.expect("text");
+    let labels = format!("account=\"{account}\",project=\"shop\",queue=\"jobs\"");
+    for series in [
+        "refinery_queue_visible",
+        "refinery_queue_in_flight",
+        "refinery_queue_dead_letter",
+        "refinery_queue_oldest_age_seconds",
+    ] {
+        assert!(
+            text.contains(&format!("{series}{{{labels}}}")),
+            "{series} missing:\n{text}"
+        );
+    }
+    assert!(
+        text.contains(&format!("refinery_queue_in_flight{{{labels}}} 1")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("refinery_queue_visible{{{labels}}} 2")),
+        "{text}"
+    );
+    assert!(text.ends_with("# EOF\n"));
+}
