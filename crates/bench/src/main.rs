@@ -10,7 +10,8 @@
 //!
 //! Other modes: `--keep-alive-sim` (only the simulation), `--neighbour` (noisy-neighbour
 //! isolation between two accounts) and the `services` subcommand (the services engine: chains
-//! as runs against client-driven calls, the cost of a step, a fan-out, runs per second).
+//! as runs against client-driven calls, the cost of a step, a fan-out, runs per second) and
+//! the `queues` subcommand (queue throughput with a no-op consumer at batch 1 and 10).
 
 mod baseline;
 mod cpu;
@@ -19,6 +20,7 @@ mod keep_alive_sim;
 mod machine;
 mod memory;
 mod neighbour;
+mod queues;
 mod report;
 mod server;
 mod services;
@@ -84,6 +86,21 @@ enum Mode {
     /// Measure the services engine: a 3-block chain as a run vs the client calling the blocks,
     /// the cost of a `then` step, a fan-out + fan-in, runs per second.
     Services(ServicesArgs),
+    /// Measure queue throughput: N messages through a no-op consumer at batch 1 and 10.
+    Queues(QueuesArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct QueuesArgs {
+    /// Messages sent per batch size.
+    #[arg(long, default_value_t = 10_000)]
+    messages: usize,
+    /// `max_concurrency` of the consumer: its runs in flight at once (default: 8 × cores).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Write the figures into this Markdown file, between its `queues` marker comments.
+    #[arg(long, value_name = "FILE")]
+    write: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -137,6 +154,9 @@ async fn main() -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if let Some(Mode::Services(services)) = &args.mode {
         return run_services(binary, services, cores).await;
+    }
+    if let Some(Mode::Queues(queues)) = &args.mode {
+        return run_queues(binary, queues, cores).await;
     }
     if args.neighbour {
         let server = server::start(&binary, &[])?;
@@ -203,6 +223,28 @@ async fn run_services(binary: PathBuf, args: &ServicesArgs, cores: usize) -> Res
     println!("{markdown}");
     if let Some(path) = &args.write {
         doc::write_regions(path, &[("services", &markdown)])?;
+        eprintln!("bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+async fn run_queues(binary: PathBuf, args: &QueuesArgs, cores: usize) -> Result<()> {
+    if let Some(path) = &args.write {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        doc::replace_region(&text, "queues", "")
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    let config = queues::QueuesConfig {
+        refinery: binary,
+        messages: args.messages.max(1),
+        concurrency: args.concurrency.unwrap_or(8 * cores).max(1),
+    };
+    let results = queues::run(config).await?;
+    let markdown = queues::report(&results);
+    println!("{markdown}");
+    if let Some(path) = &args.write {
+        doc::write_regions(path, &[("queues", &markdown)])?;
         eprintln!("bench: wrote {}", path.display());
     }
     Ok(())
