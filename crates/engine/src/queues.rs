@@ -268,16 +268,20 @@ async fn fill(inner: &Arc<Inner>, queue: &QueueRef) -> Result<Next, EngineError>
             return Ok(Next::At(None));
         }
         let run_id = crate::engine::new_run_id();
-        let claimed = inner
-            .store
-            .claim_messages(
-                queue,
-                &run_id,
-                settings.batch_size,
-                i64::from(settings.visibility_timeout_s) * 1000,
-                i64::from(settings.max_receive_count),
-            )
-            .await?;
+        let claimed = {
+            // The engine's writes queue on this lock, not in SQLite's busy handler.
+            let _write = inner.writes.lock().await;
+            inner
+                .store
+                .claim_messages(
+                    queue,
+                    &run_id,
+                    settings.batch_size,
+                    i64::from(settings.visibility_timeout_s) * 1000,
+                    i64::from(settings.max_receive_count),
+                )
+                .await?
+        };
         if claimed.dead_lettered > 0 {
             inner
                 .metrics
@@ -308,7 +312,10 @@ async fn fill(inner: &Arc<Inner>, queue: &QueueRef) -> Result<Next, EngineError>
             }
             Err(e) => {
                 inner.queues.untrack(queue, &run_id);
-                inner.store.unclaim_messages(&run_id).await?;
+                {
+                    let _write = inner.writes.lock().await;
+                    inner.store.unclaim_messages(&run_id).await?;
+                }
                 return match e {
                     EngineError::TooManyRuns { .. } => Ok(Next::At(Some(now_ms() + 200))),
                     EngineError::ShuttingDown => Ok(Next::At(None)),
@@ -574,12 +581,14 @@ impl Engine {
             .enumerate()
             .map(|(i, m)| message_text(m, i, config))
             .collect::<Result<Vec<_>, _>>()?;
-        match self
-            .inner
-            .store
-            .enqueue_messages(&queue, &bodies, config.max_queued_messages)
-            .await?
-        {
+        let enqueued = {
+            let _write = self.inner.writes.lock().await;
+            self.inner
+                .store
+                .enqueue_messages(&queue, &bodies, config.max_queued_messages)
+                .await?
+        };
+        match enqueued {
             Enqueued::Stored(n) => {
                 self.inner.metrics.queue_sent.inc_by(n as u64);
                 self.inner.queues.wake(&queue);
@@ -645,7 +654,10 @@ impl Engine {
         queue: &str,
     ) -> Result<u64, EngineError> {
         let (queue, _) = self.live_queue(account_id, project, queue).await?;
-        let n = self.inner.store.redrive_dead_letters(&queue).await?;
+        let n = {
+            let _write = self.inner.writes.lock().await;
+            self.inner.store.redrive_dead_letters(&queue).await?
+        };
         if n > 0 {
             self.inner.queues.wake(&queue);
         }
@@ -660,6 +672,7 @@ impl Engine {
         queue: &str,
     ) -> Result<u64, EngineError> {
         let (queue, _) = self.live_queue(account_id, project, queue).await?;
+        let _write = self.inner.writes.lock().await;
         Ok(self.inner.store.purge_dead_letters(&queue).await?)
     }
 

@@ -174,44 +174,54 @@ impl Store {
         let what = || format!("receiving from queue `{}`", queue.queue);
         let now = now_ms();
         let mut tx = self.begin_write(what()).await?;
-        let dead = sqlx::query(
-            "UPDATE queue_messages SET dead_at_ms = ?, claim = NULL \
-             WHERE account_id = ? AND project = ? AND queue = ? AND dead_at_ms IS NULL \
-             AND visible_at_ms <= ? AND receive_count >= ?",
-        )
-        .bind(now)
-        .bind(&queue.account_id)
-        .bind(&queue.project)
-        .bind(&queue.queue)
-        .bind(now)
-        .bind(max_receive_count)
-        .execute(&mut *tx)
-        .await
-        .map_err(StoreError::db(what()))?
-        .rows_affected();
-        let rows = sqlx::query(
-            "UPDATE queue_messages SET receive_count = receive_count + 1, visible_at_ms = ?, \
-             claim = ? WHERE seq IN (SELECT seq FROM queue_messages \
-             WHERE account_id = ? AND project = ? AND queue = ? AND dead_at_ms IS NULL \
-             AND visible_at_ms <= ? ORDER BY visible_at_ms, seq LIMIT ?) \
-             RETURNING seq, id, body, enqueued_at_ms, receive_count, dead_at_ms",
-        )
-        .bind(now + visibility_ms)
-        .bind(run_id)
-        .bind(&queue.account_id)
-        .bind(&queue.project)
-        .bind(&queue.queue)
-        .bind(now)
-        .bind(i64::from(batch))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(StoreError::db(what()))?;
-        let mut messages: Vec<(i64, QueueMessage)> = rows
-            .iter()
-            .map(|r| Ok((r.try_get("seq")?, message_from_row(r)?)))
-            .collect::<Result<_, sqlx::Error>>()
+        let mut dead = 0;
+        let mut messages: Vec<QueueMessage> = Vec::new();
+        // The oldest visible messages (the index's order): each is delivered, or
+        // dead-lettered if it was received too often; until the batch is full.
+        while messages.len() < batch as usize {
+            let candidates: Vec<(i64, i64)> = sqlx::query_as(
+                "SELECT seq, receive_count FROM queue_messages \
+                 WHERE account_id = ? AND project = ? AND queue = ? AND dead_at_ms IS NULL \
+                 AND visible_at_ms <= ? ORDER BY visible_at_ms, seq LIMIT ?",
+            )
+            .bind(&queue.account_id)
+            .bind(&queue.project)
+            .bind(&queue.queue)
+            .bind(now)
+            .bind(i64::from(batch) - messages.len() as i64)
+            .fetch_all(&mut *tx)
+            .await
             .map_err(StoreError::db(what()))?;
-        messages.sort_by_key(|(seq, _)| *seq);
+            if candidates.is_empty() {
+                break;
+            }
+            for (seq, receive_count) in candidates {
+                if receive_count >= max_receive_count {
+                    sqlx::query(
+                        "UPDATE queue_messages SET dead_at_ms = ?, claim = NULL WHERE seq = ?",
+                    )
+                    .bind(now)
+                    .bind(seq)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(StoreError::db(what()))?;
+                    dead += 1;
+                    continue;
+                }
+                let row = sqlx::query(
+                    "UPDATE queue_messages SET receive_count = receive_count + 1, \
+                     visible_at_ms = ?, claim = ? WHERE seq = ? \
+                     RETURNING id, body, enqueued_at_ms, receive_count, dead_at_ms",
+                )
+                .bind(now + visibility_ms)
+                .bind(run_id)
+                .bind(seq)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(StoreError::db(what()))?;
+                messages.push(message_from_row(&row).map_err(StoreError::db(what()))?);
+            }
+        }
         let (next,): (Option<i64>,) = sqlx::query_as(
             "SELECT MIN(visible_at_ms) FROM queue_messages \
              WHERE account_id = ? AND project = ? AND queue = ? AND dead_at_ms IS NULL \
@@ -226,7 +236,7 @@ impl Store {
         .map_err(StoreError::db(what()))?;
         tx.commit().await.map_err(StoreError::db(what()))?;
         Ok(Claimed {
-            messages: messages.into_iter().map(|(_, m)| m).collect(),
+            messages,
             dead_lettered: dead,
             next_visible_at_ms: next,
         })
