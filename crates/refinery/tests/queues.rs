@@ -551,3 +551,104 @@ async fn metrics_show_each_queue() {
     );
     assert!(text.ends_with("# EOF\n"));
 }
+
+#[tokio::test]
+async fn a_batch_in_flight_past_its_visibility_timeout_is_delivered_again() {
+    let server = Server::start().await;
+    let (_, key) = server.account("q-visibility").await;
+    let manifest = r#"
+name = "slow"
+
+[[blocks]]
+name = "work"
+language = "python"
+timeout_s = 4
+max_concurrency = 4
+code = """
+import time
+def main(batch, backpack):
+    # The first receipt takes `first` seconds, later ones `later`.
+    time.sleep(max(m["body"]["first"] if m["receiveCount"] == 1 else m["body"]["later"]
+                   for m in batch))
+    return None
+"""
+
+[[queues]]
+name = "jobs"
+batch_size = 1
+visibility_timeout_s = 1
+max_receive_count = 2
+
+[[transitions]]
+from = "jobs"
+to = "work"
+type = "then"
+"#;
+    server.deploy_ok(&key, manifest).await;
+    // `a`: 2 s of work on its first receipt against a 1 s visibility timeout: received
+    // again meanwhile (two runs at once); the first run's settlement finds the message
+    // taken by the second and leaves it; the second (quick) deletes it. `b`: 10 s against
+    // the block's 4 s timeout, at every receipt: dead-lettered after its second.
+    let (status, _) = server
+        .send_messages(
+            &key,
+            "slow",
+            "jobs",
+            vec![
+                json!({"first": 2, "later": 0, "id": "a"}),
+                json!({"first": 10, "later": 10, "id": "b"}),
+            ],
+        )
+        .await;
+    assert_eq!(status, 202);
+    let q = server
+        .await_queue_drained(&key, "slow", "jobs", DRAIN)
+        .await;
+    assert_eq!(
+        (q["visible"].as_u64(), q["in_flight"].as_u64()),
+        (Some(0), Some(0)),
+        "{q}"
+    );
+    assert_eq!(q["dead_letter"], 1, "{q}");
+    // Wait for the overtaken runs to end too.
+    let deadline = std::time::Instant::now() + DRAIN;
+    let runs = loop {
+        let runs = server.all_runs(&key, "slow").await;
+        if runs.iter().all(|r| r["status"] != "running") || std::time::Instant::now() > deadline {
+            break runs;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let receipts = |id: &str| {
+        runs.iter()
+            .filter(|r| steps_named(r, "work")[0]["input"][0]["body"]["id"] == id)
+            .map(|r| {
+                (
+                    r["status"].as_str().unwrap_or("?").to_string(),
+                    steps_named(r, "work")[0]["input"][0]["receiveCount"]
+                        .as_i64()
+                        .unwrap_or(0),
+                )
+            })
+            .collect::<BTreeSet<_>>()
+    };
+    assert_eq!(
+        receipts("a"),
+        BTreeSet::from([("succeeded".to_string(), 1), ("succeeded".to_string(), 2)]),
+        "{runs:?}"
+    );
+    assert_eq!(
+        receipts("b"),
+        BTreeSet::from([("failed".to_string(), 1), ("failed".to_string(), 2)]),
+    );
+    let (_, dlq) = server
+        .request(
+            "GET",
+            "/v1/projects/slow/queues/jobs/dead-letters",
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(dlq["messages"][0]["body"]["id"], "b", "{dlq}");
+    assert_eq!(dlq["messages"][0]["receive_count"], 2, "{dlq}");
+}
