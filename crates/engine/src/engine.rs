@@ -83,6 +83,15 @@ impl ServiceDeployment {
     }
 }
 
+/// How a run begins, beyond its start and input.
+#[derive(Default)]
+struct Begin {
+    /// A caller waiting for the run's response (an endpoint).
+    responder: Option<oneshot::Sender<Value>>,
+    /// The run's id, when it was chosen beforehand (a queue's batch is claimed by it).
+    run_id: Option<String>,
+}
+
 /// Runs services. Cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
@@ -189,7 +198,7 @@ impl Engine {
         input: Value,
         backpack: Value,
     ) -> Result<RunStarted, EngineError> {
-        self.begin(account, project, start, input, backpack, None, None)
+        self.begin(account, project, start, input, backpack, Begin::default())
             .await
     }
 
@@ -203,16 +212,12 @@ impl Engine {
         input: Value,
         run_id: String,
     ) -> Result<RunStarted, EngineError> {
-        self.begin(
-            account,
-            project,
-            queue,
-            input,
-            json!({}),
-            None,
-            Some(run_id),
-        )
-        .await
+        let how = Begin {
+            responder: None,
+            run_id: Some(run_id),
+        };
+        self.begin(account, project, queue, input, json!({}), how)
+            .await
     }
 
     /// [`Engine::start_run`] for a caller that waits for the run's response (an HTTP
@@ -227,7 +232,17 @@ impl Engine {
     ) -> Result<(RunStarted, oneshot::Receiver<Value>), EngineError> {
         let (tx, rx) = oneshot::channel();
         let started = self
-            .begin(account, project, start, input, json!({}), Some(tx), None)
+            .begin(
+                account,
+                project,
+                start,
+                input,
+                json!({}),
+                Begin {
+                    responder: Some(tx),
+                    run_id: None,
+                },
+            )
             .await?;
         Ok((started, rx))
     }
@@ -239,9 +254,9 @@ impl Engine {
         start: &str,
         input: Value,
         backpack: Value,
-        responder: Option<oneshot::Sender<Value>>,
-        run_id: Option<String>,
+        how: Begin,
     ) -> Result<RunStarted, EngineError> {
+        let Begin { responder, run_id } = how;
         let inner = &self.inner;
         if inner.stopping.load(Ordering::Acquire) {
             return Err(EngineError::ShuttingDown);
