@@ -689,3 +689,28 @@ impl Engine {
         crate::metrics::render_queues(&stats, now_ms())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_item_failures_are_read_as_lambda_writes_them() {
+        assert_eq!(item_failures(&json!(null)), Some(vec![]));
+        assert_eq!(item_failures(&json!({"ok": 1})), Some(vec![]));
+        assert_eq!(
+            item_failures(&json!({"batchItemFailures": []})),
+            Some(vec![])
+        );
+        assert_eq!(
+            item_failures(&json!({"batchItemFailures": [{"itemIdentifier": "msg_a"}]})),
+            Some(vec!["msg_a".to_string()])
+        );
+        // Malformed: the whole batch failed.
+        assert_eq!(item_failures(&json!({"batchItemFailures": "msg_a"})), None);
+        assert_eq!(
+            item_failures(&json!({"batchItemFailures": [{"id": "msg_a"}]})),
+            None
+        );
+    }
+}
