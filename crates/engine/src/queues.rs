@@ -453,10 +453,15 @@ async fn settle_with(
     settlement: &Settlement,
     settings: &QueueSettings,
 ) -> Result<(), EngineError> {
-    let batch_ids = tx.held_message_ids().await?;
+    // A failure naming a message not in the batch fails the whole batch (as Lambda).
     let settlement = match settlement {
-        Settlement::Succeeded { failed } if failed.iter().any(|id| !batch_ids.contains(id)) => {
-            &Settlement::Failed
+        Settlement::Succeeded { failed } if !failed.is_empty() => {
+            let batch_ids = tx.held_message_ids().await?;
+            if failed.iter().any(|id| !batch_ids.contains(id)) {
+                &Settlement::Failed
+            } else {
+                settlement
+            }
         }
         other => other,
     };

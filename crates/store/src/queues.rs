@@ -57,7 +57,8 @@ pub struct Claimed {
     pub messages: Vec<QueueMessage>,
     /// Messages moved to the dead-letter list instead (received too often).
     pub dead_lettered: u64,
-    /// When the next message not in this batch becomes visible (`None`: none left).
+    /// When the next message not in this batch becomes visible (`None`: none left; now,
+    /// after a full batch).
     pub next_visible_at_ms: Option<i64>,
 }
 
@@ -195,32 +196,58 @@ impl Store {
             if candidates.is_empty() {
                 break;
             }
-            for (seq, receive_count) in candidates {
-                if receive_count >= max_receive_count {
-                    sqlx::query(
-                        "UPDATE queue_messages SET dead_at_ms = ?, claim = NULL WHERE seq = ?",
-                    )
-                    .bind(now)
-                    .bind(seq)
+            let (dying, live): (Vec<_>, Vec<_>) = candidates
+                .into_iter()
+                .partition(|(_, receive_count)| *receive_count >= max_receive_count);
+            if !dying.is_empty() {
+                let seqs: Vec<i64> = dying.iter().map(|(seq, _)| *seq).collect();
+                let sql = format!(
+                    "UPDATE queue_messages SET dead_at_ms = ?, claim = NULL WHERE seq IN ({})",
+                    placeholders(seqs.len())
+                );
+                let mut query = sqlx::query(&sql).bind(now);
+                for seq in &seqs {
+                    query = query.bind(seq);
+                }
+                query
                     .execute(&mut *tx)
                     .await
                     .map_err(StoreError::db(what()))?;
-                    dead += 1;
-                    continue;
-                }
-                let row = sqlx::query(
-                    "UPDATE queue_messages SET receive_count = receive_count + 1, \
-                     visible_at_ms = ?, claim = ? WHERE seq = ? \
-                     RETURNING id, body, enqueued_at_ms, receive_count, dead_at_ms",
-                )
-                .bind(now + visibility_ms)
-                .bind(run_id)
-                .bind(seq)
-                .fetch_one(&mut *tx)
+                dead += seqs.len() as u64;
+            }
+            if live.is_empty() {
+                continue;
+            }
+            let sql = format!(
+                "UPDATE queue_messages SET receive_count = receive_count + 1, visible_at_ms = ?, \
+                 claim = ? WHERE seq IN ({}) \
+                 RETURNING seq, id, body, enqueued_at_ms, receive_count, dead_at_ms",
+                placeholders(live.len())
+            );
+            let mut query = sqlx::query(&sql).bind(now + visibility_ms).bind(run_id);
+            for (seq, _) in &live {
+                query = query.bind(seq);
+            }
+            let rows = query
+                .fetch_all(&mut *tx)
                 .await
                 .map_err(StoreError::db(what()))?;
-                messages.push(message_from_row(&row).map_err(StoreError::db(what()))?);
-            }
+            let mut claimed: Vec<(i64, QueueMessage)> = rows
+                .iter()
+                .map(|r| Ok((r.try_get("seq")?, message_from_row(r)?)))
+                .collect::<Result<_, sqlx::Error>>()
+                .map_err(StoreError::db(what()))?;
+            claimed.sort_by_key(|(seq, _)| *seq);
+            messages.extend(claimed.into_iter().map(|(_, m)| m));
+        }
+        if messages.len() == batch as usize {
+            // A full batch: the pump asks again at once, no need to know what is next.
+            tx.commit().await.map_err(StoreError::db(what()))?;
+            return Ok(Claimed {
+                messages,
+                dead_lettered: dead,
+                next_visible_at_ms: Some(now),
+            });
         }
         let (next,): (Option<i64>,) = sqlx::query_as(
             "SELECT MIN(visible_at_ms) FROM queue_messages \
@@ -425,39 +452,61 @@ impl RunTx {
     ) -> Result<Settled, StoreError> {
         let what = self.what();
         let now = now_ms();
-        let held: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT id, receive_count FROM queue_messages WHERE claim = ? AND dead_at_ms IS NULL",
-        )
-        .bind(&self.run_id)
-        .fetch_all(&mut *self.tx)
-        .await
-        .map_err(StoreError::db(what.clone()))?;
         let mut settled = Settled::default();
-        for (id, receive_count) in held {
-            let failed = match settlement {
-                Settlement::Failed => true,
-                Settlement::Succeeded { failed } => failed.contains(&id),
-            };
-            let query = if !failed {
-                settled.deleted += 1;
-                sqlx::query("DELETE FROM queue_messages WHERE id = ?")
-            } else if receive_count >= max_receive_count {
-                settled.dead_lettered += 1;
-                sqlx::query("UPDATE queue_messages SET claim = NULL, dead_at_ms = ? WHERE id = ?")
-                    .bind(now)
+        let failed: Option<&[String]> = match settlement {
+            Settlement::Failed => None,
+            Settlement::Succeeded { failed } => Some(failed),
+        };
+        // Processed: deleted (everything the run holds but the failed ones).
+        if let Some(failed) = failed {
+            let sql = if failed.is_empty() {
+                "DELETE FROM queue_messages WHERE claim = ? AND dead_at_ms IS NULL".to_string()
             } else {
-                settled.released += 1;
-                sqlx::query(
-                    "UPDATE queue_messages SET claim = NULL, visible_at_ms = ? WHERE id = ?",
+                format!(
+                    "DELETE FROM queue_messages WHERE claim = ? AND dead_at_ms IS NULL \
+                     AND id NOT IN ({})",
+                    placeholders(failed.len())
                 )
-                .bind(now)
             };
-            query
-                .bind(&id)
+            let mut query = sqlx::query(&sql).bind(&self.run_id);
+            for id in failed {
+                query = query.bind(id);
+            }
+            settled.deleted = query
                 .execute(&mut *self.tx)
                 .await
-                .map_err(StoreError::db(what.clone()))?;
+                .map_err(StoreError::db(what.clone()))?
+                .rows_affected();
+            if failed.is_empty() {
+                return Ok(settled);
+            }
+        }
+        // Failed (what is still held): dead-lettered at max_receive_count, else visible.
+        for (dead, set) in [(true, "dead_at_ms = ?"), (false, "visible_at_ms = ?")] {
+            let test = if dead { ">=" } else { "<" };
+            let sql = format!(
+                "UPDATE queue_messages SET claim = NULL, {set} \
+                 WHERE claim = ? AND dead_at_ms IS NULL AND receive_count {test} ?"
+            );
+            let n = sqlx::query(&sql)
+                .bind(now)
+                .bind(&self.run_id)
+                .bind(max_receive_count)
+                .execute(&mut *self.tx)
+                .await
+                .map_err(StoreError::db(what.clone()))?
+                .rows_affected();
+            if dead {
+                settled.dead_lettered = n;
+            } else {
+                settled.released = n;
+            }
         }
         Ok(settled)
     }
+}
+
+/// `?, ?, ?` for `n` values.
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
 }
