@@ -11,7 +11,8 @@
 //! Other modes: `--keep-alive-sim` (only the simulation), `--neighbour` (noisy-neighbour
 //! isolation between two accounts) and the `services` subcommand (the services engine: chains
 //! as runs against client-driven calls, the cost of a step, a fan-out, runs per second) and
-//! the `timers` subcommand (timer slot accuracy: how late each slot fires).
+//! the `timers` subcommand (timer slot accuracy: how late each slot fires) and
+//! the `queues` subcommand (queue throughput with a no-op consumer at batch 1 and 10).
 
 mod baseline;
 mod cpu;
@@ -21,6 +22,7 @@ mod keep_alive_sim;
 mod machine;
 mod memory;
 mod neighbour;
+mod queues;
 mod report;
 mod server;
 mod services;
@@ -92,6 +94,8 @@ enum Mode {
     /// Measure timer slot accuracy: how late each `rate(1 second)` slot fires, with 1 timer
     /// and with N timers sharing every slot, and that each slot fires once.
     Timers(TimersArgs),
+    /// Measure queue throughput: N messages through a no-op consumer at batch 1 and 10.
+    Queues(QueuesArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -110,6 +114,19 @@ struct TimersArgs {
     #[arg(long, default_value_t = 30)]
     seconds: u64,
     /// Write the figures into this Markdown file, between its `timers` marker comments.
+    #[arg(long, value_name = "FILE")]
+    write: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct QueuesArgs {
+    /// Messages sent per batch size.
+    #[arg(long, default_value_t = 10_000)]
+    messages: usize,
+    /// `max_concurrency` of the consumer: its runs in flight at once (default: 8 × cores).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Write the figures into this Markdown file, between its `queues` marker comments.
     #[arg(long, value_name = "FILE")]
     write: Option<PathBuf>,
 }
@@ -171,6 +188,7 @@ async fn main() -> Result<()> {
             return Ok(());
         }
         Some(Mode::Timers(timers)) => return run_timers(binary, timers).await,
+        Some(Mode::Queues(queues)) => return run_queues(binary, queues, cores).await,
         None => {}
     }
     if args.neighbour {
@@ -260,6 +278,28 @@ async fn run_timers(binary: PathBuf, args: &TimersArgs) -> Result<()> {
     println!("{markdown}");
     if let Some(path) = &args.write {
         doc::write_regions(path, &[("timers", &markdown)])?;
+        eprintln!("bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+async fn run_queues(binary: PathBuf, args: &QueuesArgs, cores: usize) -> Result<()> {
+    if let Some(path) = &args.write {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        doc::replace_region(&text, "queues", "")
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    }
+    let config = queues::QueuesConfig {
+        refinery: binary,
+        messages: args.messages.max(1),
+        concurrency: args.concurrency.unwrap_or(8 * cores).max(1),
+    };
+    let results = queues::run(config).await?;
+    let markdown = queues::report(&results);
+    println!("{markdown}");
+    if let Some(path) = &args.write {
+        doc::write_regions(path, &[("queues", &markdown)])?;
         eprintln!("bench: wrote {}", path.display());
     }
     Ok(())

@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use crate::billing::{self, BillsCommand, PricingCommand, SetBillingArgs, UsageArgs};
 use crate::client::Client;
 use crate::output::{err_out, out, plural, pretty, print, table, text, user_error_text};
+use crate::queues::{self, QueuesCommand};
 use crate::runs::{self, RunArgs, RunsArgs};
 use crate::timers::{self, TimersArgs};
 
@@ -96,6 +97,10 @@ pub enum ClientCommand {
     /// A project's timers: schedule, next fire time and last fire (UTC); `--fires N` lists
     /// the recent fires too.
     Timers(TimersArgs),
+    /// A project's queues: `send` messages, `show` one (its counts and settings), `dlq`
+    /// its dead letters (list, redrive, purge).
+    #[command(subcommand)]
+    Queues(QueuesCommand),
     /// List a project's recent executions.
     Executions {
         project: String,
@@ -255,6 +260,7 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
         }
         ClientCommand::Runs(args) => return runs::runs(&client, json, args).await,
         ClientCommand::Timers(args) => return timers::timers(&client, json, args).await,
+        ClientCommand::Queues(command) => return queues::queues(&client, json, command).await,
         ClientCommand::Accounts(AccountsCommand::SetBilling(args)) => {
             return billing::set_billing(&client, json, args).await
         }

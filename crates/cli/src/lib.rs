@@ -8,6 +8,7 @@ mod billing;
 mod client;
 mod commands;
 mod output;
+mod queues;
 mod run_tree;
 mod runs;
 mod timers;

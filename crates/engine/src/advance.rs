@@ -573,6 +573,7 @@ fn commit_in(
     if !tx.finish_step(&step.id, &result)? {
         return Ok(Committed::default());
     }
+    crate::queues::settle(tx, &current, deployment, step, &plan)?;
     let halted = current.halted();
     let mut p = Pending {
         tx,
@@ -761,7 +762,7 @@ pub fn subscriber_runs(
         .collect()
 }
 
-/// A new run id.
+/// A new run id: `run_` + a UUIDv7.
 pub fn new_run_id() -> String {
     format!("run_{}", uuid::Uuid::now_v7().simple())
 }
@@ -816,12 +817,15 @@ fn fire(
                     publish(p, &t.to, output, backpack)?;
                     return Ok(0);
                 }
-                Some(kind @ NodeKind::Queue) => {
-                    // Refused at deploy until this server delivers them.
-                    return Err(EngineError::Internal(format!(
-                        "a `then` into {kind} `{}` is not available in this version",
-                        t.to
-                    )));
+                Some(NodeKind::Queue) => {
+                    // Enqueued with this commit; over a limit the run fails instead.
+                    let failure = crate::queues::enqueue_output(
+                        p.tx, p.config, &p.run, &step.name, &t.to, output,
+                    )?;
+                    if failure.is_some() && p.failure.is_none() {
+                        p.failure = failure;
+                    }
+                    return Ok(0);
                 }
                 _ => {}
             }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use refinery_domain::{
-    BlockSpec, Endpoint, LogLevel, Manifest, RetryPolicy, ServiceGraph, Timer, UserError,
+    BlockSpec, Endpoint, LogLevel, Manifest, Queue, RetryPolicy, ServiceGraph, Timer, UserError,
 };
 use refinery_invocation::{InvocationError, InvocationRequest, InvocationService, Limit};
 use refinery_pool::{BlockTarget, RunContext};
@@ -35,6 +35,10 @@ pub struct EngineConfig {
     /// The most runs one account may have running at once; starting one more is refused
     /// (429) until some end.
     pub max_runs_per_account: usize,
+    /// The largest queue message (its JSON text), in bytes.
+    pub max_message_bytes: usize,
+    /// The most messages one account's queues may hold (visible, in flight, dead letters).
+    pub max_queued_messages: u64,
 }
 
 impl Default for EngineConfig {
@@ -45,6 +49,8 @@ impl Default for EngineConfig {
             max_total_steps: 100_000,
             max_in_flight: 512,
             max_runs_per_account: 1_000,
+            max_message_bytes: 256 * 1024,
+            max_queued_messages: 100_000,
         }
     }
 }
@@ -69,12 +75,26 @@ pub(crate) struct ServiceDeployment {
     pub endpoints: Vec<Endpoint>,
     /// Its timers (from its manifest).
     pub timers: Vec<Timer>,
+    /// Its queues, by name.
+    pub queues: HashMap<String, Queue>,
 }
 
 impl ServiceDeployment {
     pub fn block(&self, name: &str) -> Option<&BlockSpec> {
         self.blocks.get(name)
     }
+}
+
+/// How a run begins, beyond its start and input.
+#[derive(Default)]
+pub(crate) struct Begin {
+    /// A caller waiting for the run's response (an endpoint).
+    pub responder: Option<oneshot::Sender<Value>>,
+    /// The run's id, when it was chosen beforehand (a queue's batch is claimed by it).
+    pub run_id: Option<String>,
+    /// The timer slot (ms since the epoch) the run fires for, claimed in its creation
+    /// (`start` is then the timer).
+    pub slot: Option<i64>,
 }
 
 /// Runs services. Cheap to clone.
@@ -104,6 +124,8 @@ pub(crate) struct Inner {
     responders: Mutex<HashMap<String, oneshot::Sender<Value>>>,
     /// The runs running per account (bounded by `max_runs_per_account`).
     running_runs: Mutex<HashMap<String, HashSet<String>>>,
+    /// The queues' pumps (`queues.rs`).
+    pub queues: crate::queues::Queues,
 }
 
 impl Engine {
@@ -114,7 +136,8 @@ impl Engine {
         invocations: InvocationService,
         config: EngineConfig,
     ) -> Result<Engine, EngineError> {
-        let inner = Arc::new(Inner {
+        let inner = Arc::new_cyclic(|weak| Inner {
+            queues: crate::queues::Queues::new(weak.clone()),
             store,
             invocations,
             config,
@@ -138,6 +161,7 @@ impl Engine {
         }
         tokio::spawn(engine.inner.clone().dispatch());
         tokio::spawn(engine.clone().run_timers());
+        engine.inner.start_queues().await?;
         Ok(engine)
     }
 
@@ -161,6 +185,7 @@ impl Engine {
             let Some(deployment) = inner.runnable_deployment(run).await? else {
                 continue;
             };
+            inner.queues.adopt(run, &deployment);
             for step in inner.store.active_steps(&run.id).await? {
                 inner.enqueue(run, &deployment, &step.id, &step.name, step.not_before_ms);
             }
@@ -178,7 +203,25 @@ impl Engine {
         input: Value,
         backpack: Value,
     ) -> Result<RunStarted, EngineError> {
-        self.begin(account, project, start, input, backpack, None, None)
+        self.begin(account, project, start, input, backpack, Begin::default())
+            .await
+    }
+
+    /// A run of a queue's consumer with its batch (`input`), under the id its messages
+    /// are claimed by.
+    pub(crate) async fn start_queue_run(
+        &self,
+        account: &Account,
+        project: &str,
+        queue: &str,
+        input: Value,
+        run_id: String,
+    ) -> Result<RunStarted, EngineError> {
+        let how = Begin {
+            run_id: Some(run_id),
+            ..Begin::default()
+        };
+        self.begin(account, project, queue, input, json!({}), how)
             .await
     }
 
@@ -194,14 +237,23 @@ impl Engine {
     ) -> Result<(RunStarted, oneshot::Receiver<Value>), EngineError> {
         let (tx, rx) = oneshot::channel();
         let started = self
-            .begin(account, project, start, input, json!({}), Some(tx), None)
+            .begin(
+                account,
+                project,
+                start,
+                input,
+                json!({}),
+                Begin {
+                    responder: Some(tx),
+                    ..Begin::default()
+                },
+            )
             .await?;
         Ok((started, rx))
     }
 
-    /// Starts a run; `slot`: the timer slot (ms since the epoch) it fires for, claimed in
-    /// the run's creation (`start` is then the timer).
-    #[allow(clippy::too_many_arguments)]
+    /// Starts a run (`how`: who waits for its response, its id if chosen beforehand, the
+    /// timer slot it fires for).
     pub(crate) async fn begin(
         &self,
         account: &Account,
@@ -209,9 +261,13 @@ impl Engine {
         start: &str,
         input: Value,
         backpack: Value,
-        responder: Option<oneshot::Sender<Value>>,
-        slot: Option<i64>,
+        how: Begin,
     ) -> Result<RunStarted, EngineError> {
+        let Begin {
+            responder,
+            run_id,
+            slot,
+        } = how;
         let inner = &self.inner;
         if inner.stopping.load(Ordering::Acquire) {
             return Err(EngineError::ShuttingDown);
@@ -227,7 +283,7 @@ impl Engine {
             .await?;
         inner.remember_account(account);
         let run = RunRecord {
-            id: advance::new_run_id(),
+            id: run_id.unwrap_or_else(advance::new_run_id),
             account_id: account.id.clone(),
             project: project.to_string(),
             deployment_id: live.id,
@@ -544,6 +600,11 @@ impl Inner {
             retry: manifest.retry.into_iter().collect(),
             endpoints: manifest.endpoints,
             timers: manifest.timers,
+            queues: manifest
+                .queues
+                .into_iter()
+                .map(|q| (q.name.clone(), q))
+                .collect(),
             blocks: deployment
                 .blocks
                 .into_iter()
@@ -581,6 +642,17 @@ impl Inner {
         lock(&self.accounts)
             .entry(account.id.clone())
             .or_insert_with(|| account.clone());
+    }
+
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    pub(crate) async fn account_of(
+        &self,
+        account_id: &str,
+    ) -> Result<Option<Account>, EngineError> {
+        self.account(account_id).await
     }
 
     async fn account(&self, account_id: &str) -> Result<Option<Account>, EngineError> {
@@ -725,6 +797,7 @@ impl Inner {
             Invoked::Stopping => return Ok(None),
         };
         let plan = advance::plan(&self.config, deployment.clone(), &step, outcome).await;
+        let step_name = step.name.clone();
         let committed = advance::commit(
             &self.store,
             self.config,
@@ -763,6 +836,7 @@ impl Inner {
                 .insert(published.id.clone());
             self.launch(published, vec![first], &deployment);
         }
+        self.after_step(&run, &deployment, &step_name);
         Ok(None)
     }
 
@@ -882,6 +956,7 @@ impl Inner {
     pub fn run_ended(&self, run: &RunRecord, status: &str) {
         EngineMetrics::ended(&self.metrics.runs_ended, status);
         self.release_run_slot(run);
+        self.queues.run_ended(&run.id);
         // Ended without a response: its caller hears so (the sender dropped).
         lock(&self.responders).remove(&run.id);
         lock(&self.halted).remove(&run.id);

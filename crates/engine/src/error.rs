@@ -41,6 +41,27 @@ pub enum EngineError {
     /// The account has no run of that id.
     #[error("no run `{0}` in this account; list the project's runs with `refinery runs PROJECT`")]
     RunNotFound(String),
+    /// The project's live deployment declares no such queue.
+    #[error("project `{project}` has no queue `{queue}` in its live deployment; its queues are: {}", if queues.is_empty() { "none (declare one with [[queues]] in refinery.toml)".to_string() } else { queues.join(", ") })]
+    QueueNotFound {
+        project: String,
+        queue: String,
+        queues: Vec<String>,
+    },
+    /// A message over the size limit; nothing was enqueued.
+    #[error("message {index} is {size} bytes of JSON; a queue message may be at most {limit} bytes (send a reference to the data instead, or ask the operator to raise the limit: refinery serve --max-message-bytes BYTES)")]
+    MessageTooLarge {
+        index: usize,
+        size: usize,
+        limit: usize,
+    },
+    /// The account's queues hold as many messages as they may; nothing was enqueued.
+    #[error("the account's queues hold {stored} messages (visible, in flight and dead letters); adding {adding} would pass the limit of {limit}: wait for the consumers to catch up, purge dead letters (refinery queues dlq PROJECT QUEUE purge), or ask the operator to raise the limit (refinery serve --max-queued-messages N)")]
+    QueueFull {
+        stored: u64,
+        adding: u64,
+        limit: u64,
+    },
     /// The request itself is wrong (the message says how).
     #[error("{0}")]
     Invalid(String),

@@ -12,6 +12,9 @@
 //!   account's instance quota and a server-wide cap — back-pressure, never an error: one
 //!   account's 10,000-item fan-out cannot starve another account.
 //!
+//! - **Queues** (`queues.rs`): durable messages consumed in batches by a
+//!   queue's consumer block, at least once, with dead letters.
+//!
 //! Every step runs through [`refinery_invocation::InvocationService`], like any invoke:
 //! admitted, metered, billed and recorded as an execution.
 //!
@@ -34,6 +37,7 @@ mod advance;
 mod engine;
 mod error;
 mod metrics;
+mod queues;
 mod scheduler;
 mod timers;
 mod triggers;
@@ -41,6 +45,7 @@ mod view;
 
 pub use engine::{Engine, EngineConfig, RunStarted};
 pub use error::EngineError;
+pub use queues::{MessageView, QueueSettings, QueueView};
 pub use timers::{TimerFireView, TimerView, MAX_FIRES_LISTED};
 pub use triggers::EndpointRoute;
 pub use view::{RunSummaryView, RunView, StepView};

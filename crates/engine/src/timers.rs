@@ -259,8 +259,10 @@ impl Engine {
                     &timer.timer.name,
                     timer.timer.input.clone(),
                     json!({}),
-                    None,
-                    Some(slot),
+                    crate::engine::Begin {
+                        slot: Some(slot),
+                        ..crate::engine::Begin::default()
+                    },
                 )
                 .await
             }

@@ -122,6 +122,14 @@ struct ServeArgs {
     /// Services: the most runs one account may have running at once (more: 429).
     #[arg(long, default_value_t = EngineConfig::default().max_runs_per_account, value_name = "N")]
     max_runs_per_account: usize,
+    /// Queues: the largest message, in bytes of JSON (SQS's 256 KiB by default); a larger
+    /// one is refused (413), or fails the run that enqueues it.
+    #[arg(long, default_value_t = EngineConfig::default().max_message_bytes, value_name = "BYTES")]
+    max_message_bytes: usize,
+    /// Queues: the most messages one account's queues may hold (visible, in flight, dead
+    /// letters); more are refused (429), or fail the run that enqueues them.
+    #[arg(long, default_value_t = EngineConfig::default().max_queued_messages, value_name = "N")]
+    max_queued_messages: u64,
     /// Deploys handled at once per account.
     #[arg(long, default_value_t = DeployLimits::DEFAULT.at_once_per_account, value_name = "N")]
     deploys_at_once_per_account: usize,
@@ -283,6 +291,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
             max_fan_out_items: args.max_fan_out,
             max_steps_per_run: args.max_run_steps,
             max_runs_per_account: args.max_runs_per_account,
+            max_message_bytes: args.max_message_bytes,
+            max_queued_messages: args.max_queued_messages,
             ..EngineConfig::default()
         },
     };

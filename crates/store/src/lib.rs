@@ -17,8 +17,9 @@
 //!   [`usage`] (metering, written with each execution), [`pricing`] (price lists and
 //!   per-account terms), [`bills`] (monthly bills; rating is `refinery_billing`'s) and
 //!   [`audit`] (the security audit trail of refused syscalls, bounded per account) and
-//!   [`runs`] (service runs, their steps and the engine's join bookkeeping) and [`timers`]
-//!   (which slot of each timer fired, exactly once).
+//!   [`runs`] (service runs, their steps and the engine's join bookkeeping), [`timers`]
+//!   (which slot of each timer fired, exactly once) and [`queues`] (durable queues:
+//!   messages, claims, dead letters).
 //!
 //! # What it must never do
 //!
@@ -54,6 +55,7 @@ pub mod error;
 mod execution_writer;
 pub mod executions;
 pub mod pricing;
+pub mod queues;
 pub mod quotas;
 mod run_writer;
 pub mod runs;
@@ -78,6 +80,10 @@ pub use deployments::{Deployed, Deployment, DeploymentSummary, ProjectSummary, R
 pub use error::StoreError;
 pub use executions::MAX_EXECUTION_LIST;
 pub use pricing::AccountBilling;
+pub use queues::{
+    Claimed, Enqueued, QueueMessage, QueueRef, QueueStats, Settled, Settlement,
+    MAX_DEAD_LETTER_LIST,
+};
 pub use quotas::QuotaOverrides;
 pub use runs::{
     GroupRecord, JoinEntry, NewStep, RunRecord, RunTx, StepRecord, StepResult, MAX_RUN_LIST,

@@ -368,8 +368,13 @@ pub struct Retargeted {
 }
 
 impl RunTx<'_> {
-    fn what(&self) -> String {
+    pub(crate) fn what(&self) -> String {
         format!("updating run {}", self.run_id)
+    }
+
+    /// The transaction's connection (for statements of other store modules).
+    pub(crate) fn conn(&self) -> &rusqlite::Connection {
+        self.conn
     }
 
     /// Points the transaction at another run (one to create in it: a topic's subscriber

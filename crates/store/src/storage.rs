@@ -251,12 +251,17 @@ impl Store {
             .map_err(StoreError::db(what()))?;
         // Its timers too (their fires went with the runs): a new project of that name
         // starts them afresh.
-        sqlx::query("DELETE FROM timer_slots WHERE account_id = ? AND project = ?")
+        // And its queues' messages.
+        for table in ["timer_slots", "queue_messages"] {
+            sqlx::query(&format!(
+                "DELETE FROM {table} WHERE account_id = ? AND project = ?"
+            ))
             .bind(account_id)
             .bind(project)
             .execute(&mut *tx)
             .await
             .map_err(StoreError::db(what()))?;
+        }
         sqlx::query("DELETE FROM projects WHERE id = ? AND account_id = ?")
             .bind(project_row.id)
             .bind(account_id)

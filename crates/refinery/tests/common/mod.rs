@@ -736,3 +736,76 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
+
+// --- queues ---
+
+impl Server {
+    /// `POST /v1/projects/{project}/queues/{queue}/messages`.
+    pub async fn send_messages(
+        &self,
+        key: &str,
+        project: &str,
+        queue: &str,
+        messages: Vec<Value>,
+    ) -> (u16, Value) {
+        self.request(
+            "POST",
+            &format!("/v1/projects/{project}/queues/{queue}/messages"),
+            Some(key),
+            Some(json!({ "messages": messages })),
+        )
+        .await
+    }
+
+    /// `GET /v1/projects/{project}/queues/{queue}`, asserting 200.
+    pub async fn queue(&self, key: &str, project: &str, queue: &str) -> Value {
+        let (status, body) = self
+            .request(
+                "GET",
+                &format!("/v1/projects/{project}/queues/{queue}"),
+                Some(key),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "get queue: {body}");
+        body
+    }
+
+    /// Polls the queue until nothing is visible or in flight (up to `timeout`); returns it.
+    pub async fn await_queue_drained(
+        &self,
+        key: &str,
+        project: &str,
+        queue: &str,
+        timeout: Duration,
+    ) -> Value {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let q = self.queue(key, project, queue).await;
+            let drained = q["visible"] == 0 && q["in_flight"] == 0;
+            if drained || std::time::Instant::now() > deadline {
+                return q;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every run of `project` (newest first, at most 1000) with its steps.
+    pub async fn all_runs(&self, key: &str, project: &str) -> Vec<Value> {
+        let (status, body) = self
+            .request(
+                "GET",
+                &format!("/v1/projects/{project}/runs?limit=1000"),
+                Some(key),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "list runs: {body}");
+        let mut runs = Vec::new();
+        for summary in body["runs"].as_array().cloned().unwrap_or_default() {
+            let id = summary["run_id"].as_str().expect("run_id").to_string();
+            runs.push(self.get_run(key, &id).await);
+        }
+        runs
+    }
+}

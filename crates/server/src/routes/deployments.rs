@@ -55,7 +55,6 @@ pub async fn deploy(
             .ok_or_else(|| "the file was not uploaded with the manifest".to_string())
     };
     let manifest = Manifest::parse(&request.manifest, manifest_path, &resolve)?;
-    refuse_unavailable_triggers(&manifest)?;
     check_min_warm_fits(&state, account, &manifest)?;
     state.disk.admit(Refused::Deploy)?;
     if let Some(block) = manifest.blocks.iter().find(|b| b.network) {
@@ -477,16 +476,4 @@ fn deployment_json(deployment: &Deployment) -> Value {
         "created_at": rfc3339(deployment.created_at_ms),
         "blocks": blocks,
     })
-}
-
-/// Triggers this server does not deliver yet are refused at deploy, saying so, rather than
-/// accepted and never fired.
-fn refuse_unavailable_triggers(manifest: &Manifest) -> Result<(), ApiError> {
-    let unavailable = [("queues", manifest.queues.len())];
-    match unavailable.iter().find(|(_, n)| *n > 0) {
-        Some((table, _)) => Err(ApiError::Unprocessable(format!(
-            "`[[{table}]]` is not available in this version yet: remove it (endpoints, responses, timers and topics are)"
-        ))),
-        None => Ok(()),
-    }
 }

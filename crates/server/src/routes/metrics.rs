@@ -1,4 +1,4 @@
-//! `GET /metrics`: the pool's and the services engine's Prometheus metrics (OpenMetrics text), for the operator only.
+//! `GET /metrics`: the pool's, the services engine's and the queues' Prometheus metrics (OpenMetrics text), for the operator only.
 //!
 //! Why the operator key and not an open endpoint: the series are labelled with account
 //! ids, project and block names — what tenants run is tenant information — and the API
@@ -30,6 +30,13 @@ pub async fn metrics(
     caller.require_operator()?;
     Ok((
         [(header::CONTENT_TYPE, CONTENT_TYPE)],
-        with_engine(state.pool.render_metrics(), &state.engine.render_metrics()),
+        with_engine(
+            state.pool.render_metrics(),
+            &format!(
+                "{}{}",
+                state.engine.render_metrics(),
+                state.engine.render_queue_metrics().await
+            ),
+        ),
     ))
 }

@@ -10,6 +10,7 @@ mod health;
 mod instances;
 mod invoke;
 mod metrics;
+mod queues;
 mod runs;
 mod timers;
 mod topics;
@@ -73,6 +74,23 @@ pub fn router(state: SharedState) -> Router {
             )),
         )
         .route("/v1/projects/{project}/timers", get(timers::list))
+        .route(
+            "/v1/projects/{project}/queues/{queue}/messages",
+            post(queues::send).layer(DefaultBodyLimit::max(queues::MAX_SEND_REQUEST_BYTES)),
+        )
+        .route("/v1/projects/{project}/queues/{queue}", get(queues::show))
+        .route(
+            "/v1/projects/{project}/queues/{queue}/dead-letters",
+            get(queues::dead_letters),
+        )
+        .route(
+            "/v1/projects/{project}/queues/{queue}/dead-letters/redrive",
+            post(queues::redrive),
+        )
+        .route(
+            "/v1/projects/{project}/queues/{queue}/dead-letters/purge",
+            post(queues::purge),
+        )
         .route("/v1/runs/{run_id}", get(runs::show))
         .route("/v1/runs/{run_id}/cancel", post(runs::cancel))
         .route("/v1/projects/{project}/executions", get(executions::list))

@@ -165,6 +165,18 @@ impl From<EngineError> for ApiError {
             | EngineError::RunNotFound(_)
             | EngineError::NoEndpoint { .. }
             | EngineError::NoTopic { .. } => ApiError::NotFound(e.to_string()),
+            EngineError::QueueNotFound { .. } => ApiError::NotFound(e.to_string()),
+            EngineError::MessageTooLarge { limit, .. } => ApiError::UploadTooLarge {
+                message: e.to_string(),
+                limit: "max_message_bytes",
+                limit_value: limit,
+                unread: false,
+            },
+            EngineError::QueueFull { .. } => ApiError::Throttled {
+                message: e.to_string(),
+                retry_after: Duration::from_secs(1),
+                limit: "queued_messages",
+            },
             EngineError::EndpointMethod { ref allow, .. } => ApiError::MethodNotAllowed {
                 allowed: allow.clone(),
                 message: e.to_string(),
