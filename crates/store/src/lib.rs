@@ -54,6 +54,7 @@ pub mod executions;
 pub mod pricing;
 pub mod quotas;
 pub mod runs;
+pub mod secrets;
 pub mod storage;
 pub mod usage;
 
@@ -77,6 +78,7 @@ pub use quotas::QuotaOverrides;
 pub use runs::{
     GroupRecord, JoinEntry, NewStep, RunRecord, RunTx, StepRecord, StepResult, MAX_RUN_LIST,
 };
+pub use secrets::{SecretSummary, MAX_SECRETS_PER_PROJECT, MAX_SECRET_BYTES, SECRET_KEY_FILE};
 pub use usage::{BlockUsage, ExecutionUsage};
 
 /// File name of the database inside the data directory.
@@ -97,6 +99,8 @@ pub struct Store {
     /// Writes execution records (with their usage) in group-committed batches.
     writer: ExecutionWriter,
     path: PathBuf,
+    /// Seals and opens secrets (`<data_dir>/secrets.key`).
+    secret_key: secrets::SecretKey,
 }
 
 impl Store {
@@ -109,6 +113,7 @@ impl Store {
             path: data_dir.to_path_buf(),
             source,
         })?;
+        let secret_key = secrets::SecretKey::load_or_create(data_dir)?;
         let path = data_dir.join(DB_FILE_NAME);
         let options = SqliteConnectOptions::new()
             .filename(&path)
@@ -134,7 +139,12 @@ impl Store {
             })?;
         let writer = ExecutionWriter::start(&path)?;
         tracing::debug!(path = %path.display(), "store opened");
-        Ok(Store { pool, writer, path })
+        Ok(Store {
+            pool,
+            writer,
+            path,
+            secret_key,
+        })
     }
 
     /// Path of the database file.

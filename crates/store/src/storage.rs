@@ -25,7 +25,7 @@ pub struct Footprint {
 impl Footprint {
     /// The footprint of a deployment of `manifest` with `blocks`.
     pub fn of(manifest: &str, blocks: &[BlockSpec]) -> Footprint {
-        let code_bytes: u64 = blocks.iter().map(|b| b.code.len() as u64).sum();
+        let code_bytes: u64 = blocks.iter().map(|b| b.code_bytes() as u64).sum();
         Footprint {
             code_bytes,
             stored_bytes: manifest.len() as u64 + 2 * code_bytes,
@@ -244,6 +244,13 @@ impl Store {
         remove(&mut tx, &ids, now_ms(), Removal::Deleted).await?;
         // Its runs go with it (their steps, by cascade); the engine drops any still running.
         sqlx::query("DELETE FROM runs WHERE account_id = ? AND project = ?")
+            .bind(account_id)
+            .bind(project)
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::db(what()))?;
+        // Its secrets too: nothing of a deleted project's is kept that could be read back.
+        sqlx::query("DELETE FROM secrets WHERE account_id = ? AND project = ?")
             .bind(account_id)
             .bind(project)
             .execute(&mut *tx)

@@ -11,6 +11,7 @@ mod instances;
 mod invoke;
 mod metrics;
 mod runs;
+mod secrets;
 mod topics;
 
 use axum::extract::DefaultBodyLimit;
@@ -49,6 +50,13 @@ pub fn router(state: SharedState) -> Router {
             axum::routing::delete(deployments::delete_project),
         )
         .route("/v1/projects/{project}/deployments", get(deployments::list))
+        .route("/v1/projects/{project}/secrets", get(secrets::list))
+        .route(
+            "/v1/projects/{project}/secrets/{name}",
+            axum::routing::put(secrets::set)
+                .layer(DefaultBodyLimit::max(secrets::MAX_SECRET_REQUEST_BYTES))
+                .delete(secrets::delete),
+        )
         .route(
             "/v1/projects/{project}/rollback",
             post(deployments::rollback),
