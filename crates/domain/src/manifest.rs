@@ -1417,6 +1417,57 @@ code = "cat"
     }
 
     #[test]
+    fn secret_variables_directories_and_handlers() {
+        let block = "name = \"p\"\n[[blocks]]\nname = \"b\"\nlanguage = \"python\"\n";
+        let m = parse(&format!(
+            "{block}code = \"x\"\nenv = {{ TOKEN = {{ secret = \"api-token\" }}, A = \"1\" }}\n"
+        ))
+        .expect("secret env");
+        assert_eq!(m.blocks[0].secret_env["TOKEN"], "api-token");
+        assert_eq!(m.blocks[0].env.get("TOKEN"), None);
+        assert_eq!(m.blocks[0].env["A"], "1");
+        for bad in [
+            "{ secret = 1 }",
+            "{ secret = \"a\", other = \"b\" }",
+            "{ secret = \"Bad Name\" }",
+            "3",
+        ] {
+            let err =
+                parse(&format!("{block}code = \"x\"\nenv = {{ T = {bad} }}\n")).expect_err(bad);
+            assert_eq!(
+                err.field.as_deref(),
+                Some("blocks[0].env.T"),
+                "{bad}: {err}"
+            );
+        }
+
+        let files: BTreeMap<String, String> = [
+            ("src/app.py", "def handle(i, b): pass\n"),
+            ("src/helper.py", "X = 1\n"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let text = format!("{block}source = \"src/\"\nhandler = \"app.handle\"\n");
+        let m = Manifest::parse(&text, "refinery.toml", &Uploaded(&files)).expect("dir");
+        let b = &m.blocks[0];
+        assert_eq!(
+            (b.source_name.as_str(), b.function.as_str()),
+            ("app.py", "handle")
+        );
+        assert_eq!(b.files.keys().collect::<Vec<_>>(), vec!["helper.py"]);
+        let text = format!("{block}source = \"src/\"\n");
+        let err = Manifest::parse(&text, "refinery.toml", &Uploaded(&files)).expect_err("main");
+        assert!(err.message.contains("`main.py`"), "{err}");
+
+        let err = parse(&format!("{block}code = \"x\"\nhandler = \"other.go\"\n"))
+            .expect_err("single file handler");
+        assert_eq!(err.field.as_deref(), Some("blocks[0].handler"), "{err}");
+        let m = parse(&format!("{block}code = \"x\"\nhandler = \"b.go\"\n")).expect("own file");
+        assert_eq!(m.blocks[0].function, "go");
+    }
+
+    #[test]
     fn toml_syntax_error_is_located() {
         let err = parse("name = \"p\"\n[[blocks]\n").expect_err("syntax");
         assert_eq!(err.line, Some(2));
