@@ -464,7 +464,7 @@ mod tests {
     fn entries_match_the_contract() {
         let no_env = std::collections::BTreeMap::new();
         assert_eq!(
-            entry(Language::Python, "main.py", &no_env),
+            entry(Language::Python, "main.py", "main", &no_env),
             RuntimeEntry::Standby {
                 runtime: "python".into(),
                 args: vec!["/code/main.py".into()],
@@ -492,7 +492,7 @@ mod tests {
             runtime,
             args,
             fallback,
-        } = entry(Language::Node, "h.js", &no_env)
+        } = entry(Language::Node, "h.js", "main", &no_env)
         else {
             panic!("node adopts a standby sandbox");
         };
@@ -530,7 +530,7 @@ mod tests {
             }
         );
         assert_eq!(
-            entry(Language::Shell, "x.sh", &no_env),
+            entry(Language::Shell, "x.sh", "main", &no_env),
             RuntimeEntry::Standby {
                 runtime: "shell".into(),
                 args: vec!["/code/x.sh".into()],
@@ -555,7 +555,7 @@ mod tests {
             let env = std::collections::BTreeMap::from([(name.to_string(), "x".to_string())]);
             assert!(
                 matches!(
-                    entry(Language::Node, "h.js", &env),
+                    entry(Language::Node, "h.js", "main", &env),
                     RuntimeEntry::Exec { .. }
                 ),
                 "{name}"
@@ -566,7 +566,7 @@ mod tests {
             ("GREETING".to_string(), "hi".to_string()),
         ]);
         assert!(matches!(
-            entry(Language::Node, "h.js", &env),
+            entry(Language::Node, "h.js", "main", &env),
             RuntimeEntry::Standby { .. }
         ));
     }
