@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use refinery_domain::source::Source;
 use refinery_domain::Manifest;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -66,6 +67,10 @@ pub enum ClientCommand {
     },
     /// List a project's deployments.
     Deployments { project: String },
+    /// A project's secrets: `set PROJECT NAME` (the value on stdin), `list PROJECT` (names
+    /// only), `delete PROJECT NAME`. Blocks read them with `env = { VAR = { secret = "NAME" } }`.
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
     /// Make an earlier deployment of a project live again.
     Rollback { project: String, deployment: i64 },
     /// List the account's projects (`projects delete PROJECT` deletes one).
@@ -130,6 +135,18 @@ pub enum ClientCommand {
     /// Monthly bills: list, show, close (operator), --csv export.
     #[command(subcommand)]
     Bills(BillsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretsCommand {
+    /// Set a secret (created, or replaced: instances reading the old value are retired).
+    /// The value is read from stdin (one trailing newline is dropped), never from an argument.
+    Set { project: String, name: String },
+    /// List a project's secrets: names and times, never values.
+    List { project: String },
+    /// Delete a secret (instances reading it are retired; they fail to start until it is set
+    /// again or a deployment without it is live).
+    Delete { project: String, name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -411,6 +428,7 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
                 text
             })?;
         }
+        ClientCommand::Secrets(command) => secrets_command(&client, json, command).await?,
         ClientCommand::Deployments { project } => {
             let reply = client
                 .get(&format!("/v1/projects/{project}/deployments"))
@@ -669,8 +687,8 @@ pub(crate) fn read_input(input: &str) -> Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("{source} is not valid JSON"))
 }
 
-/// Reads the manifest and the source files it names, checking it locally first so
-/// errors name the real path on disk.
+/// Reads the manifest and the sources it names (files, and directories walked whole),
+/// checking it locally first so errors name the real path on disk.
 fn deploy_request(path: &Path) -> Result<Value> {
     let manifest_path = if path.is_dir() {
         path.join("refinery.toml")
@@ -681,19 +699,279 @@ fn deploy_request(path: &Path) -> Result<Value> {
         .with_context(|| format!("reading the manifest {}", manifest_path.display()))?;
     let base = manifest_path
         .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let read = |source: &str| fs::read_to_string(base.join(source)).map_err(|e| e.to_string());
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let project = ProjectFiles::new(&base)?;
     let shown = manifest_path.display().to_string();
-    if let Err(error) = Manifest::parse(&text, &shown, &read) {
+    if let Err(error) = Manifest::parse(&text, &shown, &project) {
         bail!("invalid manifest: {error}");
     }
     let mut files = serde_json::Map::new();
     for source in Manifest::referenced_sources(&text) {
-        let contents = read(&source).map_err(anyhow::Error::msg)?;
-        files.insert(source, Value::String(contents));
+        match project.read(&source).map_err(anyhow::Error::msg)? {
+            Source::File(contents) => {
+                files.insert(source, Value::String(contents));
+            }
+            Source::Directory(dir) => {
+                let key = refinery_domain::source::directory_key(&source);
+                for (path, contents) in dir {
+                    files.insert(format!("{key}/{path}"), Value::String(contents));
+                }
+            }
+            Source::Deployed => {}
+        }
     }
     Ok(json!({ "manifest": text, "manifest_path": shown, "files": files }))
+}
+
+/// The project directory (the manifest's) on disk, as the manifest's sources see it.
+///
+/// Symlinks: one whose target (resolved fully) is inside the project is followed and its
+/// target's contents uploaded under the link's name; one pointing outside the project is
+/// refused, naming the link and its target (a deploy never uploads a file from elsewhere on
+/// the machine); a symlinked directory inside a directory source is refused (it could loop).
+/// In a directory source, hidden entries (`.git`, `.env`, ...), `__pycache__` and
+/// `node_modules` are skipped.
+struct ProjectFiles {
+    /// The project directory, resolved.
+    root: PathBuf,
+    base: PathBuf,
+}
+
+/// Entries a directory source never uploads.
+const SKIPPED_NAMES: [&str; 2] = ["__pycache__", "node_modules"];
+
+impl ProjectFiles {
+    fn new(base: &Path) -> Result<ProjectFiles> {
+        let root = base
+            .canonicalize()
+            .with_context(|| format!("resolving the project directory {}", base.display()))?;
+        Ok(ProjectFiles {
+            root,
+            base: base.to_path_buf(),
+        })
+    }
+
+    /// `path` resolved, if it stays inside the project; else why not.
+    fn inside(&self, path: &Path, shown: &str) -> Result<PathBuf, String> {
+        let resolved = path.canonicalize().map_err(|e| e.to_string())?;
+        if !resolved.starts_with(&self.root) {
+            return Err(format!(
+                "`{shown}` resolves (through a symlink) to {}, outside the project directory {}: a deploy uploads only files inside the project; copy the file into the project instead of linking to it",
+                resolved.display(),
+                self.root.display()
+            ));
+        }
+        Ok(resolved)
+    }
+
+    fn read(&self, source: &str) -> Result<Source, String> {
+        let path = self.base.join(source);
+        let resolved = self.inside(&path, source)?;
+        if resolved.is_dir() {
+            let mut files = std::collections::BTreeMap::new();
+            let mut total = 0usize;
+            self.walk(
+                &path,
+                refinery_domain::source::directory_key(source),
+                "",
+                &mut files,
+                &mut total,
+            )?;
+            if files.is_empty() {
+                return Err(format!("the directory `{source}` holds no files"));
+            }
+            return Ok(Source::Directory(files));
+        }
+        if source.ends_with('/') {
+            return Err(format!(
+                "`{source}` ends with '/' but is a file: write it without the '/'"
+            ));
+        }
+        read_text(&resolved, source).map(Source::File)
+    }
+
+    /// Adds the files under `dir` (shown as `shown/`, at relative paths `prefix...`).
+    fn walk(
+        &self,
+        dir: &Path,
+        shown: &str,
+        prefix: &str,
+        files: &mut std::collections::BTreeMap<String, String>,
+        total: &mut usize,
+    ) -> Result<(), String> {
+        let mut entries: Vec<_> = fs::read_dir(dir)
+            .map_err(|e| format!("reading `{shown}/{prefix}`: {e}"))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("reading `{shown}/{prefix}`: {e}"))?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                return Err(format!(
+                    "`{shown}/{prefix}{}`: the file name is not UTF-8; rename it",
+                    name.to_string_lossy()
+                ));
+            };
+            if name.starts_with('.') || SKIPPED_NAMES.contains(&name) {
+                continue;
+            }
+            let relative = format!("{prefix}{name}");
+            let shown_path = format!("{shown}/{relative}");
+            refinery_domain::source::check_relative_path(&relative)
+                .map_err(|m| format!("in `{shown}/`: {m}"))?;
+            let path = entry.path();
+            let kind = entry
+                .file_type()
+                .map_err(|e| format!("reading `{shown_path}`: {e}"))?;
+            if kind.is_symlink() {
+                let target = self.inside(&path, &shown_path)?;
+                if target.is_dir() {
+                    return Err(format!(
+                        "`{shown_path}` is a symlink to a directory ({}): symlinked directories are not followed; make it a real directory",
+                        target.display()
+                    ));
+                }
+                self.add(
+                    files,
+                    total,
+                    relative,
+                    read_text(&target, &shown_path)?,
+                    shown,
+                )?;
+            } else if kind.is_dir() {
+                self.walk(&path, shown, &format!("{relative}/"), files, total)?;
+            } else if kind.is_file() {
+                self.add(
+                    files,
+                    total,
+                    relative,
+                    read_text(&path, &shown_path)?,
+                    shown,
+                )?;
+            } else {
+                return Err(format!(
+                    "`{shown_path}` is not a regular file (a socket, a device or a pipe): remove it from the directory"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds one file, refusing as soon as the directory is over a limit (so a huge
+    /// directory is not read whole first).
+    fn add(
+        &self,
+        files: &mut std::collections::BTreeMap<String, String>,
+        total: &mut usize,
+        relative: String,
+        contents: String,
+        shown: &str,
+    ) -> Result<(), String> {
+        use refinery_domain::limits;
+        *total += contents.len();
+        files.insert(relative, contents);
+        if files.len() > limits::MAX_DEPLOY_FILES {
+            return Err(format!(
+                "the directory `{shown}/` holds more than {} files, the limit per block (and per deploy): remove files the block does not need (hidden files, `__pycache__` and `node_modules` are skipped)",
+                limits::MAX_DEPLOY_FILES
+            ));
+        }
+        if *total > limits::MAX_DEPLOY_FILES_BYTES {
+            return Err(format!(
+                "the files of the directory `{shown}/` total more than {} bytes (16 MiB), the limit per block (and per deploy): remove files the block does not need",
+                limits::MAX_DEPLOY_FILES_BYTES
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl refinery_domain::source::SourceResolver for ProjectFiles {
+    fn resolve(&self, path: &str) -> Result<Source, String> {
+        self.read(path)
+    }
+}
+
+/// A file's text; a file that is not UTF-8 is refused (the API carries code as text).
+fn read_text(path: &Path, shown: &str) -> Result<String, String> {
+    let meta = fs::metadata(path).map_err(|e| e.to_string())?;
+    if meta.len() > refinery_domain::limits::MAX_SOURCE_BYTES as u64 {
+        return Err(format!(
+            "`{shown}` is {} bytes; the limit is {} bytes (5 MiB) per file",
+            meta.len(),
+            refinery_domain::limits::MAX_SOURCE_BYTES
+        ));
+    }
+    let bytes = fs::read(path).map_err(|e| e.to_string())?;
+    String::from_utf8(bytes).map_err(|_| {
+        format!("`{shown}` is not UTF-8 text: a block's files are source text; remove binary files from its directory")
+    })
+}
+
+/// `refinery secrets ...`.
+async fn secrets_command(client: &Client, json: bool, command: SecretsCommand) -> Result<()> {
+    match command {
+        SecretsCommand::Set { project, name } => {
+            let mut value = String::new();
+            std::io::stdin()
+                .read_to_string(&mut value)
+                .context("reading the secret's value from stdin (pipe it in: `printf %s \"$VALUE\" | refinery secrets set PROJECT NAME`)")?;
+            if value.ends_with('\n') {
+                value.pop();
+                if value.ends_with('\r') {
+                    value.pop();
+                }
+            }
+            let reply = client
+                .send(
+                    Method::PUT,
+                    &format!(
+                        "/v1/projects/{}/secrets/{}",
+                        path_segment(&project),
+                        path_segment(&name)
+                    ),
+                    Some(&json!({ "value": value })),
+                    &[],
+                )
+                .await?;
+            print(json, &reply, || {
+                if reply["created"].as_bool() == Some(true) {
+                    format!("Secret {name} of {project} set.")
+                } else {
+                    format!("Secret {name} of {project} replaced; instances reading the old value were retired.")
+                }
+            })?;
+        }
+        SecretsCommand::List { project } => {
+            let reply = client
+                .get(&format!("/v1/projects/{}/secrets", path_segment(&project)))
+                .await?;
+            print(json, &reply, || {
+                table(&reply["secrets"], ["SECRET", "UPDATED"], |s| {
+                    [text(&s["name"]), text(&s["updated_at"])]
+                })
+            })?;
+        }
+        SecretsCommand::Delete { project, name } => {
+            let reply = client
+                .send(
+                    Method::DELETE,
+                    &format!(
+                        "/v1/projects/{}/secrets/{}",
+                        path_segment(&project),
+                        path_segment(&name)
+                    ),
+                    None,
+                    &[],
+                )
+                .await?;
+            print(json, &reply, || {
+                format!("Secret {name} of {project} deleted.")
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// `POST /v1/accounts/{account}/{action}` with no body (`disable`, `enable`,

@@ -44,6 +44,13 @@ impl FromStr for Language {
     }
 }
 
+/// The handler function when the manifest names none.
+pub const DEFAULT_FUNCTION: &str = "main";
+
+fn default_function() -> String {
+    DEFAULT_FUNCTION.to_string()
+}
+
 /// One block of one deployment, fully resolved (source read, defaults applied).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockSpec {
@@ -52,8 +59,16 @@ pub struct BlockSpec {
     /// File name the source is stored under inside the instance (`/code/<source_name>`);
     /// kept from the manifest so tracebacks name the author's file.
     pub source_name: String,
-    /// The block's source code.
+    /// The block's source code (for a directory source: its handler's file).
     pub code: String,
+    /// A directory source's other files: path relative to the block's directory (`/`
+    /// separated, e.g. `lib/helper.py`) → contents. Empty for a single-file block.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
+    /// The handler function in `source_name`: the `function` of `handler =
+    /// "module.function"` (default `main`).
+    #[serde(default = "default_function")]
+    pub function: String,
     pub memory_mb: u32,
     pub timeout_s: u32,
     pub max_concurrency: u32,
@@ -66,8 +81,30 @@ pub struct BlockSpec {
     /// Size of the instance's private `/tmp`.
     pub tmp_mb: u32,
     pub env: BTreeMap<String, String>,
+    /// Variables whose value is one of the project's secrets (`env = { TOKEN = { secret =
+    /// "api-token" } }`): variable → secret name. Only the names are stored with the
+    /// deployment; the pool reads the values when it starts an instance.
+    #[serde(default)]
+    pub secret_env: BTreeMap<String, String>,
     /// Outbound network (`network = true`): through a user-mode stack, never to the host's
     /// loopback, link-local or private ranges. False (the default): no network at all.
     #[serde(default)]
     pub network: bool,
+}
+
+impl BlockSpec {
+    /// Every file of the block's code dir as the author wrote it: the handler's file and,
+    /// for a directory source, the others (paths relative to the block's directory).
+    pub fn source_files(&self) -> impl Iterator<Item = (&str, &str)> {
+        std::iter::once((self.source_name.as_str(), self.code.as_str())).chain(
+            self.files
+                .iter()
+                .map(|(path, contents)| (path.as_str(), contents.as_str())),
+        )
+    }
+
+    /// Bytes of code: the handler's file and every other file of a directory source.
+    pub fn code_bytes(&self) -> usize {
+        self.source_files().map(|(_, c)| c.len()).sum()
+    }
 }

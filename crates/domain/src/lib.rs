@@ -16,6 +16,7 @@ pub mod limits;
 pub mod manifest;
 pub mod names;
 pub mod service;
+pub mod source;
 pub mod trigger;
 
 pub use block::{BlockSpec, Language};

@@ -150,17 +150,7 @@ impl fmt::Display for ManifestError {
     }
 }
 
-/// Where a block's `source = "..."` file comes from: the disk beside the manifest (CLI) or
-/// the files uploaded with it (server). Returns the file's text or a reason.
-pub trait SourceResolver {
-    fn read_source(&self, path: &str) -> Result<String, String>;
-}
-
-impl<F: Fn(&str) -> Result<String, String>> SourceResolver for F {
-    fn read_source(&self, path: &str) -> Result<String, String> {
-        self(path)
-    }
-}
+pub use crate::source::{Deployed, Source, SourceResolver, Uploaded};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -209,6 +199,7 @@ struct RawBlock {
     language: Spanned<String>,
     source: Option<Spanned<String>>,
     code: Option<Spanned<String>>,
+    handler: Option<Spanned<String>>,
     memory_mb: Option<Spanned<i64>>,
     timeout_s: Option<Spanned<i64>>,
     max_concurrency: Option<Spanned<i64>>,
@@ -216,7 +207,7 @@ struct RawBlock {
     min_warm: Option<Spanned<i64>>,
     tmp_mb: Option<Spanned<i64>>,
     #[serde(default)]
-    env: Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
+    env: Option<Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>>,
     network: Option<Spanned<bool>>,
     retry: Option<Spanned<RawRetry>>,
 }
@@ -484,44 +475,8 @@ impl Context<'_> {
             self.error(Some(block.language.span()), field("language"), message)
         })?;
 
-        let (source_name, code) = match (&block.source, &block.code) {
-            (Some(_), Some(code)) => {
-                return Err(self.error(
-                    Some(code.span()),
-                    field("code"),
-                    "both `source` and `code` are set: give the code inline or as a file, not both".into(),
-                ))
-            }
-            (None, None) => {
-                return Err(self.error(
-                    Some(raw.span()),
-                    field("source"),
-                    "missing: set `source = \"file\"` (a file beside the manifest) or `code = \"\"\"...\"\"\"` (inline)".into(),
-                ))
-            }
-            (Some(source), None) => {
-                let path = source.get_ref();
-                let source_name = source_file_name(path).map_err(|message| {
-                    self.error(Some(source.span()), field("source"), message)
-                })?;
-                let code = sources.read_source(path).map_err(|reason| {
-                    self.error(
-                        Some(source.span()),
-                        field("source"),
-                        format!("cannot read `{path}`: {reason}"),
-                    )
-                })?;
-                (source_name, code)
-            }
-            (None, Some(code)) => {
-                let extension = match language {
-                    Language::Python => "py",
-                    Language::Node => "js",
-                    Language::Shell => "sh",
-                };
-                (format!("{name}.{extension}"), code.get_ref().clone())
-            }
-        };
+        let (source_name, code, files, function) =
+            self.code(index, raw, language, &name, sources)?;
         if code.len() > limits::MAX_SOURCE_BYTES {
             return Err(self.error(
                 Some(block.source.as_ref().map_or(raw.span(), |s| s.span())),
@@ -605,8 +560,8 @@ impl Context<'_> {
             ));
         }
 
-        let env = match &block.env {
-            None => BTreeMap::new(),
+        let (env, secret_env) = match &block.env {
+            None => (BTreeMap::new(), BTreeMap::new()),
             Some(env) => self.env(index, env)?,
         };
 
@@ -615,6 +570,9 @@ impl Context<'_> {
             language,
             source_name,
             code,
+            files,
+            function,
+            secret_env,
             memory_mb,
             timeout_s,
             max_concurrency,
@@ -627,24 +585,213 @@ impl Context<'_> {
     }
 }
 
+/// A block's code: the handler's file name and text, a directory source's other files,
+/// and the handler function.
+type BlockCode = (String, String, BTreeMap<String, String>, String);
+
+impl Context<'_> {
+    /// Resolves a block's `source` (a file or a directory) or inline `code`, and its
+    /// `handler`.
+    fn code(
+        &self,
+        index: usize,
+        raw: &Spanned<RawBlock>,
+        language: Language,
+        name: &str,
+        sources: &dyn SourceResolver,
+    ) -> Result<BlockCode, ManifestError> {
+        let field = |key: &str| Some(format!("blocks[{index}].{key}"));
+        let block = raw.get_ref();
+        let handler = match &block.handler {
+            None => None,
+            Some(h) => Some((
+                h,
+                crate::source::parse_handler(language, h.get_ref())
+                    .map_err(|m| self.error(Some(h.span()), field("handler"), m))?,
+            )),
+        };
+        // A single file's handler must name that file.
+        let single = |source_name: String, code: String| -> Result<BlockCode, ManifestError> {
+            let function = match &handler {
+                None => crate::block::DEFAULT_FUNCTION.to_string(),
+                Some((span, h)) if h.files.contains(&source_name) => h.function.clone(),
+                Some((span, h)) => {
+                    return Err(self.error(
+                        Some(span.span()),
+                        field("handler"),
+                        format!(
+                            "`{}` names the file `{}`, but this block's code is the one file `{source_name}`: write `handler = \"{}.{}\"`, or make `source` a directory holding `{}`",
+                            span.get_ref(),
+                            h.files[0],
+                            source_name.rsplit_once('.').map_or(source_name.as_str(), |(stem, _)| stem),
+                            h.function,
+                            h.files[0]
+                        ),
+                    ))
+                }
+            };
+            Ok((source_name, code, BTreeMap::new(), function))
+        };
+        match (&block.source, &block.code) {
+            (Some(_), Some(code)) => Err(self.error(
+                Some(code.span()),
+                field("code"),
+                "both `source` and `code` are set: give the code inline or as a file, not both"
+                    .into(),
+            )),
+            (None, None) => Err(self.error(
+                Some(raw.span()),
+                field("source"),
+                "missing: set `source = \"file\"` (a file beside the manifest), `source = \"dir/\"` (a directory, with `handler`) or `code = \"\"\"...\"\"\"` (inline)".into(),
+            )),
+            (None, Some(code)) => {
+                let extension = match language {
+                    Language::Python => "py",
+                    Language::Node => "js",
+                    Language::Shell => "sh",
+                };
+                single(format!("{name}.{extension}"), code.get_ref().clone())
+            }
+            (Some(source), None) => {
+                let path = source.get_ref();
+                if path.trim_end_matches('/').is_empty()
+                    || path.starts_with('/')
+                    || path.split('/').any(|part| part == "..")
+                {
+                    return Err(self.error(
+                        Some(source.span()),
+                        field("source"),
+                        format!("`{path}` must be a relative path to a file or directory inside the project directory (no `..`, no absolute path)"),
+                    ));
+                }
+                let resolved = sources.resolve(path).map_err(|reason| {
+                    self.error(
+                        Some(source.span()),
+                        field("source"),
+                        format!("cannot read `{path}`: {reason}"),
+                    )
+                })?;
+                match resolved {
+                    Source::Deployed => Ok((
+                        String::new(),
+                        String::new(),
+                        BTreeMap::new(),
+                        handler.map_or_else(
+                            || crate::block::DEFAULT_FUNCTION.to_string(),
+                            |(_, h)| h.function,
+                        ),
+                    )),
+                    Source::File(code) => {
+                        let source_name = source_file_name(path).map_err(|message| {
+                            self.error(Some(source.span()), field("source"), message)
+                        })?;
+                        single(source_name, code)
+                    }
+                    Source::Directory(mut files) => {
+                        let located = |message: String| {
+                            self.error(Some(source.span()), field("source"), message)
+                        };
+                        if language == Language::Shell {
+                            return Err(located(format!("`{path}` is a directory: a shell block's source is one file (`source = \"script.sh\"`)")));
+                        }
+                        crate::source::check_directory(&files)
+                            .map_err(|m| located(format!("`{path}`: {m}")))?;
+                        let (written, handler) = match handler {
+                            Some((h, parsed)) => (Some(h), parsed),
+                            None => (
+                                None,
+                                crate::source::parse_handler(
+                                    language,
+                                    crate::source::default_handler(language),
+                                )
+                                .map_err(located)?,
+                            ),
+                        };
+                        let Some(entry) = handler.files.iter().find(|f| files.contains_key(*f))
+                        else {
+                            let shown: Vec<&str> = files.keys().map(String::as_str).take(10).collect();
+                            let message = format!(
+                                "the directory `{path}` has no {} for the handler `{}.{}`{}; it holds {}{}: add the file or set `handler = \"{}\"` to name one it holds",
+                                handler.files.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(" or "),
+                                handler.module,
+                                handler.function,
+                                if written.is_none() { " (the default)" } else { "" },
+                                shown.join(", "),
+                                if files.len() > shown.len() { ", ..." } else { "" },
+                                if language == Language::Python { "module.function" } else { "file.function" },
+                            );
+                            return Err(match written {
+                                Some(h) => self.error(Some(h.span()), field("handler"), message),
+                                None => located(message),
+                            });
+                        };
+                        let entry = entry.clone();
+                        let code = files.remove(&entry).unwrap_or_default();
+                        Ok((entry, code, files, handler.function))
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Context<'_> {
     /// A block's `env` table: valid names, no reserved ones, no NUL byte, and at most
     /// [`limits::MAX_ENV_BYTES`] of names and values together — anything else would deploy
-    /// and then fail every start of the block's instances.
+    /// and then fail every start of the block's instances. A value is a string or `{ secret
+    /// = "name" }` (one of the project's secrets, returned apart: variable → secret name;
+    /// its value is counted when the instance starts, not here).
+    #[allow(clippy::type_complexity)]
     fn env(
         &self,
         index: usize,
-        env: &Spanned<BTreeMap<Spanned<String>, Spanned<String>>>,
-    ) -> Result<BTreeMap<String, String>, ManifestError> {
+        env: &Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>,
+    ) -> Result<(BTreeMap<String, String>, BTreeMap<String, String>), ManifestError> {
         let field = |key: &str| Some(format!("blocks[{index}].env.{key}"));
         let mut total = 0usize;
         let mut largest: Option<(&Spanned<String>, usize)> = None;
+        let mut plain = BTreeMap::new();
+        let mut secrets = BTreeMap::new();
         for (key, value) in env.get_ref() {
             let name = key.get_ref();
             if let Err(message) = check_env_name(name) {
                 return Err(self.error(Some(key.span()), field(&printable(name)), message));
             }
-            if let Some(at) = value.get_ref().find('\0') {
+            let text = match value.get_ref() {
+                toml::Value::String(text) => text,
+                toml::Value::Table(table) => {
+                    let secret = match (table.get("secret"), table.len()) {
+                        (Some(toml::Value::String(secret)), 1) => secret,
+                        _ => {
+                            return Err(self.error(
+                                Some(value.span()),
+                                field(name),
+                                "expected a string or `{ secret = \"name\" }` (one of the project's secrets; set it with `refinery secrets set PROJECT NAME`)".into(),
+                            ))
+                        }
+                    };
+                    if !is_valid_name(secret) {
+                        return Err(self.error(
+                            Some(value.span()),
+                            field(name),
+                            format!("invalid secret name `{}`: expected {NAME_RULE}", printable(secret)),
+                        ));
+                    }
+                    secrets.insert(name.clone(), secret.clone());
+                    continue;
+                }
+                other => {
+                    return Err(self.error(
+                        Some(value.span()),
+                        field(name),
+                        format!(
+                            "expected a string or `{{ secret = \"name\" }}`, got a {}: quote it (`{name} = \"{other}\"`)",
+                            other.type_str()
+                        ),
+                    ))
+                }
+            };
+            if let Some(at) = text.find('\0') {
                 return Err(self.error(
                     Some(value.span()),
                     field(name),
@@ -653,11 +800,12 @@ impl Context<'_> {
                     ),
                 ));
             }
-            let size = name.len() + value.get_ref().len();
+            let size = name.len() + text.len();
             total += size;
             if largest.is_none_or(|(_, most)| size > most) {
                 largest = Some((key, size));
             }
+            plain.insert(name.clone(), text.clone());
         }
         if let Some((key, size)) = largest.filter(|_| total > limits::MAX_ENV_BYTES) {
             return Err(self.error(
@@ -670,11 +818,7 @@ impl Context<'_> {
                 ),
             ));
         }
-        Ok(env
-            .get_ref()
-            .iter()
-            .map(|(k, v)| (k.get_ref().clone(), v.get_ref().clone()))
-            .collect())
+        Ok((plain, secrets))
     }
 }
 
@@ -1270,6 +1414,57 @@ code = "cat"
         let err = parse(text).expect_err("typo");
         assert_eq!(err.line, Some(6));
         assert!(err.message.contains("memroy_mb"), "{err}");
+    }
+
+    #[test]
+    fn secret_variables_directories_and_handlers() {
+        let block = "name = \"p\"\n[[blocks]]\nname = \"b\"\nlanguage = \"python\"\n";
+        let m = parse(&format!(
+            "{block}code = \"x\"\nenv = {{ TOKEN = {{ secret = \"api-token\" }}, A = \"1\" }}\n"
+        ))
+        .expect("secret env");
+        assert_eq!(m.blocks[0].secret_env["TOKEN"], "api-token");
+        assert_eq!(m.blocks[0].env.get("TOKEN"), None);
+        assert_eq!(m.blocks[0].env["A"], "1");
+        for bad in [
+            "{ secret = 1 }",
+            "{ secret = \"a\", other = \"b\" }",
+            "{ secret = \"Bad Name\" }",
+            "3",
+        ] {
+            let err =
+                parse(&format!("{block}code = \"x\"\nenv = {{ T = {bad} }}\n")).expect_err(bad);
+            assert_eq!(
+                err.field.as_deref(),
+                Some("blocks[0].env.T"),
+                "{bad}: {err}"
+            );
+        }
+
+        let files: BTreeMap<String, String> = [
+            ("src/app.py", "def handle(i, b): pass\n"),
+            ("src/helper.py", "X = 1\n"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let text = format!("{block}source = \"src/\"\nhandler = \"app.handle\"\n");
+        let m = Manifest::parse(&text, "refinery.toml", &Uploaded(&files)).expect("dir");
+        let b = &m.blocks[0];
+        assert_eq!(
+            (b.source_name.as_str(), b.function.as_str()),
+            ("app.py", "handle")
+        );
+        assert_eq!(b.files.keys().collect::<Vec<_>>(), vec!["helper.py"]);
+        let text = format!("{block}source = \"src/\"\n");
+        let err = Manifest::parse(&text, "refinery.toml", &Uploaded(&files)).expect_err("main");
+        assert!(err.message.contains("`main.py`"), "{err}");
+
+        let err = parse(&format!("{block}code = \"x\"\nhandler = \"other.go\"\n"))
+            .expect_err("single file handler");
+        assert_eq!(err.field.as_deref(), Some("blocks[0].handler"), "{err}");
+        let m = parse(&format!("{block}code = \"x\"\nhandler = \"b.go\"\n")).expect("own file");
+        assert_eq!(m.blocks[0].function, "go");
     }
 
     #[test]

@@ -570,19 +570,9 @@ impl Inner {
         else {
             return Ok(None);
         };
-        // The manifest was valid when it was deployed; its `source` files are the stored
-        // code of the blocks that named them.
-        let sources: HashMap<String, String> = deployment
-            .blocks
-            .iter()
-            .map(|b| (b.source_name.clone(), b.code.clone()))
-            .collect();
-        let resolve = |path: &str| {
-            sources
-                .get(path)
-                .cloned()
-                .ok_or_else(|| "not stored with the deployment".to_string())
-        };
+        // The manifest was valid when it was deployed; its blocks' code is stored with them,
+        // so the sources are not read again (only the graph and the triggers are needed).
+        let resolve = refinery_domain::source::Deployed;
         let manifest =
             Manifest::parse(&deployment.manifest, "refinery.toml", &resolve).map_err(|e| {
                 EngineError::Internal(format!(

@@ -60,6 +60,9 @@ pub enum InvocationError {
     /// The server is stopping (the pool or the store takes no new work).
     #[error("{0}")]
     Unavailable(String),
+    /// A secret the block's `env` names is not set (deleted since the deploy).
+    #[error("{0}")]
+    SecretUnavailable(String),
     /// Anything else: a host or store problem, not the caller's fault.
     #[error("{0}")]
     Internal(String),
@@ -113,6 +116,7 @@ impl From<PoolError> for InvocationError {
             PoolError::PrepareCode { .. } | PoolError::StartInstance { .. } => {
                 return InvocationError::Internal(e.to_string())
             }
+            PoolError::Secret { .. } => return InvocationError::SecretUnavailable(e.to_string()),
         };
         InvocationError::Throttled {
             message: e.to_string(),

@@ -433,6 +433,9 @@ mod tests {
             deployment_id: 7,
             deployment_number: 2,
             block: BlockSpec {
+                files: Default::default(),
+                function: "main".into(),
+                secret_env: Default::default(),
                 name: "checkout".into(),
                 language: Language::Python,
                 source_name: "checkout.py".into(),

@@ -319,6 +319,9 @@ mod tests {
             deployment_id: 1,
             deployment_number: 1,
             block: BlockSpec {
+                files: Default::default(),
+                function: "main".into(),
+                secret_env: Default::default(),
                 name: "b".into(),
                 language: Language::Python,
                 source_name: "b.py".into(),

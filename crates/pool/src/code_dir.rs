@@ -1,5 +1,7 @@
 //! Lays a block's code out on disk once per (deployment, block), for instances to mount
-//! read-only at `/code`, and removes a deployment's code once it is pruned or deleted.
+//! read-only at `/code` (a directory source's files at their relative paths, subdirectories
+//! included; the code dir holds nothing else, leaving room beside it for a read-only
+//! dependency layer), and removes a deployment's code once it is pruned or deleted.
 
 use std::fs;
 use std::io;
@@ -30,10 +32,23 @@ pub fn materialize(root: &Path, deployment_id: i64, block: &BlockSpec) -> io::Re
     fs::create_dir(&staging)?;
     // World-readable: instances run as unprivileged uids and must read their own code.
     fs::set_permissions(&staging, fs::Permissions::from_mode(0o755))?;
-    let written = refinery_runtimes::code_files(block.language, &block.source_name, &block.code)
+    let written = refinery_runtimes::block_code_files(block)
         .into_iter()
         .try_for_each(|(name, contents)| {
+            // A directory source's paths were checked at deploy (relative, no `..`, no
+            // hidden part): they stay inside `staging`.
             let path = staging.join(&name);
+            if let Some(parent) = path.parent().filter(|p| *p != staging) {
+                fs::create_dir_all(parent)?;
+                let mut dir = parent;
+                while dir != staging {
+                    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))?;
+                    match dir.parent() {
+                        Some(up) => dir = up,
+                        None => break,
+                    }
+                }
+            }
             fs::write(&path, contents)?;
             fs::set_permissions(&path, fs::Permissions::from_mode(0o644))
         });

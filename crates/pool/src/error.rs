@@ -59,4 +59,8 @@ pub enum PoolError {
     /// The sandbox could not start an instance (a host problem, not the block's fault).
     #[error("starting an instance of block `{block}`: {message}")]
     StartInstance { block: String, message: String },
+    /// A secret the block's `env` names could not be read (deleted since the deploy, or
+    /// the store failed): the message says which and how to set it.
+    #[error("starting an instance of block `{block}`: {message}")]
+    Secret { block: String, message: String },
 }

@@ -36,7 +36,10 @@ pub use error::PoolError;
 pub use instance::{InstanceInfo, InstanceState};
 pub use keep_alive::{AdaptiveConfig, KeepAlivePolicy};
 pub use metrics::{DEFAULT_MAX_LABEL_SETS, OVERFLOW_LABEL};
-pub use pool::{sandbox_entry, BlockTarget, InstancePool, Invocation, KeepAliveMode, PoolConfig};
+pub use pool::{
+    sandbox_entry, BlockTarget, InstancePool, Invocation, KeepAliveMode, PoolConfig, SecretSource,
+    SecretValues,
+};
 pub use quota::{AccountUsage, Quota, QuotaOverride};
 pub use refinery_runtimes::RunContext;
 pub use scale_up::ScaleUpLimit;

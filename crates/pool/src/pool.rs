@@ -23,6 +23,25 @@ use crate::metrics::{AheadReason, BlockLabels, PoolMetrics, ThrottleReason};
 use crate::quota::{AccountState, AccountUsage, Accounts, Ledger, Quota, Reservation};
 use crate::scale_up::ScaleUpLimit;
 
+/// The values of a project's secrets, read when an instance of a block whose `env` names
+/// some starts (BRIEF §7c). Never cached by the pool: a rotated secret takes effect for the
+/// next instance started.
+pub trait SecretSource: Send + Sync + 'static {
+    /// The values of `names`, secrets of the account's `project`, by name; a reason (which
+    /// secret is missing, and how to set it) if one is not there.
+    fn values<'a>(
+        &'a self,
+        account_id: &'a str,
+        project: &'a str,
+        names: &'a [String],
+    ) -> SecretValues<'a>;
+}
+
+/// What [`SecretSource::values`] returns: secret name → value, or why not.
+pub type SecretValues<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<HashMap<String, String>, String>> + Send + 'a>,
+>;
+
 /// Operator settings of the pool.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
@@ -132,6 +151,8 @@ struct Inner {
     metrics: PoolMetrics,
     /// Time origin for the keep-alive histories.
     origin: Instant,
+    /// Where secret values come from ([`InstancePool::set_secret_source`]).
+    secrets: std::sync::OnceLock<Arc<dyn SecretSource>>,
 }
 
 struct Registered {
@@ -190,6 +211,7 @@ impl InstancePool {
                 disabled: Mutex::new(HashSet::new()),
                 registry: Mutex::new(HashMap::new()),
                 shutting_down: AtomicBool::new(false),
+                secrets: std::sync::OnceLock::new(),
             }),
         };
         let weak = Arc::downgrade(&pool.inner);
@@ -472,6 +494,66 @@ impl InstancePool {
             );
         }
         Ok(invocation)
+    }
+
+    /// Sets where the values of blocks' `{ secret = "..." }` variables come from (once;
+    /// later calls are ignored). Without one, an instance of a block that names a secret
+    /// does not start.
+    pub fn set_secret_source(&self, source: Arc<dyn SecretSource>) {
+        let _ = self.inner.secrets.set(source);
+    }
+
+    /// Stops keeping warm every instance of the account's `project` whose block reads one
+    /// of `secrets` (idle ones destroyed now, busy ones when their invocation ends): after
+    /// a secret is set again or deleted, the next invocation starts an instance with the new
+    /// value. Provisioned (`min_warm`) instances are started again by the next
+    /// [`InstancePool::provision`].
+    pub async fn retire_secret_readers(&self, account_id: &str, project: &str, secret: &str) {
+        let idle = retire_blocks(&mut lock(&self.inner.blocks), |_, block_pool| {
+            let target = &block_pool.target;
+            target.account_id == account_id
+                && target.project == project
+                && target.block.secret_env.values().any(|s| s == secret)
+        });
+        self.discard_detached(idle).await;
+    }
+
+    /// The block's environment: its plain variables and the values of the secrets it names.
+    async fn instance_env(
+        &self,
+        target: &BlockTarget,
+    ) -> Result<std::collections::BTreeMap<String, String>, PoolError> {
+        let block = &target.block;
+        let mut env = block.env.clone();
+        if block.secret_env.is_empty() {
+            return Ok(env);
+        }
+        let refused = |message: String| PoolError::Secret {
+            block: block.name.clone(),
+            message,
+        };
+        let Some(source) = self.inner.secrets.get() else {
+            return Err(refused(
+                "this server reads no secrets (no secret source is configured)".into(),
+            ));
+        };
+        let mut names: Vec<String> = block.secret_env.values().cloned().collect();
+        names.sort();
+        names.dedup();
+        let values = source
+            .values(&target.account_id, &target.project, &names)
+            .await
+            .map_err(refused)?;
+        for (variable, secret) in &block.secret_env {
+            let Some(value) = values.get(secret) else {
+                return Err(refused(format!(
+                    "secret `{secret}` (variable {variable}) of project `{}` is not set: set it with `refinery secrets set {} {secret}` (the value on stdin)",
+                    target.project, target.project
+                )));
+            };
+            env.insert(variable.clone(), value.clone());
+        }
+        Ok(env)
     }
 
     /// Stops keeping a deployment's instances warm: idle ones are destroyed now, busy
@@ -839,6 +921,10 @@ impl InstancePool {
         let started = Instant::now();
         let target = &block_pool.target;
         let block = &target.block;
+        let env = self
+            .instance_env(target)
+            .await
+            .map_err(StartFailure::Host)?;
         let (verdict, victims) = self.admit_cold(target, account);
         // Evicted instances go before the new one starts, so the account never holds
         // more than its quota at once.
@@ -855,9 +941,10 @@ impl InstancePool {
             entry: sandbox_entry(refinery_runtimes::entry(
                 block.language,
                 &block.source_name,
-                &block.env,
+                &block.function,
+                &env,
             )),
-            env: block.env.clone(),
+            env,
             memory_mb: block.memory_mb,
             tmp_mb: block.tmp_mb,
             pids_max: refinery_domain::limits::INSTANCE_PIDS_MAX,

@@ -221,13 +221,18 @@ fn fill_bounds(source: &str) -> String {
 
 /// What the sandbox runs for a block whose source is `/code/<source_name>` and whose
 /// variables are `env`.
+///
+/// `function` is the handler in that file (`main` unless the manifest's `handler` names
+/// another); the shims take it, and the code dir's root (for a handler in a subdirectory,
+/// so `import helper` finds the block's top-level files), as further arguments.
 pub fn entry(
     language: Language,
     source_name: &str,
+    function: &str,
     env: &std::collections::BTreeMap<String, String>,
 ) -> RuntimeEntry {
-    let entry = entry_in(language, source_name, RUNTIME_DIR, CODE_DIR);
-    let args = vec![format!("{CODE_DIR}/{source_name}")];
+    let entry = entry_for(language, source_name, function, RUNTIME_DIR, CODE_DIR);
+    let args = shim_args(language, source_name, function, CODE_DIR);
     match language {
         // The zygote applies the environment after start-up too, so no variable needs exec.
         Language::Python => RuntimeEntry::Standby {
@@ -258,29 +263,51 @@ pub fn entry_in(
     runtime_dir: &str,
     code_dir: &str,
 ) -> RuntimeEntry {
+    entry_for(language, source_name, "main", runtime_dir, code_dir)
+}
+
+/// [`entry_in`] for a handler `function` other than `main`.
+pub fn entry_for(
+    language: Language,
+    source_name: &str,
+    function: &str,
+    runtime_dir: &str,
+    code_dir: &str,
+) -> RuntimeEntry {
     let runtime_dir = runtime_dir.trim_end_matches('/');
-    let code_dir = code_dir.trim_end_matches('/');
-    let source = format!("{code_dir}/{source_name}");
+    let args = shim_args(language, source_name, function, code_dir);
     match language {
         Language::Python => {
             let mut fallback = python_interpreter();
-            fallback.extend([format!("{runtime_dir}/{PYTHON_SHIM}"), source.clone()]);
+            fallback.push(format!("{runtime_dir}/{PYTHON_SHIM}"));
+            fallback.extend(args.iter().cloned());
             RuntimeEntry::Fork {
                 zygote: PYTHON_ZYGOTE.into(),
-                args: vec![source],
+                args,
                 fallback,
             }
         }
         Language::Node => {
             let mut argv = node_argv(runtime_dir);
-            argv.push(source);
+            argv.extend(args);
             RuntimeEntry::Exec { argv }
         }
         Language::Shell => RuntimeEntry::Builtin {
             name: "shell".into(),
-            args: vec![source],
+            args,
         },
     }
+}
+
+/// The shim's arguments: the handler's file; then, unless the handler is `main` in a file
+/// at the top of the code dir, the function and the code dir's root.
+fn shim_args(language: Language, source_name: &str, function: &str, code_dir: &str) -> Vec<String> {
+    let code_dir = code_dir.trim_end_matches('/');
+    let mut args = vec![format!("{code_dir}/{source_name}")];
+    if language != Language::Shell && (function != "main" || source_name.contains('/')) {
+        args.extend([function.to_string(), code_dir.to_string()]);
+    }
+    args
 }
 
 /// The files of a block's code dir: the source itself, plus a `package.json` declaring
@@ -292,6 +319,30 @@ pub fn code_files(language: Language, source_name: &str, code: &str) -> Vec<(Str
         && source_name.ends_with(".js")
         && source_name != "package.json"
         && uses_esm_syntax(code)
+    {
+        files.push((
+            "package.json".to_string(),
+            b"{\"type\": \"module\"}\n".to_vec(),
+        ));
+    }
+    files
+}
+
+/// The files of a block's code dir, at their paths relative to it (a directory source's
+/// files keep their subdirectories): as [`code_files`] (the generated `package.json`
+/// only when the handler's file uses ES module syntax and the directory has none of its own).
+pub fn block_code_files(block: &refinery_domain::BlockSpec) -> Vec<(String, Vec<u8>)> {
+    if block.files.is_empty() {
+        return code_files(block.language, &block.source_name, &block.code);
+    }
+    let mut files: Vec<(String, Vec<u8>)> = block
+        .source_files()
+        .map(|(path, text)| (path.to_string(), text.as_bytes().to_vec()))
+        .collect();
+    if block.language == Language::Node
+        && !block.files.contains_key("package.json")
+        && block.source_name.ends_with(".js")
+        && uses_esm_syntax(&block.code)
     {
         files.push((
             "package.json".to_string(),
@@ -413,7 +464,7 @@ mod tests {
     fn entries_match_the_contract() {
         let no_env = std::collections::BTreeMap::new();
         assert_eq!(
-            entry(Language::Python, "main.py", &no_env),
+            entry(Language::Python, "main.py", "main", &no_env),
             RuntimeEntry::Standby {
                 runtime: "python".into(),
                 args: vec!["/code/main.py".into()],
@@ -441,7 +492,7 @@ mod tests {
             runtime,
             args,
             fallback,
-        } = entry(Language::Node, "h.js", &no_env)
+        } = entry(Language::Node, "h.js", "main", &no_env)
         else {
             panic!("node adopts a standby sandbox");
         };
@@ -479,7 +530,7 @@ mod tests {
             }
         );
         assert_eq!(
-            entry(Language::Shell, "x.sh", &no_env),
+            entry(Language::Shell, "x.sh", "main", &no_env),
             RuntimeEntry::Standby {
                 runtime: "shell".into(),
                 args: vec!["/code/x.sh".into()],
@@ -504,7 +555,7 @@ mod tests {
             let env = std::collections::BTreeMap::from([(name.to_string(), "x".to_string())]);
             assert!(
                 matches!(
-                    entry(Language::Node, "h.js", &env),
+                    entry(Language::Node, "h.js", "main", &env),
                     RuntimeEntry::Exec { .. }
                 ),
                 "{name}"
@@ -515,7 +566,7 @@ mod tests {
             ("GREETING".to_string(), "hi".to_string()),
         ]);
         assert!(matches!(
-            entry(Language::Node, "h.js", &env),
+            entry(Language::Node, "h.js", "main", &env),
             RuntimeEntry::Standby { .. }
         ));
     }

@@ -457,22 +457,31 @@ pub(crate) fn remove_code_dirs(state_dir: &Path) {
     let _ = fs::remove_dir_all(state_dir.join("standby"));
 }
 
-/// Copies the block's code files (a flat directory of regular files) into a standby's code
-/// dir, world-readable as the pool lays them out. Anything else is refused: the caller then
-/// starts the instance by exec, which mounts the block's own directory.
+/// Copies the block's code dir (regular files and subdirectories, as the pool lays out a
+/// directory source) into a standby's code dir, world-readable as the pool lays them out.
+/// Anything else (a symlink, a device) is refused: the caller then starts the instance by
+/// exec, which mounts the block's own directory. The copy is read-only inside the instance
+/// as the block's own directory is (the standby's /code is a read-only bind of it).
 pub(crate) fn copy_code(from: &Path, to: &Path) -> io::Result<()> {
     for entry in fs::read_dir(from)? {
         let entry = entry?;
-        if !entry.file_type()?.is_file() {
+        let kind = entry.file_type()?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            fs::create_dir(&target)?;
+            fs::set_permissions(&target, fs::Permissions::from_mode(0o755))?;
+            copy_code(&entry.path(), &target)?;
+            continue;
+        }
+        if !kind.is_file() {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
                 format!(
-                    "{} is not a regular file (standby sandboxes take flat code dirs)",
+                    "{} is not a regular file or directory (standby sandboxes take plain code dirs)",
                     entry.path().display()
                 ),
             ));
         }
-        let target = to.join(entry.file_name());
         fs::copy(entry.path(), &target)?;
         fs::set_permissions(&target, fs::Permissions::from_mode(0o644))?;
     }

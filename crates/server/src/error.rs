@@ -218,9 +218,11 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::AccountExists(_) => ApiError::Conflict(e.to_string()),
             StoreError::ProjectNotFound(_)
+            | StoreError::SecretNotFound { .. }
             | StoreError::DeploymentNotFound { .. }
             | StoreError::AccountNotFound(_) => ApiError::NotFound(e.to_string()),
             StoreError::DeploymentPruned { .. } => ApiError::Gone(e.to_string()),
+            StoreError::TooManySecrets { .. } => ApiError::Unprocessable(e.to_string()),
             StoreError::StorageQuota {
                 used_bytes,
                 needed_bytes,
@@ -270,6 +272,7 @@ impl From<InvocationError> for ApiError {
             },
             InvocationError::AccountDisabled { account } => ApiError::AccountDisabled(account),
             InvocationError::Unavailable(message) => ApiError::Unavailable(message),
+            InvocationError::SecretUnavailable(message) => ApiError::Unprocessable(message),
             InvocationError::Internal(message) => ApiError::Internal(message),
         }
     }

@@ -213,6 +213,7 @@ pub async fn serve(
             adaptive_bin: config.adaptive_bin,
         },
     );
+    pool.set_secret_source(Arc::new(StoreSecrets(store.clone())));
     for (account_id, overrides) in store.list_quotas().await? {
         pool.set_account_quota(
             &account_id,
@@ -443,4 +444,23 @@ fn reap_interval(keep_alive: Duration, adaptive_bin: Duration) -> Duration {
     (keep_alive / 4)
         .min(adaptive_bin / 2)
         .clamp(Duration::from_millis(100), Duration::from_secs(5))
+}
+
+/// The pool reads secret values from the store (sealed at rest) when it starts an instance.
+struct StoreSecrets(Store);
+
+impl refinery_pool::SecretSource for StoreSecrets {
+    fn values<'a>(
+        &'a self,
+        account_id: &'a str,
+        project: &'a str,
+        names: &'a [String],
+    ) -> refinery_pool::SecretValues<'a> {
+        Box::pin(async move {
+            self.0
+                .secret_values(account_id, project, names)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
 }

@@ -90,6 +90,8 @@ struct BlockRow {
     tmp_mb: i64,
     env_json: String,
     network: bool,
+    function: String,
+    secret_env_json: String,
 }
 
 impl BlockRow {
@@ -100,7 +102,16 @@ impl BlockRow {
                 self.name
             ))
         })?;
+        let secret_env = serde_json::from_str(&self.secret_env_json).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "secret variables of block `{}` are not a JSON object of strings: {e}",
+                self.name
+            ))
+        })?;
         Ok(BlockSpec {
+            files: Default::default(),
+            function: self.function,
+            secret_env,
             language: parse_stored("block language", &self.language)?,
             memory_mb: stored_u32("memory_mb", self.memory_mb)?,
             timeout_s: stored_u32("timeout_s", self.timeout_s)?,
@@ -491,12 +502,15 @@ async fn insert_block(
     };
     let env_json = serde_json::to_string(&block.env)
         .map_err(|e| StoreError::Corrupt(format!("{}: {e}", what())))?;
+    let secret_env_json = serde_json::to_string(&block.secret_env)
+        .map_err(|e| StoreError::Corrupt(format!("{}: {e}", what())))?;
     let position = i64::try_from(position)
         .map_err(|_| StoreError::Corrupt(format!("{}: too many blocks", what())))?;
     sqlx::query(
         "INSERT INTO blocks (deployment_id, position, name, language, source_name, code, \
-         memory_mb, timeout_s, max_concurrency, keep_alive_s, tmp_mb, env_json, min_warm, network) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         memory_mb, timeout_s, max_concurrency, keep_alive_s, tmp_mb, env_json, min_warm, network, \
+         function, secret_env_json) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(deployment_id)
     .bind(position)
@@ -512,7 +526,9 @@ async fn insert_block(
     .bind(env_json)
     .bind(i64::from(block.min_warm))
     .bind(block.network)
-    .execute(conn)
+    .bind(&block.function)
+    .bind(secret_env_json)
+    .execute(&mut *conn)
     .await
     .map_err(|e| {
         if is_unique_violation(&e) {
@@ -521,6 +537,18 @@ async fn insert_block(
             StoreError::db(what())(e)
         }
     })?;
+    for (path, contents) in &block.files {
+        sqlx::query(
+            "INSERT INTO block_files (deployment_id, position, path, contents) VALUES (?, ?, ?, ?)",
+        )
+        .bind(deployment_id)
+        .bind(position)
+        .bind(path)
+        .bind(contents)
+        .execute(&mut *conn)
+        .await
+        .map_err(StoreError::db(format!("{} (file `{path}`)", what())))?;
+    }
     Ok(())
 }
 
@@ -559,17 +587,38 @@ async fn load_deployment(
         return Ok(None);
     };
 
-    let blocks = sqlx::query_as::<_, BlockRow>(
+    let mut blocks = sqlx::query_as::<_, BlockRow>(
         "SELECT name, language, source_name, code, memory_mb, timeout_s, max_concurrency, \
-         keep_alive_s, min_warm, tmp_mb, env_json, network FROM blocks WHERE deployment_id = ? ORDER BY position",
+         keep_alive_s, min_warm, tmp_mb, env_json, network, function, secret_env_json \
+         FROM blocks WHERE deployment_id = ? ORDER BY position",
     )
     .bind(row.id)
     .fetch_all(&mut *conn)
     .await
-    .map_err(StoreError::db(what))?
+    .map_err(StoreError::db(what.clone()))?
     .into_iter()
     .map(BlockRow::into_spec)
     .collect::<Result<Vec<_>, _>>()?;
+    let files: Vec<(i64, String, String)> = sqlx::query_as(
+        "SELECT position, path, contents FROM block_files WHERE deployment_id = ? \
+         ORDER BY position, path",
+    )
+    .bind(row.id)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(StoreError::db(what))?;
+    for (position, path, contents) in files {
+        let block = usize::try_from(position)
+            .ok()
+            .and_then(|p| blocks.get_mut(p))
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "file `{path}` of deployment {} belongs to block position {position}, which it does not have",
+                    row.number
+                ))
+            })?;
+        block.files.insert(path, contents);
+    }
 
     Ok(Some(Deployment {
         id: row.id,

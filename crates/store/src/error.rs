@@ -16,6 +16,23 @@ pub enum StoreError {
         source: std::io::Error,
     },
 
+    /// The secrets key file (`<data_dir>/secrets.key`) could not be created or read.
+    #[error(
+        "secrets key {}: {message}; the file holds the 32-byte key that seals every project's \
+         secrets: restore it from a backup of the data directory, or (losing every stored \
+         secret) move it away and set the secrets again",
+        path.display()
+    )]
+    SecretKey { path: PathBuf, message: String },
+
+    /// A secret the caller named does not exist.
+    #[error("project `{project}` has no secret `{name}`: `refinery secrets list {project}` shows the names it has")]
+    SecretNotFound { project: String, name: String },
+
+    /// A project already holds the most secrets it may.
+    #[error("project `{project}` already has {limit} secrets, the most a project may hold: delete one it no longer needs (`refinery secrets delete {project} NAME`)")]
+    TooManySecrets { project: String, limit: usize },
+
     /// The database file could not be opened or created.
     #[error(
         "opening database {}: {source}; check that the file and its directory are writable \

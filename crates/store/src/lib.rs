@@ -59,6 +59,7 @@ pub mod queues;
 pub mod quotas;
 mod run_writer;
 pub mod runs;
+pub mod secrets;
 pub mod storage;
 pub mod timers;
 pub mod usage;
@@ -88,6 +89,7 @@ pub use quotas::QuotaOverrides;
 pub use runs::{
     GroupRecord, JoinEntry, NewStep, RunRecord, RunTx, StepRecord, StepResult, MAX_RUN_LIST,
 };
+pub use secrets::{SecretSummary, MAX_SECRETS_PER_PROJECT, MAX_SECRET_BYTES, SECRET_KEY_FILE};
 pub use timers::{TimerClaim, TimerFire, TimerSlot, MAX_TIMER_FIRES_KEPT};
 pub use usage::{BlockUsage, ExecutionUsage};
 
@@ -111,6 +113,8 @@ pub struct Store {
     /// Runs the engine's run transactions ([`Store::run_tx`]).
     runs: RunWriter,
     path: PathBuf,
+    /// Seals and opens secrets (`<data_dir>/secrets.key`).
+    secret_key: secrets::SecretKey,
 }
 
 impl Store {
@@ -123,6 +127,7 @@ impl Store {
             path: data_dir.to_path_buf(),
             source,
         })?;
+        let secret_key = secrets::SecretKey::load_or_create(data_dir)?;
         let path = data_dir.join(DB_FILE_NAME);
         let options = SqliteConnectOptions::new()
             .filename(&path)
@@ -154,6 +159,7 @@ impl Store {
             writer,
             runs,
             path,
+            secret_key,
         })
     }
 

@@ -25,7 +25,7 @@ pub struct Footprint {
 impl Footprint {
     /// The footprint of a deployment of `manifest` with `blocks`.
     pub fn of(manifest: &str, blocks: &[BlockSpec]) -> Footprint {
-        let code_bytes: u64 = blocks.iter().map(|b| b.code.len() as u64).sum();
+        let code_bytes: u64 = blocks.iter().map(|b| b.code_bytes() as u64).sum();
         Footprint {
             code_bytes,
             stored_bytes: manifest.len() as u64 + 2 * code_bytes,
@@ -250,9 +250,9 @@ impl Store {
             .await
             .map_err(StoreError::db(what()))?;
         // Its timers too (their fires went with the runs): a new project of that name
-        // starts them afresh.
-        // And its queues' messages.
-        for table in ["timer_slots", "queue_messages"] {
+        // starts them afresh; its queues' messages; and its secrets: nothing of a deleted
+        // project's is kept that could be read back.
+        for table in ["timer_slots", "queue_messages", "secrets"] {
             sqlx::query(&format!(
                 "DELETE FROM {table} WHERE account_id = ? AND project = ?"
             ))

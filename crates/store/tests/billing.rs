@@ -308,6 +308,9 @@ async fn storage_is_code_bytes_held_pro_rata_over_the_month() -> TestResult {
     let store = Store::open(dir.path()).await?;
     let a = store.create_account("alpha", "ha", "pa").await?;
     let block = |name: &str, code: &str| BlockSpec {
+        files: Default::default(),
+        function: "main".into(),
+        secret_env: Default::default(),
         name: name.to_string(),
         language: Language::Python,
         source_name: format!("{name}.py"),

@@ -18,6 +18,9 @@ fn block(name: &str) -> BlockSpec {
     let mut env = BTreeMap::new();
     env.insert("GREETING".to_string(), "hi \"there\"".to_string());
     BlockSpec {
+        files: Default::default(),
+        function: "main".into(),
+        secret_env: Default::default(),
         name: name.to_string(),
         language: Language::Python,
         source_name: format!("{name}.py"),

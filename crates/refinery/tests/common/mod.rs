@@ -809,3 +809,86 @@ impl Server {
         runs
     }
 }
+
+// --- real code: directory sources and secrets ---
+
+impl Server {
+    /// Runs the CLI with `stdin` as its standard input; returns (exit code, stdout, stderr).
+    pub fn cli_with_stdin(
+        &self,
+        key: &str,
+        args: &[&str],
+        cwd: Option<&Path>,
+        stdin: &str,
+    ) -> (i32, String, String) {
+        use std::io::Write;
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .env("REFINERY_URL", &self.url)
+            .env("REFINERY_API_KEY", key)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(cwd) = cwd {
+            command.current_dir(cwd);
+        }
+        let mut child = command.spawn().expect("run cli");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("write stdin");
+        let output = child.wait_with_output().expect("wait cli");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+
+    /// Standby sandboxes of `runtime` ready now (from `/metrics`).
+    pub async fn standbys(&self, runtime: &str) -> Option<i64> {
+        let text = self
+            .http
+            .get(format!("{}/metrics", self.url))
+            .bearer_auth(&self.operator_key)
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "refinery_standby_sandboxes{{runtime=\"{runtime}\"}} "
+                ))
+            })
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    /// Waits (20 s at most) for a standby sandbox of `runtime`.
+    pub async fn wait_for_standbys(&self, runtime: &str) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if self.standbys(runtime).await.is_some_and(|n| n > 0) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+}
+
+/// Writes `files` ((path relative to `root`, contents)) under `root`, creating directories.
+pub fn write_tree(root: &Path, files: &[(&str, &str)]) {
+    for (path, contents) in files {
+        let path = root.join(path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).expect("create dir");
+        }
+        std::fs::write(&path, contents).expect("write file");
+    }
+}

@@ -275,18 +275,21 @@ async function importOrRequire(file) {
   return import(pathToFileURL(file).href);
 }
 
-async function load(file) {
+async function load(file, fn = 'main') {
   const mod = await importOrRequire(file);
-  if (typeof mod === 'function') return mod; // module.exports = function
-  if (typeof mod?.main === 'function') return mod.main;
+  if (fn === 'main' && typeof mod === 'function') return mod; // module.exports = function
+  if (typeof mod?.[fn] === 'function') return mod[fn];
   const dflt = mod?.default;
-  if (typeof dflt === 'function') return dflt;
-  if (dflt !== null && typeof dflt === 'object' && typeof dflt.main === 'function') {
-    return (input, backpack) => dflt.main(input, backpack);
+  if (fn === 'main' && typeof dflt === 'function') return dflt;
+  if (dflt !== null && typeof dflt === 'object' && typeof dflt[fn] === 'function') {
+    return (input, backpack) => dflt[fn](input, backpack);
   }
   throw new HandlerNotFound(
-    `${path.basename(file)} must define main(blockInput, backpack) ` +
-      '(export function main, export default, or module.exports.main)',
+    fn === 'main'
+      ? `${path.basename(file)} must define main(blockInput, backpack) ` +
+          '(export function main, export default, or module.exports.main)'
+      : `${path.basename(file)} must define ${fn}(blockInput, backpack) ` +
+          `(export function ${fn}, or module.exports.${fn})`,
   );
 }
 
@@ -438,19 +441,19 @@ async function main() {
     args = adopt();
     if (args === null) return 0;
   }
-  if (args.length !== 1) {
-    process.stderr.write('usage: node node_shim.cjs /code/<source> | --standby\n');
+  if (args.length !== 1 && args.length !== 3) {
+    process.stderr.write('usage: node node_shim.cjs /code/<source> [FUNCTION CODE_DIR] | --standby\n');
     return 2;
   }
-  return serve(args[0]);
+  return serve(args[0], args.length === 3 ? args[1] : 'main');
 }
 
-async function serve(file) {
+async function serve(file, fn) {
   const started = performance.now();
   const resolved = path.resolve(file);
   let handler;
   try {
-    handler = await load(resolved);
+    handler = await load(resolved, fn);
   } catch (err) {
     writeFrame(JSON.stringify({ type: 'init_error', error: initErrorOf(err, resolved) }));
     return 1;

@@ -269,9 +269,13 @@ def module_name_for(path):
     return "refinery_block"
 
 
-def load(path):
-    """Returns the handler, or raises an exception to report as init_error."""
+def load(path, function="main", root=None):
+    """Returns the handler, or raises an exception to report as init_error. `root` (the
+    block's code dir, for a handler in a subdirectory) goes on sys.path too, so the block's
+    top-level modules import from anywhere in it."""
     code_dir = os.path.dirname(os.path.abspath(path))
+    if root is not None and os.path.abspath(root) != code_dir:
+        sys.path.insert(0, os.path.abspath(root))
     sys.path.insert(0, code_dir)
     name = module_name_for(path)
     spec = importlib.util.spec_from_file_location(name, path)
@@ -280,15 +284,15 @@ def load(path):
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
-    handler = getattr(module, "main", None)
+    handler = getattr(module, function, None)
     filename = os.path.basename(path)
     if handler is None:
         raise HandlerNotFound(
-            f"{filename} must define main(block_input, backpack); no `main` was found"
+            f"{filename} must define {function}(block_input, backpack); no `{function}` was found"
         )
     if not callable(handler):
         raise HandlerNotFound(
-            f"{filename} must define main(block_input, backpack); `main` is not callable"
+            f"{filename} must define {function}(block_input, backpack); `{function}` is not callable"
         )
     return handler
 
@@ -461,10 +465,14 @@ def adopt():
 def main():
     if sys.argv[1:] == ["--standby"] and not adopt():
         return 0
-    if len(sys.argv) != 2:
-        print("usage: python_shim.py /code/<source> | --standby", file=sys.stderr)
+    if len(sys.argv) not in (2, 4):
+        print(
+            "usage: python_shim.py /code/<source> [FUNCTION CODE_DIR] | --standby",
+            file=sys.stderr,
+        )
         return 2
     path = sys.argv[1]
+    function, root = (sys.argv[2], sys.argv[3]) if len(sys.argv) == 4 else ("main", None)
     unbuffered_stdio()
     # The protocol pipes must not leak into subprocesses the block starts.
     for fd in (REQUESTS_FD, RESPONSES_FD):
@@ -472,7 +480,7 @@ def main():
 
     started = time.perf_counter()
     try:
-        handler = load(path)
+        handler = load(path, function, root)
     except BaseException as exc:  # noqa: BLE001 - any failure to load is the user's
         write_frame(encode({"type": "init_error", "error": error_of(exc)}).encode("utf-8"))
         return 1

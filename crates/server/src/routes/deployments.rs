@@ -47,14 +47,12 @@ pub async fn deploy(
     let request = read_deploy_request(&headers, body).await?;
     check_upload_limits(&request)?;
     let manifest_path = request.manifest_path.as_deref().unwrap_or("refinery.toml");
-    let files = &request.files;
-    let resolve = |path: &str| {
-        files
-            .get(path)
-            .cloned()
-            .ok_or_else(|| "the file was not uploaded with the manifest".to_string())
-    };
-    let manifest = Manifest::parse(&request.manifest, manifest_path, &resolve)?;
+    let manifest = Manifest::parse(
+        &request.manifest,
+        manifest_path,
+        &refinery_domain::source::Uploaded(&request.files),
+    )?;
+    refuse_missing_secrets(&state, account, &manifest).await?;
     check_min_warm_fits(&state, account, &manifest)?;
     state.disk.admit(Refused::Deploy)?;
     if let Some(block) = manifest.blocks.iter().find(|b| b.network) {
@@ -476,4 +474,49 @@ fn deployment_json(deployment: &Deployment) -> Value {
         "created_at": rfc3339(deployment.created_at_ms),
         "blocks": blocks,
     })
+}
+
+/// A deploy whose blocks name a secret the project does not have is refused (422), naming
+/// the block, the variable and the secret, and how to set it.
+async fn refuse_missing_secrets(
+    state: &SharedState,
+    account: &refinery_store::Account,
+    manifest: &Manifest,
+) -> Result<(), ApiError> {
+    let mut names: Vec<String> = manifest
+        .blocks
+        .iter()
+        .flat_map(|b| b.secret_env.values().cloned())
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    names.sort();
+    names.dedup();
+    let missing = state
+        .store
+        .missing_secrets(&account.id, &manifest.name, &names)
+        .await?;
+    let Some(first) = missing.first() else {
+        return Ok(());
+    };
+    let (block, variable) = manifest
+        .blocks
+        .iter()
+        .find_map(|b| {
+            b.secret_env
+                .iter()
+                .find(|(_, s)| *s == first)
+                .map(|(v, _)| (b.name.as_str(), v.as_str()))
+        })
+        .unwrap_or_default();
+    let project = &manifest.name;
+    Err(ApiError::Unprocessable(format!(
+        "block `{block}` reads secret `{first}` (env {variable}), which project `{project}` does not have{}; nothing was deployed: set it with `refinery secrets set {project} {first}` (the value on stdin), then deploy again",
+        if missing.len() > 1 {
+            format!(" (nor {})", missing[1..].iter().map(|m| format!("`{m}`")).collect::<Vec<_>>().join(", "))
+        } else {
+            String::new()
+        }
+    )))
 }

@@ -12,6 +12,7 @@ mod invoke;
 mod metrics;
 mod queues;
 mod runs;
+mod secrets;
 mod timers;
 mod topics;
 
@@ -51,6 +52,13 @@ pub fn router(state: SharedState) -> Router {
             axum::routing::delete(deployments::delete_project),
         )
         .route("/v1/projects/{project}/deployments", get(deployments::list))
+        .route("/v1/projects/{project}/secrets", get(secrets::list))
+        .route(
+            "/v1/projects/{project}/secrets/{name}",
+            axum::routing::put(secrets::set)
+                .layer(DefaultBodyLimit::max(secrets::MAX_SECRET_REQUEST_BYTES))
+                .delete(secrets::delete),
+        )
         .route(
             "/v1/projects/{project}/rollback",
             post(deployments::rollback),
