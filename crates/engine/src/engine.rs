@@ -787,6 +787,7 @@ impl Inner {
             Invoked::Stopping => return Ok(None),
         };
         let plan = advance::plan(&self.config, deployment.clone(), &step, outcome).await;
+        self.reply_early(&run.id, &deployment, &plan);
         let step_name = step.name.clone();
         let committed = advance::commit(
             &self.store,
@@ -828,6 +829,29 @@ impl Inner {
         }
         self.after_step(&run, &deployment, &step_name);
         Ok(None)
+    }
+
+    /// An endpoint's caller gets its reply as soon as a step's plan reaches a response,
+    /// before the commit that records it (the commit's hand-off is not on the reply's
+    /// path). Should the commit not happen (a crash), the step runs again and the run's
+    /// recorded response is that run's; the caller was answered once.
+    fn reply_early(&self, run_id: &str, deployment: &ServiceDeployment, plan: &advance::Plan) {
+        let advance::Plan::Fire { output, fired, .. } = plan else {
+            return;
+        };
+        let responds = fired.iter().any(|&id| {
+            deployment.graph.transition(id).is_some_and(|t| {
+                t.kind != refinery_domain::TransitionType::Exception
+                    && deployment.graph.kind(&t.to) == Some(refinery_domain::NodeKind::Response)
+            })
+        });
+        if !responds {
+            return;
+        }
+        let responder = lock(&self.responders).remove(run_id);
+        if let Some(responder) = responder {
+            let _ = responder.send(output.clone());
+        }
     }
 
     /// Invokes the step's block through the invocation service.
