@@ -12,6 +12,7 @@
 pub mod block;
 pub mod execution;
 pub mod json_depth;
+pub mod language;
 pub mod limits;
 pub mod manifest;
 pub mod names;

@@ -645,11 +645,7 @@ impl Context<'_> {
                 "missing: set `source = \"file\"` (a file beside the manifest), `source = \"dir/\"` (a directory, with `handler`) or `code = \"\"\"...\"\"\"` (inline)".into(),
             )),
             (None, Some(code)) => {
-                let extension = match language {
-                    Language::Python => "py",
-                    Language::Node => "js",
-                    Language::Shell => "sh",
-                };
+                let extension = language.descriptor().inline_extension;
                 single(format!("{name}.{extension}"), code.get_ref().clone())
             }
             (Some(source), None) => {
@@ -691,8 +687,12 @@ impl Context<'_> {
                         let located = |message: String| {
                             self.error(Some(source.span()), field("source"), message)
                         };
-                        if language == Language::Shell {
-                            return Err(located(format!("`{path}` is a directory: a shell block's source is one file (`source = \"script.sh\"`)")));
+                        if !language.descriptor().directory_sources {
+                            return Err(located(format!(
+                                "`{path}` is a directory: a {} block's source is one file (`source = \"script.{}\"`)",
+                                language.descriptor().name,
+                                language.descriptor().inline_extension
+                            )));
                         }
                         crate::source::check_directory(&files)
                             .map_err(|m| located(format!("`{path}`: {m}")))?;
@@ -718,7 +718,7 @@ impl Context<'_> {
                                 if written.is_none() { " (the default)" } else { "" },
                                 shown.join(", "),
                                 if files.len() > shown.len() { ", ..." } else { "" },
-                                if language == Language::Python { "module.function" } else { "file.function" },
+                                if language.descriptor().dotted_modules { "module.function" } else { "file.function" },
                             );
                             return Err(match written {
                                 Some(h) => self.error(Some(h.span()), field("handler"), message),

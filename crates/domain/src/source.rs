@@ -159,12 +159,12 @@ pub(crate) struct Handler {
 
 /// Parses `handler` for `language` (`python`: `module.function`, `node`: `file.function`).
 pub(crate) fn parse_handler(language: crate::Language, handler: &str) -> Result<Handler, String> {
-    let expected = match language {
-        crate::Language::Python => "`module.function`, e.g. `main.main` or `pkg.app.handle`",
-        crate::Language::Node => "`file.function`, e.g. `index.main` or `lib/app.handle`",
-        crate::Language::Shell => {
-            return Err("a shell block runs its one file: remove `handler`".to_string())
-        }
+    let descriptor = language.descriptor();
+    let Some(expected) = descriptor.handler_syntax else {
+        return Err(format!(
+            "a {} block runs its one file: remove `handler`",
+            descriptor.name
+        ));
     };
     let Some((module, function)) = handler.rsplit_once('.') else {
         return Err(format!("`{handler}`: expected {expected}"));
@@ -172,29 +172,34 @@ pub(crate) fn parse_handler(language: crate::Language, handler: &str) -> Result<
     let mut chars = function.chars();
     let identifier = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_' || c == '$')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
-        && (language == crate::Language::Node || !function.contains('$'));
+        && (descriptor.dollar_in_identifiers || !function.contains('$'));
     if module.is_empty() || !identifier {
         return Err(format!(
             "`{handler}`: expected {expected} (the function an identifier)"
         ));
     }
-    let files = match language {
-        crate::Language::Python => {
-            if module.split('.').any(|p| p.is_empty() || p.contains('/')) {
-                return Err(format!("`{handler}`: expected {expected}"));
-            }
-            vec![format!("{}.py", module.replace('.', "/"))]
+    let files = if descriptor.dotted_modules {
+        if module.split('.').any(|p| p.is_empty() || p.contains('/')) {
+            return Err(format!("`{handler}`: expected {expected}"));
         }
-        _ => {
-            if [".js", ".mjs", ".cjs"].iter().any(|e| module.ends_with(e)) {
-                vec![module.to_string()]
-            } else {
-                ["js", "mjs", "cjs"]
-                    .iter()
-                    .map(|e| format!("{module}.{e}"))
-                    .collect()
-            }
-        }
+        let path = module.replace('.', "/");
+        descriptor
+            .handler_extensions
+            .iter()
+            .map(|e| format!("{path}.{e}"))
+            .collect()
+    } else if descriptor
+        .handler_extensions
+        .iter()
+        .any(|e| module.ends_with(&format!(".{e}")))
+    {
+        vec![module.to_string()]
+    } else {
+        descriptor
+            .handler_extensions
+            .iter()
+            .map(|e| format!("{module}.{e}"))
+            .collect()
     };
     for file in &files {
         check_relative_path(file).map_err(|m| format!("handler `{handler}`: {m}"))?;
@@ -208,10 +213,7 @@ pub(crate) fn parse_handler(language: crate::Language, handler: &str) -> Result<
 
 /// The handler a directory source of `language` uses when the manifest names none.
 pub(crate) fn default_handler(language: crate::Language) -> &'static str {
-    match language {
-        crate::Language::Node => "index.main",
-        _ => "main.main",
-    }
+    language.descriptor().default_handler
 }
 
 #[cfg(test)]
