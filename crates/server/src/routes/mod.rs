@@ -3,9 +3,11 @@
 mod accounts;
 mod audit;
 mod billing;
+mod console;
 mod deployments;
 mod endpoints;
 mod executions;
+mod graph;
 mod health;
 mod instances;
 mod invoke;
@@ -49,6 +51,7 @@ pub fn router(state: SharedState) -> Router {
             axum::routing::delete(deployments::delete_project),
         )
         .route("/v1/projects/{project}/deployments", get(deployments::list))
+        .route("/v1/projects/{project}/graph", get(graph::graph))
         .route(
             "/v1/projects/{project}/rollback",
             post(deployments::rollback),
@@ -80,6 +83,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/metrics", get(metrics::metrics))
         .merge(endpoint_routes())
         .merge(billing_routes())
+        .merge(console_routes())
+        .layer(axum::middleware::from_fn(console::no_store))
         .with_state(state)
 }
 
@@ -95,6 +100,15 @@ fn endpoint_routes() -> Router<SharedState> {
         .route("/http/{account}/{project}", call())
         .route("/http/{account}/{project}/", call())
         .route("/http/{account}/{project}/{*path}", call())
+}
+
+/// The web console's page and assets (`routes/console.rs`).
+fn console_routes() -> Router<SharedState> {
+    Router::new()
+        .route("/", get(console::root))
+        .route("/console", get(console::root))
+        .route("/console/", get(console::index))
+        .route("/console/{file}", get(console::asset))
 }
 
 /// Pricing, per-account terms, usage and bills (`routes/billing.rs`).
