@@ -13,17 +13,29 @@ use serde_json::Value;
 
 const SHOP: &str = include_str!("console/shop.toml");
 
-const OTHER: &str = r#"
-name = "hidden-plans"
-
-[[blocks]]
-name = "plan"
-language = "python"
-code = """
-def main(event, backpack):
-    return "secret plan"
-"""
-"#;
+/// Account B's project: 32 blocks (a tree of `then`s under an `if`/`else`, closed by a
+/// merge), to see a graph of 30+ nodes laid out without overlaps.
+fn other_project() -> String {
+    let mut manifest = String::from("name = \"hidden-plans\"\n");
+    for i in 0..32 {
+        manifest.push_str(&format!(
+            "\n[[blocks]]\nname = \"n{i}\"\nlanguage = \"python\"\ncode = \"\"\"\ndef main(event, backpack):\n    return 1\n\"\"\"\n"
+        ));
+    }
+    let edge = |from: &str, to: &str, kind: &str| {
+        format!("\n[[transitions]]\nfrom = {from}\nto = \"{to}\"\ntype = \"{kind}\"\n")
+    };
+    manifest.push_str(&edge("\"n0\"", "n1", "if"));
+    manifest.push_str("expression = \"output == 1\"\n");
+    manifest.push_str(&edge("\"n0\"", "n2", "else"));
+    for i in 1..15 {
+        for child in [2 * i + 1, 2 * i + 2] {
+            manifest.push_str(&edge(&format!("\"n{i}\""), &format!("n{child}"), "then"));
+        }
+    }
+    manifest.push_str(&edge("[\"n29\", \"n30\"]", "n31", "merge"));
+    manifest
+}
 
 #[tokio::test]
 async fn console_pages_carry_a_strict_csp_and_api_answers_are_never_cached() {
@@ -264,8 +276,15 @@ async fn the_console_in_a_real_browser() {
     let server = Server::start().await;
     let (_, key_a) = server.account("acme").await;
     let (_, key_b) = server.account("globex").await;
+    // Deployment 1 differs from 2 in one block's code, for the comparison.
+    server
+        .deploy_ok(
+            &key_a,
+            &SHOP.replace("\"refused\": True", "\"declined\": True"),
+        )
+        .await;
     server.deploy_ok(&key_a, SHOP).await;
-    server.deploy_ok(&key_b, OTHER).await;
+    server.deploy_ok(&key_b, &other_project()).await;
 
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/console/console_test.py");
     let mut command = Command::new(&python);
@@ -308,7 +327,8 @@ async fn the_console_in_a_real_browser() {
         "an invocation's execution and logs",
         "usage shows the invocations just made",
         "the graph is readable at phone width",
-        "sign out clears everything; account B never sees A's projects",
+        "two deployments compared; a rollback",
+        "sign out clears everything; account B never sees A's projects; its 32-node graph",
         "the operator changes a quota",
         "no CSP violations or script errors",
     ] {
@@ -340,7 +360,12 @@ async fn the_console_in_a_real_browser() {
         Value::Null,
         "fields left empty stay default: {quota}"
     );
-    // And the run it started, through the API.
+    // The rollback it made, and the run it started, through the API.
+    let (status, projects) = server
+        .request("GET", "/v1/projects", Some(&key_a), None)
+        .await;
+    assert_eq!(status, 200, "{projects}");
+    assert_eq!(projects["projects"][0]["live_deployment"], 1, "{projects}");
     let (status, runs) = server
         .request("GET", "/v1/projects/shop/runs", Some(&key_a), None)
         .await;

@@ -51,7 +51,11 @@ function kv(pairs) {
   return h("dl", { class: "kv" }, pairs.filter(Boolean).flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v == null ? "—" : typeof v === "object" && !(v instanceof Node) ? JSON.stringify(v) : v)]));
 }
 
+let keepFlash = false;
+/// A message above the page: an error, or (`info`) a confirmation that survives the next
+/// page change (a rollback re-renders the page it confirms).
 function flash(message, info) {
+  keepFlash = Boolean(info && message);
   flashEl.textContent = message;
   flashEl.className = info ? "info" : "";
   flashEl.hidden = !message;
@@ -184,7 +188,8 @@ const routes = [
 
 async function route() {
   stopPolling();
-  flash("");
+  if (keepFlash) keepFlash = false;
+  else flash("");
   if (!currentKey()) return signInPage();
   if (!me) {
     try {
@@ -487,6 +492,7 @@ async function deploymentsTab(p, body) {
                 {
                   type: "button",
                   class: "secondary",
+                  "data-rollback": String(d.deployment),
                   onclick: async () => {
                     if (!confirm(`Make deployment ${d.deployment} of ${p} live?`)) return;
                     try {
@@ -504,6 +510,86 @@ async function deploymentsTab(p, body) {
       ),
     );
   body.append(status, table(["Deployment", "Created", "", "Blocks", ""], rows, "No deployments."));
+  if (deployments.length >= 2) body.append(compareForm(p, deployments));
+}
+
+// ---------- comparing two deployments ----------
+
+/// Line diff (longest common subsequence): [["=", line] | ["-", line] | ["+", line]].
+function lineDiff(a, b) {
+  const x = a.split("\n");
+  const y = b.split("\n");
+  if (x.length * y.length > 4_000_000) return [["-", a], ["+", b]];
+  const L = Array.from({ length: x.length + 1 }, () => new Uint32Array(y.length + 1));
+  for (let i = x.length - 1; i >= 0; i--) for (let j = y.length - 1; j >= 0; j--) L[i][j] = x[i] === y[j] ? L[i + 1][j + 1] + 1 : Math.max(L[i + 1][j], L[i][j + 1]);
+  const out = [];
+  let i = 0;
+  let j = 0;
+  while (i < x.length && j < y.length) {
+    if (x[i] === y[j]) (out.push(["=", x[i]]), i++, j++);
+    else if (L[i + 1][j] >= L[i][j + 1]) out.push(["-", x[i++]]);
+    else out.push(["+", y[j++]]);
+  }
+  while (i < x.length) out.push(["-", x[i++]]);
+  while (j < y.length) out.push(["+", y[j++]]);
+  return out;
+}
+
+function diffGraphs(a, b) {
+  const changes = [];
+  const nodesA = new Map(a.nodes.map((n) => [n.name, n]));
+  const nodesB = new Map(b.nodes.map((n) => [n.name, n]));
+  for (const [name, n] of nodesB) if (!nodesA.has(name)) changes.push(h("li", { class: "added" }, `+ ${n.kind} ${name} added`));
+  for (const [name, n] of nodesA) if (!nodesB.has(name)) changes.push(h("li", { class: "removed" }, `− ${n.kind} ${name} removed`));
+  for (const [name, nb] of nodesB) {
+    const na = nodesA.get(name);
+    if (!na) continue;
+    const sa = na.settings || {};
+    const sb = nb.settings || {};
+    for (const k of new Set([...Object.keys(sa), ...Object.keys(sb)])) {
+      if (JSON.stringify(sa[k]) !== JSON.stringify(sb[k])) changes.push(h("li", {}, `${name}: ${k} ${JSON.stringify(sa[k] ?? null)} → ${JSON.stringify(sb[k] ?? null)}`));
+    }
+    const ea = Object.keys(na.env || {}).sort().join(", ");
+    const eb = Object.keys(nb.env || {}).sort().join(", ");
+    if (ea !== eb) changes.push(h("li", {}, `${name}: environment names ${ea || "(none)"} → ${eb || "(none)"}`));
+    if ((na.code || "") !== (nb.code || "")) {
+      const d = lineDiff(na.code || "", nb.code || "");
+      const view = h("pre", { class: "diff", tabindex: 0 }, d.filter(([op]) => op !== "=").map(([op, line]) => h("span", { class: op === "+" ? "add" : "del" }, `${op === "+" ? "+" : "-"} ${line}\n`)));
+      changes.push(h("li", {}, `${name}: code changed`, view));
+    }
+  }
+  const key = (e) => `${e.from.join(" + ")} → ${e.to} (${e.type}${e.expression ? `: ${e.expression}` : ""})`;
+  const edgesA = new Set(a.edges.map(key));
+  const edgesB = new Set(b.edges.map(key));
+  for (const e of edgesB) if (!edgesA.has(e)) changes.push(h("li", { class: "added" }, `+ transition ${e}`));
+  for (const e of edgesA) if (!edgesB.has(e)) changes.push(h("li", { class: "removed" }, `− transition ${e}`));
+  return changes;
+}
+
+function compareForm(p, deployments) {
+  const numbers = deployments.map((d) => d.deployment);
+  const pick = (id, selected) => h("select", { id }, numbers.map((n) => h("option", { value: n, selected: n === selected }, `deployment ${n}`)));
+  const from = pick("diff-from", numbers[numbers.length - 2]);
+  const to = pick("diff-to", numbers[numbers.length - 1]);
+  const out = h("div", { id: "diff", "aria-live": "polite" });
+  const form = h(
+    "form",
+    { class: "card" },
+    h("h2", {}, "Compare two deployments"),
+    h("div", { class: "row" }, h("div", {}, h("label", { for: "diff-from" }, "From"), from), h("div", {}, h("label", { for: "diff-to" }, "To"), to), h("button", { type: "submit" }, "Compare")),
+    out,
+  );
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      const [a, b] = await Promise.all([from.value, to.value].map((n) => api.get(`/v1/projects/${enc(p)}/graph?deployment=${enc(n)}`)));
+      const changes = diffGraphs(a, b);
+      out.replaceChildren(changes.length ? h("ul", { class: "changes" }, changes) : empty(`Deployments ${from.value} and ${to.value} have the same blocks, settings, code and transitions.`));
+    } catch (e) {
+      if (!(e instanceof Stale)) out.replaceChildren(errorBox(e));
+    }
+  });
+  return form;
 }
 
 // ---------- runs ----------

@@ -117,10 +117,32 @@ export function layout(names, edges) {
     ids.sort((a, b) => bary.get(a) - bary.get(b) || order.get(a) - order.get(b));
     ids.forEach((id, i) => order.set(id, i));
   };
-  for (let round = 0; round < 8; round++) {
-    for (let l = 1; l < layers.length; l++) sweep(layers[l], (id) => adj.get(id).up);
-    for (let l = layers.length - 2; l >= 0; l--) sweep(layers[l], (id) => adj.get(id).down);
+  // Edge crossings between consecutive layers, to keep the best ordering seen.
+  const crossings = () => {
+    let total = 0;
+    for (let l = 0; l + 1 < layers.length; l++) {
+      const pairs = [];
+      for (const id of layers[l]) for (const d of adj.get(id).down) pairs.push([order.get(id), order.get(d)]);
+      for (let i = 0; i < pairs.length; i++)
+        for (let j = i + 1; j < pairs.length; j++) if ((pairs[i][0] - pairs[j][0]) * (pairs[i][1] - pairs[j][1]) < 0) total++;
+    }
+    return total;
+  };
+  let best = layers.map((ids) => ids.slice());
+  let fewest = crossings();
+  for (let round = 0; round < 12 && fewest > 0; round++) {
+    if (round % 2 === 0) for (let l = 1; l < layers.length; l++) sweep(layers[l], (id) => adj.get(id).up);
+    else for (let l = layers.length - 2; l >= 0; l--) sweep(layers[l], (id) => adj.get(id).down);
+    const now = crossings();
+    if (now < fewest) {
+      fewest = now;
+      best = layers.map((ids) => ids.slice());
+    }
   }
+  best.forEach((ids, l) => {
+    layers[l] = ids;
+    ids.forEach((id, i) => order.set(id, i));
+  });
 
   // 5. Coordinates: layers are columns, each centred vertically.
   const tallest = Math.max(1, ...layers.map((ids) => ids.length));

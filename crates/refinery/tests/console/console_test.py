@@ -77,6 +77,17 @@ EXPECTED_EDGES = {
 }
 
 
+def assert_no_overlaps(page):
+    boxes = page.eval_on_selector_all(
+        "svg.graph g.node rect",
+        "els => els.map(e => { const b = e.getBoundingClientRect(); return [b.x, b.y, b.width, b.height]; })",
+    )
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            overlap = a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+            assert not overlap, f"nodes overlap: {a} {b}"
+
+
 def run(p):
     global current
     browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -131,15 +142,7 @@ def run(p):
     assert "if output.total > 0" in labels, f"the if edge's label is missing: {labels}"
     for label in ("else", "fan-out", "fan-in", "exception"):
         assert label in labels, f"edge label {label} missing: {labels}"
-    # No two nodes overlap.
-    boxes = page.eval_on_selector_all(
-        "svg.graph g.node rect",
-        "els => els.map(e => { const b = e.getBoundingClientRect(); return [b.x, b.y, b.width, b.height]; })",
-    )
-    for i, a in enumerate(boxes):
-        for b in boxes[i + 1 :]:
-            overlap = a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
-            assert not overlap, f"nodes overlap: {a} {b}"
+    assert_no_overlaps(page)
     check("a node opens with the keyboard: settings, code, env masked")
 
     page.focus("svg.graph g.node[data-name=validate]")
@@ -200,13 +203,34 @@ def run(p):
     assert width <= 400, f"the page scrolls sideways at phone width ({width}px)"
     shot(page, "graph-phone")
     page.set_viewport_size({"width": 1360, "height": 900})
-    check("sign out clears everything; account B never sees A's projects")
+    check("two deployments compared; a rollback")
+
+    page.goto(f"{URL}/console/#/p/shop/deployments")
+    page.select_option("#diff-from", "1")
+    page.select_option("#diff-to", "2")
+    page.click("form:has(#diff-from) button[type=submit]")
+    expect(page.locator("#diff")).to_contain_text("refuse: code changed")
+    expect(page.locator("#diff pre.diff")).to_contain_text('"refused": True')
+    expect(page.locator("#diff pre.diff")).to_contain_text('"declined": True')
+    shot(page, "deployments")
+    page.once("dialog", lambda d: d.accept())
+    page.click("button[data-rollback='1']")
+    expect(page.locator("#flash")).to_contain_text("Deployment 1 is live")
+    check("sign out clears everything; account B never sees A's projects; its 32-node graph")
 
     sign_out(page)
     expect(page.locator("tr[data-project=shop]")).to_have_count(0)
     sign_in(page, KEY_B)
     expect(page.locator(f"tr[data-project='{OTHER_PROJECT}']")).to_be_visible()
     expect(page.locator("tr[data-project=shop]")).to_have_count(0)
+    page.click(f"tr[data-project='{OTHER_PROJECT}'] a")
+    expect(page.locator("svg.graph")).to_be_visible()
+    expect(page.locator("svg.graph g.node")).to_have_count(32)
+    # 30 transitions of one source, and a merge drawn as one edge per source.
+    expect(page.locator("svg.graph g.edge")).to_have_count(32)
+    expect(page.locator("svg.graph g.edge[data-type=merge]")).to_have_count(2)
+    assert_no_overlaps(page)
+    shot(page, "graph-large")
     page.goto(f"{URL}/console/#/p/shop")
     expect(page.locator("main .error-box")).to_contain_text("Not found")
     expect(page.locator("svg.graph")).to_have_count(0)

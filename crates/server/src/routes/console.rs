@@ -95,10 +95,7 @@ fn asset_response(file: &str) -> Response {
 
 /// Every API answer is for one key only: no cache (the browser's, a proxy's) may keep it
 /// and give it to a request with another key.
-pub async fn no_store(
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
+pub async fn no_store(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
     let api = request.uri().path().starts_with("/v1/");
     let mut response = next.run(request).await;
     if api {

@@ -60,14 +60,13 @@ pub async fn graph(
             .map(|c| c.to_string())
             .ok_or_else(|| "not stored with the deployment".to_string())
     };
-    let manifest = Manifest::parse(&deployment.manifest, "refinery.toml", &resolve).map_err(
-        |e| {
+    let manifest =
+        Manifest::parse(&deployment.manifest, "refinery.toml", &resolve).map_err(|e| {
             ApiError::Internal(format!(
                 "deployment {} of `{project}` no longer parses ({e}); deploy the project again",
                 deployment.number
             ))
-        },
-    )?;
+        })?;
     let nodes: Vec<Value> = manifest
         .nodes()
         .into_iter()
