@@ -329,7 +329,8 @@ async fn the_console_in_a_real_browser() {
         "the graph is readable at phone width",
         "two deployments compared; a rollback",
         "sign out clears everything; account B never sees A's projects; its 32-node graph",
-        "the operator changes a quota",
+        "the operator changes a quota, creates and disables an account",
+        "refusals are explained from the API's error JSON",
         "no CSP violations or script errors",
     ] {
         assert!(
@@ -359,6 +360,17 @@ async fn the_console_in_a_real_browser() {
         quota["overrides"]["memory_mb"],
         Value::Null,
         "fields left empty stay default: {quota}"
+    );
+    let (_, accounts) = server
+        .request("GET", "/v1/accounts", Some(&server.operator_key), None)
+        .await;
+    assert!(
+        accounts["accounts"]
+            .as_array()
+            .expect("accounts")
+            .iter()
+            .any(|a| a["name"] == "initech" && a["state"] == "disabled"),
+        "the account the operator created, then disabled: {accounts}"
     );
     // The rollback it made, and the run it started, through the API.
     let (status, projects) = server

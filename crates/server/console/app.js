@@ -439,14 +439,35 @@ async function runTab(p, body) {
 }
 
 async function runsTab(p, body) {
-  const { runs } = await api.get(`/v1/projects/${enc(p)}/runs?limit=100`);
-  body.append(
-    table(
-      ["Run", "Start", "Status", "Started", "Steps", "Deployment"],
-      runs.map((r) => h("tr", {}, h("td", {}, h("a", { href: `#/run/${enc(r.run_id)}` }, r.run_id.slice(0, 16))), h("td", {}, r.start), h("td", {}, badge(r.status)), h("td", {}, fmtTime(r.started_at)), h("td", { class: "num" }, String(r.steps)), h("td", { class: "num" }, String(r.deployment)))),
-      "No runs yet: start one from the Run tab.",
-    ),
-  );
+  const { runs } = await api.get(`/v1/projects/${enc(p)}/runs?limit=200`);
+  const statusSel = h("select", { id: "filter-run-status" }, ["", "running", "succeeded", "failed", "cancelled"].map((s) => h("option", { value: s }, s || "any status")));
+  const startSel = h("select", { id: "filter-run-start" }, h("option", { value: "" }, "any start"), [...new Set(runs.map((r) => r.start))].map((s) => h("option", { value: s }, s)));
+  const since = sinceSelect("filter-run-since");
+  const list = h("div", {});
+  const show = () => {
+    const from = Date.now() - Number(since.value);
+    const shown = runs.filter((r) => (!statusSel.value || r.status === statusSel.value) && (!startSel.value || r.start === startSel.value) && (!Number(since.value) || Date.parse(r.started_at) >= from));
+    list.replaceChildren(
+      table(
+        ["Run", "Start", "Status", "Started", "Steps", "Deployment"],
+        shown.map((r) => h("tr", {}, h("td", {}, h("a", { href: `#/run/${enc(r.run_id)}` }, r.run_id.slice(0, 16))), h("td", {}, r.start), h("td", {}, badge(r.status)), h("td", {}, fmtTime(r.started_at)), h("td", { class: "num" }, String(r.steps)), h("td", { class: "num" }, String(r.deployment)))),
+        runs.length ? "No runs match." : "No runs yet: start one from the Run tab.",
+      ),
+    );
+  };
+  for (const s of [statusSel, startSel, since]) s.addEventListener("change", show);
+  body.append(h("div", { class: "row card" }, h("div", {}, h("label", { for: statusSel.id }, "Status"), statusSel), h("div", {}, h("label", { for: startSel.id }, "Start"), startSel), h("div", {}, h("label", { for: since.id }, "Started"), since)), list);
+  show();
+}
+
+function sinceSelect(id) {
+  const choices = [
+    [0, "any time"],
+    [3600_000, "in the last hour"],
+    [86400_000, "in the last day"],
+    [7 * 86400_000, "in the last week"],
+  ];
+  return h("select", { id }, choices.map(([ms, label]) => h("option", { value: String(ms) }, label)));
 }
 
 async function executionsTab(p, body) {
@@ -454,15 +475,16 @@ async function executionsTab(p, body) {
   const graph = await api.get(`/v1/projects/${enc(p)}/graph`).catch(() => ({ nodes: [] }));
   const blockSel = h("select", { id: "filter-block" }, h("option", { value: "" }, "all blocks"), graph.nodes.filter((n) => n.kind === "block").map((n) => h("option", { value: n.name, selected: q.get("block") === n.name }, n.name)));
   const statusSel = h("select", { id: "filter-status" }, ["", "ok", "error", "init_error", "timeout", "oom", "crashed"].map((s) => h("option", { value: s, selected: q.get("status") === s }, s || "any status")));
+  const since = sinceSelect("filter-since");
   const list = h("div", {});
   const load = async () => {
-    const { executions } = await api.get(`/v1/projects/${enc(p)}/executions?limit=200${blockSel.value ? `&block=${enc(blockSel.value)}` : ""}`);
-    const shown = executions.filter((x) => !statusSel.value || x.status === statusSel.value);
-    list.replaceChildren(executionsTable(shown, "No executions match."));
+    const { executions } = await api.get(`/v1/projects/${enc(p)}/executions?limit=500${blockSel.value ? `&block=${enc(blockSel.value)}` : ""}`);
+    const from = Date.now() - Number(since.value);
+    const shown = executions.filter((x) => (!statusSel.value || x.status === statusSel.value) && (!Number(since.value) || Date.parse(x.started_at) >= from));
+    list.replaceChildren(executionsTable(shown, executions.length ? "No executions match." : "No executions yet."));
   };
-  blockSel.addEventListener("change", load);
-  statusSel.addEventListener("change", load);
-  body.append(h("div", { class: "row card" }, h("div", {}, h("label", { for: "filter-block" }, "Block"), blockSel), h("div", {}, h("label", { for: "filter-status" }, "Status"), statusSel)), list);
+  for (const s of [blockSel, statusSel, since]) s.addEventListener("change", () => load().catch((e) => e instanceof Stale || list.replaceChildren(errorBox(e))));
+  body.append(h("div", { class: "row card" }, h("div", {}, h("label", { for: "filter-block" }, "Block"), blockSel), h("div", {}, h("label", { for: "filter-status" }, "Status"), statusSel), h("div", {}, h("label", { for: since.id }, "Started"), since)), list);
   await load();
 }
 

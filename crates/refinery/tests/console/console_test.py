@@ -242,7 +242,7 @@ def run(p):
     page.reload()
     assert "s3cr3t" not in page.content() and "validating" not in page.content()
     sign_out(page)
-    check("the operator changes a quota")
+    check("the operator changes a quota, creates and disables an account")
 
     sign_in(page, OPERATOR)
     expect(page.locator("#who")).to_contain_text("operator")
@@ -254,9 +254,30 @@ def run(p):
     expect(page.locator("#flash")).to_contain_text(f"Quota of {ACCOUNT_A} saved")
     expect(page.locator("#quota-form")).to_contain_text("in force: 42")
     shot(page, "operator-accounts")
+    page.fill("#new-account", "initech")
+    page.click("#create-account button[type=submit]")
+    expect(page.locator("#created-key")).to_contain_text("rfk_")
+    page.once("dialog", lambda d: d.accept())
+    page.click("tr[data-account=initech] button.danger")
+    expect(page.locator("tr[data-account=initech] .badge")).to_have_text("disabled")
     page.click("nav a[href='#/operator/instances']")
     expect(page.locator("h1")).to_contain_text("Live instances")
     shot(page, "operator-instances")
+    check("refusals are explained from the API's error JSON")
+
+    explained = page.evaluate(
+        """async () => {
+        const { ApiError } = await import("/console/api.js");
+        return [
+          new ApiError(429, {error: {code: "throttled", limit: "rate", retry_after_s: 3, message: "m"}}, "POST", "/x").explain(),
+          new ApiError(402, {error: {code: "spending_cap_reached", message: "m"}}, "POST", "/x").explain(),
+          new ApiError(403, {error: {code: "account_disabled", message: "m"}}, "GET", "/x").explain(),
+        ];
+      }"""
+    )
+    assert "Throttled (limit: rate)" in explained[0] and "3 s" in explained[0], explained[0]
+    assert "Spending cap reached" in explained[1], explained[1]
+    assert "disabled" in explained[2], explained[2]
     check("no CSP violations or script errors")
 
     assert not problems, "; ".join(problems)
