@@ -286,36 +286,12 @@ async fn the_console_in_a_real_browser() {
     server.deploy_ok(&key_a, SHOP).await;
     server.deploy_ok(&key_b, &other_project()).await;
 
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/console/console_test.py");
-    let mut command = Command::new(&python);
-    command
-        .arg(&script)
-        .env("REFINERY_URL", &server.url)
-        .env("REFINERY_OPERATOR_KEY", &server.operator_key)
-        .env("REFINERY_KEY_A", &key_a)
-        .env("REFINERY_KEY_B", &key_b)
-        .env("REFINERY_ACCOUNT_A", "acme")
-        .env("REFINERY_OTHER_PROJECT", "hidden-plans")
-        .env("REFINERY_CHROMIUM", &chromium);
-    // `REFINERY_CONSOLE_SCREENSHOTS=1` refreshes the README's screenshots (docs/console/).
-    if std::env::var_os("REFINERY_CONSOLE_SCREENSHOTS").is_some() {
-        command.env(
-            "REFINERY_SCREENSHOTS",
-            workspace_root().join("docs/console"),
-        );
-    }
     let started = Instant::now();
-    let output = tokio::task::spawn_blocking(move || command.output())
-        .await
-        .expect("join")
-        .expect("run the Playwright script");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "the browser test failed ({}):\n{stdout}\n{stderr}",
-        output.status
-    );
+    let keys = Keys {
+        a: &key_a,
+        b: &key_b,
+    };
+    let stdout = browse(&python, &chromium, &server, &keys, "all").await;
     for check in [
         "a wrong key is refused",
         "account A signs in and sees its projects",
@@ -335,14 +311,9 @@ async fn the_console_in_a_real_browser() {
     ] {
         assert!(
             stdout.contains(&format!("CHECK {check}: ok")),
-            "check `{check}` did not pass:\n{stdout}\n{stderr}"
+            "check `{check}` did not pass:\n{stdout}"
         );
     }
-    assert!(
-        started.elapsed() < Duration::from_secs(120),
-        "the browser test took {:?}",
-        started.elapsed()
-    );
 
     // What the operator did in the browser, seen through the API.
     let (status, quota) = server
@@ -390,4 +361,85 @@ async fn the_console_in_a_real_browser() {
             .any(|r| r["status"] == "succeeded" && r["start"] == "validate"),
         "{runs}"
     );
+
+    // The month closed (as the closer does once it is over): its bill in the console.
+    let (_, usage) = server.request("GET", "/v1/usage", Some(&key_a), None).await;
+    let period = usage["period"].as_str().expect("period").to_string();
+    let mut server = server;
+    let server = close_as_if_over(&mut server, &period).await;
+    let stdout = browse(&python, &chromium, &server, &keys, "bills").await;
+    assert!(
+        stdout.contains("CHECK a closed bill with its lines and its CSV: ok"),
+        "{stdout}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "the browser test took {:?}",
+        started.elapsed()
+    );
+}
+
+struct Keys<'a> {
+    a: &'a str,
+    b: &'a str,
+}
+
+/// Runs the Playwright script (`phase`: `all`, or `bills`) against `server`; returns its
+/// output, having asserted that it passed.
+async fn browse(
+    python: &Path,
+    chromium: &Path,
+    server: &Server,
+    keys: &Keys<'_>,
+    phase: &str,
+) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/console/console_test.py");
+    let mut command = Command::new(python);
+    command
+        .arg(&script)
+        .env("REFINERY_URL", &server.url)
+        .env("REFINERY_OPERATOR_KEY", &server.operator_key)
+        .env("REFINERY_KEY_A", keys.a)
+        .env("REFINERY_KEY_B", keys.b)
+        .env("REFINERY_ACCOUNT_A", "acme")
+        .env("REFINERY_OTHER_PROJECT", "hidden-plans")
+        .env("REFINERY_CHROMIUM", chromium)
+        .env("REFINERY_CONSOLE_PHASE", phase);
+    // `REFINERY_CONSOLE_SCREENSHOTS=1` refreshes the README's screenshots (docs/console/).
+    if std::env::var_os("REFINERY_CONSOLE_SCREENSHOTS").is_some() {
+        command.env(
+            "REFINERY_SCREENSHOTS",
+            workspace_root().join("docs/console"),
+        );
+    }
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("join")
+        .expect("run the Playwright script");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the browser test ({phase}) failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    stdout
+}
+
+/// Closes `period` as the automatic closer will once the month is over (as the billing
+/// tests do): stops `server`, closes the month in its store at the month's end, and starts
+/// a server on the same data dir again. The caller keeps `server` alive (it owns the dir).
+async fn close_as_if_over(server: &mut Server, period: &str) -> Server {
+    server.stop();
+    let period: refinery_billing::Period = period.parse().expect("period");
+    let store = refinery_store::Store::open(&server.data_dir)
+        .await
+        .expect("open store");
+    store
+        .close_period(period, period.end_ms())
+        .await
+        .expect("store")
+        .expect("a month is closed at its end");
+    store.close().await;
+    Server::start_in(&server.data_dir.clone(), &[]).await
 }

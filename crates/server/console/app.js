@@ -67,7 +67,7 @@ function errorBox(e) {
 
 function page(title, ...children) {
   document.title = `${title} · Refinery`;
-  main.replaceChildren(h("h1", {}, title), ...children);
+  main.replaceChildren(h("h1", {}, title), ...children.flat().filter(Boolean));
 }
 
 // A tiny highlighter for read-only code: comments, strings, numbers, keywords.
@@ -320,14 +320,23 @@ async function nodePanel(p, graph, name, panel) {
       env.length ? kv(env.map((k) => [k, h("span", { class: "masked", title: "values are never shown: they may be secrets" }, node.env[k])])) : h("p", { class: "muted" }, "no environment variables"),
       h("h3", {}, `Code (${node.source_name}, read-only)`),
       highlight(node.code || ""),
-      h("h3", {}, "Recent executions"),
+      h("h3", {}, "Live instances"),
     );
+    const instances = h("div", {}, h("p", { class: "muted" }, "loading…"));
     const recent = h("div", {}, h("p", { class: "muted" }, "loading…"));
-    parts.push(recent);
+    parts.push(instances, h("h3", {}, "Recent executions"), recent);
     panel.replaceChildren(...parts);
     try {
-      const { executions } = await api.get(`/v1/projects/${enc(p)}/executions?block=${enc(name)}&limit=10`);
+      const [{ executions }, live] = await Promise.all([api.get(`/v1/projects/${enc(p)}/executions?block=${enc(name)}&limit=10`), api.get("/v1/instances")]);
       recent.replaceChildren(executionsTable(executions, "No executions of this block yet."));
+      const mine = (live.instances || []).filter((i) => i.project === p && i.block === name);
+      instances.replaceChildren(
+        table(
+          ["Instance", "State", "Deployment", "Invocations", "Last used"],
+          mine.map((i) => h("tr", {}, h("td", {}, h("code", {}, i.id)), h("td", {}, badge(i.state)), h("td", { class: "num" }, String(i.deployment)), h("td", { class: "num" }, String(i.invocations)), h("td", {}, fmtTime(i.last_used_at)))),
+          "No live instances: the next invocation starts one (a cold start).",
+        ),
+      );
     } catch (e) {
       if (!(e instanceof Stale)) recent.replaceChildren(errorBox(e));
     }
@@ -785,7 +794,7 @@ function usageBlock(u) {
       ["GB-seconds", String(u.totals.gb_seconds)],
       ["init GB-seconds", String(u.totals.init_gb_seconds)],
       ["egress bytes", String(u.totals.egress_bytes)],
-      u.total != null ? ["total so far", `${u.total} ${u.currency || ""}`] : null,
+      u.cost ? ["cost so far", `${u.cost.total} ${u.currency || ""}`] : null,
     ]),
     table(
       ["Project", "Block", "Requests", "", "GB-s", "Init GB-s", "Egress bytes"],
@@ -843,9 +852,18 @@ async function billsPage() {
       h("h2", {}, `${b.account} · ${b.period} `, badge(b.status)),
       kv([
         ["closed", fmtTime(b.closed_at)],
-        ["total", b.bill && b.bill.total != null ? `${b.bill.total} ${b.bill.currency || ""}` : null],
+        ["total", `${b.bill.total} ${b.bill.currency}`],
       ]),
-      b.bill && b.bill.lines ? table(["Line", "Quantity", "Unit price", "Amount"], b.bill.lines.map((l) => h("tr", {}, h("td", {}, l.description || l.item || l.kind || ""), h("td", { class: "num" }, String(l.quantity ?? "")), h("td", { class: "num" }, String(l.unit_price ?? "")), h("td", { class: "num" }, String(l.amount ?? "")))), "No lines.") : pre(json(b.bill)),
+      kv([
+        ["subtotal", `${b.bill.subtotal} ${b.bill.currency}`],
+        ["markup", `${b.bill.markup} (${b.bill.markup_percent} %)`],
+        ["minimum fee adjustment", String(b.bill.minimum_fee_adjustment)],
+      ]),
+      table(
+        ["Item", "Quantity", "Free", "Billable", "Unit price", "Amount"],
+        b.bill.lines.map((l) => h("tr", {}, h("td", {}, l.item), h("td", { class: "num" }, `${l.quantity} ${l.unit}`), h("td", { class: "num" }, String(l.free)), h("td", { class: "num" }, String(l.billable)), h("td", { class: "num" }, `${l.unit_price} / ${l.unit}`), h("td", { class: "num" }, String(l.amount)))),
+        "No lines.",
+      ),
       h(
         "button",
         {
@@ -955,7 +973,12 @@ async function operatorAccounts() {
 async function instancesPage() {
   const data = await api.get("/v1/instances");
   const list = data.instances || [];
-  const cols = me.operator ? ["account_id", "project", "block", "deployment", "state", "invocations", "last_used_at", "pid", "id"] : ["project", "block", "deployment", "state", "invocations", "last_used_at", "id"];
+  if (me.operator) {
+    const { accounts } = await api.get("/v1/accounts");
+    const names = new Map(accounts.map((a) => [a.id, a.name]));
+    for (const i of list) i.account = names.get(i.account_id) || i.account_id;
+  }
+  const cols = me.operator ? ["account", "project", "block", "deployment", "state", "invocations", "last_used_at", "pid", "id"] : ["project", "block", "deployment", "state", "invocations", "last_used_at", "id"];
   page(
     "Live instances",
     table(

@@ -26,6 +26,7 @@ SHOTS = os.environ.get("REFINERY_SCREENSHOTS")
 TIMEOUT_MS = 20_000
 
 current = "start"
+last_page = None
 
 
 def check(name):
@@ -94,6 +95,8 @@ def run(p):
     context = browser.new_context(viewport={"width": 1360, "height": 900})
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
+    global last_page
+    last_page = page
     problems = []
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     page.on(
@@ -285,13 +288,50 @@ def run(p):
     browser.close()
 
 
+def run_bills(p):
+    """After the month was closed: account A's bill, its lines, its CSV."""
+    global current
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+    context = browser.new_context(viewport={"width": 1360, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    global last_page
+    last_page = page
+    current = "a closed bill with its lines and its CSV"
+    sign_in(page, KEY_A)
+    expect(page.locator("tr[data-project=shop]")).to_be_visible()
+    page.click("nav a[href='#/bills']")
+    bill = page.locator(".bill")
+    expect(bill).to_have_count(1)
+    expect(bill).to_contain_text("closed")
+    expect(bill.locator("tbody tr").first).to_be_visible()
+    expect(bill).to_contain_text("requests")
+    shot(page, "bills")
+    with page.expect_download() as download:
+        bill.locator("button").click()
+    path = download.value.path()
+    with open(path, encoding="utf-8") as f:
+        csv = f.read()
+    assert "period" in csv.splitlines()[0] and ACCOUNT_A in csv, f"the CSV: {csv[:500]}"
+    check("done")
+    browser.close()
+
+
 def main():
-    try:
-        with sync_playwright() as p:
-            run(p)
-    except Exception as e:  # noqa: BLE001 - any failure is the test's failure, reported
-        print(f"FAILED {current}: {type(e).__name__}: {e}", flush=True)
-        sys.exit(1)
+    with sync_playwright() as p:
+        try:
+            if os.environ.get("REFINERY_CONSOLE_PHASE") == "bills":
+                run_bills(p)
+            else:
+                run(p)
+        except Exception as e:  # noqa: BLE001 - any failure is the test's failure, reported
+            print(f"FAILED {current}: {type(e).__name__}: {e}", flush=True)
+            if last_page is not None:
+                try:
+                    print(f"the page ({last_page.url}) showed:\n{last_page.inner_text('body')}", flush=True)
+                except Exception:  # noqa: BLE001 - the page may be gone
+                    pass
+            sys.exit(1)
 
 
 if __name__ == "__main__":
