@@ -306,6 +306,7 @@ async fn the_console_in_a_real_browser() {
         "two deployments compared; a rollback",
         "sign out clears everything; account B never sees A's projects; its 32-node graph",
         "the operator changes a quota, creates and disables an account",
+        "a spending cap set by the operator: A's invocation is refused with 402, explained",
         "refusals are explained from the API's error JSON",
         "no CSP violations or script errors",
     ] {

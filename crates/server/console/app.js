@@ -715,7 +715,36 @@ async function runPage(id) {
         ["project", h("a", { href: `#/p/${enc(run.project)}` }, run.project)],
         ["deployment", String(run.deployment)],
         ["start", run.start],
-        ["status", h("span", { id: "run-status", "data-status": run.status }, badge(run.status))],
+        [
+          "status",
+          h(
+            "span",
+            { id: "run-status", "data-status": run.status },
+            badge(run.status),
+            run.status === "running"
+              ? [
+                  " ",
+                  h(
+                    "button",
+                    {
+                      type: "button",
+                      class: "danger",
+                      id: "cancel-run",
+                      onclick: async () => {
+                        try {
+                          await api.post(`/v1/runs/${enc(id)}/cancel`);
+                          flash("Cancelling: pending steps are cancelled, running ones finish, nothing new starts.", true);
+                        } catch (e) {
+                          if (!(e instanceof Stale)) summary.append(errorBox(e));
+                        }
+                      },
+                    },
+                    "Cancel run",
+                  ),
+                ]
+              : null,
+          ),
+        ],
         ["started", fmtTime(run.started_at)],
         ["duration", fmtMs(run.duration_ms)],
         run.error ? ["error", errorDetail(run.error)] : null,
@@ -922,6 +951,47 @@ async function quotaEditor(account, box) {
   box.replaceChildren(form, h("details", {}, h("summary", {}, "The quota as the server reports it"), pre(json(q))));
 }
 
+const BILLING_FIELDS = ["markup_percent", "minimum_fee", "spending_cap"];
+
+async function billingEditor(account, box) {
+  const t = await api.get(`/v1/accounts/${enc(account.name)}/billing`);
+  const own = t.overrides || {};
+  const defaults = t.defaults || {};
+  const inputs = BILLING_FIELDS.map((f) => [f, h("input", { id: `billing-${f}`, name: f, inputmode: "decimal", value: own[f] != null ? String(own[f]) : "", placeholder: f === "spending_cap" ? "no cap" : `default ${defaults[f] ?? ""}` })]);
+  const err = h("div", { class: "field-error", role: "alert" });
+  const form = h(
+    "form",
+    { class: "card", id: "billing-form" },
+    h("h3", {}, `Billing terms of ${account.name} (${t.currency})`),
+    h("p", { class: "muted" }, "Leave a field empty for the default (no spending cap)."),
+    h("div", { class: "row" }, inputs.map(([f, i]) => h("div", {}, h("label", { for: i.id }, f), i))),
+    t.spending ? kv([["spent this month", `${t.spending.spent} of ${t.spending.cap ?? "no cap"}${t.spending.reached ? " — cap reached: invocations get 402" : ""}`]]) : null,
+    err,
+    h("p", {}, h("button", { type: "submit" }, "Save billing terms")),
+  );
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const body = {};
+    for (const [f, i] of inputs) {
+      const v = i.value.trim();
+      if (v === "") body[f] = null;
+      else if (!/^\d+(\.\d+)?$/.test(v)) {
+        err.textContent = `${f} must be a decimal number like 12.50 (or empty); "${v}" is not.`;
+        i.focus();
+        return;
+      } else body[f] = v;
+    }
+    try {
+      await api.put(`/v1/accounts/${enc(account.name)}/billing`, body);
+      flash(`Billing terms of ${account.name} saved.`, true);
+      await billingEditor(account, box);
+    } catch (e) {
+      if (!(e instanceof Stale)) err.replaceChildren(errorBox(e));
+    }
+  });
+  box.replaceChildren(form);
+}
+
 async function operatorAccounts() {
   if (!me.operator) return page("Accounts", empty("Only the operator manages accounts."));
   const { accounts } = await api.get("/v1/accounts");
@@ -962,6 +1032,8 @@ async function operatorAccounts() {
         "td",
         {},
         h("button", { type: "button", class: "secondary", "data-action": "quota", onclick: () => quotaEditor(a, editor).catch((e) => e instanceof Stale || editor.replaceChildren(errorBox(e))) }, "Quota"),
+        " ",
+        h("button", { type: "button", class: "secondary", "data-action": "billing", onclick: () => billingEditor(a, editor).catch((e) => e instanceof Stale || editor.replaceChildren(errorBox(e))) }, "Billing"),
         " ",
         a.state === "disabled" ? h("button", { type: "button", class: "secondary", onclick: action(a, "enable") }, "Enable") : h("button", { type: "button", class: "danger", onclick: action(a, "disable") }, "Disable"),
       ),

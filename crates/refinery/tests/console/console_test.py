@@ -266,6 +266,22 @@ def run(p):
     page.click("nav a[href='#/operator/instances']")
     expect(page.locator("h1")).to_contain_text("Live instances")
     shot(page, "operator-instances")
+    check("a spending cap set by the operator: A's invocation is refused with 402, explained")
+
+    page.click("nav a[href='#/operator/accounts']")
+    page.locator(f"tr[data-account='{ACCOUNT_A}'] button[data-action=billing]").click()
+    page.fill("#billing-spending_cap", "0")
+    page.click("#billing-form button[type=submit]")
+    expect(page.locator("#flash")).to_contain_text(f"Billing terms of {ACCOUNT_A} saved")
+    sign_out(page)
+    sign_in(page, KEY_A)
+    expect(page.locator("tr[data-project=shop]")).to_be_visible()
+    page.goto(f"{URL}/console/#/p/shop/run")
+    page.fill("#input", json.dumps({"total": 1, "items": []}))
+    page.click("#invoke")
+    expect(page.locator("#run-result .error-box")).to_contain_text("Spending cap reached")
+    shot(page, "refused-402")
+    sign_out(page)
     check("refusals are explained from the API's error JSON")
 
     explained = page.evaluate(
