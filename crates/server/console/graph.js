@@ -2,9 +2,9 @@
 // on long edges, barycentre ordering) drawn as SVG, left to right.
 
 const SVG = "http://www.w3.org/2000/svg";
-const NODE_W = 150;
+const NODE_W = 140;
 const NODE_H = 40;
-const COL_GAP = 130;
+const COL_GAP = 120;
 const ROW_GAP = 26;
 const PAD = 20;
 
@@ -144,15 +144,37 @@ export function layout(names, edges) {
     ids.forEach((id, i) => order.set(id, i));
   });
 
-  // 5. Coordinates: layers are columns, each centred vertically.
+  // 5. Coordinates: layers are columns. Each node moves towards the mean height of its
+  // neighbours in the column before (then after), keeping its layer's order and spacing.
+  const STEP = NODE_H + ROW_GAP;
   const tallest = Math.max(1, ...layers.map((ids) => ids.length));
-  const height = PAD * 2 + tallest * NODE_H + (tallest - 1) * ROW_GAP;
-  const pos = new Map();
-  layers.forEach((ids, l) => {
-    const h = ids.length * NODE_H + (ids.length - 1) * ROW_GAP;
-    const top = (height - h) / 2;
-    ids.forEach((id, i) => pos.set(id, { x: PAD + l * (NODE_W + COL_GAP), y: top + i * (NODE_H + ROW_GAP), layer: l }));
+  const y = new Map();
+  layers.forEach((ids) => {
+    const top = ((tallest - ids.length) * STEP) / 2;
+    ids.forEach((id, i) => y.set(id, top + i * STEP));
   });
+  const settle = (ids, neighbours) => {
+    const want = ids.map((id) => {
+      const ns = neighbours(id);
+      return ns.length ? ns.reduce((sum, n) => sum + y.get(n), 0) / ns.length : y.get(id);
+    });
+    const pos = want.slice();
+    for (let i = 1; i < pos.length; i++) pos[i] = Math.max(pos[i], pos[i - 1] + STEP);
+    // Pushed down too far: share the shift with the nodes above.
+    for (let i = pos.length - 2; i >= 0; i--) pos[i] = Math.min(pos[i], pos[i + 1] - STEP, Math.max(want[i], pos[i]));
+    const drift = pos.reduce((sum, v, i) => sum + (v - want[i]), 0) / Math.max(1, pos.length);
+    ids.forEach((id, i) => y.set(id, pos[i] - drift / 2));
+    for (let i = 1; i < ids.length; i++) y.set(ids[i], Math.max(y.get(ids[i]), y.get(ids[i - 1]) + STEP));
+  };
+  for (let round = 0; round < 4; round++) {
+    for (let l = 1; l < layers.length; l++) settle(layers[l], (id) => adj.get(id).up);
+    for (let l = layers.length - 2; l >= 0; l--) settle(layers[l], (id) => adj.get(id).down);
+  }
+  const minY = Math.min(...[...y.values()]);
+  const maxY = Math.max(...[...y.values()]);
+  const height = PAD * 2 + (maxY - minY) + NODE_H;
+  const pos = new Map();
+  layers.forEach((ids, l) => ids.forEach((id) => pos.set(id, { x: PAD + l * (NODE_W + COL_GAP), y: PAD + y.get(id) - minY, layer: l })));
   const width = PAD * 2 + Math.max(1, layers.length) * NODE_W + Math.max(0, layers.length - 1) * COL_GAP;
   const paths = valid.map((e, i) => {
     const chain = chains[i];
@@ -279,7 +301,7 @@ export function renderGraph(container, graph, onSelect) {
   // Shrunk to fit the container when that keeps it readable; scrolled otherwise.
   const fit = () => {
     const room = container.clientWidth - 2;
-    const scale = room > 0 ? Math.min(1, Math.max(0.6, room / width)) : 1;
+    const scale = room > 0 ? Math.min(1, Math.max(0.75, room / width)) : 1;
     svg.setAttribute("width", Math.round(width * scale));
     svg.setAttribute("height", Math.round(height * scale));
   };
