@@ -6,6 +6,13 @@
 
 const KEY = "refinery.key";
 let session = 0;
+// Bumped by every page change: an answer to a request made for an earlier page is dropped
+// (a slow page must not draw over the one the user went to since).
+let navigation = 0;
+
+export function newNavigation() {
+  navigation += 1;
+}
 
 export function currentKey() {
   return sessionStorage.getItem(KEY);
@@ -63,12 +70,14 @@ export class ApiError extends Error {
   }
 }
 
-/// Thrown when the key changed while a request was in flight: its answer is dropped.
+/// Thrown when the key or the page changed while a request was in flight: its answer is
+/// dropped.
 export class Stale extends Error {}
 
 async function send(method, path, body, raw) {
   const key = currentKey();
   const mine = session;
+  const page = navigation;
   const headers = {};
   if (key) headers.Authorization = `Bearer ${key}`;
   if (body !== undefined) headers["Content-Type"] = "application/json";
@@ -85,9 +94,11 @@ async function send(method, path, body, raw) {
     throw new ApiError(0, String(e), method, path);
   }
   if (mine !== session) throw new Stale("the key changed");
+  if (page !== navigation) throw new Stale("the page changed");
   if (raw && response.ok) return response;
   const text = await response.text();
   if (mine !== session) throw new Stale("the key changed");
+  if (page !== navigation) throw new Stale("the page changed");
   let parsed = text;
   try {
     parsed = text ? JSON.parse(text) : null;

@@ -2,7 +2,7 @@
 // (`graph.js`). No framework; the DOM is built with `h()` (text is always set as text, never
 // parsed as HTML).
 
-import { api, ApiError, Stale, currentKey, setKey, sessionId, enc } from "./api.js";
+import { api, ApiError, Stale, currentKey, setKey, sessionId, newNavigation, enc } from "./api.js";
 import { renderGraph } from "./graph.js";
 
 const main = document.getElementById("main");
@@ -187,6 +187,7 @@ const routes = [
 ];
 
 async function route() {
+  newNavigation();
   stopPolling();
   if (keepFlash) keepFlash = false;
   else flash("");
