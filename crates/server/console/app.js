@@ -681,11 +681,24 @@ async function stepDetail(step, box) {
     return;
   }
   try {
-    const x = await api.get(`/v1/executions/${enc(step.execution_id)}`);
+    const x = await executionSoon(step.execution_id);
     box.querySelector("dl").append(h("dt", {}, "start"), h("dd", {}, x.cold ? "cold" : "warm"));
     logs.replaceChildren(pre(x.logs, "logs"));
   } catch (e) {
     if (!(e instanceof Stale)) logs.replaceChildren(errorBox(e));
+  }
+}
+
+/// An execution that may not be recorded yet: a step's result is committed with the run,
+/// its execution record a moment later (the store's writer batches them).
+async function executionSoon(id) {
+  for (let attempt = 0; ; attempt++) {
+    try {
+      return await api.get(`/v1/executions/${enc(id)}`);
+    } catch (e) {
+      if (!(e instanceof ApiError && e.status === 404) || attempt >= 20) throw e;
+      await new Promise((resolve) => setTimeout(resolve, 250));
+    }
   }
 }
 

@@ -193,9 +193,21 @@ def run(p):
     check("usage shows the invocations just made")
 
     page.click("nav a[href='#/usage']")
-    validate_row = page.locator("tr[data-block='shop/validate'] .requests")
-    expect(validate_row).to_have_text("1")
-    expect(page.locator("tr[data-block='shop/charge'] .requests")).to_have_text("2")
+    # Usage is recorded with the execution records, a moment after the answers: reload
+    # until it shows (the page itself does not poll).
+    wanted = {"shop/validate": "1", "shop/charge": "2"}
+    for _ in range(40):
+        counts = {
+            block: page.locator(f"tr[data-block='{block}'] .requests").all_inner_texts()
+            for block in wanted
+        }
+        if all(counts[b] == [n] for b, n in wanted.items()):
+            break
+        page.wait_for_timeout(250)
+        page.reload()
+        page.wait_for_selector("h1:has-text('Usage this month')")
+    else:
+        raise AssertionError(f"usage per block: got {counts}, expected {wanted}")
     shot(page, "usage")
     check("the graph is readable at phone width")
 
