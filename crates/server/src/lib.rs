@@ -8,9 +8,11 @@
 //! with 503 while the data dir is nearly full) and the log sink (`log.rs`: a log line that
 //! cannot be written is dropped, never failing a request). Every request is authenticated
 //! and every lookup is scoped to the caller's account before anything reaches the store or
-//! the pool; this crate never runs user code itself (the pool does, through the invocation
-//! service of `refinery_invocation`, which the invoke route calls) and never writes SQL (the
-//! store does).
+//! the pool. It also serves the web console (`routes/console.rs`: HTML, CSS and JavaScript
+//! modules under `console/`, embedded in the binary, sent with a strict Content Security
+//! Policy), which is only a client of the same API. This crate never runs user code itself
+//! (the pool does, through the invocation service of `refinery_invocation`, which the
+//! invoke route calls) and never writes SQL (the store does).
 
 mod audit;
 mod auth;

@@ -3,9 +3,11 @@
 mod accounts;
 mod audit;
 mod billing;
+mod console;
 mod deployments;
 mod endpoints;
 mod executions;
+mod graph;
 mod health;
 mod instances;
 mod invoke;
@@ -59,6 +61,7 @@ pub fn router(state: SharedState) -> Router {
                 .layer(DefaultBodyLimit::max(secrets::MAX_SECRET_REQUEST_BYTES))
                 .delete(secrets::delete),
         )
+        .route("/v1/projects/{project}/graph", get(graph::graph))
         .route(
             "/v1/projects/{project}/rollback",
             post(deployments::rollback),
@@ -108,6 +111,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/metrics", get(metrics::metrics))
         .merge(endpoint_routes())
         .merge(billing_routes())
+        .merge(console_routes())
+        .layer(axum::middleware::from_fn(console::no_store))
         .with_state(state)
 }
 
@@ -123,6 +128,15 @@ fn endpoint_routes() -> Router<SharedState> {
         .route("/http/{account}/{project}", call())
         .route("/http/{account}/{project}/", call())
         .route("/http/{account}/{project}/{*path}", call())
+}
+
+/// The web console's page and assets (`routes/console.rs`).
+fn console_routes() -> Router<SharedState> {
+    Router::new()
+        .route("/", get(console::root))
+        .route("/console", get(console::root))
+        .route("/console/", get(console::index))
+        .route("/console/{file}", get(console::asset))
 }
 
 /// Pricing, per-account terms, usage and bills (`routes/billing.rs`).
