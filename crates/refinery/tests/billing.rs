@@ -551,3 +551,36 @@ async fn accounts_see_only_their_own_usage_and_bills_and_the_cli_drives_it_all()
     assert_ne!(code, 0);
     assert!(err.contains("HTTP 404"), "{err}");
 }
+
+/// `GET /v1/usage` has the month's usage per UTC day (for the console's chart).
+#[tokio::test]
+async fn usage_is_given_per_day_too() {
+    let server = Server::start().await;
+    let (_, key) = server.account("daily").await;
+    server
+        .deploy_ok(
+            &key,
+            "name = \"d\"\n[[blocks]]\nname = \"b\"\nlanguage = \"python\"\ncode = \"def main(x, b):\\n    return x\\n\"\n",
+        )
+        .await;
+    let day = || chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let before = day();
+    for i in 0..3 {
+        server.invoke_ok(&key, "d", "b", serde_json::json!(i)).await;
+    }
+    let after = day();
+    let mut days = serde_json::Value::Null;
+    for _ in 0..40 {
+        days = get(&server, "/v1/usage", &key).await["days"].clone();
+        if days[0]["requests"] == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(days.as_array().map(Vec::len), Some(1), "{days}");
+    assert!(
+        days[0]["day"] == before.as_str() || days[0]["day"] == after.as_str(),
+        "{days}"
+    );
+    assert_eq!(days[0]["requests"], 3, "{days}");
+}

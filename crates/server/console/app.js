@@ -839,6 +839,7 @@ function usageBlock(u) {
       ["egress bytes", String(u.totals.egress_bytes)],
       u.cost ? ["cost so far", `${u.cost.total} ${u.currency || ""}`] : null,
     ]),
+    dayChart(u.days),
     table(
       ["Project", "Block", "Requests", "", "GB-s", "Init GB-s", "Egress bytes"],
       u.blocks.map((b) =>
@@ -857,6 +858,39 @@ function usageBlock(u) {
       "No usage this month yet.",
     ),
   );
+}
+
+// Requests per day of the month, as SVG bars (a title per bar gives the figures).
+function dayChart(days) {
+  const NS = "http://www.w3.org/2000/svg";
+  const el = (name, attrs) => {
+    const e = document.createElementNS(NS, name);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, String(v));
+    return e;
+  };
+  if (!days || !days.length) return h("p", { class: "empty" }, "No usage per day yet.");
+  const max = Math.max(1, ...days.map((d) => d.requests));
+  const W = 24, H = 120, gap = 4;
+  const svg = el("svg", {
+    class: "usage-chart",
+    role: "img",
+    "aria-label": "requests per day",
+    viewBox: `0 0 ${days.length * (W + gap)} ${H + 18}`,
+    width: days.length * (W + gap),
+    height: H + 18,
+  });
+  days.forEach((d, i) => {
+    const bh = Math.max(2, Math.round((d.requests / max) * H));
+    const bar = el("rect", { x: i * (W + gap), y: H - bh, width: W, height: bh, class: "day", "data-day": d.day });
+    const title = el("title", {});
+    title.textContent = `${d.day}: ${d.requests} requests, ${d.gb_seconds} GB-s`;
+    bar.appendChild(title);
+    svg.appendChild(bar);
+    const label = el("text", { x: i * (W + gap) + W / 2, y: H + 14, "text-anchor": "middle", class: "day-label" });
+    label.textContent = d.day.slice(8);
+    svg.appendChild(label);
+  });
+  return h("figure", { class: "chart" }, h("figcaption", {}, "Requests per day (UTC)"), svg);
 }
 
 function sizeBars(root) {

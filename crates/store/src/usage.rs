@@ -104,6 +104,25 @@ impl Store {
         block_totals(&mut conn, account_id, period).await
     }
 
+    /// Account `account_id`'s usage in `period` per UTC day (by when each execution
+    /// ended), oldest first: (`YYYY-MM-DD`, requests, MB·ms run and init).
+    pub async fn usage_by_day(
+        &self,
+        account_id: &str,
+        period: Period,
+    ) -> Result<Vec<(String, i64, i64)>, StoreError> {
+        sqlx::query_as(
+            "SELECT date(ended_at_ms / 1000, 'unixepoch') AS day, COUNT(*), \
+             COALESCE(SUM(mb_ms + init_mb_ms), 0) FROM usage \
+             WHERE account_id = ? AND period = ? GROUP BY day ORDER BY day",
+        )
+        .bind(account_id)
+        .bind(period.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(StoreError::db("reading usage per day"))
+    }
+
     /// Account `account_id`'s usage in `period` summed straight from the per-execution
     /// rows (not the running totals): for audits and reconciliation.
     pub async fn usage_from_rows(

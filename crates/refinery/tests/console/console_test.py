@@ -208,6 +208,13 @@ def run(p):
         page.wait_for_selector("h1:has-text('Usage this month')")
     else:
         raise AssertionError(f"usage per block: got {counts}, expected {wanted}")
+    # The chart over days: one bar for today, with every request of the table.
+    today = page.locator("svg.usage-chart rect.day")
+    expect(today).to_have_count(1)
+    total = sum(int(n) for n in page.locator("tr[data-block] .requests").all_inner_texts())
+    title = today.first.locator("title").text_content() or ""
+    if f": {total} requests" not in title:
+        raise AssertionError(f"the day's bar says {title!r}, expected {total} requests")
     shot(page, "usage")
     check("the graph is readable at phone width")
 

@@ -259,7 +259,22 @@ pub async fn usage(
     let mut list = Vec::new();
     for account in accounts_for(&state, &caller, query.account.as_deref()).await? {
         let record = state.store.bill(&account, period, now).await?;
-        list.push(usage_json(&record));
+        let mut usage = usage_json(&record);
+        let days: Vec<Value> = state
+            .store
+            .usage_by_day(&account.id, period)
+            .await?
+            .into_iter()
+            .map(|(day, requests, mb_ms)| {
+                json!({
+                    "day": day,
+                    "requests": requests,
+                    "gb_seconds": (Decimal::from(mb_ms) / Decimal::from(1024 * 1000)).normalize(),
+                })
+            })
+            .collect();
+        usage["days"] = json!(days);
+        list.push(usage);
     }
     Ok(Json(one_or_all(
         &caller,
