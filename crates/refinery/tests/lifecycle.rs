@@ -225,7 +225,7 @@ code = "echo 1"
     assert_eq!(pids.len(), 3);
 
     // SAFETY: kill(2) on the server process this test started.
-    unsafe { libc::kill(server.pid(), libc::SIGKILL) };
+    unsafe { libc::kill(server.pid() as i32, libc::SIGKILL) };
     let _ = server.stop();
     assert!(
         eventually(Duration::from_secs(10), || pids

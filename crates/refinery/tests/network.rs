@@ -155,7 +155,7 @@ async fn run(server: &Server, key: &str, project: &str, block: &str, input: Valu
 }
 
 /// Host pids of the pasta processes the server `server_pid` started.
-fn pasta_children(server_pid: i32) -> Vec<i64> {
+fn pasta_children(server_pid: u32) -> Vec<i64> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
         let Some(pid) = entry
@@ -174,7 +174,7 @@ fn pasta_children(server_pid: i32) -> Vec<i64> {
         };
         let fields: Vec<&str> = rest.split_whitespace().collect();
         if (comm.contains("pasta") || comm.contains("passt"))
-            && fields.get(1).and_then(|p| p.parse::<i32>().ok()) == Some(server_pid)
+            && fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(server_pid)
             && fields.first() != Some(&"Z")
         {
             out.push(pid);
@@ -464,7 +464,7 @@ async fn pasta_dies_with_its_instance_and_with_the_server() {
     assert_eq!(pastas.len(), 1, "{pastas:?}");
     let pid = server.pid();
     // SAFETY: kill(2) on the server process this test started.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     assert!(
         eventually(Duration::from_secs(30), || pastas.iter().all(|&p| dead(p))).await,
         "pasta {pastas:?} outlived the server"
