@@ -19,6 +19,7 @@ mod cpu;
 mod doc;
 mod endpoints;
 mod keep_alive_sim;
+mod load;
 mod machine;
 mod memory;
 mod neighbour;
