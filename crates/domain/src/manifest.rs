@@ -43,6 +43,11 @@
 //! - Cycles are allowed (a loop through an `if`); the engine bounds a run's steps.
 //! - At most 1000 transitions per manifest.
 //!
+//! # Shared files
+//!
+//! `[[shared]]` tables (`name`, `source` = a directory) and a block's `shared = [...]`: see
+//! [`crate::shared`] for the rules and the messages' cases.
+//!
 //! # Triggers (BRIEF §7b)
 //!
 //! ```toml
