@@ -414,7 +414,7 @@ impl SandboxHost {
         copy_code(&spec.code_dir, &own_dir.join(CODE))
             .map_err(|e| err(format!("copying the block's code: {e}")))?;
         if let Some(shared) = &spec.shared_dir {
-            copy_code(shared, &own_dir.join(SHARED))
+            copy_tree(shared, &own_dir.join(SHARED), Copy::Link)
                 .map_err(|e| err(format!("copying the block's shared directories: {e}")))?;
         }
         if spec.tmp_mb != tmp_mb {
@@ -479,6 +479,21 @@ pub(crate) fn remove_code_dirs(state_dir: &Path) {
 /// exec, which mounts the block's own directory. The copy is read-only inside the instance
 /// as the block's own directory is (the standby's /code is a read-only bind of it).
 pub(crate) fn copy_code(from: &Path, to: &Path) -> io::Result<()> {
+    copy_tree(from, to, Copy::Bytes)
+}
+
+/// How [`copy_tree`] places a file.
+#[derive(Clone, Copy)]
+enum Copy {
+    /// A copy of its bytes.
+    Bytes,
+    /// A hard link to it where one can be made (the shared directories: laid out by the
+    /// pool as root-owned 0644 files, read-only inside), else a copy: adoption then costs
+    /// a link per file, not the directories' bytes.
+    Link,
+}
+
+fn copy_tree(from: &Path, to: &Path, how: Copy) -> io::Result<()> {
     for entry in fs::read_dir(from)? {
         let entry = entry?;
         let kind = entry.file_type()?;
@@ -486,7 +501,7 @@ pub(crate) fn copy_code(from: &Path, to: &Path) -> io::Result<()> {
         if kind.is_dir() {
             fs::create_dir(&target)?;
             fs::set_permissions(&target, fs::Permissions::from_mode(0o755))?;
-            copy_code(&entry.path(), &target)?;
+            copy_tree(&entry.path(), &target, how)?;
             continue;
         }
         if !kind.is_file() {
@@ -497,6 +512,9 @@ pub(crate) fn copy_code(from: &Path, to: &Path) -> io::Result<()> {
                     entry.path().display()
                 ),
             ));
+        }
+        if matches!(how, Copy::Link) && fs::hard_link(entry.path(), &target).is_ok() {
+            continue;
         }
         fs::copy(entry.path(), &target)?;
         fs::set_permissions(&target, fs::Permissions::from_mode(0o644))?;
