@@ -267,6 +267,14 @@ async fn rollback_restores_shared_files_and_storage_counts_them() {
         "the rolled-back deployment's shared file: {reply}"
     );
 
+    // The console's graph of a deployment with shared directories (read from the stored
+    // blocks, not from sources read again).
+    let (status, graph) = server
+        .request("GET", "/v1/projects/roll/graph", Some(&key), None)
+        .await;
+    assert_eq!(status, 200, "{graph}");
+    assert_eq!(graph["nodes"][0]["name"], "b", "{graph}");
+
     // Storage: for each deployment, the manifest + 2 × (code + shared files).
     let expected: usize = ["one", "two"]
         .iter()
