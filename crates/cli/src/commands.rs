@@ -707,22 +707,41 @@ fn deploy_request(path: &Path) -> Result<Value> {
         bail!("invalid manifest: {error}");
     }
     let mut files = serde_json::Map::new();
+    let mut binary_files = serde_json::Map::new();
     for source in Manifest::referenced_sources(&text) {
-        match project.read(&source).map_err(anyhow::Error::msg)? {
+        let (read, binary) = project.read_all(&source).map_err(anyhow::Error::msg)?;
+        match read {
             Source::File(contents) => {
                 files.insert(source, Value::String(contents));
             }
             Source::Directory(dir) => {
+                use base64::Engine as _;
                 let key = refinery_domain::source::directory_key(&source);
                 for (path, contents) in dir {
                     files.insert(format!("{key}/{path}"), Value::String(contents));
+                }
+                for (path, bytes) in binary {
+                    binary_files.insert(
+                        format!("{key}/{path}"),
+                        Value::String(base64::engine::general_purpose::STANDARD.encode(bytes)),
+                    );
                 }
             }
             Source::Deployed => {}
         }
     }
-    Ok(json!({ "manifest": text, "manifest_path": shown, "files": files }))
+    let mut request = json!({ "manifest": text, "manifest_path": shown, "files": files });
+    if !binary_files.is_empty() {
+        request["binary_files"] = Value::Object(binary_files);
+    }
+    Ok(request)
 }
+
+/// A directory's files that are not UTF-8 text: path relative to it → bytes.
+type BinaryFiles = std::collections::BTreeMap<String, Vec<u8>>;
+
+/// What reading one source gave: it and its binary files, or why it cannot be read.
+type SourceRead = Result<(Source, BinaryFiles), String>;
 
 /// The project directory (the manifest's) on disk, as the manifest's sources see it.
 ///
@@ -731,11 +750,14 @@ fn deploy_request(path: &Path) -> Result<Value> {
 /// refused, naming the link and its target (a deploy never uploads a file from elsewhere on
 /// the machine); a symlinked directory inside a directory source is refused (it could loop).
 /// In a directory source, hidden entries (`.git`, `.env`, ...), `__pycache__` and
-/// `node_modules` are skipped.
+/// `node_modules` are skipped. The same rules hold for a `[[shared]]` directory. A
+/// directory's files that are not UTF-8 text are read as bytes (sent base64).
 struct ProjectFiles {
     /// The project directory, resolved.
     root: PathBuf,
     base: PathBuf,
+    /// What each source read gave (the manifest check and the upload read each once).
+    read: std::cell::RefCell<std::collections::BTreeMap<String, SourceRead>>,
 }
 
 /// Entries a directory source never uploads.
@@ -749,7 +771,20 @@ impl ProjectFiles {
         Ok(ProjectFiles {
             root,
             base: base.to_path_buf(),
+            read: Default::default(),
         })
+    }
+
+    /// A source and, for a directory, its files that are not UTF-8 text (read once).
+    fn read_all(&self, source: &str) -> SourceRead {
+        if let Some(done) = self.read.borrow().get(source) {
+            return done.clone();
+        }
+        let done = self.read_uncached(source);
+        self.read
+            .borrow_mut()
+            .insert(source.to_string(), done.clone());
+        done
     }
 
     /// `path` resolved, if it stays inside the project; else why not.
@@ -765,30 +800,28 @@ impl ProjectFiles {
         Ok(resolved)
     }
 
-    fn read(&self, source: &str) -> Result<Source, String> {
+    fn read_uncached(&self, source: &str) -> SourceRead {
         let path = self.base.join(source);
         let resolved = self.inside(&path, source)?;
         if resolved.is_dir() {
-            let mut files = std::collections::BTreeMap::new();
-            let mut total = 0usize;
+            let mut files = DirFiles::default();
             self.walk(
                 &path,
                 refinery_domain::source::directory_key(source),
                 "",
                 &mut files,
-                &mut total,
             )?;
-            if files.is_empty() {
+            if files.text.is_empty() && files.binary.is_empty() {
                 return Err(format!("the directory `{source}` holds no files"));
             }
-            return Ok(Source::Directory(files));
+            return Ok((Source::Directory(files.text), files.binary));
         }
         if source.ends_with('/') {
             return Err(format!(
                 "`{source}` ends with '/' but is a file: write it without the '/'"
             ));
         }
-        read_text(&resolved, source).map(Source::File)
+        read_text(&resolved, source).map(|text| (Source::File(text), BinaryFiles::new()))
     }
 
     /// Adds the files under `dir` (shown as `shown/`, at relative paths `prefix...`).
@@ -797,8 +830,7 @@ impl ProjectFiles {
         dir: &Path,
         shown: &str,
         prefix: &str,
-        files: &mut std::collections::BTreeMap<String, String>,
-        total: &mut usize,
+        files: &mut DirFiles,
     ) -> Result<(), String> {
         let mut entries: Vec<_> = fs::read_dir(dir)
             .map_err(|e| format!("reading `{shown}/{prefix}`: {e}"))?
@@ -832,23 +864,11 @@ impl ProjectFiles {
                         target.display()
                     ));
                 }
-                self.add(
-                    files,
-                    total,
-                    relative,
-                    read_text(&target, &shown_path)?,
-                    shown,
-                )?;
+                self.add(files, relative, read_bytes(&target, &shown_path)?, shown)?;
             } else if kind.is_dir() {
-                self.walk(&path, shown, &format!("{relative}/"), files, total)?;
+                self.walk(&path, shown, &format!("{relative}/"), files)?;
             } else if kind.is_file() {
-                self.add(
-                    files,
-                    total,
-                    relative,
-                    read_text(&path, &shown_path)?,
-                    shown,
-                )?;
+                self.add(files, relative, read_bytes(&path, &shown_path)?, shown)?;
             } else {
                 return Err(format!(
                     "`{shown_path}` is not a regular file (a socket, a device or a pipe): remove it from the directory"
@@ -862,22 +882,28 @@ impl ProjectFiles {
     /// directory is not read whole first).
     fn add(
         &self,
-        files: &mut std::collections::BTreeMap<String, String>,
-        total: &mut usize,
+        files: &mut DirFiles,
         relative: String,
-        contents: String,
+        contents: Vec<u8>,
         shown: &str,
     ) -> Result<(), String> {
         use refinery_domain::limits;
-        *total += contents.len();
-        files.insert(relative, contents);
-        if files.len() > limits::MAX_DEPLOY_FILES {
+        files.total += contents.len();
+        match String::from_utf8(contents) {
+            Ok(text) => {
+                files.text.insert(relative, text);
+            }
+            Err(e) => {
+                files.binary.insert(relative, e.into_bytes());
+            }
+        }
+        if files.text.len() + files.binary.len() > limits::MAX_DEPLOY_FILES {
             return Err(format!(
                 "the directory `{shown}/` holds more than {} files, the limit per block (and per deploy): remove files the block does not need (hidden files, `__pycache__` and `node_modules` are skipped)",
                 limits::MAX_DEPLOY_FILES
             ));
         }
-        if *total > limits::MAX_DEPLOY_FILES_BYTES {
+        if files.total > limits::MAX_DEPLOY_FILES_BYTES {
             return Err(format!(
                 "the files of the directory `{shown}/` total more than {} bytes (16 MiB), the limit per block (and per deploy): remove files the block does not need",
                 limits::MAX_DEPLOY_FILES_BYTES
@@ -889,11 +915,40 @@ impl ProjectFiles {
 
 impl refinery_domain::source::SourceResolver for ProjectFiles {
     fn resolve(&self, path: &str) -> Result<Source, String> {
-        self.read(path)
+        self.read_all(path).map(|(source, _)| source)
+    }
+
+    fn binary_files(&self, path: &str) -> BinaryFiles {
+        self.read_all(path)
+            .map(|(_, binary)| binary)
+            .unwrap_or_default()
     }
 }
 
-/// A file's text; a file that is not UTF-8 is refused (the API carries code as text).
+/// A directory's files as the walk reads them: UTF-8 text apart from other bytes, and the
+/// bytes read so far.
+#[derive(Default)]
+struct DirFiles {
+    text: std::collections::BTreeMap<String, String>,
+    binary: BinaryFiles,
+    total: usize,
+}
+
+/// A file's bytes, within the per-file limit.
+fn read_bytes(path: &Path, shown: &str) -> Result<Vec<u8>, String> {
+    let meta = fs::metadata(path).map_err(|e| e.to_string())?;
+    if meta.len() > refinery_domain::limits::MAX_SOURCE_BYTES as u64 {
+        return Err(format!(
+            "`{shown}` is {} bytes; the limit is {} bytes (5 MiB) per file",
+            meta.len(),
+            refinery_domain::limits::MAX_SOURCE_BYTES
+        ));
+    }
+    fs::read(path).map_err(|e| format!("reading `{shown}`: {e}"))
+}
+
+/// A file's text; a file that is not UTF-8 is refused (a block's single file is source
+/// code; a directory's files may be any bytes, see [`read_bytes`]).
 fn read_text(path: &Path, shown: &str) -> Result<String, String> {
     let meta = fs::metadata(path).map_err(|e| e.to_string())?;
     if meta.len() > refinery_domain::limits::MAX_SOURCE_BYTES as u64 {
@@ -905,7 +960,7 @@ fn read_text(path: &Path, shown: &str) -> Result<String, String> {
     }
     let bytes = fs::read(path).map_err(|e| e.to_string())?;
     String::from_utf8(bytes).map_err(|_| {
-        format!("`{shown}` is not UTF-8 text: a block's files are source text; remove binary files from its directory")
+        format!("`{shown}` is not UTF-8 text: a block's single source file is source code; put binary files in a directory source (`source = \"dir/\"`) or a `[[shared]]` directory")
     })
 }
 

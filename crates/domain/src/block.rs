@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -65,6 +66,15 @@ pub struct BlockSpec {
     /// separated, e.g. `lib/helper.py`) → contents. Empty for a single-file block.
     #[serde(default)]
     pub files: BTreeMap<String, String>,
+    /// A directory source's files that are not UTF-8 text (images, models, data): path →
+    /// bytes, laid out beside `files` byte for byte.
+    #[serde(default)]
+    pub binary_files: BTreeMap<String, Vec<u8>>,
+    /// The project's shared directories this block lists (`shared = ["common"]`), in the
+    /// order listed: visible read-only at `/shared/<name>` in its instances, and no others.
+    /// One `Arc` per directory is shared by every block of the deployment that lists it.
+    #[serde(default)]
+    pub shared: Vec<Arc<crate::SharedDir>>,
     /// The handler function in `source_name`: the `function` of `handler =
     /// "module.function"` (default `main`).
     #[serde(default = "default_function")]
@@ -103,8 +113,10 @@ impl BlockSpec {
         )
     }
 
-    /// Bytes of code: the handler's file and every other file of a directory source.
+    /// Bytes of code: the handler's file and every other file of a directory source
+    /// (binary ones included; not the shared directories, counted once per deployment).
     pub fn code_bytes(&self) -> usize {
-        self.source_files().map(|(_, c)| c.len()).sum()
+        self.source_files().map(|(_, c)| c.len()).sum::<usize>()
+            + self.binary_files.values().map(Vec::len).sum::<usize>()
     }
 }

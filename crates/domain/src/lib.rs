@@ -17,6 +17,7 @@ pub mod limits;
 pub mod manifest;
 pub mod names;
 pub mod service;
+pub mod shared;
 pub mod source;
 pub mod trigger;
 
@@ -26,6 +27,7 @@ pub use manifest::{Manifest, ManifestError};
 pub use service::{
     Expression, ExpressionError, LogLevel, RetryPolicy, ServiceGraph, Transition, TransitionType,
 };
+pub use shared::SharedDir;
 pub use trigger::{
     Cors, Endpoint, EndpointAuth, HttpMethod, NodeKind, PathTemplate, Queue, Response, Schedule,
     Timer, Topic,

@@ -43,6 +43,11 @@
 //! - Cycles are allowed (a loop through an `if`); the engine bounds a run's steps.
 //! - At most 1000 transitions per manifest.
 //!
+//! # Shared files
+//!
+//! `[[shared]]` tables (`name`, `source` = a directory) and a block's `shared = [...]`: see
+//! [`crate::shared`] for the rules and the messages' cases.
+//!
 //! # Triggers (BRIEF §7b)
 //!
 //! ```toml
@@ -85,6 +90,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::ops::Range;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -96,6 +102,7 @@ use crate::service::{
     retry_limits, with_compile_stack, Expression, LogLevel, RetryPolicy, ServiceGraph, Transition,
     TransitionType, MAX_TRANSITIONS,
 };
+use crate::shared::{SharedDir, MAX_SHARED_DIRS};
 use crate::trigger::{Endpoint, NodeKind, Queue, Response, Timer, Topic};
 
 mod triggers;
@@ -120,6 +127,9 @@ pub struct Manifest {
     pub timers: Vec<Timer>,
     pub queues: Vec<Queue>,
     pub topics: Vec<Topic>,
+    /// `[[shared]]` directories, in manifest order (each block's `shared` holds the ones it
+    /// lists).
+    pub shared: Vec<Arc<SharedDir>>,
 }
 
 /// A manifest problem, located.
@@ -171,6 +181,16 @@ struct RawManifest {
     queues: Vec<Spanned<RawQueue>>,
     #[serde(default)]
     topics: Vec<Spanned<RawNamed>>,
+    #[serde(default)]
+    shared: Vec<Spanned<RawShared>>,
+}
+
+/// A `[[shared]]` table (see [`crate::shared`]).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShared {
+    name: Spanned<String>,
+    source: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -210,6 +230,7 @@ struct RawBlock {
     env: Option<Spanned<BTreeMap<Spanned<String>, Spanned<toml::Value>>>>,
     network: Option<Spanned<bool>>,
     retry: Option<Spanned<RawRetry>>,
+    shared: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// Variables the platform sets itself (the sandbox's base environment; the shell runtime's
@@ -267,11 +288,13 @@ impl Manifest {
                 })?,
         };
 
+        let shared = ctx.shared(&raw, sources)?;
         let mut seen = BTreeSet::new();
         let mut blocks = Vec::with_capacity(raw.blocks.len());
         let mut retry = BTreeMap::new();
         for (index, raw_block) in raw.blocks.iter().enumerate() {
-            let block = ctx.block(index, raw_block, sources)?;
+            let mut block = ctx.block(index, raw_block, sources)?;
+            block.shared = ctx.block_shared(index, raw_block.get_ref(), &shared)?;
             if let Some(policy) = &raw_block.get_ref().retry {
                 retry.insert(block.name.clone(), ctx.retry(index, policy)?);
             }
@@ -326,7 +349,9 @@ impl Manifest {
             timers: triggers.timers,
             queues: triggers.queues,
             topics: triggers.topics,
+            shared,
         };
+        ctx.check_shared_listed(&raw, &manifest)?;
         ctx.check_wiring(&raw, &manifest)?;
         Ok(manifest)
     }
@@ -410,6 +435,11 @@ impl Manifest {
         raw.blocks
             .iter()
             .filter_map(|b| b.get_ref().source.as_ref().map(|s| s.get_ref().clone()))
+            .chain(
+                raw.shared
+                    .iter()
+                    .map(|s| s.get_ref().source.get_ref().clone()),
+            )
             .collect()
     }
 }
@@ -475,7 +505,7 @@ impl Context<'_> {
             self.error(Some(block.language.span()), field("language"), message)
         })?;
 
-        let (source_name, code, files, function) =
+        let (source_name, code, files, function, binary_files) =
             self.code(index, raw, language, &name, sources)?;
         if code.len() > limits::MAX_SOURCE_BYTES {
             return Err(self.error(
@@ -571,6 +601,8 @@ impl Context<'_> {
             source_name,
             code,
             files,
+            binary_files,
+            shared: Vec::new(),
             function,
             secret_env,
             memory_mb,
@@ -586,8 +618,14 @@ impl Context<'_> {
 }
 
 /// A block's code: the handler's file name and text, a directory source's other files,
-/// and the handler function.
-type BlockCode = (String, String, BTreeMap<String, String>, String);
+/// the handler function, and a directory source's binary files.
+type BlockCode = (
+    String,
+    String,
+    BTreeMap<String, String>,
+    String,
+    BTreeMap<String, Vec<u8>>,
+);
 
 impl Context<'_> {
     /// Resolves a block's `source` (a file or a directory) or inline `code`, and its
@@ -630,7 +668,13 @@ impl Context<'_> {
                     ))
                 }
             };
-            Ok((source_name, code, BTreeMap::new(), function))
+            Ok((
+                source_name,
+                code,
+                BTreeMap::new(),
+                function,
+                BTreeMap::new(),
+            ))
         };
         match (&block.source, &block.code) {
             (Some(_), Some(code)) => Err(self.error(
@@ -676,6 +720,7 @@ impl Context<'_> {
                             || crate::block::DEFAULT_FUNCTION.to_string(),
                             |(_, h)| h.function,
                         ),
+                        BTreeMap::new(),
                     )),
                     Source::File(code) => {
                         let source_name = source_file_name(path).map_err(|message| {
@@ -694,7 +739,8 @@ impl Context<'_> {
                                 language.descriptor().inline_extension
                             )));
                         }
-                        crate::source::check_directory(&files)
+                        let binary = sources.binary_files(path);
+                        crate::source::check_directory_files(&files, &binary)
                             .map_err(|m| located(format!("`{path}`: {m}")))?;
                         let (written, handler) = match handler {
                             Some((h, parsed)) => (Some(h), parsed),
@@ -707,6 +753,12 @@ impl Context<'_> {
                                 .map_err(located)?,
                             ),
                         };
+                        if let Some(entry) = handler.files.iter().find(|f| binary.contains_key(*f)) {
+                            return Err(located(format!(
+                                "`{path}{}{entry}`, the handler's file, is not UTF-8 text: save it as UTF-8 source",
+                                if path.ends_with('/') { "" } else { "/" }
+                            )));
+                        }
                         let Some(entry) = handler.files.iter().find(|f| files.contains_key(*f))
                         else {
                             let shown: Vec<&str> = files.keys().map(String::as_str).take(10).collect();
@@ -727,11 +779,189 @@ impl Context<'_> {
                         };
                         let entry = entry.clone();
                         let code = files.remove(&entry).unwrap_or_default();
-                        Ok((entry, code, files, handler.function))
+                        Ok((entry, code, files, handler.function, binary))
                     }
                 }
             }
         }
+    }
+}
+
+impl Context<'_> {
+    /// `[[shared]]` (see [`crate::shared`]): names valid and unique, each source a directory
+    /// of the project, apart from every block's source, within the directory limits.
+    fn shared(
+        &self,
+        raw: &RawManifest,
+        sources: &dyn SourceResolver,
+    ) -> Result<Vec<Arc<SharedDir>>, ManifestError> {
+        if let Some(over) = raw.shared.get(MAX_SHARED_DIRS) {
+            return Err(self.error(
+                Some(over.span()),
+                Some(format!("shared[{MAX_SHARED_DIRS}]")),
+                format!(
+                    "more than {MAX_SHARED_DIRS} `[[shared]]` directories: the limit is {MAX_SHARED_DIRS} per project; merge some"
+                ),
+            ));
+        }
+        let mut dirs: Vec<Arc<SharedDir>> = Vec::with_capacity(raw.shared.len());
+        for (index, entry) in raw.shared.iter().enumerate() {
+            let field = |key: &str| Some(format!("shared[{index}].{key}"));
+            let entry = entry.get_ref();
+            let name = entry.name.get_ref();
+            if !is_valid_name(name) {
+                return Err(self.error(
+                    Some(entry.name.span()),
+                    field("name"),
+                    format!(
+                        "invalid shared directory name `{}`: expected {NAME_RULE}",
+                        printable(name)
+                    ),
+                ));
+            }
+            if dirs.iter().any(|d| &d.name == name) {
+                return Err(self.error(
+                    Some(entry.name.span()),
+                    field("name"),
+                    format!("duplicate shared directory name `{name}`: each `[[shared]]` table needs a name of its own"),
+                ));
+            }
+            let path = entry.source.get_ref();
+            let located =
+                |message: String| self.error(Some(entry.source.span()), field("source"), message);
+            if crate::source::directory_key(path).is_empty()
+                || path.starts_with('/')
+                || path.split('/').any(|part| part == "..")
+            {
+                return Err(located(format!(
+                    "`{path}` must be a relative path to a directory inside the project directory (no `..`, no absolute path)"
+                )));
+            }
+            let key = crate::source::directory_key(path);
+            let nested = |other: &str| {
+                let other = crate::source::directory_key(other);
+                key == other
+                    || key.starts_with(&format!("{other}/"))
+                    || other.starts_with(&format!("{key}/"))
+            };
+            if let Some(block) = raw
+                .blocks
+                .iter()
+                .map(Spanned::get_ref)
+                .find(|b| b.source.as_ref().is_some_and(|s| nested(s.get_ref())))
+            {
+                return Err(located(format!(
+                    "`{path}` overlaps the source of block `{}` (`{}`): a shared directory and a block's source must not contain one another; move one of them",
+                    block.name.get_ref(),
+                    block.source.as_ref().map_or("", |s| s.get_ref().as_str())
+                )));
+            }
+            if let Some(other) = raw.shared[..index]
+                .iter()
+                .map(Spanned::get_ref)
+                .find(|o| nested(o.source.get_ref()))
+            {
+                return Err(located(format!(
+                    "`{path}` overlaps the shared directory `{}` (`{}`): shared directories must not contain one another",
+                    other.name.get_ref(),
+                    other.source.get_ref()
+                )));
+            }
+            let resolved = sources
+                .resolve(path)
+                .map_err(|reason| located(format!("cannot read `{path}`: {reason}")))?;
+            let files = match resolved {
+                Source::Deployed => BTreeMap::new(),
+                Source::File(_) => {
+                    return Err(located(format!(
+                        "`{path}` is a file: a shared directory's source is a directory of the project (`source = \"{key}/\"` for a directory of that name)"
+                    )))
+                }
+                Source::Directory(text) => {
+                    let binary = sources.binary_files(path);
+                    crate::source::check_directory_files(&text, &binary)
+                        .map_err(|m| located(format!("`{path}`: {m}")))?;
+                    text.into_iter()
+                        .map(|(p, t)| (p, t.into_bytes()))
+                        .chain(binary)
+                        .collect()
+                }
+            };
+            dirs.push(Arc::new(SharedDir {
+                name: name.clone(),
+                files,
+            }));
+        }
+        Ok(dirs)
+    }
+
+    /// A block's `shared = [...]`: declared names, each once.
+    fn block_shared(
+        &self,
+        index: usize,
+        block: &RawBlock,
+        shared: &[Arc<SharedDir>],
+    ) -> Result<Vec<Arc<SharedDir>>, ManifestError> {
+        let Some(list) = &block.shared else {
+            return Ok(Vec::new());
+        };
+        let mut listed: Vec<Arc<SharedDir>> = Vec::with_capacity(list.get_ref().len());
+        for (i, name) in list.get_ref().iter().enumerate() {
+            let error = |message: String| {
+                self.error(
+                    Some(name.span()),
+                    Some(format!("blocks[{index}].shared[{i}]")),
+                    message,
+                )
+            };
+            let Some(dir) = shared.iter().find(|d| d.name == *name.get_ref()) else {
+                return Err(error(format!(
+                    "unknown shared directory `{}`: {}",
+                    printable(name.get_ref()),
+                    if shared.is_empty() {
+                        "the manifest declares none; declare it with a `[[shared]]` table (`name`, `source = \"dir/\"`)".to_string()
+                    } else {
+                        format!(
+                            "the manifest declares {}; declare it with a `[[shared]]` table or fix the name",
+                            shared.iter().map(|d| format!("`{}`", d.name)).collect::<Vec<_>>().join(", ")
+                        )
+                    }
+                )));
+            };
+            if listed.iter().any(|d| d.name == dir.name) {
+                return Err(error(format!(
+                    "`{}` is listed twice: list each shared directory once",
+                    dir.name
+                )));
+            }
+            listed.push(dir.clone());
+        }
+        Ok(listed)
+    }
+
+    /// Every declared shared directory is listed by some block.
+    fn check_shared_listed(
+        &self,
+        raw: &RawManifest,
+        manifest: &Manifest,
+    ) -> Result<(), ManifestError> {
+        for (index, dir) in manifest.shared.iter().enumerate() {
+            let listed = manifest
+                .blocks
+                .iter()
+                .any(|b| b.shared.iter().any(|d| d.name == dir.name));
+            if !listed {
+                return Err(self.error(
+                    Some(raw.shared[index].span()),
+                    Some(format!("shared[{index}]")),
+                    format!(
+                        "shared directory `{}` is listed by no block, so no instance would see it: add `shared = [\"{}\"]` to the blocks that use it, or remove the table",
+                        dir.name, dir.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -2134,5 +2364,128 @@ type = "then"
             graph.transition(5).map(|t| t.kind),
             Some(TransitionType::Merge)
         );
+    }
+
+    #[test]
+    fn shared_directories_are_declared_listed_and_checked() {
+        use crate::source::UploadedFiles;
+        let text: BTreeMap<String, String> = [
+            ("common/util.py", "X = 1\n"),
+            ("a.py", "def main(i, b): pass\n"),
+            ("b.py", "def main(i, b): pass\n"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let binary: BTreeMap<String, Vec<u8>> = [("common/blob.bin".to_string(), vec![0xff, 0])]
+            .into_iter()
+            .collect();
+        let files = UploadedFiles {
+            text: &text,
+            binary: &binary,
+        };
+        let head = "name = \"p\"\n[[shared]]\nname = \"common\"\nsource = \"common/\"\n";
+        let blocks = "[[blocks]]\nname = \"a\"\nlanguage = \"python\"\nsource = \"a.py\"\nshared = [\"common\"]\n\
+                      [[blocks]]\nname = \"b\"\nlanguage = \"python\"\nsource = \"b.py\"\n";
+        let m = Manifest::parse(&format!("{head}{blocks}"), "refinery.toml", &files).expect("ok");
+        assert_eq!(m.shared.len(), 1);
+        assert_eq!(m.shared[0].files["util.py"], b"X = 1\n");
+        assert_eq!(m.shared[0].files["blob.bin"], vec![0xff, 0]);
+        assert_eq!(m.blocks[0].shared.len(), 1);
+        assert!(m.blocks[1].shared.is_empty());
+        assert!(Manifest::referenced_sources(&format!("{head}{blocks}"))
+            .contains(&"common/".to_string()));
+
+        let cases = [
+            (
+                format!("{head}{}", blocks.replace("[\"common\"]", "[\"comon\"]")),
+                "blocks[0].shared[0]",
+                "unknown shared directory `comon`",
+            ),
+            (
+                format!(
+                    "{head}{}",
+                    blocks.replace("[\"common\"]", "[\"common\", \"common\"]")
+                ),
+                "blocks[0].shared[1]",
+                "listed twice",
+            ),
+            (
+                format!(
+                    "{head}{head_again}{blocks}",
+                    head_again = "[[shared]]\nname = \"common\"\nsource = \"other/\"\n"
+                ),
+                "shared[1].name",
+                "duplicate shared directory name",
+            ),
+            (
+                format!("{}{blocks}", head.replace("common/\"", "missing/\"")),
+                "shared[0].source",
+                "cannot read `missing/`",
+            ),
+            (
+                format!("{}{blocks}", head.replace("common/\"", "a.py\"")),
+                "shared[0].source",
+                "overlaps the source of block `a`",
+            ),
+            (
+                format!("{}{blocks}", head.replace("common/\"", "../x/\"")),
+                "shared[0].source",
+                "relative path",
+            ),
+            (
+                format!("{head}{}", blocks.replace("shared = [\"common\"]\n", "")),
+                "shared[0]",
+                "listed by no block",
+            ),
+        ];
+        for (manifest, field, message) in cases {
+            let err = Manifest::parse(&manifest, "refinery.toml", &files).expect_err(field);
+            assert_eq!(err.field.as_deref(), Some(field), "{err}");
+            assert!(err.message.contains(message), "{err}");
+            assert!(err.line.is_some(), "{err}");
+        }
+    }
+
+    #[test]
+    fn directory_sources_carry_binary_files_but_not_a_binary_handler() {
+        use crate::source::UploadedFiles;
+        let text: BTreeMap<String, String> = [("src/main.py", "def main(i, b): pass\n")]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let all_bytes: Vec<u8> = (0..=255).collect();
+        let mut binary: BTreeMap<String, Vec<u8>> =
+            [("src/data/blob.bin".to_string(), all_bytes.clone())]
+                .into_iter()
+                .collect();
+        let block =
+            "name = \"p\"\n[[blocks]]\nname = \"a\"\nlanguage = \"python\"\nsource = \"src/\"\n";
+        let files = UploadedFiles {
+            text: &text,
+            binary: &binary,
+        };
+        let m = Manifest::parse(block, "refinery.toml", &files).expect("ok");
+        assert_eq!(m.blocks[0].binary_files["data/blob.bin"], all_bytes);
+        assert_eq!(m.blocks[0].code_bytes(), text["src/main.py"].len() + 256);
+        binary.insert("src/app.py".into(), vec![0xff]);
+        let files = UploadedFiles {
+            text: &text,
+            binary: &binary,
+        };
+        let err = Manifest::parse(
+            &format!("{block}handler = \"app.main\"\n"),
+            "refinery.toml",
+            &files,
+        )
+        .expect_err("binary handler");
+        assert!(err.message.contains("not UTF-8 text"), "{err}");
+        binary.insert("src/big.bin".into(), vec![0; limits::MAX_SOURCE_BYTES + 1]);
+        let files = UploadedFiles {
+            text: &text,
+            binary: &binary,
+        };
+        let err = Manifest::parse(block, "refinery.toml", &files).expect_err("too big");
+        assert!(err.message.contains("big.bin"), "{err}");
     }
 }

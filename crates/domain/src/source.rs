@@ -14,7 +14,11 @@
 //!   digits, `.`, `-` and `_` and not starting with `.`; the CLI skips hidden entries,
 //!   `__pycache__` and `node_modules` (dependencies are built at deploy, not uploaded) and
 //!   refuses anything else it cannot send (a symlink out of the project, a symlinked
-//!   directory, a file that is not UTF-8 text).
+//!   directory, a socket or device).
+//! - A directory's files may be any bytes (a PNG, a model file, a data blob): those that are
+//!   not UTF-8 text travel apart ([`SourceResolver::binary_files`], the deploy request's
+//!   `binary_files`, base64) and are laid out byte for byte. The handler's own file is
+//!   source text.
 //! - At most [`limits::MAX_DEPLOY_FILES`] files and [`limits::MAX_DEPLOY_FILES_BYTES`]
 //!   bytes per block (and per deploy), each file at most [`limits::MAX_SOURCE_BYTES`].
 
@@ -39,6 +43,13 @@ pub enum Source {
 /// source or a reason it cannot be read.
 pub trait SourceResolver {
     fn resolve(&self, path: &str) -> Result<Source, String>;
+
+    /// The files of the directory `path` (as resolved by [`SourceResolver::resolve`]) that
+    /// are not UTF-8 text: path relative to the directory → bytes. Resolvers that carry
+    /// text only have none.
+    fn binary_files(&self, _path: &str) -> BTreeMap<String, Vec<u8>> {
+        BTreeMap::new()
+    }
 }
 
 /// A closure returning one file's text: single-file sources only.
@@ -76,6 +87,45 @@ impl SourceResolver for Uploaded<'_> {
         }
         Ok(Source::Directory(files))
     }
+}
+
+/// The files uploaded with a deploy, text and binary (`binary_files` of the deploy request,
+/// decoded): a directory is every key under `source/` in either map. A `source` naming one
+/// binary file is refused (a block's single file is source text).
+pub struct UploadedFiles<'a> {
+    pub text: &'a BTreeMap<String, String>,
+    pub binary: &'a BTreeMap<String, Vec<u8>>,
+}
+
+impl SourceResolver for UploadedFiles<'_> {
+    fn resolve(&self, path: &str) -> Result<Source, String> {
+        if !path.ends_with('/') && self.binary.contains_key(path) {
+            return Err(
+                "it is not UTF-8 text: a block's single source file is source code; put binary \
+                 files in a directory source or a shared directory"
+                    .to_string(),
+            );
+        }
+        match Uploaded(self.text).resolve(path) {
+            Ok(source) => Ok(source),
+            Err(_) if !self.binary_files(path).is_empty() => Ok(Source::Directory(BTreeMap::new())),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn binary_files(&self, path: &str) -> BTreeMap<String, Vec<u8>> {
+        under(self.binary, path)
+    }
+}
+
+/// The entries of `files` under the directory `path` (`path/…`), keyed relative to it.
+fn under<T: Clone>(files: &BTreeMap<String, T>, path: &str) -> BTreeMap<String, T> {
+    let prefix = format!("{}/", directory_key(path));
+    files
+        .range(prefix.clone()..)
+        .take_while(|(key, _)| key.starts_with(&prefix))
+        .map(|(key, value)| (key[prefix.len()..].to_string(), value.clone()))
+        .collect()
 }
 
 /// Resolves every source to [`Source::Deployed`]: for reading a deployed manifest again
@@ -118,25 +168,37 @@ pub fn check_relative_path(path: &str) -> Result<(), String> {
 
 /// Checks a directory source's files against the limits and the path rules.
 pub fn check_directory(files: &BTreeMap<String, String>) -> Result<(), String> {
-    if files.len() > limits::MAX_DEPLOY_FILES {
+    check_directory_files(files, &BTreeMap::new())
+}
+
+/// Checks a directory's text and binary files together against the limits (counted in
+/// bytes) and the path rules.
+pub fn check_directory_files(
+    files: &BTreeMap<String, String>,
+    binary: &BTreeMap<String, Vec<u8>>,
+) -> Result<(), String> {
+    let count = files.len() + binary.len();
+    if count > limits::MAX_DEPLOY_FILES {
         return Err(format!(
-            "the directory holds {} files; the limit is {} files per block (and per deploy): \
+            "the directory holds {count} files; the limit is {} files per block (and per deploy): \
              remove files the block does not need",
-            files.len(),
             limits::MAX_DEPLOY_FILES
         ));
     }
     let mut total = 0usize;
-    for (path, text) in files {
+    let all = files
+        .iter()
+        .map(|(p, t)| (p, t.len()))
+        .chain(binary.iter().map(|(p, b)| (p, b.len())));
+    for (path, len) in all {
         check_relative_path(path)?;
-        if text.len() > limits::MAX_SOURCE_BYTES {
+        if len > limits::MAX_SOURCE_BYTES {
             return Err(format!(
-                "file `{path}` is {} bytes; the limit is {} bytes (5 MiB) per file",
-                text.len(),
+                "file `{path}` is {len} bytes; the limit is {} bytes (5 MiB) per file",
                 limits::MAX_SOURCE_BYTES
             ));
         }
-        total += text.len();
+        total += len;
     }
     if total > limits::MAX_DEPLOY_FILES_BYTES {
         return Err(format!(

@@ -954,3 +954,44 @@ pub fn write_tree(root: &Path, files: &[(&str, &str)]) {
         std::fs::write(&path, contents).expect("write file");
     }
 }
+
+/// Writes one file of arbitrary bytes under `root`, creating directories.
+pub fn write_bytes(root: &Path, path: &str, bytes: &[u8]) {
+    let path = root.join(path);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).expect("create dir");
+    }
+    std::fs::write(&path, bytes).expect("write file");
+}
+
+impl Server {
+    /// Deploys through the API with text `files` and `binary` files (sent base64 in the
+    /// request's `binary_files`).
+    pub async fn deploy_binary(
+        &self,
+        key: &str,
+        manifest: &str,
+        files: &[(&str, &str)],
+        binary: &[(&str, &[u8])],
+    ) -> (u16, Value) {
+        use base64::Engine as _;
+        let text: serde_json::Map<String, Value> = files
+            .iter()
+            .map(|(p, c)| (p.to_string(), Value::String(c.to_string())))
+            .collect();
+        let encoded: serde_json::Map<String, Value> = binary
+            .iter()
+            .map(|(p, b)| {
+                let b64 = base64::engine::general_purpose::STANDARD.encode(b);
+                (p.to_string(), Value::String(b64))
+            })
+            .collect();
+        self.request(
+            "POST",
+            "/v1/deployments",
+            Some(key),
+            Some(json!({ "manifest": manifest, "files": text, "binary_files": encoded })),
+        )
+        .await
+    }
+}

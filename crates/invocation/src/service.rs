@@ -434,6 +434,8 @@ mod tests {
             deployment_number: 2,
             block: BlockSpec {
                 files: Default::default(),
+                binary_files: Default::default(),
+                shared: Vec::new(),
                 function: "main".into(),
                 secret_env: Default::default(),
                 name: "checkout".into(),

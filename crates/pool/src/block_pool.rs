@@ -20,6 +20,9 @@ use crate::scale_up::{ScaleUpBucket, ScaleUpLimit};
 pub struct BlockPool {
     pub target: BlockTarget,
     pub code_dir: PathBuf,
+    /// The view of the project shared directories the block lists (bound read-only at
+    /// `/shared`), if it lists any.
+    pub shared_dir: Option<PathBuf>,
     /// One permit per instance the block may run at once (`max_concurrency`).
     pub permits: Semaphore,
     pub policy: KeepAlivePolicy,
@@ -101,6 +104,12 @@ pub struct Upkeep {
 }
 
 impl BlockPool {
+    /// The pool with `dir` as its shared-directory view ([`BlockPool::shared_dir`]).
+    pub fn with_shared_dir(mut self, dir: Option<PathBuf>) -> BlockPool {
+        self.shared_dir = dir;
+        self
+    }
+
     pub fn new(
         target: BlockTarget,
         code_dir: PathBuf,
@@ -113,6 +122,7 @@ impl BlockPool {
         BlockPool {
             target,
             code_dir,
+            shared_dir: None,
             permits: Semaphore::new(permits),
             history: Mutex::new(BlockHistory::new(&policy)),
             policy,
@@ -320,6 +330,8 @@ mod tests {
             deployment_number: 1,
             block: BlockSpec {
                 files: Default::default(),
+                binary_files: Default::default(),
+                shared: Vec::new(),
                 function: "main".into(),
                 secret_env: Default::default(),
                 name: "b".into(),

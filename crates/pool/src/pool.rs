@@ -719,8 +719,10 @@ impl InstancePool {
         }
         let code_root = self.inner.config.code_root.clone();
         let (deployment_id, block) = (target.deployment_id, target.block.clone());
-        let code_dir = tokio::task::spawn_blocking(move || {
-            code_dir::materialize(&code_root, deployment_id, &block)
+        let (code_dir, shared_dir) = tokio::task::spawn_blocking(move || {
+            let code = code_dir::materialize(&code_root, deployment_id, &block)?;
+            let shared = code_dir::materialize_shared(&code_root, deployment_id, &block)?;
+            Ok::<_, std::io::Error>((code, shared))
         })
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))
@@ -750,14 +752,17 @@ impl InstancePool {
             });
         }
         let entry = blocks.entry(key).or_insert_with(|| {
-            Arc::new(BlockPool::new(
-                target.clone(),
-                code_dir,
-                policy,
-                config.scale_up,
-                labels,
-                self.inner.origin,
-            ))
+            Arc::new(
+                BlockPool::new(
+                    target.clone(),
+                    code_dir,
+                    policy,
+                    config.scale_up,
+                    labels,
+                    self.inner.origin,
+                )
+                .with_shared_dir(shared_dir),
+            )
         });
         Ok(entry.clone())
     }
@@ -937,6 +942,7 @@ impl InstancePool {
             instance_id: new_instance_id(),
             group: cgroup_safe(&target.account_id),
             code_dir: block_pool.code_dir.clone(),
+            shared_dir: block_pool.shared_dir.clone(),
             runtime_dir: self.inner.config.runtime_dir.clone(),
             entry: sandbox_entry(refinery_runtimes::entry(
                 block.language,

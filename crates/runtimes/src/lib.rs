@@ -332,12 +332,18 @@ pub fn code_files(language: Language, source_name: &str, code: &str) -> Vec<(Str
 /// files keep their subdirectories): as [`code_files`] (the generated `package.json`
 /// only when the handler's file uses ES module syntax and the directory has none of its own).
 pub fn block_code_files(block: &refinery_domain::BlockSpec) -> Vec<(String, Vec<u8>)> {
-    if block.files.is_empty() {
+    if block.files.is_empty() && block.binary_files.is_empty() {
         return code_files(block.language, &block.source_name, &block.code);
     }
     let mut files: Vec<(String, Vec<u8>)> = block
         .source_files()
         .map(|(path, text)| (path.to_string(), text.as_bytes().to_vec()))
+        .chain(
+            block
+                .binary_files
+                .iter()
+                .map(|(path, bytes)| (path.clone(), bytes.clone())),
+        )
         .collect();
     if block.language == Language::Node
         && !block.files.contains_key("package.json")

@@ -46,6 +46,7 @@ pub(crate) const RULES: &[(&str, Grant)] = &[
     ("/libx32",      Grant::ReadExec),
     ("/etc",         Grant::Read),
     ("/code",        Grant::ReadExec),
+    ("/shared",      Grant::Read),       // project shared directories: data and source (mounted noexec)
     ("/runtime",     Grant::ReadExec),
     ("/proc",        Grant::Read),       // no writes, not even to the instance's own files
     ("/dev/null",    Grant::Device),

@@ -177,6 +177,9 @@ pub struct InstanceSpec {
     pub group: String,
     /// Host dir, bind-mounted read-only at /code.
     pub code_dir: PathBuf,
+    /// Host dir bind-mounted read-only (and noexec) at /shared: the project shared
+    /// directories the block lists, one subdirectory each. `None`: no /shared.
+    pub shared_dir: Option<PathBuf>,
     /// Host dir, bind-mounted read-only at /runtime.
     pub runtime_dir: PathBuf,
     pub entry: Entry,
@@ -444,7 +447,10 @@ impl SandboxHost {
         for (what, dir) in [
             ("code_dir", &spec.code_dir),
             ("runtime_dir", &spec.runtime_dir),
-        ] {
+        ]
+        .into_iter()
+        .chain(spec.shared_dir.as_ref().map(|d| ("shared_dir", d)))
+        {
             if !dir.is_absolute() || !dir.is_dir() {
                 return bad(format!(
                     "{what} {} is not an existing absolute directory",
@@ -486,6 +492,7 @@ impl SandboxHost {
     ) -> InitSpec {
         let fs = InstanceFs {
             code_dir: &spec.code_dir,
+            shared_dir: spec.shared_dir.as_deref(),
             runtime_dir: &spec.runtime_dir,
             tmp_mb: spec.tmp_mb,
             uid,

@@ -164,6 +164,8 @@ impl HostRootfs {
 /// Per-instance inputs of the mount table.
 pub(crate) struct InstanceFs<'a> {
     pub code_dir: &'a Path,
+    /// Bound at /shared (read-only, noexec) when the block lists shared directories.
+    pub shared_dir: Option<&'a Path>,
     pub runtime_dir: &'a Path,
     pub tmp_mb: u32,
     pub uid: u32,
@@ -243,6 +245,15 @@ pub(crate) fn layout(host: &HostRootfs, inst: &InstanceFs<'_>) -> Vec<MountOp> {
             dst: "/runtime".into(),
             flags: ro(),
         },
+    ]);
+    if let Some(shared) = inst.shared_dir {
+        ops.push(MountOp::Bind {
+            src: shared.into(),
+            dst: "/shared".into(),
+            flags: vec![ReadOnly, NoSuid, NoDev, NoExec],
+        });
+    }
+    ops.extend([
         MountOp::Tmpfs {
             dst: "/tmp".into(),
             options: format!("size={}m,mode=1777", inst.tmp_mb),

@@ -14,7 +14,8 @@
 //! 1. its processes move into the new instance's cgroups `<root>/<account>/<instance>` (the
 //!    block's memory, pids and CPU limits), and its standby cgroups are removed;
 //! 2. the block's code files are copied into the host directory its `/code` is bound to
-//!    (read-only inside);
+//!    (read-only inside), and the shared directories it lists into the one bound at its
+//!    `/shared` (empty, and so nothing visible, for a block that lists none);
 //! 3. its `/tmp` is resized to the block's `tmp_mb` if that differs ([`resize_tmp`]);
 //! 4. the adoption frame gives it the block's environment and the shim's arguments.
 //!
@@ -301,7 +302,7 @@ impl SandboxHost {
     /// environment but [`crate::BASE_ENV`].
     pub(crate) fn start_standby(&self, runtime: &StandbySpec) -> Result<Standby, SandboxError> {
         let id = Standbys::next_id();
-        let code_dir =
+        let own_dir =
             create_code_dir(&self.config.state_dir, &id).map_err(|e| SandboxError::Standby {
                 runtime: runtime.name.clone(),
                 what: format!("creating its code dir: {e}"),
@@ -309,7 +310,8 @@ impl SandboxHost {
         let spec = InstanceSpec {
             instance_id: id,
             group: STANDBY_GROUP.into(),
-            code_dir: code_dir.clone(),
+            code_dir: own_dir.join(CODE),
+            shared_dir: Some(own_dir.join(SHARED)),
             runtime_dir: runtime.runtime_dir.clone(),
             entry: runtime.entry.clone(),
             env: BTreeMap::new(),
@@ -322,12 +324,12 @@ impl SandboxHost {
         let spawned = match self.spawn(&spec) {
             Ok(spawned) => spawned,
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&code_dir);
+                let _ = std::fs::remove_dir_all(&own_dir);
                 return Err(e);
             }
         };
         // Removed with the instance from here on.
-        spawned.instance.set_code_copy(code_dir);
+        spawned.instance.set_code_copy(own_dir);
         self.standbys.set_starting(spawned.instance.uid());
         // Offered for adoption only once it says it is waiting: its init has joined its
         // cgroups and pivoted, and its processes are settled.
@@ -406,11 +408,15 @@ impl SandboxHost {
             )));
         }
         // From here on the instance is the block's: dropping it on error destroys everything.
-        let code_dir = instance
+        let own_dir = instance
             .code_copy()
             .ok_or_else(|| err("it has no code dir of its own".into()))?;
-        copy_code(&spec.code_dir, &code_dir)
+        copy_code(&spec.code_dir, &own_dir.join(CODE))
             .map_err(|e| err(format!("copying the block's code: {e}")))?;
+        if let Some(shared) = &spec.shared_dir {
+            copy_tree(shared, &own_dir.join(SHARED), Copy::Link)
+                .map_err(|e| err(format!("copying the block's shared directories: {e}")))?;
+        }
         if spec.tmp_mb != tmp_mb {
             resize_tmp(instance.pid(), spec.tmp_mb)
                 .map_err(|e| err(format!("resizing its /tmp to {} MB: {e}", spec.tmp_mb)))?;
@@ -433,8 +439,14 @@ impl SandboxHost {
     }
 }
 
-/// The host directory a standby's /code is bound to: `<state>/standby/<id>`, empty and
-/// world-readable (the instance's uid must read its code).
+/// The subdirectory of a standby's own directory bound at its /code.
+const CODE: &str = "code";
+/// The subdirectory of a standby's own directory bound at its /shared.
+const SHARED: &str = "shared";
+
+/// A standby's own directory, `<state>/standby/<id>`, holding the two host directories
+/// bound at its /code (`code/`) and its /shared (`shared/`), both empty and world-readable
+/// (the instance's uid must read its code).
 pub(crate) fn create_code_dir(state_dir: &Path, id: &str) -> io::Result<PathBuf> {
     let parent = state_dir.join("standby");
     fs::create_dir_all(&parent)?;
@@ -449,6 +461,10 @@ pub(crate) fn create_code_dir(state_dir: &Path, id: &str) -> io::Result<PathBuf>
         Err(e) => return Err(e),
     }
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
+    for sub in [CODE, SHARED] {
+        fs::create_dir(dir.join(sub))?;
+        fs::set_permissions(dir.join(sub), fs::Permissions::from_mode(0o755))?;
+    }
     Ok(dir)
 }
 
@@ -463,6 +479,21 @@ pub(crate) fn remove_code_dirs(state_dir: &Path) {
 /// exec, which mounts the block's own directory. The copy is read-only inside the instance
 /// as the block's own directory is (the standby's /code is a read-only bind of it).
 pub(crate) fn copy_code(from: &Path, to: &Path) -> io::Result<()> {
+    copy_tree(from, to, Copy::Bytes)
+}
+
+/// How [`copy_tree`] places a file.
+#[derive(Clone, Copy)]
+enum Copy {
+    /// A copy of its bytes.
+    Bytes,
+    /// A hard link to it where one can be made (the shared directories: laid out by the
+    /// pool as root-owned 0644 files, read-only inside), else a copy: adoption then costs
+    /// a link per file, not the directories' bytes.
+    Link,
+}
+
+fn copy_tree(from: &Path, to: &Path, how: Copy) -> io::Result<()> {
     for entry in fs::read_dir(from)? {
         let entry = entry?;
         let kind = entry.file_type()?;
@@ -470,7 +501,7 @@ pub(crate) fn copy_code(from: &Path, to: &Path) -> io::Result<()> {
         if kind.is_dir() {
             fs::create_dir(&target)?;
             fs::set_permissions(&target, fs::Permissions::from_mode(0o755))?;
-            copy_code(&entry.path(), &target)?;
+            copy_tree(&entry.path(), &target, how)?;
             continue;
         }
         if !kind.is_file() {
@@ -481,6 +512,9 @@ pub(crate) fn copy_code(from: &Path, to: &Path) -> io::Result<()> {
                     entry.path().display()
                 ),
             ));
+        }
+        if matches!(how, Copy::Link) && fs::hard_link(entry.path(), &target).is_ok() {
+            continue;
         }
         fs::copy(entry.path(), &target)?;
         fs::set_permissions(&target, fs::Permissions::from_mode(0o644))?;

@@ -407,6 +407,7 @@ fn helper_server_process() {
         instance_id: "orphan".into(),
         group: "acct".into(),
         code_dir: code.clone().into(),
+        shared_dir: None,
         runtime_dir: code.into(),
         entry: sh("sleep 1000 & echo up; wait"),
         env: BTreeMap::new(),

@@ -13,8 +13,9 @@
 //! bill.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use refinery_domain::BlockSpec;
+use refinery_domain::{BlockSpec, SharedDir};
 use serde::{Deserialize, Serialize};
 use sqlx::{FromRow, SqliteConnection};
 
@@ -92,10 +93,19 @@ struct BlockRow {
     network: bool,
     function: String,
     secret_env_json: String,
+    shared_json: String,
 }
 
 impl BlockRow {
-    fn into_spec(self) -> Result<BlockSpec, StoreError> {
+    /// The block, and the names of the shared directories it lists (attached by the
+    /// caller, which loads the deployment's shared files).
+    fn into_spec(self) -> Result<(BlockSpec, Vec<String>), StoreError> {
+        let shared: Vec<String> = serde_json::from_str(&self.shared_json).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "shared directories of block `{}` are not a JSON array of strings: {e}",
+                self.name
+            ))
+        })?;
         let env = serde_json::from_str(&self.env_json).map_err(|e| {
             StoreError::Corrupt(format!(
                 "env of block `{}` is not a JSON object of strings: {e}",
@@ -108,8 +118,10 @@ impl BlockRow {
                 self.name
             ))
         })?;
-        Ok(BlockSpec {
+        let spec = BlockSpec {
             files: Default::default(),
+            binary_files: Default::default(),
+            shared: Vec::new(),
             function: self.function,
             secret_env,
             language: parse_stored("block language", &self.language)?,
@@ -127,7 +139,8 @@ impl BlockRow {
             name: self.name,
             source_name: self.source_name,
             code: self.code,
-        })
+        };
+        Ok((spec, shared))
     }
 }
 
@@ -299,6 +312,24 @@ impl Store {
 
         for (position, block) in blocks.iter().enumerate() {
             insert_block(&mut tx, id, position, block, project, number).await?;
+        }
+        for dir in crate::storage::shared_dirs(blocks) {
+            for (path, contents) in &dir.files {
+                sqlx::query(
+                    "INSERT INTO shared_files (deployment_id, name, path, contents) \
+                     VALUES (?, ?, ?, ?)",
+                )
+                .bind(id)
+                .bind(&dir.name)
+                .bind(path)
+                .bind(contents)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::db(format!(
+                    "storing shared file `{}/{path}` of deployment {number} of `{project}`",
+                    dir.name
+                )))?;
+            }
         }
 
         sqlx::query("UPDATE projects SET live_deployment_id = ? WHERE id = ? AND account_id = ?")
@@ -504,13 +535,16 @@ async fn insert_block(
         .map_err(|e| StoreError::Corrupt(format!("{}: {e}", what())))?;
     let secret_env_json = serde_json::to_string(&block.secret_env)
         .map_err(|e| StoreError::Corrupt(format!("{}: {e}", what())))?;
+    let shared_names: Vec<&str> = block.shared.iter().map(|d| d.name.as_str()).collect();
+    let shared_json = serde_json::to_string(&shared_names)
+        .map_err(|e| StoreError::Corrupt(format!("{}: {e}", what())))?;
     let position = i64::try_from(position)
         .map_err(|_| StoreError::Corrupt(format!("{}: too many blocks", what())))?;
     sqlx::query(
         "INSERT INTO blocks (deployment_id, position, name, language, source_name, code, \
          memory_mb, timeout_s, max_concurrency, keep_alive_s, tmp_mb, env_json, min_warm, network, \
-         function, secret_env_json) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         function, secret_env_json, shared_json) \
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(deployment_id)
     .bind(position)
@@ -528,6 +562,7 @@ async fn insert_block(
     .bind(block.network)
     .bind(&block.function)
     .bind(secret_env_json)
+    .bind(shared_json)
     .execute(&mut *conn)
     .await
     .map_err(|e| {
@@ -549,7 +584,49 @@ async fn insert_block(
         .await
         .map_err(StoreError::db(format!("{} (file `{path}`)", what())))?;
     }
+    for (path, contents) in &block.binary_files {
+        sqlx::query(
+            "INSERT INTO block_binary_files (deployment_id, position, path, contents) \
+             VALUES (?, ?, ?, ?)",
+        )
+        .bind(deployment_id)
+        .bind(position)
+        .bind(path)
+        .bind(contents)
+        .execute(&mut *conn)
+        .await
+        .map_err(StoreError::db(format!("{} (file `{path}`)", what())))?;
+    }
     Ok(())
+}
+
+/// The shared directories of deployment `deployment_id`, by name.
+async fn load_shared(
+    conn: &mut SqliteConnection,
+    deployment_id: i64,
+    what: &str,
+) -> Result<HashMap<String, Arc<SharedDir>>, StoreError> {
+    let rows: Vec<(String, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT name, path, contents FROM shared_files WHERE deployment_id = ? ORDER BY name, path",
+    )
+    .bind(deployment_id)
+    .fetch_all(conn)
+    .await
+    .map_err(StoreError::db(format!("{what} (its shared files)")))?;
+    let mut dirs: HashMap<String, SharedDir> = HashMap::new();
+    for (name, path, contents) in rows {
+        dirs.entry(name.clone())
+            .or_insert_with(|| SharedDir {
+                name,
+                files: Default::default(),
+            })
+            .files
+            .insert(path, contents);
+    }
+    Ok(dirs
+        .into_iter()
+        .map(|(name, dir)| (name, Arc::new(dir)))
+        .collect())
 }
 
 async fn load_deployment(
@@ -587,10 +664,10 @@ async fn load_deployment(
         return Ok(None);
     };
 
-    let mut blocks = sqlx::query_as::<_, BlockRow>(
+    let blocks = sqlx::query_as::<_, BlockRow>(
         "SELECT name, language, source_name, code, memory_mb, timeout_s, max_concurrency, \
-         keep_alive_s, min_warm, tmp_mb, env_json, network, function, secret_env_json \
-         FROM blocks WHERE deployment_id = ? ORDER BY position",
+         keep_alive_s, min_warm, tmp_mb, env_json, network, function, secret_env_json, \
+         shared_json FROM blocks WHERE deployment_id = ? ORDER BY position",
     )
     .bind(row.id)
     .fetch_all(&mut *conn)
@@ -599,6 +676,22 @@ async fn load_deployment(
     .into_iter()
     .map(BlockRow::into_spec)
     .collect::<Result<Vec<_>, _>>()?;
+    let shared = load_shared(&mut *conn, row.id, &what).await?;
+    let mut blocks = blocks
+        .into_iter()
+        .map(|(mut block, names)| {
+            for name in names {
+                let dir = shared.get(&name).ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "block `{}` of deployment {} lists the shared directory `{name}`, which it has no files of",
+                        block.name, row.number
+                    ))
+                })?;
+                block.shared.push(dir.clone());
+            }
+            Ok(block)
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
     let files: Vec<(i64, String, String)> = sqlx::query_as(
         "SELECT position, path, contents FROM block_files WHERE deployment_id = ? \
          ORDER BY position, path",
@@ -606,7 +699,27 @@ async fn load_deployment(
     .bind(row.id)
     .fetch_all(&mut *conn)
     .await
+    .map_err(StoreError::db(what.clone()))?;
+    let binary: Vec<(i64, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT position, path, contents FROM block_binary_files WHERE deployment_id = ? \
+         ORDER BY position, path",
+    )
+    .bind(row.id)
+    .fetch_all(&mut *conn)
+    .await
     .map_err(StoreError::db(what))?;
+    for (position, path, contents) in binary {
+        let block = usize::try_from(position)
+            .ok()
+            .and_then(|p| blocks.get_mut(p))
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "file `{path}` of deployment {} belongs to block position {position}, which it does not have",
+                    row.number
+                ))
+            })?;
+        block.binary_files.insert(path, contents);
+    }
     for (position, path, contents) in files {
         let block = usize::try_from(position)
             .ok()

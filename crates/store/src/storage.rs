@@ -1,13 +1,14 @@
 //! What each account's deployments hold on disk: the storage quota's usage, retention
 //! (which deployments a deploy prunes), project deletion, and the record bills read.
 //!
-//! A deployment counts `stored_bytes` = its manifest text + its blocks' code as stored +
+//! A deployment counts `stored_bytes` = its manifest text + its blocks' code (binary files
+//! and shared directories included, each shared directory once) as stored +
 //! the same code again as laid out for instances under `<data>/code/<deployment id>`
 //! (counted from the deploy on, whether laid out yet or not, so a deploy that fits stays
 //! within the quota). Bills count `code_bytes` (the code once) as GB-months, up to the
 //! deployment's removal. Rows of `deployment_storage` outlive their deployment.
 
-use refinery_domain::BlockSpec;
+use refinery_domain::{BlockSpec, SharedDir};
 use sqlx::SqliteConnection;
 
 use crate::deployments::{find_project, Retention};
@@ -23,14 +24,26 @@ pub struct Footprint {
 }
 
 impl Footprint {
-    /// The footprint of a deployment of `manifest` with `blocks`.
+    /// The footprint of a deployment of `manifest` with `blocks` (their shared directories
+    /// counted once each, whichever blocks list them).
     pub fn of(manifest: &str, blocks: &[BlockSpec]) -> Footprint {
-        let code_bytes: u64 = blocks.iter().map(|b| b.code_bytes() as u64).sum();
+        let code_bytes: u64 = blocks.iter().map(|b| b.code_bytes() as u64).sum::<u64>()
+            + shared_dirs(blocks).map(|d| d.bytes() as u64).sum::<u64>();
         Footprint {
             code_bytes,
             stored_bytes: manifest.len() as u64 + 2 * code_bytes,
         }
     }
+}
+
+/// The shared directories the blocks list, each once (by name), in first-listed order.
+pub(crate) fn shared_dirs(blocks: &[BlockSpec]) -> impl Iterator<Item = &SharedDir> {
+    let mut seen = std::collections::BTreeSet::new();
+    blocks
+        .iter()
+        .flat_map(|b| b.shared.iter())
+        .filter(move |d| seen.insert(d.name.as_str()))
+        .map(|d| d.as_ref())
 }
 
 fn to_i64(v: u64) -> i64 {

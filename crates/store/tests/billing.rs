@@ -309,6 +309,8 @@ async fn storage_is_code_bytes_held_pro_rata_over_the_month() -> TestResult {
     let a = store.create_account("alpha", "ha", "pa").await?;
     let block = |name: &str, code: &str| BlockSpec {
         files: Default::default(),
+        binary_files: Default::default(),
+        shared: Vec::new(),
         function: "main".into(),
         secret_env: Default::default(),
         name: name.to_string(),

@@ -19,6 +19,8 @@ fn block(name: &str) -> BlockSpec {
     env.insert("GREETING".to_string(), "hi \"there\"".to_string());
     BlockSpec {
         files: Default::default(),
+        binary_files: Default::default(),
+        shared: Vec::new(),
         function: "main".into(),
         secret_env: Default::default(),
         name: name.to_string(),

@@ -275,7 +275,24 @@ async function importOrRequire(file) {
   return import(pathToFileURL(file).href);
 }
 
+/** The project shared directories the block lists are `/shared/<name>`: `/shared` goes on
+ *  CommonJS's global search path (NODE_PATH), so `require("common/util")` finds
+ *  `/shared/common/util.js`. ES modules import them by path. */
+function addSharedToSearchPath() {
+  let listed;
+  try {
+    listed = fs.readdirSync('/shared');
+  } catch {
+    return; // the block lists none
+  }
+  if (listed.length === 0) return;
+  const current = process.env.NODE_PATH;
+  process.env.NODE_PATH = current ? `${current}${path.delimiter}/shared` : '/shared';
+  require('node:module')._initPaths();
+}
+
 async function load(file, fn = 'main') {
+  addSharedToSearchPath();
   const mod = await importOrRequire(file);
   if (fn === 'main' && typeof mod === 'function') return mod; // module.exports = function
   if (typeof mod?.[fn] === 'function') return mod[fn];

@@ -269,14 +269,35 @@ def module_name_for(path):
     return "refinery_block"
 
 
+SHARED_ROOT = "/shared"
+
+
+def shared_dirs():
+    """The project shared directories mounted for this block (`/shared/<name>`), by name;
+    none when the block lists none."""
+    try:
+        names = sorted(os.listdir(SHARED_ROOT))
+    except OSError:
+        return []
+    return [
+        os.path.join(SHARED_ROOT, n)
+        for n in names
+        if os.path.isdir(os.path.join(SHARED_ROOT, n))
+    ]
+
+
 def load(path, function="main", root=None):
     """Returns the handler, or raises an exception to report as init_error. `root` (the
     block's code dir, for a handler in a subdirectory) goes on sys.path too, so the block's
     top-level modules import from anywhere in it."""
     code_dir = os.path.dirname(os.path.abspath(path))
+    ahead = 1
     if root is not None and os.path.abspath(root) != code_dir:
         sys.path.insert(0, os.path.abspath(root))
+        ahead = 2
     sys.path.insert(0, code_dir)
+    # The project shared directories the block lists, right after its own code.
+    sys.path[ahead:ahead] = shared_dirs()
     name = module_name_for(path)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:

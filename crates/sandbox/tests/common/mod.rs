@@ -75,6 +75,7 @@ impl TestHost {
             instance_id: unique("inst"),
             group: GROUP.into(),
             code_dir: self.code.path().to_path_buf(),
+            shared_dir: None,
             runtime_dir: self.runtime.path().to_path_buf(),
             entry,
             env: BTreeMap::new(),

@@ -33,6 +33,34 @@ pub struct DeployRequest {
     /// `source = "..."` path → file contents.
     #[serde(default)]
     files: BTreeMap<String, String>,
+    /// Files of directory sources and shared directories that are not UTF-8 text: path →
+    /// standard base64 of the bytes (decoded by [`decode_binary_files`]).
+    #[serde(default)]
+    binary_files: BTreeMap<String, String>,
+}
+
+/// The request's `binary_files`, decoded; a value that is not base64 is a 400 naming it.
+fn decode_binary_files(request: &DeployRequest) -> Result<BTreeMap<String, Vec<u8>>, ApiError> {
+    use base64::Engine as _;
+    request
+        .binary_files
+        .iter()
+        .map(|(path, encoded)| {
+            if request.files.contains_key(path) {
+                return Err(ApiError::BadRequest(format!(
+                    "`{path}` is in both `files` and `binary_files`: send each file once (text in `files`, other bytes base64 in `binary_files`)"
+                )));
+            }
+            base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .map(|bytes| (path.clone(), bytes))
+                .map_err(|e| {
+                    ApiError::BadRequest(format!(
+                        "binary_files[`{path}`] is not standard base64 ({e}): encode the file's bytes with base64 (RFC 4648, with padding)"
+                    ))
+                })
+        })
+        .collect()
 }
 
 pub async fn deploy(
@@ -45,12 +73,16 @@ pub async fn deploy(
     // Before a byte of the body is read: the deploy rate, then a turn to receive it.
     let _turn = state.deploy_gate.admit(&account.id, &account.name).await?;
     let request = read_deploy_request(&headers, body).await?;
-    check_upload_limits(&request)?;
+    let binary = decode_binary_files(&request)?;
+    check_upload_limits(&request, &binary)?;
     let manifest_path = request.manifest_path.as_deref().unwrap_or("refinery.toml");
     let manifest = Manifest::parse(
         &request.manifest,
         manifest_path,
-        &refinery_domain::source::Uploaded(&request.files),
+        &refinery_domain::source::UploadedFiles {
+            text: &request.files,
+            binary: &binary,
+        },
     )?;
     refuse_missing_secrets(&state, account, &manifest).await?;
     check_min_warm_fits(&state, account, &manifest)?;
@@ -170,7 +202,10 @@ fn deploy_body_too_large(size: Option<u64>) -> ApiError {
 }
 
 /// The upload limits sized for code (`domain/src/limits.rs`), each refusal naming its limit.
-fn check_upload_limits(request: &DeployRequest) -> Result<(), ApiError> {
+fn check_upload_limits(
+    request: &DeployRequest,
+    binary: &BTreeMap<String, Vec<u8>>,
+) -> Result<(), ApiError> {
     let refuse = |message: String, limit: &'static str, limit_value: usize| {
         Err(ApiError::UploadTooLarge {
             message,
@@ -191,34 +226,36 @@ fn check_upload_limits(request: &DeployRequest) -> Result<(), ApiError> {
             limits::MAX_MANIFEST_BYTES,
         );
     }
-    if request.files.len() > limits::MAX_DEPLOY_FILES {
+    let count = request.files.len() + binary.len();
+    if count > limits::MAX_DEPLOY_FILES {
         return refuse(
             format!(
-                "{} files were uploaded; the limit is {} files per deploy; upload only the \
-                 files the blocks' `source = \"...\"` name",
-                request.files.len(),
+                "{count} files were uploaded; the limit is {} files per deploy; upload only the \
+                 files the blocks' `source = \"...\"` and the `[[shared]]` directories name",
                 limits::MAX_DEPLOY_FILES
             ),
             "files",
             limits::MAX_DEPLOY_FILES,
         );
     }
-    if let Some((path, contents)) = request
-        .files
-        .iter()
-        .find(|(_, c)| c.len() > limits::MAX_SOURCE_BYTES)
-    {
+    let sizes = || {
+        request
+            .files
+            .iter()
+            .map(|(p, c)| (p, c.len()))
+            .chain(binary.iter().map(|(p, b)| (p, b.len())))
+    };
+    if let Some((path, len)) = sizes().find(|(_, len)| *len > limits::MAX_SOURCE_BYTES) {
         return refuse(
             format!(
-                "file `{path}` is {} bytes; the limit is {} bytes (5 MiB) per file",
-                contents.len(),
+                "file `{path}` is {len} bytes; the limit is {} bytes (5 MiB) per file",
                 limits::MAX_SOURCE_BYTES
             ),
             "file_bytes",
             limits::MAX_SOURCE_BYTES,
         );
     }
-    let total: usize = request.files.values().map(String::len).sum();
+    let total: usize = sizes().map(|(_, len)| len).sum();
     if total > limits::MAX_DEPLOY_FILES_BYTES {
         return refuse(
             format!(

@@ -3,8 +3,6 @@
 //! transition as an edge. Read-only; environment values are never returned (only their
 //! names), since they commonly hold secrets.
 
-use std::collections::HashMap;
-
 use axum::extract::{Path, Query, State};
 use axum::Json;
 use refinery_domain::{Manifest, NodeKind};
@@ -48,18 +46,10 @@ pub async fn graph(
             .await?
             .ok_or_else(|| project_not_found(&project))?,
     };
-    // Valid when it was deployed; `source` files are the blocks' stored code.
-    let sources: HashMap<&str, &str> = deployment
-        .blocks
-        .iter()
-        .map(|b| (b.source_name.as_str(), b.code.as_str()))
-        .collect();
-    let resolve = |path: &str| {
-        sources
-            .get(path)
-            .map(|c| c.to_string())
-            .ok_or_else(|| "not stored with the deployment".to_string())
-    };
+    // Valid when it was deployed; the blocks' code (directory sources and shared
+    // directories included) is stored with them and read from `deployment.blocks`, so the
+    // sources are not resolved again.
+    let resolve = refinery_domain::source::Deployed;
     let manifest =
         Manifest::parse(&deployment.manifest, "refinery.toml", &resolve).map_err(|e| {
             ApiError::Internal(format!(
