@@ -224,7 +224,10 @@ async fn public_endpoints_take_requests_and_reply() {
         .to_str()
         .expect("ascii")
         .to_string();
-    let run = server.get_run(&key, &run_id).await;
+    // The reply is sent at the step's plan, before its commit: the run ends a moment later.
+    let run = server
+        .await_run(&key, &run_id, Duration::from_secs(30))
+        .await;
     assert_eq!(run["status"], "succeeded", "{run}");
 
     // A literal segment wins over a parameter; a shaped reply.
@@ -472,7 +475,11 @@ async fn timeouts_failures_and_bad_responses() {
     assert_eq!(body["error"]["code"], "run_failed");
     assert!(!body.to_string().contains("hunter2"), "{body}");
     let run = server
-        .get_run(&key, body["run_id"].as_str().expect("run id"))
+        .await_run(
+            &key,
+            body["run_id"].as_str().expect("run id"),
+            Duration::from_secs(30),
+        )
         .await;
     assert!(
         run.to_string().contains("hunter2"),
