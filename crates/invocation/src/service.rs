@@ -448,6 +448,7 @@ mod tests {
                 tmp_mb: 16,
                 env: BTreeMap::new(),
                 network: false,
+                deps_layer: None,
             },
         }
     }

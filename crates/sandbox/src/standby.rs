@@ -318,6 +318,7 @@ impl SandboxHost {
             pids_max: runtime.pids_max,
             cpu_percent: 100,
             network: false,
+            extra_mounts: Vec::new(),
         };
         let spawned = match self.spawn(&spec) {
             Ok(spawned) => spawned,
