@@ -346,3 +346,124 @@ source = "report/"
     assert_eq!(out["status"], "ok", "{out}");
     assert_contained(&out["output"], &server);
 }
+
+const JS_MANIFEST: &str = r#"
+name = "jsdeps"
+
+[[blocks]]
+name = "dur"
+language = "node"
+source = "dur/"
+handler = "app.main"
+"#;
+
+const JS_APP: &str = r#"const fs = require('fs');
+const ms = require('ms');
+exports.main = (input) => {
+  let layerWritable = true;
+  try { fs.writeFileSync('/node_modules/planted.txt', 'x'); } catch (e) { layerWritable = false; }
+  return { ms: ms(input), resolved: require.resolve('ms'), layerWritable };
+};
+"#;
+
+const MS_LOCK: &str = r#"{
+  "name": "dur",
+  "lockfileVersion": 3,
+  "requires": true,
+  "packages": {
+    "": { "name": "dur", "dependencies": { "ms": "2.1.3" } },
+    "node_modules/ms": {
+      "version": "2.1.3",
+      "resolved": "https://registry.npmjs.org/ms/-/ms-2.1.3.tgz",
+      "integrity": "sha512-6FlzubTLZG3J2a/NVCAleEhjzq5oxgHyaCU9yYXvcLsvoVaHJq/s5xXI6/XXP6tz7R9xAOtHnSO/tXtF3WRTlA=="
+    }
+  }
+}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_block_requires_a_package_from_npm_from_a_read_only_layer() {
+    let server = Server::start().await;
+    let (_, key) = server.account("jsalice").await;
+    let package = r#"{"name": "dur", "dependencies": {"ms": "2.1.3"}}"#;
+    // With a lockfile: `npm ci`.
+    let files = [
+        ("dur/app.js", JS_APP),
+        ("dur/package.json", package),
+        ("dur/package-lock.json", MS_LOCK),
+    ];
+    let reply = server.deploy_files_ok(&key, JS_MANIFEST, &files).await;
+    assert_eq!(only_build(&reply)["status"], "built", "{reply}");
+    let out = server
+        .invoke_ok(&key, "jsdeps", "dur", json!("2 days"))
+        .await;
+    assert_eq!(out["status"], "ok", "{out}");
+    assert_eq!(out["output"]["ms"], 172_800_000, "{out}");
+    assert_eq!(
+        out["output"]["resolved"], "/node_modules/ms/index.js",
+        "{out}"
+    );
+    assert_eq!(out["output"]["layerWritable"], false, "{out}");
+
+    // Without one: `npm install`; a package that does not exist fails the deploy with npm's
+    // own message.
+    let missing =
+        r#"{"name": "dur", "dependencies": {"refinery-no-such-package-4f1c9a": "1.0.0"}}"#;
+    let (status, body) = server
+        .deploy(
+            &key,
+            JS_MANIFEST,
+            &[("dur/app.js", JS_APP), ("dur/package.json", missing)],
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "build_failed", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("refinery-no-such-package-4f1c9a"),
+        "npm's own message names the package: {message}"
+    );
+    let out = server.invoke_ok(&key, "jsdeps", "dur", json!("1s")).await;
+    assert_eq!(
+        out["output"]["ms"], 1000,
+        "the live deployment still serves: {out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hostile_npm_postinstall_cannot_reach_the_data_dir_the_api_or_the_host_nor_write_outside_its_build_dir(
+) {
+    let server = Server::start().await;
+    let (_, key) = server.account("jsevil").await;
+    let (addr, port, _listener) = host_listener();
+    // The probes (Python, run by the postinstall script) leave their findings in a module of
+    // the layer, which the block then requires.
+    let probe = format!(
+        "{}\nos.makedirs('node_modules/findings', exist_ok=True)\n\
+         open('node_modules/findings/index.js', 'w').write('module.exports = ' + json.dumps(findings) + ';\\n')\n",
+        probes(&server, &addr, port)
+    );
+    let package = r#"{"name": "evil", "dependencies": {"ms": "2.1.3"},
+        "scripts": {"postinstall": "python3 probe.py"}}"#;
+    let manifest = r#"
+name = "jsevil"
+
+[[blocks]]
+name = "report"
+language = "node"
+source = "report/"
+"#;
+    let files = [
+        (
+            "report/index.js",
+            "exports.main = () => require('findings');\n",
+        ),
+        ("report/package.json", package),
+        ("report/probe.py", probe.as_str()),
+    ];
+    let reply = server.deploy_files_ok(&key, manifest, &files).await;
+    assert_eq!(only_build(&reply)["status"], "built", "{reply}");
+    let out = server.invoke_ok(&key, "jsevil", "report", json!({})).await;
+    assert_eq!(out["status"], "ok", "{out}");
+    assert_contained(&out["output"], &server);
+}

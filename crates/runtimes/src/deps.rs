@@ -256,6 +256,8 @@ mod tests {
         assert_eq!(d.files.len(), 2);
         assert!(build_argv(&d)[2].contains("npm ci"));
         let b = block(Language::Node, &[("package.json", "{nope")]);
-        assert!(declared(&b).expect_err("invalid").contains("not valid JSON"));
+        assert!(declared(&b)
+            .expect_err("invalid")
+            .contains("not valid JSON"));
     }
 }
