@@ -467,3 +467,103 @@ source = "report/"
     assert_eq!(out["status"], "ok", "{out}");
     assert_contained(&out["output"], &server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deploy_streams_the_build_log_as_ndjson_and_the_cli_shows_it() {
+    let server = Server::start().await;
+    let (_, key) = server.account("streamer").await;
+    let files = py_files("inflection==0.5.1\n");
+
+    // The CLI: the build's progress and pip's own output on stderr, then the answer.
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_project(dir.path(), PY_MANIFEST, &files);
+    let (code, stdout, stderr) = server.cli(&key, &["deploy"], Some(dir.path()));
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        stderr.contains("Building the dependencies of block camel (pip)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("camel | Successfully installed inflection-0.5.1"),
+        "pip's log streamed: {stderr}"
+    );
+    assert!(
+        stdout.contains("dependencies of camel: built in"),
+        "{stdout}"
+    );
+
+    // `--json`: the final answer only, with the build's status.
+    let (code, stdout, stderr) = server.cli(&key, &["deploy", "--json"], Some(dir.path()));
+    assert_eq!(code, 0, "stdout: {stdout}\nstderr: {stderr}");
+    let reply: Value = serde_json::from_str(&stdout).expect("one JSON answer");
+    assert_eq!(reply["deployment"], 2, "{reply}");
+    assert_eq!(reply["builds"][0]["status"], "cached", "{reply}");
+    assert_eq!(reply["builds"][0]["cached"], true, "{reply}");
+
+    // The API: with Accept: application/x-ndjson, events then the answer as the last line.
+    let mut changed = files.clone();
+    changed[1].1 = "inflection==0.5.0\n".into();
+    let body = json!({
+        "manifest": PY_MANIFEST,
+        "files": changed.iter().map(|(p, c)| (p.to_string(), Value::String(c.clone()))).collect::<serde_json::Map<_, _>>(),
+    });
+    let response = server
+        .http
+        .post(format!("{}/v1/deployments", server.url))
+        .bearer_auth(&key)
+        .header("accept", "application/x-ndjson")
+        .json(&body)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/x-ndjson");
+    let text = response.text().await.expect("body");
+    let events: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    assert_eq!(events[0]["type"], "build", "{text}");
+    assert_eq!(events[0]["status"], "started", "{text}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "log"
+                && e["line"].as_str().is_some_and(|l| l.contains("inflection"))),
+        "{text}"
+    );
+    let last = events.last().expect("events");
+    assert_eq!(last["type"], "result", "{text}");
+    assert_eq!(last["status"], 201);
+    assert_eq!(last["body"]["deployment"], 3);
+    assert_eq!(last["body"]["builds"][0]["status"], "built");
+
+    // A failing build over the stream: the error is the last line, with pip's message.
+    changed[1].1 = "inflection==0.0.0.404\n".into();
+    let body = json!({
+        "manifest": PY_MANIFEST,
+        "files": changed.iter().map(|(p, c)| (p.to_string(), Value::String(c.clone()))).collect::<serde_json::Map<_, _>>(),
+    });
+    let text = server
+        .http
+        .post(format!("{}/v1/deployments", server.url))
+        .bearer_auth(&key)
+        .header("accept", "application/x-ndjson")
+        .json(&body)
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("body");
+    let last: Value = serde_json::from_str(text.lines().last().expect("a line")).expect("JSON");
+    assert_eq!(last["type"], "error", "{text}");
+    assert_eq!(last["status"], 422);
+    assert_eq!(last["body"]["error"]["code"], "build_failed");
+    assert!(
+        last["body"]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("0.0.0.404")),
+        "{last}"
+    );
+}
