@@ -916,6 +916,42 @@ impl InstancePool {
         }
     }
 
+    /// Admits a dependency build of `account_id` as one instance of `memory_mb` (its share
+    /// of the account's instance and memory quota, held until the reservation is dropped).
+    /// Refused like a cold start that finds no room (idle instances are not evicted for it):
+    /// [`PoolError::InstanceQuota`] or [`PoolError::MemoryQuota`].
+    pub fn reserve_build(
+        &self,
+        account_id: &str,
+        account_name: &str,
+        block: &str,
+        memory_mb: u64,
+    ) -> Result<BuildReservation, PoolError> {
+        let account = self.inner.accounts.get(account_id);
+        let mut ledger = account.lock();
+        if ledger.fits(memory_mb) {
+            let reservation = Reservation::take(&account, &mut ledger, memory_mb);
+            drop(ledger);
+            self.ensure_group_limits(&account);
+            return Ok(BuildReservation(reservation));
+        }
+        let quota = ledger.quota;
+        Err(if ledger.instances >= quota.instances {
+            PoolError::InstanceQuota {
+                account: account_name.to_string(),
+                limit: quota.instances,
+            }
+        } else {
+            PoolError::MemoryQuota {
+                account: account_name.to_string(),
+                limit_mb: quota.memory_mb,
+                used_mb: ledger.memory_mb,
+                needed_mb: memory_mb,
+                block: format!("{block} (its dependency build)"),
+            }
+        })
+    }
+
     /// The read-only mount of the block's dependency layer, if it has one.
     fn deps_mounts(&self, target: &BlockTarget) -> Result<Vec<ExtraMount>, PoolError> {
         let block = &target.block;
@@ -1301,6 +1337,10 @@ fn quota_error(
         }
     }
 }
+
+/// A dependency build's share of its account's quota ([`InstancePool::reserve_build`]),
+/// released when dropped.
+pub struct BuildReservation(#[allow(dead_code)] Reservation);
 
 /// Kills and cleans up a sandbox off the async threads; returns whether it was OOM-killed.
 async fn destroy(sandbox: Arc<SandboxedInstance>) -> bool {

@@ -567,3 +567,46 @@ async fn deploy_streams_the_build_log_as_ndjson_and_the_cli_shows_it() {
         "{last}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_build_counts_against_the_accounts_memory_quota_and_its_usage_is_reported() {
+    let server = Server::start().await;
+    let (_, key) = server.account("tight").await;
+    // Builds run under 1024 MB: an account allowed 512 MB in all cannot start one.
+    let (status, body) = server
+        .request(
+            "PUT",
+            "/v1/accounts/tight/quota",
+            Some(&server.operator_key),
+            Some(json!({"memory_mb": 512})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let files = py_files("inflection==0.5.1\n");
+    let (status, body) = server.deploy(&key, PY_MANIFEST, &as_refs(&files)).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["limit"], "memory_mb", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("dependency build"), "{message}");
+
+    // With room, it builds; its usage (memory × time) is in the answer.
+    let (status, body) = server
+        .request(
+            "PUT",
+            "/v1/accounts/tight/quota",
+            Some(&server.operator_key),
+            Some(json!({"memory_mb": 4096})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let reply = server
+        .deploy_files_ok(&key, PY_MANIFEST, &as_refs(&files))
+        .await;
+    let build = only_build(&reply);
+    assert_eq!(build["memory_mb"], 1024, "{build}");
+    assert_eq!(
+        build["mb_ms"].as_u64(),
+        build["duration_ms"].as_u64().map(|d| d * 1024),
+        "{build}"
+    );
+}

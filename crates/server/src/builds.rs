@@ -31,10 +31,11 @@ fn send(progress: &Progress, event: Value) {
 /// `deps_layer`; returns the `builds` of the deploy's answer.
 pub async fn build_layers(
     state: &AppState,
-    account_id: &str,
+    account: &refinery_store::Account,
     blocks: &mut [BlockSpec],
     progress: &Progress,
 ) -> Result<Vec<Value>, ApiError> {
+    let account_id = account.id.as_str();
     let mut builds = Vec::new();
     for block in blocks.iter_mut() {
         let declared = refinery_deps::declared(block).map_err(|message| ApiError::BuildFailed {
@@ -99,6 +100,14 @@ pub async fn build_layers(
             json!({"type": "build", "block": block.name, "status": "started", "layer": key,
                    "manager": manager(block)}),
         );
+        // A build is one more instance of the account while it runs: within its instance
+        // and memory quota (429 otherwise, nothing built), in its cgroup group.
+        let _reservation = state.pool.reserve_build(
+            account_id,
+            &account.name,
+            &block.name,
+            u64::from(builder.limits().memory_mb),
+        )?;
         let started = Instant::now();
         let built = run_build(&builder, account_id, block, &declared, &key, progress).await;
         let built = built.map_err(|e| {
@@ -119,6 +128,7 @@ pub async fn build_layers(
                     bytes: built.bytes,
                     files: built.files,
                     build_ms: duration_ms,
+                    memory_mb: built.memory_mb,
                     created_at_ms: 0,
                 },
             )
@@ -139,6 +149,7 @@ pub async fn build_layers(
             "bytes": built.bytes,
             "files": built.files,
             "memory_mb": built.memory_mb,
+            "mb_ms": u64::from(built.memory_mb) * duration_ms,
         }));
         block.deps_layer = Some(key);
     }

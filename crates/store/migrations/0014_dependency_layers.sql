@@ -10,7 +10,8 @@ CREATE TABLE dependency_layers (
     language      TEXT    NOT NULL,
     bytes         INTEGER NOT NULL,
     files         INTEGER NOT NULL,
-    build_ms      INTEGER NOT NULL,
+    build_ms      INTEGER NOT NULL,  -- the build's wall-clock time
+    memory_mb     INTEGER NOT NULL,  -- its memory limit: memory_mb × build_ms is its usage
     created_at_ms INTEGER NOT NULL,
     PRIMARY KEY (account_id, key)
 );

@@ -141,7 +141,7 @@ async fn deploy_request(
     };
     // Dependency layers first: a failed build stores nothing, the live deployment stays.
     let mut blocks = manifest.blocks.clone();
-    let builds = crate::builds::build_layers(state, &account.id, &mut blocks, progress).await?;
+    let builds = crate::builds::build_layers(state, account, &mut blocks, progress).await?;
     let deployed = state
         .store
         .deploy(
