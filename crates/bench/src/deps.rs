@@ -101,7 +101,8 @@ pub async fn run(refinery: &std::path::Path, rounds: usize) -> Result<DepsResult
     let started = Instant::now();
     let machine = machine::describe();
     let load_before = machine::load();
-    let server = server::start(refinery, &[])?;
+    // A redeploy per round: more than the default deploy rate allows.
+    let server = server::start(refinery, &["--deploy-rate", "1000/1m"])?;
     let api = Api::new(&server)?;
     let key = api.account(&server.operator_key, "bench").await?;
     eprintln!("bench deps: first deploy (builds both layers)");
