@@ -269,6 +269,7 @@ impl Builder {
             src: scratch.path().to_path_buf(),
             dst: BUILD_DIR.to_string(),
             writable: true,
+            standby_at: None,
         }];
         for file in declared.descriptor.config_files {
             if Path::new(file).is_file() {
@@ -276,6 +277,7 @@ impl Builder {
                     src: PathBuf::from(file),
                     dst: file.to_string(),
                     writable: false,
+                    standby_at: None,
                 });
             }
         }
@@ -291,6 +293,7 @@ impl Builder {
                         src: user_rc,
                         dst: "/etc/refinery-user-npmrc".into(),
                         writable: false,
+                        standby_at: None,
                     });
                     env.insert(
                         "NPM_CONFIG_USERCONFIG".into(),

@@ -980,6 +980,7 @@ impl InstancePool {
             src: dir,
             dst: deps.mount_at.to_string(),
             writable: false,
+            standby_at: Some(deps.standby_at.to_string()),
         }])
     }
 

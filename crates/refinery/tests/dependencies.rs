@@ -26,7 +26,7 @@ import inflection
 
 def main(block_input, backpack):
     try:
-        with open("/deps/planted.txt", "w") as f:
+        with open(os.path.join(os.path.dirname(inflection.__file__), "planted.txt"), "w") as f:
             f.write("x")
         layer_writable = True
     except OSError as e:
@@ -78,16 +78,21 @@ async fn python_block_imports_a_package_from_pypi_from_a_cached_per_account_read
         .await;
     assert_eq!(out["status"], "ok", "{out}");
     assert_eq!(out["output"]["camel"], "DeviceType", "{out}");
+    // From the layer: mounted at /deps (a zygote fork), or linked into an adopted standby
+    // sandbox's code dir.
     assert!(
         out["output"]["module"]
             .as_str()
-            .is_some_and(|m| m.starts_with("/deps/")),
+            .is_some_and(|m| m.starts_with("/deps/") || m.starts_with("/code/.deps/")),
         "inflection comes from the layer: {out}"
     );
     assert_eq!(out["output"]["layer_writable"], false, "{out}");
-    // Forked from the Python zygote (its command line), not started by exec.
+    // An adopted standby sandbox or a zygote fork (their command lines), not an exec.
     let cmdline = out["output"]["cmdline"].to_string();
-    assert!(cmdline.contains("zygote_python.py"), "{cmdline}");
+    assert!(
+        cmdline.contains("--standby") || cmdline.contains("zygote_python.py"),
+        "{cmdline}"
+    );
 
     // On the host: root-owned, read-only, under the account's own layer dir.
     let layers = server.data_dir.join("layers");
@@ -361,8 +366,10 @@ const JS_APP: &str = r#"const fs = require('fs');
 const ms = require('ms');
 exports.main = (input) => {
   let layerWritable = true;
-  try { fs.writeFileSync('/node_modules/planted.txt', 'x'); } catch (e) { layerWritable = false; }
-  return { ms: ms(input), resolved: require.resolve('ms'), layerWritable };
+  const dir = require('path').dirname(require.resolve('ms'));
+  try { fs.writeFileSync(dir + '/planted.txt', 'x'); } catch (e) { layerWritable = false; }
+  const standby = fs.readFileSync('/proc/self/cmdline', 'utf8').includes('--standby');
+  return { ms: ms(input), resolved: require.resolve('ms'), layerWritable, standby };
 };
 "#;
 
@@ -399,10 +406,13 @@ async fn node_block_requires_a_package_from_npm_from_a_read_only_layer() {
         .await;
     assert_eq!(out["status"], "ok", "{out}");
     assert_eq!(out["output"]["ms"], 172_800_000, "{out}");
-    assert_eq!(
-        out["output"]["resolved"], "/node_modules/ms/index.js",
-        "{out}"
-    );
+    // Adopted standby sandbox: the layer linked into /code; exec: mounted at /node_modules.
+    let expected = if out["output"]["standby"] == true {
+        "/code/node_modules/ms/index.js"
+    } else {
+        "/node_modules/ms/index.js"
+    };
+    assert_eq!(out["output"]["resolved"], expected, "{out}");
     assert_eq!(out["output"]["layerWritable"], false, "{out}");
 
     // Without one: `npm install`; a package that does not exist fails the deploy with npm's

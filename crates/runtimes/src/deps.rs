@@ -28,6 +28,10 @@ pub struct DepsDescriptor {
     pub lockfile: Option<&'static str>,
     /// Where the layer is mounted read-only in the block's instances.
     pub mount_at: &'static str,
+    /// Where it is hard-linked instead, relative to `/code`, when an instance adopts a
+    /// standby sandbox (started before the layer was known): a path the runtime finds the
+    /// same way.
+    pub standby_at: &'static str,
     /// The layer: this directory of the build's scratch dir (relative to [`BUILD_DIR`]).
     pub layer_in_build: &'static str,
     /// Variables of the server's environment passed to a build (prefixes; the package
@@ -43,6 +47,7 @@ pub const PYTHON: DepsDescriptor = DepsDescriptor {
     manifest: "requirements.txt",
     lockfile: None,
     mount_at: "/deps",
+    standby_at: ".deps",
     layer_in_build: "out",
     config_env_prefixes: &["PIP_"],
     config_files: &["/etc/pip.conf", "/etc/xdg/pip/pip.conf"],
@@ -53,6 +58,7 @@ pub const NODE: DepsDescriptor = DepsDescriptor {
     manifest: "package.json",
     lockfile: Some("package-lock.json"),
     mount_at: "/node_modules",
+    standby_at: "node_modules",
     layer_in_build: "src/node_modules",
     config_env_prefixes: &["NPM_CONFIG_", "npm_config_"],
     config_files: &["/etc/npmrc"],

@@ -237,10 +237,12 @@ pub fn entry(
 
 /// [`entry`] for a block that may have a dependency layer (`deps`: mounted at its
 /// language's [`deps::DepsDescriptor::mount_at`]). A standby sandbox was started without the
-/// layer's mount (and Landlock grants only what existed when it started), so such a block
-/// is not adopted from one: Python forks from the zygote, which builds the sandbox with the
-/// layer from the same plan as any instance (the shim puts `/deps` on `sys.path` before the
-/// handler is imported); Node starts by exec.
+/// layer's mount (and Landlock grants only what existed when it started), so an adopted one
+/// gets the layer hard-linked into its code dir instead, at
+/// [`deps::DepsDescriptor::standby_at`]; without a standby waiting, Python forks from the
+/// zygote, which builds the sandbox with the layer mounted from the same plan as any
+/// instance (the shim puts the layer on `sys.path` before the handler is imported), and Node
+/// starts by exec.
 pub fn entry_with_deps(
     language: Language,
     source_name: &str,
@@ -250,7 +252,30 @@ pub fn entry_with_deps(
 ) -> RuntimeEntry {
     if deps {
         if let Some(d) = deps::descriptor(language) {
-            return entry_for_deps(language, source_name, function, RUNTIME_DIR, CODE_DIR, d);
+            let fallback =
+                entry_for_deps(language, source_name, function, RUNTIME_DIR, CODE_DIR, d);
+            return match language {
+                // Adopted: the layer is hard-linked into its code dir (`/code/.deps`).
+                Language::Python => RuntimeEntry::Standby {
+                    runtime: PYTHON_STANDBY.into(),
+                    args: vec![
+                        format!("{CODE_DIR}/{source_name}"),
+                        function.to_string(),
+                        CODE_DIR.to_string(),
+                        format!("{CODE_DIR}/{}", d.standby_at),
+                    ],
+                    fallback: Box::new(fallback),
+                },
+                // Adopted: `/code/node_modules`, which resolution from `/code` finds first.
+                Language::Node if !env.keys().any(|k| read_by_node_at_start(k)) => {
+                    RuntimeEntry::Standby {
+                        runtime: NODE_STANDBY.into(),
+                        args: shim_args(language, source_name, function, CODE_DIR),
+                        fallback: Box::new(fallback),
+                    }
+                }
+                _ => fallback,
+            };
         }
     }
     let entry = entry_for(language, source_name, function, RUNTIME_DIR, CODE_DIR);

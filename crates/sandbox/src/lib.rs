@@ -208,6 +208,11 @@ pub struct ExtraMount {
     pub dst: String,
     /// Read-write (only at `/build`); otherwise read-only.
     pub writable: bool,
+    /// A read-only directory that may instead be hard-linked into the code dir of an
+    /// adopted standby sandbox, at this path relative to `/code` (a standby was started
+    /// without this mount, and its Landlock ruleset covers only what existed then). None:
+    /// an instance with this mount never adopts a standby sandbox.
+    pub standby_at: Option<String>,
 }
 
 /// The directories an [`ExtraMount`] may be bound at, and whether it may be writable there:
