@@ -50,9 +50,9 @@ const JS_DEPS: &str = "const ms = require('ms');\nexports.main = (i) => ms(i);\n
 /// The blocks, with what each is.
 const BLOCKS: [(&str, &str); 4] = [
     ("py_plain", "Python, no dependencies"),
-    ("py_deps", "Python, `inflection` from PyPI (layer at /deps)"),
+    ("py_deps", "Python, `inflection` from PyPI (its layer)"),
     ("js_plain", "Node, no dependencies"),
-    ("js_deps", "Node, `ms` from npm (layer at /node_modules)"),
+    ("js_deps", "Node, `ms` from npm (its layer)"),
 ];
 
 fn files() -> Value {
