@@ -12,10 +12,12 @@
 //! isolation between two accounts) and the `services` subcommand (the services engine: chains
 //! as runs against client-driven calls, the cost of a step, a fan-out, runs per second) and
 //! the `timers` subcommand (timer slot accuracy: how late each slot fires) and
-//! the `queues` subcommand (queue throughput with a no-op consumer at batch 1 and 10).
+//! the `queues` subcommand (queue throughput with a no-op consumer at batch 1 and 10) and
+//! the `deps` subcommand (cold starts of blocks with a dependency layer against without).
 
 mod baseline;
 mod cpu;
+mod deps;
 mod doc;
 mod endpoints;
 mod keep_alive_sim;
@@ -97,6 +99,16 @@ enum Mode {
     Timers(TimersArgs),
     /// Measure queue throughput: N messages through a no-op consumer at batch 1 and 10.
     Queues(QueuesArgs),
+    /// Measure cold starts with a dependency layer (a PyPI and an npm package) against the
+    /// same blocks without one, and the layers' first build and cached redeploy.
+    Deps(DepsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DepsArgs {
+    /// Rounds: one cold start of each block per round.
+    #[arg(long, default_value_t = 30)]
+    rounds: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -190,6 +202,11 @@ async fn main() -> Result<()> {
         }
         Some(Mode::Timers(timers)) => return run_timers(binary, timers).await,
         Some(Mode::Queues(queues)) => return run_queues(binary, queues, cores).await,
+        Some(Mode::Deps(deps)) => {
+            let results = deps::run(&binary, deps.rounds.max(1)).await?;
+            println!("{}", deps::report(&results));
+            return Ok(());
+        }
         None => {}
     }
     if args.neighbour {

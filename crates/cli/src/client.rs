@@ -71,18 +71,101 @@ impl Client {
         if status.is_success() {
             return Ok(value);
         }
+        Err(self.error_of(status, &value))
+    }
+
+    /// POST `body` asking for a stream of JSON lines (`Accept: application/x-ndjson`, the
+    /// deploy route's progress): each event before the last goes to `on_event`; the last
+    /// (`{"type":"result"|"error","status":N,"body":...}`) is the answer, as [`Client::send`]
+    /// gives it. A server answering plain JSON is read as [`Client::send`] reads it.
+    pub async fn post_streaming(
+        &self,
+        path: &str,
+        body: &Value,
+        mut on_event: impl FnMut(&Value),
+    ) -> Result<Value> {
+        let Some(key) = &self.key else {
+            return self.post(path, body).await;
+        };
+        let url = format!("{}{}", self.base, path);
+        let mut response = self
+            .http
+            .post(&url)
+            .bearer_auth(key)
+            .header(reqwest::header::ACCEPT, "application/x-ndjson")
+            .json(body)
+            .send()
+            .await
+            .with_context(|| {
+                format!("cannot reach the Refinery server at {}: is `refinery serve` running? (set REFINERY_URL)", self.base)
+            })?;
+        let status = response.status();
+        let streamed = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/x-ndjson"));
+        if !streamed {
+            let text = response
+                .text()
+                .await
+                .context("reading the server's reply")?;
+            let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            if status.is_success() {
+                return Ok(value);
+            }
+            return Err(self.error_of(status, &value));
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        loop {
+            let chunk = response
+                .chunk()
+                .await
+                .context("reading the server's progress stream")?;
+            let ended = chunk.is_none();
+            if let Some(chunk) = chunk {
+                pending.extend_from_slice(&chunk);
+            } else if !pending.is_empty() {
+                pending.push(b'\n');
+            }
+            while let Some(at) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=at).collect();
+                let Ok(event) = serde_json::from_slice::<Value>(&line) else {
+                    continue;
+                };
+                match event["type"].as_str() {
+                    Some("result") => return Ok(event["body"].clone()),
+                    Some("error") => {
+                        let status = event["status"]
+                            .as_u64()
+                            .and_then(|s| u16::try_from(s).ok())
+                            .and_then(|s| StatusCode::from_u16(s).ok())
+                            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                        return Err(self.error_of(status, &event["body"]));
+                    }
+                    _ => on_event(&event),
+                }
+            }
+            if ended {
+                bail!("the server's progress stream ended without an answer; see `refinery deployments PROJECT` for whether the deploy happened");
+            }
+        }
+    }
+
+    /// The error for a failed answer: the server's message and the status.
+    fn error_of(&self, status: StatusCode, value: &Value) -> anyhow::Error {
         let message = value["error"]["message"]
             .as_str()
             .map(str::to_string)
             .unwrap_or_else(|| value.to_string());
         if status == StatusCode::UNAUTHORIZED {
             // The server's message speaks of HTTP headers; say it once, in the CLI's terms.
-            bail!(
+            return anyhow!(
                 "the API key given (REFINERY_API_KEY or --api-key) is not valid on the server at {}: check it (a rotated key stops working) and REFINERY_URL [HTTP 401]",
                 self.base
             );
         }
-        Err(anyhow!("{message} [HTTP {}]", status.as_u16()))
+        anyhow!("{message} [HTTP {}]", status.as_u16())
     }
 }
 

@@ -399,7 +399,13 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
         }
         ClientCommand::Deploy { path } => {
             let body = deploy_request(&path)?;
-            let reply = client.post("/v1/deployments", &body).await?;
+            let reply = client
+                .post_streaming("/v1/deployments", &body, |event| {
+                    if !json {
+                        show_deploy_progress(event);
+                    }
+                })
+                .await?;
             print(json, &reply, || {
                 let blocks: Vec<&str> = reply["blocks"]
                     .as_array()
@@ -411,6 +417,24 @@ pub async fn run(args: ClientArgs, command: ClientCommand) -> Result<ExitCode> {
                     reply["deployment"],
                     blocks.join(", ")
                 );
+                for b in reply["builds"].as_array().into_iter().flatten() {
+                    text.push_str(&format!(
+                        "\n  dependencies of {}: {}{}",
+                        b["block"].as_str().unwrap_or_default(),
+                        if b["cached"] == true {
+                            "cached layer".to_string()
+                        } else {
+                            format!(
+                                "built in {:.1} s",
+                                b["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0
+                            )
+                        },
+                        b["bytes"]
+                            .as_u64()
+                            .map(|n| format!(" ({} files, {n} bytes)", b["files"]))
+                            .unwrap_or_default()
+                    ));
+                }
                 for e in reply["endpoints"].as_array().into_iter().flatten() {
                     text.push_str(&format!(
                         "\n  endpoint {}: {} {}{}{}",
@@ -685,6 +709,27 @@ pub(crate) fn read_input(input: &str) -> Result<Value> {
         });
     };
     serde_json::from_str(&text).with_context(|| format!("{source} is not valid JSON"))
+}
+
+/// One progress event of a deploy, on stderr: a build starting or ending, a line of the
+/// package manager's output.
+fn show_deploy_progress(event: &Value) {
+    let block = event["block"].as_str().unwrap_or_default();
+    match (event["type"].as_str(), event["status"].as_str()) {
+        (Some("build"), Some("started")) => eprintln!(
+            "Building the dependencies of block {block} ({})...",
+            event["manager"].as_str().unwrap_or("package manager")
+        ),
+        (Some("build"), Some("built")) => eprintln!(
+            "Built the dependencies of block {block} in {:.1} s.",
+            event["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0
+        ),
+        (Some("build"), Some("cached")) => {
+            eprintln!("Dependencies of block {block}: unchanged, cached layer reused.")
+        }
+        (Some("log"), _) => eprintln!("  {block} | {}", event["line"].as_str().unwrap_or_default()),
+        _ => {}
+    }
 }
 
 /// Reads the manifest and the sources it names (files, and directories walked whole),

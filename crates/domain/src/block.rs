@@ -100,6 +100,11 @@ pub struct BlockSpec {
     /// loopback, link-local or private ranges. False (the default): no network at all.
     #[serde(default)]
     pub network: bool,
+    /// The dependency layer built at deploy from the block's `requirements.txt` /
+    /// `package.json` (its key: a hex SHA-256, under the account's layer dir), mounted
+    /// read-only into its instances. None: the block declares no dependencies.
+    #[serde(default)]
+    pub deps_layer: Option<String>,
 }
 
 impl BlockSpec {

@@ -613,6 +613,7 @@ impl Context<'_> {
             tmp_mb,
             env,
             network: block.network.as_ref().is_some_and(|n| *n.get_ref()),
+            deps_layer: None,
         })
     }
 }

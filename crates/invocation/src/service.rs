@@ -450,6 +450,7 @@ mod tests {
                 tmp_mb: 16,
                 env: BTreeMap::new(),
                 network: false,
+                deps_layer: None,
             },
         }
     }

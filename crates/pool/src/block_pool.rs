@@ -346,6 +346,7 @@ mod tests {
                 tmp_mb: 16,
                 env: BTreeMap::new(),
                 network: false,
+                deps_layer: None,
             },
         };
         let labels = BlockLabels {

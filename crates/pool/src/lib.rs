@@ -37,8 +37,8 @@ pub use instance::{InstanceInfo, InstanceState};
 pub use keep_alive::{AdaptiveConfig, KeepAlivePolicy};
 pub use metrics::{DEFAULT_MAX_LABEL_SETS, OVERFLOW_LABEL};
 pub use pool::{
-    sandbox_entry, BlockTarget, InstancePool, Invocation, KeepAliveMode, PoolConfig, SecretSource,
-    SecretValues,
+    sandbox_entry, BlockTarget, BuildReservation, InstancePool, Invocation, KeepAliveMode,
+    PoolConfig, SecretSource, SecretValues,
 };
 pub use quota::{AccountUsage, Quota, QuotaOverride};
 pub use refinery_runtimes::RunContext;

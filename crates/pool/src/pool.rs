@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use refinery_domain::{BlockSpec, ExecutionStatus, UserError};
 use refinery_runtimes::{ChannelError, InstanceChannel, RunContext, RuntimeEntry};
-use refinery_sandbox::{Entry, InstanceSpec, SandboxHost, SandboxedInstance};
+use refinery_sandbox::{Entry, ExtraMount, InstanceSpec, SandboxHost, SandboxedInstance};
 use serde_json::Value;
 use tokio::time::timeout;
 
@@ -47,6 +47,9 @@ pub type SecretValues<'a> = std::pin::Pin<
 pub struct PoolConfig {
     /// Where blocks' code is laid out for instances (`<code_root>/<deployment>/<block>`).
     pub code_root: PathBuf,
+    /// Where dependency layers live (`<layers_root>/<account>/<hash>`, built at deploy); a
+    /// block with a `deps_layer` gets its layer mounted read-only.
+    pub layers_root: PathBuf,
     /// The installed language shims, mounted at `/runtime` in every instance.
     pub runtime_dir: PathBuf,
     /// Idle time before a warm instance is reaped, unless the block sets its own.
@@ -918,6 +921,74 @@ impl InstancePool {
         }
     }
 
+    /// Admits a dependency build of `account_id` as one instance of `memory_mb` (its share
+    /// of the account's instance and memory quota, held until the reservation is dropped).
+    /// Refused like a cold start that finds no room (idle instances are not evicted for it):
+    /// [`PoolError::InstanceQuota`] or [`PoolError::MemoryQuota`].
+    pub fn reserve_build(
+        &self,
+        account_id: &str,
+        account_name: &str,
+        block: &str,
+        memory_mb: u64,
+    ) -> Result<BuildReservation, PoolError> {
+        let account = self.inner.accounts.get(account_id);
+        let mut ledger = account.lock();
+        if ledger.fits(memory_mb) {
+            let reservation = Reservation::take(&account, &mut ledger, memory_mb);
+            drop(ledger);
+            self.ensure_group_limits(&account);
+            return Ok(BuildReservation(reservation));
+        }
+        let quota = ledger.quota;
+        Err(if ledger.instances >= quota.instances {
+            PoolError::InstanceQuota {
+                account: account_name.to_string(),
+                limit: quota.instances,
+            }
+        } else {
+            PoolError::MemoryQuota {
+                account: account_name.to_string(),
+                limit_mb: quota.memory_mb,
+                used_mb: ledger.memory_mb,
+                needed_mb: memory_mb,
+                block: format!("{block} (its dependency build)"),
+            }
+        })
+    }
+
+    /// The read-only mount of the block's dependency layer, if it has one.
+    fn deps_mounts(&self, target: &BlockTarget) -> Result<Vec<ExtraMount>, PoolError> {
+        let block = &target.block;
+        let (Some(hash), Some(deps)) = (
+            &block.deps_layer,
+            refinery_runtimes::deps::descriptor(block.language),
+        ) else {
+            return Ok(Vec::new());
+        };
+        let missing = |why: &str| PoolError::StartInstance {
+            block: block.name.clone(),
+            message: format!(
+                "its dependency layer {hash} {why}; deploy the project again to rebuild it"
+            ),
+        };
+        let dir = refinery_runtimes::deps::layer_path(
+            &self.inner.config.layers_root,
+            &target.account_id,
+            hash,
+        )
+        .ok_or_else(|| missing("has an invalid name"))?;
+        if !dir.is_dir() {
+            return Err(missing("is missing from the data dir"));
+        }
+        Ok(vec![ExtraMount {
+            src: dir,
+            dst: deps.mount_at.to_string(),
+            writable: false,
+            standby_at: Some(deps.standby_at.to_string()),
+        }])
+    }
+
     async fn start_instance(
         &self,
         block_pool: &BlockPool,
@@ -930,6 +1001,7 @@ impl InstancePool {
             .instance_env(target)
             .await
             .map_err(StartFailure::Host)?;
+        let extra_mounts = self.deps_mounts(target).map_err(StartFailure::Host)?;
         let (verdict, victims) = self.admit_cold(target, account);
         // Evicted instances go before the new one starts, so the account never holds
         // more than its quota at once.
@@ -944,11 +1016,12 @@ impl InstancePool {
             code_dir: block_pool.code_dir.clone(),
             shared_dir: block_pool.shared_dir.clone(),
             runtime_dir: self.inner.config.runtime_dir.clone(),
-            entry: sandbox_entry(refinery_runtimes::entry(
+            entry: sandbox_entry(refinery_runtimes::entry_with_deps(
                 block.language,
                 &block.source_name,
                 &block.function,
                 &env,
+                !extra_mounts.is_empty(),
             )),
             env,
             memory_mb: block.memory_mb,
@@ -956,6 +1029,7 @@ impl InstancePool {
             pids_max: refinery_domain::limits::INSTANCE_PIDS_MAX,
             cpu_percent: 100,
             network: block.network,
+            extra_mounts,
         };
         let host_error = |message: String| {
             StartFailure::Host(PoolError::StartInstance {
@@ -1270,6 +1344,10 @@ fn quota_error(
         }
     }
 }
+
+/// A dependency build's share of its account's quota ([`InstancePool::reserve_build`]),
+/// released when dropped.
+pub struct BuildReservation(#[allow(dead_code)] Reservation);
 
 /// Kills and cleans up a sandbox off the async threads; returns whether it was OOM-killed.
 async fn destroy(sandbox: Arc<SandboxedInstance>) -> bool {

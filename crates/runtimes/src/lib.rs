@@ -21,6 +21,7 @@
 //! closed instance.
 
 pub mod client;
+pub mod deps;
 pub mod hints;
 pub mod protocol;
 pub mod shell;
@@ -231,6 +232,52 @@ pub fn entry(
     function: &str,
     env: &std::collections::BTreeMap<String, String>,
 ) -> RuntimeEntry {
+    entry_with_deps(language, source_name, function, env, false)
+}
+
+/// [`entry`] for a block that may have a dependency layer (`deps`: mounted at its
+/// language's [`deps::DepsDescriptor::mount_at`]). A standby sandbox was started without the
+/// layer's mount (and Landlock grants only what existed when it started), so an adopted one
+/// gets the layer hard-linked into its code dir instead, at
+/// [`deps::DepsDescriptor::standby_at`]; without a standby waiting, Python forks from the
+/// zygote, which builds the sandbox with the layer mounted from the same plan as any
+/// instance (the shim puts the layer on `sys.path` before the handler is imported), and Node
+/// starts by exec.
+pub fn entry_with_deps(
+    language: Language,
+    source_name: &str,
+    function: &str,
+    env: &std::collections::BTreeMap<String, String>,
+    deps: bool,
+) -> RuntimeEntry {
+    if deps {
+        if let Some(d) = deps::descriptor(language) {
+            let fallback =
+                entry_for_deps(language, source_name, function, RUNTIME_DIR, CODE_DIR, d);
+            return match language {
+                // Adopted: the layer is hard-linked into its code dir (`/code/.deps`).
+                Language::Python => RuntimeEntry::Standby {
+                    runtime: PYTHON_STANDBY.into(),
+                    args: vec![
+                        format!("{CODE_DIR}/{source_name}"),
+                        function.to_string(),
+                        CODE_DIR.to_string(),
+                        format!("{CODE_DIR}/{}", d.standby_at),
+                    ],
+                    fallback: Box::new(fallback),
+                },
+                // Adopted: `/code/node_modules`, which resolution from `/code` finds first.
+                Language::Node if !env.keys().any(|k| read_by_node_at_start(k)) => {
+                    RuntimeEntry::Standby {
+                        runtime: NODE_STANDBY.into(),
+                        args: shim_args(language, source_name, function, CODE_DIR),
+                        fallback: Box::new(fallback),
+                    }
+                }
+                _ => fallback,
+            };
+        }
+    }
     let entry = entry_for(language, source_name, function, RUNTIME_DIR, CODE_DIR);
     let args = shim_args(language, source_name, function, CODE_DIR);
     match language {
@@ -296,6 +343,39 @@ pub fn entry_for(
             name: "shell".into(),
             args,
         },
+    }
+}
+
+/// [`entry_for`] with a dependency layer mounted at `deps.mount_at`.
+fn entry_for_deps(
+    language: Language,
+    source_name: &str,
+    function: &str,
+    runtime_dir: &str,
+    code_dir: &str,
+    deps: &deps::DepsDescriptor,
+) -> RuntimeEntry {
+    match language {
+        Language::Python => {
+            let runtime_dir = runtime_dir.trim_end_matches('/');
+            let code_dir = code_dir.trim_end_matches('/');
+            let args = vec![
+                format!("{code_dir}/{source_name}"),
+                function.to_string(),
+                code_dir.to_string(),
+                deps.mount_at.to_string(),
+            ];
+            let mut fallback = python_interpreter();
+            fallback.push(format!("{runtime_dir}/{PYTHON_SHIM}"));
+            fallback.extend(args.iter().cloned());
+            RuntimeEntry::Fork {
+                zygote: PYTHON_ZYGOTE.into(),
+                args,
+                fallback,
+            }
+        }
+        // Node finds `/node_modules` by its own resolution from `/code`.
+        _ => entry_for(language, source_name, function, runtime_dir, code_dir),
     }
 }
 

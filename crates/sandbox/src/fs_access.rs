@@ -48,6 +48,9 @@ pub(crate) const RULES: &[(&str, Grant)] = &[
     ("/code",        Grant::ReadExec),
     ("/shared",      Grant::Read),       // project shared directories: data and source (mounted noexec)
     ("/runtime",     Grant::ReadExec),
+    ("/deps",        Grant::ReadExec),   // a Python block's dependency layer, when it has one
+    ("/node_modules", Grant::ReadExec),  // a Node block's dependency layer, when it has one
+    ("/build",       Grant::ReadWriteCreate), // a dependency build's scratch dir (builds only)
     ("/proc",        Grant::Read),       // no writes, not even to the instance's own files
     ("/dev/null",    Grant::Device),
     ("/dev/zero",    Grant::Device),

@@ -35,6 +35,7 @@ mod error;
 mod fs_access;
 mod init;
 mod instance;
+mod job;
 mod mounts;
 mod network;
 mod seccomp;
@@ -58,6 +59,7 @@ pub use cgroup::{CgroupLayout, FreezerState};
 pub use error::SandboxError;
 pub use init::init_main;
 pub use instance::{ExitReport, SandboxedInstance};
+pub use job::{JobOutcome, ScratchMount};
 pub use network::{Cidr, DNS_FORWARD};
 pub use standby::StandbySpec;
 pub use uid::{owns_uid, FIRST_UID, LAST_UID, UID_BLOCK_SIZE, UID_LOCK_DIR};
@@ -194,7 +196,34 @@ pub struct InstanceSpec {
     /// Outbound network through pasta and the egress filter (`network = true`); needs
     /// [`SandboxHost::enable_network`]. False: an empty network namespace.
     pub network: bool,
+    /// Further host paths bound into the instance (a dependency layer, read-only; a build's
+    /// writable scratch dir; a package manager's configuration file), each at one of the
+    /// places [`EXTRA_MOUNT_POINTS`] allows.
+    pub extra_mounts: Vec<ExtraMount>,
 }
+
+/// One host path bound into an instance besides its code and runtime ([`InstanceSpec::extra_mounts`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExtraMount {
+    /// Absolute host path (a directory, or a file for a `/etc/...` destination).
+    pub src: PathBuf,
+    /// Where inside the instance: one of [`EXTRA_MOUNT_POINTS`], or a file under `/etc/`.
+    pub dst: String,
+    /// Read-write (only at `/build`); otherwise read-only.
+    pub writable: bool,
+    /// A read-only directory that may instead be hard-linked into the code dir of an
+    /// adopted standby sandbox, at this path relative to `/code` (a standby was started
+    /// without this mount, and its Landlock ruleset covers only what existed then). None:
+    /// an instance with this mount never adopts a standby sandbox.
+    pub standby_at: Option<String>,
+}
+
+/// The directories an [`ExtraMount`] may be bound at, and whether it may be writable there:
+/// dependency layers (`/deps` for Python's `sys.path`, `/node_modules` where Node's module
+/// resolution from `/code` looks last) and a build's scratch dir. Landlock grants exactly
+/// these (`fs_access.rs`); a file under `/etc/` (read-only) is the only other destination.
+pub const EXTRA_MOUNT_POINTS: &[(&str, bool)] =
+    &[("/deps", false), ("/node_modules", false), ("/build", true)];
 
 /// The host ends of an instance's pipes.
 #[derive(Debug)]
@@ -480,6 +509,29 @@ impl SandboxHost {
                 return bad(format!("environment variable name {k:?} is invalid"));
             }
         }
+        for m in &spec.extra_mounts {
+            let point = EXTRA_MOUNT_POINTS.iter().find(|(p, _)| *p == m.dst);
+            let etc_file = m.dst.starts_with("/etc/")
+                && !m.dst.contains("/../")
+                && !m.dst.ends_with("/..")
+                && m.src.is_file();
+            let ok = match point {
+                Some((_, may_write)) => m.src.is_dir() && (*may_write || !m.writable),
+                None => etc_file && !m.writable,
+            };
+            if !ok || !m.src.is_absolute() {
+                return bad(format!(
+                    "extra mount {} at {} is not allowed: a directory at one of {:?} (writable \
+                     only at /build) or a read-only file under /etc/",
+                    m.src.display(),
+                    m.dst,
+                    EXTRA_MOUNT_POINTS
+                        .iter()
+                        .map(|(p, _)| *p)
+                        .collect::<Vec<_>>()
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -498,6 +550,7 @@ impl SandboxHost {
             uid,
             gid: uid,
             hostname: HOSTNAME,
+            extra: &spec.extra_mounts,
         };
         let env = instance_env(spec);
         let mut mounts = mounts::layout(&self.rootfs, &fs);

@@ -171,6 +171,8 @@ pub(crate) struct InstanceFs<'a> {
     pub uid: u32,
     pub gid: u32,
     pub hostname: &'a str,
+    /// Validated by `SandboxHost::validate` (allowed destinations only).
+    pub extra: &'a [crate::ExtraMount],
 }
 
 /// THE mount table of a sandbox, in order. Applied on top of a fresh read-only tmpfs root.
@@ -253,6 +255,17 @@ pub(crate) fn layout(host: &HostRootfs, inst: &InstanceFs<'_>) -> Vec<MountOp> {
             flags: vec![ReadOnly, NoSuid, NoDev, NoExec],
         });
     }
+    // Dependency layers (read-only), a build's scratch dir (writable, still nosuid/nodev), a
+    // package manager's configuration file.
+    ops.extend(inst.extra.iter().map(|m| MountOp::Bind {
+        src: m.src.clone(),
+        dst: m.dst.clone(),
+        flags: if m.writable {
+            vec![NoSuid, NoDev]
+        } else {
+            ro()
+        },
+    }));
     ops.extend([
         MountOp::Tmpfs {
             dst: "/tmp".into(),

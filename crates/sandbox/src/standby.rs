@@ -320,6 +320,7 @@ impl SandboxHost {
             pids_max: runtime.pids_max,
             cpu_percent: 100,
             network: false,
+            extra_mounts: Vec::new(),
         };
         let spawned = match self.spawn(&spec) {
             Ok(spawned) => spawned,
@@ -416,6 +417,20 @@ impl SandboxHost {
         if let Some(shared) = &spec.shared_dir {
             copy_tree(shared, &own_dir.join(SHARED), Copy::Link)
                 .map_err(|e| err(format!("copying the block's shared directories: {e}")))?;
+        }
+        for m in &spec.extra_mounts {
+            let rel = m
+                .standby_at
+                .as_deref()
+                .filter(|r| !m.writable && is_plain_relative(r))
+                .ok_or_else(|| err(format!("its mount at {} cannot be linked in", m.dst)))?;
+            let target = code_dir.join(rel);
+            if target.exists() {
+                return Err(err(format!("its code already has {rel}")));
+            }
+            let mut budget = MAX_LINKED_FILES;
+            link_tree(&m.src, &target, &mut budget)
+                .map_err(|e| err(format!("linking {} into its code: {e}", m.src.display())))?;
         }
         if spec.tmp_mb != tmp_mb {
             resize_tmp(instance.pid(), spec.tmp_mb)
@@ -518,6 +533,44 @@ fn copy_tree(from: &Path, to: &Path, how: Copy) -> io::Result<()> {
         }
         fs::copy(entry.path(), &target)?;
         fs::set_permissions(&target, fs::Permissions::from_mode(0o644))?;
+    }
+    Ok(())
+}
+
+/// At most this many entries of a layer are hard-linked into an adopted standby's code dir;
+/// a larger layer starts the instance by its fallback (which mounts it).
+const MAX_LINKED_FILES: usize = 4000;
+
+/// `a/b`, without `..`, `.`, empty parts or a leading `/`.
+fn is_plain_relative(rel: &str) -> bool {
+    !rel.is_empty()
+        && !rel.starts_with('/')
+        && rel
+            .split('/')
+            .all(|p| !p.is_empty() && p != "." && p != "..")
+}
+
+/// Recreates the tree `from` (a read-only layer, root's) at `to`: directories made
+/// (world-readable), files hard-linked (the same read-only inodes: nothing is copied, and
+/// the copy is as immutable as the layer), symlinks recreated as links (never followed).
+/// Fails past `budget` entries.
+pub(crate) fn link_tree(from: &Path, to: &Path, budget: &mut usize) -> io::Result<()> {
+    fs::create_dir(to)?;
+    fs::set_permissions(to, fs::Permissions::from_mode(0o755))?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        *budget = budget
+            .checked_sub(1)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "too many files to link"))?;
+        let kind = entry.file_type()?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            link_tree(&entry.path(), &target, budget)?;
+        } else if kind.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(entry.path())?, &target)?;
+        } else if kind.is_file() {
+            fs::hard_link(entry.path(), &target)?;
+        }
     }
     Ok(())
 }

@@ -416,6 +416,7 @@ fn helper_server_process() {
         pids_max: 16,
         cpu_percent: 50,
         network: false,
+        extra_mounts: Vec::new(),
     };
     let spawned = host.spawn(&spec).expect("spawn");
     let mut buf = [0u8; 3];

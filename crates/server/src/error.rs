@@ -79,6 +79,17 @@ pub enum ApiError {
     /// The data dir's filesystem is full (`disk.rs`): 503 with `Retry-After`.
     #[error("{0}")]
     DiskFull(String),
+    /// A block's dependency build failed (the package manager's own message): 422
+    /// `build_failed`, nothing deployed.
+    #[error("{message}")]
+    BuildFailed {
+        message: String,
+        block: String,
+        /// The build's last output lines.
+        log_tail: Vec<String>,
+        /// The deploy's builds so far, the failed one last.
+        builds: Vec<serde_json::Value>,
+    },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -95,7 +106,9 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } | ApiError::UploadTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
-            ApiError::StorageQuota { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::StorageQuota { .. } | ApiError::BuildFailed { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::Gone(_) => StatusCode::GONE,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Throttled { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -119,6 +132,7 @@ impl ApiError {
                 "payload_too_large"
             }
             ApiError::StorageQuota { .. } => "storage_quota",
+            ApiError::BuildFailed { .. } => "build_failed",
             ApiError::Gone(_) => "gone",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::Throttled { .. } => "throttled",
@@ -142,6 +156,17 @@ impl IntoResponse for ApiError {
             body["error"]["line"] = json!(e.line);
             body["error"]["column"] = json!(e.column);
             body["error"]["field"] = json!(e.field);
+        }
+        if let ApiError::BuildFailed {
+            block,
+            log_tail,
+            builds,
+            ..
+        } = &self
+        {
+            body["error"]["block"] = json!(block);
+            body["error"]["log_tail"] = json!(log_tail);
+            body["builds"] = json!(builds);
         }
         if let ApiError::PayloadTooLarge { limit, .. } = &self {
             body["error"]["limit_bytes"] = json!(limit);

@@ -16,6 +16,7 @@
 
 mod audit;
 mod auth;
+mod builds;
 mod deploy_gate;
 mod disk;
 mod endpoint_http;

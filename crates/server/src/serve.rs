@@ -101,6 +101,11 @@ pub enum ServeError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("preparing the dependency layer and build dirs under {path}: {source}")]
+    Layers {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("listening on {addr}: {source}; is another server running there? choose another with --listen")]
     Listen {
         addr: SocketAddr,
@@ -197,11 +202,24 @@ pub async fn serve(
         start_zygotes(&host, &runtime_dir);
         start_standbys(&host, &runtime_dir, config.standby);
     }
+    // Dependency layers (`<data>/layers/<account>/<key>`) and the builds' scratch mounts.
+    let builder = refinery_deps::Builder::new(
+        host.clone(),
+        runtime_dir.clone(),
+        data_dir.join("layers"),
+        data_dir.join("builds"),
+        refinery_deps::BuildLimits::default(),
+    )
+    .map_err(|source| ServeError::Layers {
+        path: data_dir.clone(),
+        source,
+    })?;
 
     let pool = InstancePool::new(
         host.clone(),
         PoolConfig {
             code_root: data_dir.join("code"),
+            layers_root: data_dir.join("layers"),
             runtime_dir,
             default_keep_alive: config.keep_alive,
             queue_timeout: config.queue_timeout,
@@ -238,7 +256,8 @@ pub async fn serve(
             engine.clone(),
         )
         .with_deploy_limits(config.deploy_limits)
-        .with_disk(disk.clone()),
+        .with_disk(disk.clone())
+        .with_builder(Arc::new(builder)),
     );
 
     tracing::info!(%addr, "listening");

@@ -40,6 +40,9 @@ pub struct AppState {
     /// Free space of the data dir's filesystem and the reserve below which new work is
     /// refused (`disk.rs`; set by [`AppState::with_disk`], no reserve otherwise).
     pub disk: Arc<DiskSpace>,
+    /// Builds blocks' dependency layers at deploy (`builds.rs`); None: deploys of blocks
+    /// that declare dependencies are refused.
+    pub builds: Option<Arc<refinery_deps::Builder>>,
 }
 
 impl AppState {
@@ -67,7 +70,14 @@ impl AppState {
             engine,
             quota_updates: tokio::sync::Mutex::new(()),
             deploy_gate: DeployGate::new(DeployLimits::DEFAULT),
+            builds: None,
         }
+    }
+
+    /// Builds dependency layers with `builder`.
+    pub fn with_builder(mut self, builder: Arc<refinery_deps::Builder>) -> AppState {
+        self.builds = Some(builder);
+        self
     }
 
     /// The operator's deploy limits instead of the defaults.

@@ -136,6 +136,7 @@ impl BlockRow {
             tmp_mb: stored_u32("tmp_mb", self.tmp_mb)?,
             env,
             network: self.network,
+            deps_layer: None,
             name: self.name,
             source_name: self.source_name,
             code: self.code,
@@ -597,6 +598,17 @@ async fn insert_block(
         .await
         .map_err(StoreError::db(format!("{} (file `{path}`)", what())))?;
     }
+    if let Some(key) = &block.deps_layer {
+        sqlx::query(
+            "INSERT INTO block_layers (deployment_id, position, layer_key) VALUES (?, ?, ?)",
+        )
+        .bind(deployment_id)
+        .bind(position)
+        .bind(key)
+        .execute(&mut *conn)
+        .await
+        .map_err(StoreError::db(format!("{} (its dependency layer)", what())))?;
+    }
     Ok(())
 }
 
@@ -731,6 +743,24 @@ async fn load_deployment(
                 ))
             })?;
         block.files.insert(path, contents);
+    }
+    let layers: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT position, layer_key FROM block_layers WHERE deployment_id = ? ORDER BY position",
+    )
+    .bind(row.id)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(StoreError::db(format!(
+        "reading the dependency layers of deployment {}",
+        row.number
+    )))?;
+    for (position, key) in layers {
+        if let Some(block) = usize::try_from(position)
+            .ok()
+            .and_then(|p| blocks.get_mut(p))
+        {
+            block.deps_layer = Some(key);
+        }
     }
 
     Ok(Some(Deployment {

@@ -54,6 +54,7 @@ pub mod deployments;
 pub mod error;
 mod execution_writer;
 pub mod executions;
+pub mod layers;
 pub mod pricing;
 pub mod queues;
 pub mod quotas;

@@ -325,6 +325,7 @@ async fn storage_is_code_bytes_held_pro_rata_over_the_month() -> TestResult {
         tmp_mb: 16,
         env: Default::default(),
         network: false,
+        deps_layer: None,
     };
     // 1000 bytes of code ("é" is two bytes: bytes count, not characters).
     let code = format!("{}{}", "é".repeat(100), "x".repeat(800));

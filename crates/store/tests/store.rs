@@ -36,6 +36,7 @@ fn block(name: &str) -> BlockSpec {
         env,
         // Block "b" asks for network, so the round trips below cover both values.
         network: name == "b",
+        deps_layer: None,
     }
 }
 

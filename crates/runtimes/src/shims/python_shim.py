@@ -286,18 +286,36 @@ def shared_dirs():
     ]
 
 
-def load(path, function="main", root=None):
+def add_deps(deps, at):
+    """The block's dependency layer (read-only, pip's --target layout) goes on sys.path right
+    after the block's own directories, before the standard library and the system's
+    packages; its .pth files are processed as site-packages' are."""
+    import site
+
+    before = list(sys.path)
+    site.addsitedir(deps)
+    added = [p for p in sys.path if p not in before]
+    for p in added:
+        sys.path.remove(p)
+    sys.path[at:at] = added
+
+
+def load(path, function="main", root=None, deps=None):
     """Returns the handler, or raises an exception to report as init_error. `root` (the
     block's code dir, for a handler in a subdirectory) goes on sys.path too, so the block's
-    top-level modules import from anywhere in it."""
+    top-level modules import from anywhere in it; `deps` (its dependency layer) after them."""
     code_dir = os.path.dirname(os.path.abspath(path))
     ahead = 1
     if root is not None and os.path.abspath(root) != code_dir:
         sys.path.insert(0, os.path.abspath(root))
         ahead = 2
     sys.path.insert(0, code_dir)
-    # The project shared directories the block lists, right after its own code.
-    sys.path[ahead:ahead] = shared_dirs()
+    # The project shared directories the block lists, right after its own code; then its
+    # dependency layer.
+    shared = shared_dirs()
+    sys.path[ahead:ahead] = shared
+    if deps is not None:
+        add_deps(deps, ahead + len(shared))
     name = module_name_for(path)
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -486,14 +504,15 @@ def adopt():
 def main():
     if sys.argv[1:] == ["--standby"] and not adopt():
         return 0
-    if len(sys.argv) not in (2, 4):
+    if len(sys.argv) not in (2, 4, 5):
         print(
-            "usage: python_shim.py /code/<source> [FUNCTION CODE_DIR] | --standby",
+            "usage: python_shim.py /code/<source> [FUNCTION CODE_DIR [DEPS_DIR]] | --standby",
             file=sys.stderr,
         )
         return 2
     path = sys.argv[1]
-    function, root = (sys.argv[2], sys.argv[3]) if len(sys.argv) == 4 else ("main", None)
+    function, root = (sys.argv[2], sys.argv[3]) if len(sys.argv) >= 4 else ("main", None)
+    deps = sys.argv[4] if len(sys.argv) == 5 else None
     unbuffered_stdio()
     # The protocol pipes must not leak into subprocesses the block starts.
     for fd in (REQUESTS_FD, RESPONSES_FD):
@@ -501,7 +520,7 @@ def main():
 
     started = time.perf_counter()
     try:
-        handler = load(path, function, root)
+        handler = load(path, function, root, deps)
     except BaseException as exc:  # noqa: BLE001 - any failure to load is the user's
         write_frame(encode({"type": "init_error", "error": error_of(exc)}).encode("utf-8"))
         return 1

@@ -84,6 +84,7 @@ impl TestHost {
             pids_max: 64,
             cpu_percent: 100,
             network: false,
+            extra_mounts: Vec::new(),
         }
     }
 

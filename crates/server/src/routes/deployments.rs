@@ -8,6 +8,7 @@ use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use refinery_domain::{limits, Manifest};
@@ -63,29 +64,96 @@ fn decode_binary_files(request: &DeployRequest) -> Result<BTreeMap<String, Vec<u
         .collect()
 }
 
+/// The deploy route. With `Accept: application/x-ndjson` the answer is a stream of JSON
+/// lines once the request is read and checked: `{"type":"build",...}` and
+/// `{"type":"log","block":...,"line":...}` while dependency layers build, then one
+/// `{"type":"result","status":201,"body":{...}}` (the same answer as without the stream) or
+/// `{"type":"error","status":422,"body":{"error":{...}}}`. Otherwise plain JSON.
 pub async fn deploy(
     State(state): State<SharedState>,
     caller: Caller,
     headers: HeaderMap,
     body: Body,
-) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let account = caller.account()?;
+) -> Result<Response, ApiError> {
+    let account = caller.account()?.clone();
     // Before a byte of the body is read: the deploy rate, then a turn to receive it.
-    let _turn = state.deploy_gate.admit(&account.id, &account.name).await?;
+    let turn = state.deploy_gate.admit(&account.id, &account.name).await?;
     let request = read_deploy_request(&headers, body).await?;
     let binary = decode_binary_files(&request)?;
     check_upload_limits(&request, &binary)?;
+    if !wants_ndjson(&headers) {
+        let answer = deploy_request(&state, &account, &request, &binary, &None).await;
+        drop(turn);
+        return answer.map(|(status, json)| (status, Json(json)).into_response());
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    // Its own task: a client that goes away mid-build cannot cancel the deploy half-way.
+    tokio::spawn(async move {
+        let _turn = turn;
+        let progress = Some(tx.clone());
+        let last = match deploy_request(&state, &account, &request, &binary, &progress).await {
+            Ok((status, body)) => {
+                json!({"type": "result", "status": status.as_u16(), "body": body})
+            }
+            Err(e) => {
+                let response = e.into_response();
+                let status = response.status().as_u16();
+                let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+                    .await
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+                    .unwrap_or(Value::Null);
+                json!({"type": "error", "status": status, "body": body})
+            }
+        };
+        let _ = tx.send(last);
+    });
+    let stream = futures::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx).map(|event| {
+            event.map(|v| {
+                let mut line = serde_json::to_vec(&v).unwrap_or_default();
+                line.push(b'\n');
+                Ok::<_, std::convert::Infallible>(axum::body::Bytes::from(line))
+            })
+        })
+    });
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, NDJSON)
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+const NDJSON: &str = "application/x-ndjson";
+
+fn wants_ndjson(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim().starts_with(NDJSON)))
+}
+
+/// Everything of a deploy after the body is read: parse, check, build dependency layers,
+/// store, make live, provision; the answer.
+async fn deploy_request(
+    state: &SharedState,
+    account: &refinery_store::Account,
+    request: &DeployRequest,
+    binary: &BTreeMap<String, Vec<u8>>,
+    progress: &crate::builds::Progress,
+) -> Result<(StatusCode, Value), ApiError> {
     let manifest_path = request.manifest_path.as_deref().unwrap_or("refinery.toml");
     let manifest = Manifest::parse(
         &request.manifest,
         manifest_path,
         &refinery_domain::source::UploadedFiles {
             text: &request.files,
-            binary: &binary,
+            binary,
         },
     )?;
-    refuse_missing_secrets(&state, account, &manifest).await?;
-    check_min_warm_fits(&state, account, &manifest)?;
+    refuse_missing_secrets(state, account, &manifest).await?;
+    check_min_warm_fits(state, account, &manifest)?;
     state.disk.admit(Refused::Deploy)?;
     if let Some(block) = manifest.blocks.iter().find(|b| b.network) {
         if !state.pool.network_enabled() {
@@ -104,13 +172,16 @@ pub async fn deploy(
         keep,
         storage_limit_bytes: storage_mb.saturating_mul(MIB),
     };
+    // Dependency layers first: a failed build stores nothing, the live deployment stays.
+    let mut blocks = manifest.blocks.clone();
+    let builds = crate::builds::build_layers(state, account, &mut blocks, progress).await?;
     let deployed = state
         .store
         .deploy(
             &account.id,
             &manifest.name,
             &request.manifest,
-            &manifest.blocks,
+            &blocks,
             retention,
         )
         .await
@@ -123,13 +194,13 @@ pub async fn deploy(
     let deployment = deployed.deployment;
     state.invalidate_live(&account.id, &manifest.name);
     state.engine.deployments_changed();
-    retire_all_but_live(&state, &account.id, &manifest.name).await?;
+    retire_all_but_live(state, &account.id, &manifest.name).await?;
     if !deployed.pruned.is_empty() {
         state.pool.retire_deployments(&deployed.pruned).await;
         state.pool.remove_code(&deployed.pruned).await;
         tracing::info!(account = %account.id, project = %deployment.project, pruned = ?deployed.pruned, "old deployments pruned");
     }
-    provision(&state, account, &deployment).await;
+    provision(state, account, &deployment).await;
     tracing::info!(account = %account.id, project = %deployment.project, deployment = deployment.number, "deployed");
     let mut reply = deployment_json(&deployment);
     reply["endpoints"] = manifest
@@ -145,7 +216,8 @@ pub async fn deploy(
             })
         })
         .collect();
-    Ok((StatusCode::CREATED, Json(reply)))
+    reply["builds"] = Value::Array(builds);
+    Ok((StatusCode::CREATED, reply))
 }
 
 const MIB: u64 = 1024 * 1024;
