@@ -102,7 +102,7 @@ pub async fn run(refinery: &std::path::Path, rounds: usize) -> Result<DepsResult
     let machine = machine::describe();
     let load_before = machine::load();
     // A redeploy per round: more than the default deploy rate allows.
-    let server = server::start(refinery, &["--deploy-rate", "1000/1m"])?;
+    let server = server::start(refinery, &[])?;
     let api = Api::new(&server)?;
     let key = api.account(&server.operator_key, "bench").await?;
     eprintln!("bench deps: first deploy (builds both layers)");

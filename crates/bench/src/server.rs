@@ -9,7 +9,7 @@ use anyhow::Result;
 
 pub use refinery_harness::{Client as Api, Server};
 
-/// Starts `binary serve` on a fresh data dir with quotas raised; `extra` flags are
+/// Starts `binary serve` on a fresh data dir with quotas and the deploy rate raised; `extra` flags are
 /// appended (e.g. `--no-zygotes`).
 pub fn start(binary: &Path, extra: &[&str]) -> Result<Server> {
     let mut args = vec![
@@ -27,6 +27,8 @@ pub fn start(binary: &Path, extra: &[&str]) -> Result<Server> {
         "1000/10s",
         "--queue-timeout",
         "60s",
+        "--deploy-rate",
+        "1000/1m",
     ];
     args.extend_from_slice(extra);
     Server::launch_fresh(binary, &args, Stdio::inherit(), "warn")

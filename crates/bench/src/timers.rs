@@ -171,7 +171,7 @@ pub async fn run(config: TimersConfig) -> Result<TimersResults> {
     let machine = machine::describe();
     let load_before = machine::load();
     // N projects are deployed back to back.
-    let server = server::start(&config.refinery, &["--deploy-rate", "1000/1m"])?;
+    let server = server::start(&config.refinery, &[])?;
     let api = Api::new(&server)?;
     let key = api.account(&server.operator_key, "bench").await?;
     let span = Duration::from_secs(config.seconds);

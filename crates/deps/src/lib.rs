@@ -317,6 +317,7 @@ impl Builder {
             cpu_percent: 100,
             network: true,
             extra_mounts,
+            shared_dir: None,
         };
         let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
         let mut errors: Vec<String> = Vec::new();

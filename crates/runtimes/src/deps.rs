@@ -232,6 +232,8 @@ mod tests {
             secret_env: Default::default(),
             network: false,
             deps_layer: None,
+            binary_files: Default::default(),
+            shared: Vec::new(),
         }
     }
 

@@ -424,7 +424,7 @@ impl SandboxHost {
                 .as_deref()
                 .filter(|r| !m.writable && is_plain_relative(r))
                 .ok_or_else(|| err(format!("its mount at {} cannot be linked in", m.dst)))?;
-            let target = code_dir.join(rel);
+            let target = own_dir.join(CODE).join(rel);
             if target.exists() {
                 return Err(err(format!("its code already has {rel}")));
             }
