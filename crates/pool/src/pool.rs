@@ -1284,15 +1284,25 @@ impl InstancePool {
                 };
                 let now = Instant::now();
                 let keep = now + block_pool.history_window().keep_alive;
-                for _ in 0..block_pool.provision_deficit() {
+                // Every start of the deficit is counted as under way before the first
+                // begins, so the reaper's own top-up (which counts them) starts none twice.
+                let deficit = block_pool.provision_deficit();
+                for _ in 0..deficit {
                     block_pool.starting_ahead();
+                }
+                let mut pending = deficit;
+                while pending > 0 {
                     let started = pool
                         .start_and_park(&block_pool, now, keep, AheadReason::provisioned)
                         .await;
                     block_pool.started_ahead();
+                    pending -= 1;
                     if !started {
                         break;
                     }
+                }
+                for _ in 0..pending {
+                    block_pool.started_ahead();
                 }
             }
         });
