@@ -22,7 +22,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use refinery_pool::keep_alive::{AdaptiveConfig, BlockHistory, KeepAlivePolicy};
+use refinery_pool::keep_alive::{AdaptiveConfig, BlockHistory, KeepAlivePolicy, Prewarm, Prewarms};
 
 /// One block's invocations.
 pub struct Function {
@@ -49,123 +49,180 @@ impl Outcome {
 }
 
 struct SimInstance {
-    busy_until: Duration,
+    id: u64,
+    busy: bool,
     /// When it last went idle (or was pre-warmed).
     idle_since: Duration,
     expires: Duration,
-    busy: bool,
+    /// Push order onto the idle stack (the highest is on top, reused first).
+    order: u64,
 }
 
-/// Replays one function under one policy.
-pub fn simulate(function: &Function, policy: &KeepAlivePolicy) -> Outcome {
+/// The first multiple of `tick` at or after `t`.
+fn align(t: Duration, tick: Duration) -> Duration {
+    let tick_ns = tick.as_nanos().max(1);
+    let n = t.as_nanos().div_ceil(tick_ns);
+    Duration::from_nanos(u64::try_from(n * tick_ns).unwrap_or(u64::MAX))
+}
+
+/// Replays one function under one policy; the reaper runs every `tick` (expiries happen on
+/// its rounds, as in the pool); pre-warms start on time (the pool sets a timer for each).
+pub fn simulate(function: &Function, policy: &KeepAlivePolicy, tick: Duration) -> Outcome {
+    let tick = tick.max(Duration::from_millis(1));
     let mut history = BlockHistory::new(policy);
+    let mut prewarms: Prewarms<Duration> = Prewarms::default();
     let mut instances: Vec<SimInstance> = Vec::new();
-    let mut ends: BinaryHeap<Reverse<(Duration, usize)>> = BinaryHeap::new();
-    let mut prewarm: Option<(Duration, Duration)> = None;
+    let mut ends: BinaryHeap<Reverse<(Duration, u64)>> = BinaryHeap::new();
+    let (mut next_id, mut next_order) = (0u64, 0u64);
+    let mut next_tick = tick;
     let mut idle_s = 0.0f64;
     let mut cold = 0u64;
 
-    // Idle time of instances that expired by `now`; they are dropped.
-    let expire = |instances: &mut Vec<SimInstance>, idle_s: &mut f64, now: Duration| {
+    // An invocation of instance `id` ended at `t`: the pool's `release`.
+    let end = |instances: &mut Vec<SimInstance>,
+               prewarms: &mut Prewarms<Duration>,
+               history: &mut BlockHistory,
+               next_order: &mut u64,
+               id: u64,
+               t: Duration| {
+        let level = history.end(t);
+        let window = history.window(policy, level);
+        let idle_exists = instances.iter().any(|i| !i.busy);
+        let Some(index) = instances.iter().position(|i| i.id == id) else {
+            return;
+        };
+        if !window.prewarm.is_zero() && !idle_exists {
+            // Let go at once; a fresh one is loaded for the window.
+            instances.swap_remove(index);
+            let at = t + window.prewarm;
+            prewarms.schedule(Prewarm {
+                level,
+                let_go: t,
+                at,
+                until: at + window.keep_alive,
+            });
+        } else {
+            let instance = &mut instances[index];
+            instance.busy = false;
+            instance.idle_since = t;
+            instance.expires = t + window.prewarm + window.keep_alive;
+            instance.order = *next_order;
+            *next_order += 1;
+        }
+    };
+    // A reaper round at `t`: expired idle instances go.
+    let reap = |instances: &mut Vec<SimInstance>, idle_s: &mut f64, t: Duration| {
         instances.retain(|i| {
-            if !i.busy && i.expires <= now {
-                *idle_s += i.expires.saturating_sub(i.idle_since).as_secs_f64();
+            if !i.busy && i.expires <= t {
+                *idle_s += t.saturating_sub(i.idle_since).as_secs_f64();
                 false
             } else {
                 true
             }
         });
     };
+    // A pre-warm's timer at `t`: due pre-warms of uncovered levels start.
+    let start_due = |instances: &mut Vec<SimInstance>,
+                     prewarms: &mut Prewarms<Duration>,
+                     history: &BlockHistory,
+                     next_id: &mut u64,
+                     next_order: &mut u64,
+                     t: Duration| {
+        let idle = u32::try_from(instances.iter().filter(|i| !i.busy).count()).unwrap_or(0);
+        for prewarm in prewarms.due(t, history.in_flight() + idle) {
+            instances.push(SimInstance {
+                id: *next_id,
+                busy: false,
+                idle_since: t,
+                expires: prewarm.until,
+                order: *next_order,
+            });
+            *next_id += 1;
+            *next_order += 1;
+        }
+    };
 
-    for &arrival in &function.arrivals {
-        // Invocations that ended before this arrival, in order.
-        while let Some(Reverse((end, index))) = ends.peek().copied() {
-            if end > arrival {
+    let mut arrivals = function.arrivals.iter().copied().peekable();
+    loop {
+        let next_arrival = arrivals.peek().copied();
+        let next_end = ends.peek().map(|Reverse((t, _))| *t);
+        let next_prewarm = prewarms.next_at();
+        if !instances.iter().any(|i| !i.busy) {
+            // Nothing for the reaper to do until the next event: skip its rounds.
+            let Some(next) = [next_arrival, next_end, next_prewarm]
+                .into_iter()
+                .flatten()
+                .min()
+            else {
                 break;
-            }
-            ends.pop();
-            history.end(end);
-            let window = history.window(policy);
-            let instance = &mut instances[index];
-            instance.busy = false;
-            instance.idle_since = end;
-            if window.prewarm.is_zero() {
-                instance.expires = end + window.keep_alive;
-            } else {
-                // Let go at once; a fresh one is loaded for the window.
-                instance.expires = end;
-                prewarm = Some((
-                    end + window.prewarm,
-                    end + window.prewarm + window.keep_alive,
-                ));
-            }
+            };
+            next_tick = next_tick.max(align(next, tick));
         }
-        // A due pre-warm was started before this arrival, unless an instance was idle
-        // then; one not yet due is cancelled by this arrival (as in the pool).
-        if let Some((at, until)) = prewarm.take() {
-            if at <= arrival && !instances.iter().any(|i| !i.busy && i.expires > at) {
-                instances.push(SimInstance {
-                    busy_until: at,
-                    idle_since: at,
-                    expires: until,
-                    busy: false,
-                });
-            }
-        }
-        expire(&mut instances, &mut idle_s, arrival);
-        // Indices in `ends` must stay valid: rebuild them after removals.
-        ends = instances
-            .iter()
-            .enumerate()
-            .filter(|(_, i)| i.busy)
-            .map(|(index, i)| Reverse((i.busy_until, index)))
-            .collect();
-        history.arrival(arrival);
-        let warm = instances
-            .iter_mut()
-            .enumerate()
-            .filter(|(_, i)| !i.busy && i.expires > arrival)
-            .max_by_key(|(_, i)| i.idle_since);
-        let index = match warm {
-            Some((index, instance)) => {
-                idle_s += arrival.saturating_sub(instance.idle_since).as_secs_f64();
-                instance.busy = true;
-                instance.busy_until = arrival + function.run;
-                index
-            }
-            None => {
-                cold += 1;
-                instances.push(SimInstance {
-                    busy_until: arrival + function.run,
-                    idle_since: arrival,
-                    expires: arrival,
-                    busy: true,
-                });
-                instances.len() - 1
-            }
+        // Ends first, then a reaper round, then a pre-warm, then an arrival, at equal times.
+        let candidates = [
+            next_end.map(|t| (t, 0)),
+            Some((next_tick, 1)),
+            next_prewarm.map(|t| (t, 2)),
+            next_arrival.map(|t| (t, 3)),
+        ];
+        let Some((t, kind)) = candidates.into_iter().flatten().min() else {
+            break;
         };
-        ends.push(Reverse((instances[index].busy_until, index)));
-    }
-    // The tail: every kept instance is idle until it expires.
-    while let Some(Reverse((end, index))) = ends.pop() {
-        history.end(end);
-        let window = history.window(policy);
-        let instance = &mut instances[index];
-        instance.busy = false;
-        instance.idle_since = end;
-        if window.prewarm.is_zero() {
-            instance.expires = end + window.keep_alive;
-        } else {
-            instance.expires = end;
-            prewarm = Some((
-                end + window.prewarm,
-                end + window.prewarm + window.keep_alive,
-            ));
+        match kind {
+            0 => {
+                if let Some(Reverse((t, id))) = ends.pop() {
+                    end(
+                        &mut instances,
+                        &mut prewarms,
+                        &mut history,
+                        &mut next_order,
+                        id,
+                        t,
+                    );
+                }
+            }
+            1 => {
+                reap(&mut instances, &mut idle_s, t);
+                next_tick = t + tick;
+            }
+            2 => start_due(
+                &mut instances,
+                &mut prewarms,
+                &history,
+                &mut next_id,
+                &mut next_order,
+                t,
+            ),
+            _ => {
+                arrivals.next();
+                let level = history.arrival(t);
+                prewarms.arrival(level);
+                let warm = instances
+                    .iter_mut()
+                    .filter(|i| !i.busy)
+                    .max_by_key(|i| i.order);
+                let id = match warm {
+                    Some(instance) => {
+                        idle_s += t.saturating_sub(instance.idle_since).as_secs_f64();
+                        instance.busy = true;
+                        instance.id
+                    }
+                    None => {
+                        cold += 1;
+                        instances.push(SimInstance {
+                            id: next_id,
+                            busy: true,
+                            idle_since: t,
+                            expires: t,
+                            order: 0,
+                        });
+                        next_id += 1;
+                        next_id - 1
+                    }
+                };
+                ends.push(Reverse((t + function.run, id)));
+            }
         }
-    }
-    expire(&mut instances, &mut idle_s, Duration::MAX);
-    if let Some((at, until)) = prewarm {
-        idle_s += until.saturating_sub(at).as_secs_f64();
     }
     Outcome {
         invocations: function.arrivals.len() as u64,
@@ -293,6 +350,77 @@ pub fn azure(dir: &Path) -> Result<Vec<Function>> {
     Ok(functions)
 }
 
+/// The pool's reaper interval at the defaults (`--keep-alive 5m`, one-minute bins): 5 s.
+const DAY_TICK: Duration = Duration::from_secs(5);
+
+/// The slice `replay_trace.py` sends through a running server (`--functions 100
+/// --minutes 180`), built as that tool builds it: the first `functions` rows of
+/// `200_inv.csv`, their first `minutes` minutes, each call at a uniformly random instant
+/// of its minute (this generator's, not Python's), the run time the 50th percentile of
+/// `200_run.csv`, the memory the tool's (`200_mem.csv` looked up by the row's second
+/// column, rounded up to 64 MB, 128 to 3008 MB). Times are trace times.
+pub fn azure_replay_slice(dir: &Path, functions: usize, minutes: usize) -> Result<Vec<Function>> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+    };
+    let column = |text: &str, key: usize, value: usize| -> HashMap<String, f64> {
+        text.lines()
+            .skip(1)
+            .filter_map(|line| {
+                let cols: Vec<&str> = line.split(',').collect();
+                Some((cols.get(key)?.to_string(), cols.get(value)?.parse().ok()?))
+            })
+            .collect()
+    };
+    let runs = column(&read("200_run.csv")?, 2, 10);
+    let memory = column(&read("200_mem.csv")?, 1, 3);
+    let mut rng = Rng(0x0005_EED0_F00D_0001);
+    let mut out = Vec::new();
+    for line in read("200_inv.csv")?.lines().skip(1).take(functions) {
+        let cols: Vec<&str> = line.split(',').collect();
+        if cols.len() < 4 {
+            continue;
+        }
+        let mut arrivals = Vec::new();
+        for (minute, count) in cols[3..].iter().take(minutes).enumerate() {
+            let count: u32 = count.trim().parse().unwrap_or(0);
+            for _ in 0..count {
+                arrivals.push(Duration::from_secs_f64((minute as f64 + rng.next()) * 60.0));
+            }
+        }
+        arrivals.sort();
+        if arrivals.is_empty() {
+            continue;
+        }
+        let mb = memory.get(cols[1]).copied().unwrap_or(128.0);
+        out.push(Function {
+            name: cols[0].chars().take(8).collect(),
+            memory_mb: ((mb / 64.0).ceil() * 64.0).clamp(128.0, 3008.0),
+            run: Duration::from_secs_f64(
+                runs.get(cols[0]).copied().unwrap_or(10.0).max(0.0) / 1000.0,
+            ),
+            arrivals,
+        });
+    }
+    Ok(out)
+}
+
+/// The replay's reaper interval: 0.1 s (`--keep-alive 10s`, `--adaptive-bin 1s`) at 60×.
+const REPLAY_TICK: Duration = Duration::from_secs(6);
+
+/// What the replay compares: `--keep-alive 10s` and the adaptive policy over it, at 60×.
+fn replay_policies() -> Vec<(&'static str, KeepAlivePolicy)> {
+    let ten = Duration::from_secs(600);
+    vec![
+        ("fixed 10 min", KeepAlivePolicy::Fixed(ten)),
+        (
+            "adaptive (fallback 10 min)",
+            KeepAlivePolicy::Adaptive(AdaptiveConfig::paper(ten)),
+        ),
+    ]
+}
+
 fn policies() -> Vec<(&'static str, KeepAlivePolicy)> {
     let five = Duration::from_secs(300);
     vec![
@@ -317,7 +445,14 @@ fn policies() -> Vec<(&'static str, KeepAlivePolicy)> {
     ]
 }
 
-fn report(out: &mut String, title: &str, functions: &[Function], per_function: bool) {
+fn report(
+    out: &mut String,
+    title: &str,
+    functions: &[Function],
+    policies: &[(&'static str, KeepAlivePolicy)],
+    tick: Duration,
+    per_function: bool,
+) {
     let _ = writeln!(out, "\n### {title}\n");
     let invocations: usize = functions.iter().map(|f| f.arrivals.len()).sum();
     let _ = writeln!(
@@ -328,11 +463,11 @@ fn report(out: &mut String, title: &str, functions: &[Function], per_function: b
     let _ = writeln!(out, "| policy | cold starts | cold % | idle GB-s | cold starts per idle GB-s | warm starts per idle GB-s |");
     let _ = writeln!(out, "|---|---|---|---|---|---|");
     let mut rows = Vec::new();
-    for (name, policy) in policies() {
+    for (name, policy) in policies.iter().copied() {
         let mut total = Outcome::default();
         let mut each = Vec::new();
         for function in functions {
-            let outcome = simulate(function, &policy);
+            let outcome = simulate(function, &policy, tick);
             total.add(outcome);
             each.push(outcome);
         }
@@ -376,6 +511,8 @@ pub fn render(azure_dir: Option<&Path>) -> Result<String> {
         &mut out,
         "Synthetic day: 5 periodic + 3 bursty blocks",
         &synthetic(),
+        &policies(),
+        DAY_TICK,
         true,
     );
     if let Some(dir) = azure_dir {
@@ -384,6 +521,17 @@ pub fn render(azure_dir: Option<&Path>) -> Result<String> {
             &mut out,
             "Azure Functions 2019, 200-function sample, one day",
             &functions,
+            &policies(),
+            DAY_TICK,
+            false,
+        );
+        let slice = azure_replay_slice(dir, 100, 180)?;
+        report(
+            &mut out,
+            "The platform replay's slice: first 100 functions, first 180 minutes (trace time)",
+            &slice,
+            &replay_policies(),
+            REPLAY_TICK,
             false,
         );
     }
@@ -393,6 +541,9 @@ pub fn render(azure_dir: Option<&Path>) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A one-second reaper: the tests' times are whole seconds, so expiries are exact.
+    const TICK: Duration = Duration::from_secs(1);
 
     fn periodic(period_s: u64, n: u64) -> Function {
         Function {
@@ -408,6 +559,7 @@ mod tests {
         let outcome = simulate(
             &periodic(600, 10),
             &KeepAlivePolicy::Fixed(Duration::from_secs(300)),
+            TICK,
         );
         assert_eq!(outcome.cold, 10);
         // Each of the 10 instances idles its full 300 s at 1 GB.
@@ -419,6 +571,7 @@ mod tests {
         let outcome = simulate(
             &periodic(600, 10),
             &KeepAlivePolicy::Fixed(Duration::from_secs(700)),
+            TICK,
         );
         assert_eq!(outcome.cold, 1);
         // 9 gaps of 599 s, then the last 700 s.
@@ -431,16 +584,58 @@ mod tests {
     #[test]
     fn adaptive_prewarms_a_periodic_block_with_little_idle_memory() {
         let adaptive = KeepAlivePolicy::Adaptive(AdaptiveConfig::paper(Duration::from_secs(300)));
-        let outcome = simulate(&periodic(600, 100), &adaptive);
+        let outcome = simulate(&periodic(600, 100), &adaptive, TICK);
         let fixed = simulate(
             &periodic(600, 100),
             &KeepAlivePolicy::Fixed(Duration::from_secs(700)),
+            TICK,
         );
         // Cold until the histogram has its 10 samples, warm afterwards.
         assert!(outcome.cold <= 12, "{outcome:?}");
         assert!(
             outcome.idle_gb_s < fixed.idle_gb_s / 3.0,
             "{outcome:?} vs {fixed:?}"
+        );
+    }
+
+    /// Two calls always in flight (100 s runs every 50 s) and, every 5 minutes, three more
+    /// at once: levels 3 to 5 are idle about 200 s each time. Per level, the adaptive policy
+    /// keeps the peak's instances to about 4.4 minutes (their 99th percentile plus the
+    /// margin), not 10, and they are warm at every peak, as with fixed 10 min. (A single
+    /// block-wide histogram saw mostly the short gaps between the overlapping calls.)
+    #[test]
+    fn adaptive_keeps_a_busy_blocks_peak_instances_between_peaks() {
+        let mut arrivals = Vec::new();
+        for i in 0..600u64 {
+            arrivals.push(Duration::from_secs(i * 50));
+            if i % 6 == 0 {
+                for _ in 0..3 {
+                    arrivals.push(Duration::from_secs(i * 50 + 10));
+                }
+            }
+        }
+        arrivals.sort();
+        let function = Function {
+            name: "busy".into(),
+            memory_mb: 1024.0,
+            run: Duration::from_secs(100),
+            arrivals,
+        };
+        let ten = Duration::from_secs(600);
+        let fixed = simulate(&function, &KeepAlivePolicy::Fixed(ten), TICK);
+        let adaptive = simulate(
+            &function,
+            &KeepAlivePolicy::Adaptive(AdaptiveConfig::paper(ten)),
+            TICK,
+        );
+        // Fixed: the first two and the first peak's three; nothing after.
+        assert_eq!(fixed.cold, 5, "{fixed:?}");
+        // Adaptive: the same cold starts, and less idle memory (the tail after the last
+        // peak is shorter).
+        assert_eq!(adaptive.cold, 5, "{adaptive:?}");
+        assert!(
+            adaptive.idle_gb_s < fixed.idle_gb_s,
+            "{adaptive:?} vs {fixed:?}"
         );
     }
 
@@ -456,7 +651,11 @@ mod tests {
                 Duration::from_secs(20),
             ],
         };
-        let outcome = simulate(&function, &KeepAlivePolicy::Fixed(Duration::from_secs(60)));
+        let outcome = simulate(
+            &function,
+            &KeepAlivePolicy::Fixed(Duration::from_secs(60)),
+            TICK,
+        );
         assert_eq!(outcome.cold, 2);
     }
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore};
 
 use crate::instance::Instance;
-use crate::keep_alive::{BlockHistory, KeepAlivePolicy, Window};
+use crate::keep_alive::{BlockHistory, KeepAlivePolicy, Prewarm, Prewarms, Window};
 use crate::metrics::BlockLabels;
 use crate::pool::{lock, BlockTarget};
 use crate::scale_up::{ScaleUpBucket, ScaleUpLimit};
@@ -37,9 +37,8 @@ pub struct BlockPool {
     starting_ahead: AtomicU32,
     scale_up: Mutex<ScaleUpBucket>,
     history: Mutex<BlockHistory>,
-    /// When the adaptive policy let the last instance go: start one at `.0`, keep it
-    /// until `.1`.
-    prewarm: Mutex<Option<(Instant, Instant)>>,
+    /// Where the adaptive policy let an instance go: the pre-warms pending, per level.
+    prewarms: Mutex<Prewarms<Instant>>,
     /// After a failed start ahead of traffic: no provisioning until `.0`; the next failure
     /// waits `.1` (doubling, up to [`MAX_PROVISION_BACKOFF`]), so a block whose code does
     /// not load, or an account at its quota, is not retried on every reaper round.
@@ -77,12 +76,13 @@ pub struct InFlight<'a> {
 }
 
 impl InFlight<'_> {
-    /// Records the end now and returns the window for the instance that just went idle.
-    pub fn finish(mut self) -> Window {
+    /// Records the end now and returns the concurrency level of the instance that just
+    /// went idle and its window.
+    pub fn finish(mut self) -> (u32, Window) {
         self.done = true;
         let mut history = lock(&self.pool.history);
-        history.end(self.pool.origin.elapsed());
-        history.window(&self.pool.policy)
+        let level = history.end(self.pool.origin.elapsed());
+        (level, history.window(&self.pool.policy, level))
     }
 }
 
@@ -97,8 +97,8 @@ impl Drop for InFlight<'_> {
 /// What the reaper should do for a block now.
 pub struct Upkeep {
     pub expired: Vec<Instance>,
-    /// Start one instance now and keep it until then (adaptive pre-warm).
-    pub prewarm_until: Option<Instant>,
+    /// Start one instance now for each (adaptive pre-warms).
+    pub prewarms: Vec<Prewarm<Instant>>,
     /// Start this many instances to get back to `min_warm`.
     pub provision: u32,
 }
@@ -131,7 +131,7 @@ impl BlockPool {
             live: Arc::new(AtomicU32::new(0)),
             starting_ahead: AtomicU32::new(0),
             scale_up: Mutex::new(ScaleUpBucket::new(scale_up, Instant::now())),
-            prewarm: Mutex::new(None),
+            prewarms: Mutex::new(Prewarms::default()),
             provision_backoff: Mutex::new((None, MIN_PROVISION_BACKOFF)),
             origin,
             idle: Mutex::new(Vec::new()),
@@ -147,20 +147,20 @@ impl BlockPool {
         self.retired.load(Ordering::Acquire)
     }
 
-    /// An invocation arrived: recorded in the history; a pending pre-warm is moot (this
-    /// invocation's own release plans the next one).
+    /// An invocation arrived: recorded in the history; pending pre-warms of the level it
+    /// reaches and below are moot (their instances' next releases plan again).
     pub fn arrive(&self) -> InFlight<'_> {
-        lock(&self.history).arrival(self.origin.elapsed());
-        *lock(&self.prewarm) = None;
+        let level = lock(&self.history).arrival(self.origin.elapsed());
+        lock(&self.prewarms).arrival(level);
         InFlight {
             pool: self,
             done: false,
         }
     }
 
-    /// The keep-alive window the block's history gives now.
+    /// The keep-alive window the block's history gives now for its first instance.
     pub fn history_window(&self) -> Window {
-        lock(&self.history).window(&self.policy)
+        lock(&self.history).window(&self.policy, 1)
     }
 
     /// One cold start's token, or how long until there is one.
@@ -210,15 +210,17 @@ impl BlockPool {
             .is_some_and(|until| now < until)
     }
 
-    /// The adaptive policy let an instance go: pre-warm one at `at`, keep it until `until`.
-    pub fn schedule_prewarm(&self, at: Instant, until: Instant) {
-        *lock(&self.prewarm) = Some((at, until));
+    /// The adaptive policy let an instance go: pre-warm one as `prewarm` says.
+    pub fn schedule_prewarm(&self, prewarm: Prewarm<Instant>) {
+        lock(&self.prewarms).schedule(prewarm);
     }
 
-    /// Whether an idle instance may be let go now without cutting into the `min_warm` floor.
-    pub fn above_floor(&self) -> bool {
-        let idle = u32::try_from(self.lock_idle().len()).unwrap_or(u32::MAX);
-        idle >= self.min_warm()
+    /// Whether the instance that just went idle may be let go for a pre-warm: only when
+    /// it is the block's last idle one (an idle instance under it would serve its level
+    /// first; see [`Prewarms`]) and the block keeps its `min_warm` floor without it.
+    pub fn may_let_go(&self) -> bool {
+        let live = self.live.load(Ordering::Acquire);
+        self.lock_idle().is_empty() && live.saturating_sub(1) >= self.min_warm()
     }
 
     /// Marks the pool retired and hands back its idle instances for destruction.
@@ -234,10 +236,15 @@ impl BlockPool {
         self.lock_idle().pop().map(|i| i.instance)
     }
 
-    /// Keeps an instance warm until `expires`; hands it back (to be destroyed) if the pool
-    /// was retired meanwhile.
+    /// Keeps an instance warm until `expires`, idle since `since` (for least-recently-used
+    /// eviction); hands it back (to be destroyed) if the pool was retired meanwhile.
     #[must_use]
-    pub fn push_idle(&self, instance: Instance, expires: Instant) -> Option<Instance> {
+    pub fn push_idle(
+        &self,
+        instance: Instance,
+        since: Instant,
+        expires: Instant,
+    ) -> Option<Instance> {
         {
             let mut idle = self.lock_idle();
             if self.is_retired() {
@@ -245,7 +252,7 @@ impl BlockPool {
             }
             idle.push(IdleInstance {
                 instance,
-                since: Instant::now(),
+                since,
                 expires,
             });
         }
@@ -273,7 +280,8 @@ impl BlockPool {
     }
 
     /// The reaper's work for this block at `now`: idle instances past their keep-alive
-    /// (never the `min_warm` floor), a due pre-warm, and the provisioning deficit.
+    /// (never the `min_warm` floor), the due pre-warms of levels the block does not cover
+    /// (in flight, idle or being started), and the provisioning deficit.
     pub fn upkeep(&self, now: Instant) -> Upkeep {
         let expired = {
             let mut idle = self.lock_idle();
@@ -285,17 +293,7 @@ impl BlockPool {
             idle.extend(protected);
             expired.into_iter().map(|i| i.instance).collect()
         };
-        let prewarm_until = {
-            let mut prewarm = lock(&self.prewarm);
-            match *prewarm {
-                Some((at, until)) if now >= at => {
-                    *prewarm = None;
-                    let idle_now = !self.lock_idle().is_empty();
-                    (now < until && !idle_now && !self.is_retired()).then_some(until)
-                }
-                _ => None,
-            }
-        };
+        let prewarms = self.due_prewarms(now);
         let provision = if self.is_retired() || self.provision_held_back(now) {
             0
         } else {
@@ -303,8 +301,29 @@ impl BlockPool {
         };
         Upkeep {
             expired,
-            prewarm_until,
+            prewarms,
             provision,
+        }
+    }
+
+    /// The pre-warms due at `now` for levels the block does not cover (in flight, idle or
+    /// being started); taken off the pending list. The pool starts them at their time
+    /// (a timer per pre-warm), the reaper's round catching any it missed.
+    pub fn due_prewarms(&self, now: Instant) -> Vec<Prewarm<Instant>> {
+        let in_flight = lock(&self.history).in_flight();
+        let mut prewarms = lock(&self.prewarms);
+        if prewarms.is_empty() {
+            return Vec::new();
+        }
+        let idle = u32::try_from(self.lock_idle().len()).unwrap_or(u32::MAX);
+        let covered = in_flight
+            .saturating_add(idle)
+            .saturating_add(self.starting_ahead.load(Ordering::Acquire));
+        let due = prewarms.due(now, covered);
+        if self.is_retired() {
+            Vec::new()
+        } else {
+            due
         }
     }
 
@@ -403,26 +422,56 @@ mod tests {
         assert!(b.take_scale_up_token().is_ok());
     }
 
+    fn prewarm(level: u32, at: Instant, until: Instant) -> Prewarm<Instant> {
+        Prewarm {
+            level,
+            let_go: at,
+            at,
+            until,
+        }
+    }
+
     #[test]
     fn a_prewarm_is_started_when_due_and_cancelled_by_an_arrival() {
         let pool = block_pool(0, "10/1s");
         let now = Instant::now();
         let (at, until) = (now + Duration::from_secs(60), now + Duration::from_secs(90));
-        pool.schedule_prewarm(at, until);
-        assert_eq!(pool.upkeep(now).prewarm_until, None, "not due yet");
-        assert_eq!(pool.upkeep(at).prewarm_until, Some(until));
-        assert_eq!(pool.upkeep(at).prewarm_until, None, "started once");
+        let due = |pool: &BlockPool, t: Instant| -> Vec<Instant> {
+            pool.upkeep(t).prewarms.iter().map(|p| p.until).collect()
+        };
+        pool.schedule_prewarm(prewarm(1, at, until));
+        assert!(due(&pool, now).is_empty(), "not due yet");
+        assert_eq!(due(&pool, at), vec![until]);
+        assert!(due(&pool, at).is_empty(), "started once");
 
-        pool.schedule_prewarm(at, until);
+        pool.schedule_prewarm(prewarm(1, at, until));
         drop(pool.arrive());
-        assert_eq!(
-            pool.upkeep(at).prewarm_until,
-            None,
-            "the arrival cancelled it"
-        );
+        assert!(due(&pool, at).is_empty(), "the arrival cancelled it");
 
         // Past its window it is pointless.
-        pool.schedule_prewarm(at, until);
-        assert_eq!(pool.upkeep(until).prewarm_until, None);
+        pool.schedule_prewarm(prewarm(1, at, until));
+        assert!(due(&pool, until).is_empty());
+
+        // A level-2 pre-warm while one invocation is in flight: the block has one instance,
+        // level 2 has none, so it is started; with two in flight it is not needed.
+        let first = pool.arrive();
+        pool.schedule_prewarm(prewarm(2, at, until));
+        assert_eq!(due(&pool, at), vec![until]);
+        let second = pool.arrive();
+        pool.schedule_prewarm(prewarm(3, at, until));
+        let third = pool.arrive();
+        assert!(due(&pool, at).is_empty(), "level 3 reached");
+        drop((first, second, third));
+    }
+
+    #[test]
+    fn an_instance_is_let_go_only_when_it_is_the_last_idle_one_above_the_floor() {
+        let pool = block_pool(0, "10/1s");
+        let guard = pool.live_guard();
+        assert!(pool.may_let_go());
+        let floor = block_pool(1, "10/1s");
+        let floor_guard = floor.live_guard();
+        assert!(!floor.may_let_go(), "it is the min_warm floor");
+        drop((guard, floor_guard));
     }
 }

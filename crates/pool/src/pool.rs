@@ -18,7 +18,7 @@ use crate::block_pool::BlockPool;
 use crate::code_dir;
 use crate::error::PoolError;
 use crate::instance::{now_ms, Instance, InstanceInfo, InstanceState};
-use crate::keep_alive::{AdaptiveConfig, KeepAlivePolicy, Window};
+use crate::keep_alive::{AdaptiveConfig, KeepAlivePolicy, Prewarm, Window};
 use crate::metrics::{AheadReason, BlockLabels, PoolMetrics, ThrottleReason};
 use crate::quota::{AccountState, AccountUsage, Accounts, Ledger, Quota, Reservation};
 use crate::scale_up::ScaleUpLimit;
@@ -384,7 +384,7 @@ impl InstancePool {
         }
         let (mut instance, cold, init_ms) = match warm {
             Some(instance) => (instance, false, None),
-            None => match self.start_instance(&block_pool, &account).await {
+            None => match self.start_instance(&block_pool, &account, false).await {
                 Ok((instance, init)) => (instance, true, Some(millis(init))),
                 Err(StartFailure::Host(e)) => return Err(e),
                 Err(StartFailure::Init {
@@ -448,8 +448,8 @@ impl InstancePool {
                         invocation.error = Some(error);
                     }
                 }
-                let window = in_flight.finish();
-                self.release(&block_pool, instance, window).await;
+                let (level, window) = in_flight.finish();
+                self.release(&block_pool, instance, level, window).await;
             }
             Ok(Err(channel_error)) => {
                 let (oom, tail) = self.discard(instance).await;
@@ -835,10 +835,14 @@ impl InstancePool {
     /// of its blocks) first when that makes room. Returns the instances evicted (their
     /// share already handed over; the caller destroys them before spawning) beside the
     /// verdict.
+    ///
+    /// A `speculative` start (a pre-warm) evicts nothing and is admitted only if it leaves
+    /// the account at least as much room free as it takes ([`Ledger::fits_speculative`]).
     fn admit_cold(
         &self,
         target: &BlockTarget,
         account: &Arc<AccountState>,
+        speculative: bool,
     ) -> (Result<Reservation, PoolError>, Vec<Instance>) {
         let memory_mb = u64::from(target.block.memory_mb);
         // Collected before the account lock (lock order: account, then blocks, then idle;
@@ -849,6 +853,16 @@ impl InstancePool {
             .cloned()
             .collect();
         let mut ledger = account.lock();
+        if speculative {
+            return if ledger.fits_speculative(memory_mb) {
+                (
+                    Ok(Reservation::take(account, &mut ledger, memory_mb)),
+                    Vec::new(),
+                )
+            } else {
+                (Err(quota_error(target, &ledger, 0, 0)), Vec::new())
+            };
+        }
         if ledger.fits(memory_mb) {
             return (
                 Ok(Reservation::take(account, &mut ledger, memory_mb)),
@@ -993,6 +1007,7 @@ impl InstancePool {
         &self,
         block_pool: &BlockPool,
         account: &Arc<AccountState>,
+        speculative: bool,
     ) -> Result<(Instance, Duration), StartFailure> {
         let started = Instant::now();
         let target = &block_pool.target;
@@ -1002,7 +1017,7 @@ impl InstancePool {
             .await
             .map_err(StartFailure::Host)?;
         let extra_mounts = self.deps_mounts(target).map_err(StartFailure::Host)?;
-        let (verdict, victims) = self.admit_cold(target, account);
+        let (verdict, victims) = self.admit_cold(target, account, speculative);
         // Evicted instances go before the new one starts, so the account never holds
         // more than its quota at once.
         for victim in victims {
@@ -1112,25 +1127,66 @@ impl InstancePool {
         }
     }
 
-    /// After an invocation: keeps the instance warm for the keep-alive window, or — when the
-    /// adaptive policy pre-warms this block and the instance is not part of its `min_warm`
-    /// floor — lets it go now and schedules a fresh one for the pre-warm time.
-    async fn release(&self, block_pool: &BlockPool, instance: Instance, window: Window) {
+    /// After an invocation: keeps the instance (of concurrency level `level`) warm for its
+    /// window, or — when the adaptive policy pre-warms this level and the instance is the
+    /// block's last idle one, not part of its `min_warm` floor — lets it go now and
+    /// schedules a fresh one for the pre-warm time. An instance that may not be let go is
+    /// kept to the end of the window (pre-warm plus keep-alive).
+    async fn release(
+        &self,
+        block_pool: &Arc<BlockPool>,
+        instance: Instance,
+        level: u32,
+        window: Window,
+    ) {
         let now = Instant::now();
-        if !window.prewarm.is_zero() && block_pool.above_floor() && !block_pool.is_retired() {
+        if !window.prewarm.is_zero() && block_pool.may_let_go() && !block_pool.is_retired() {
             let at = now + window.prewarm;
-            block_pool.schedule_prewarm(at, at + window.keep_alive);
+            block_pool.schedule_prewarm(Prewarm {
+                level,
+                let_go: now,
+                at,
+                until: at + window.keep_alive,
+            });
+            // On time, not at the reaper's next round (which may be a good part of the
+            // pre-warm's margin away); an arrival meanwhile leaves this nothing to start.
+            let (pool, timed) = (Arc::downgrade(&self.inner), block_pool.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep_until(at.into()).await;
+                if let Some(inner) = pool.upgrade() {
+                    let pool = InstancePool { inner };
+                    for prewarm in timed.due_prewarms(Instant::now()) {
+                        pool.start_ahead(
+                            &timed,
+                            prewarm.let_go,
+                            prewarm.until,
+                            AheadReason::prewarm,
+                        );
+                    }
+                }
+            });
             self.inner.metrics.reap(&block_pool.labels);
             self.discard(instance).await;
             return;
         }
-        self.park(block_pool, instance, now + window.keep_alive)
-            .await;
+        self.park(
+            block_pool,
+            instance,
+            now,
+            now + window.prewarm + window.keep_alive,
+        )
+        .await;
     }
 
-    /// Freezes the instance and keeps it warm until `expires`, or discards it if it may not
-    /// be kept.
-    async fn park(&self, block_pool: &BlockPool, instance: Instance, expires: Instant) {
+    /// Freezes the instance and keeps it warm until `expires` (idle since `since`, for
+    /// least-recently-used eviction), or discards it if it may not be kept.
+    async fn park(
+        &self,
+        block_pool: &BlockPool,
+        instance: Instance,
+        since: Instant,
+        expires: Instant,
+    ) {
         if block_pool.is_retired() || self.inner.shutting_down.load(Ordering::Acquire) {
             self.discard(instance).await;
             return;
@@ -1165,7 +1221,7 @@ impl InstancePool {
                 entry.info.invocations = instance.invocations;
             }
         }
-        if let Some(instance) = block_pool.push_idle(instance, expires) {
+        if let Some(instance) = block_pool.push_idle(instance, since, expires) {
             // Retired while it was being frozen.
             self.discard(instance).await;
         }
@@ -1197,33 +1253,51 @@ impl InstancePool {
                     pool.discard(instance).await;
                 });
             }
-            if let Some(until) = upkeep.prewarm_until {
-                self.start_ahead(&block_pool, until, AheadReason::prewarm);
+            for prewarm in upkeep.prewarms {
+                self.start_ahead(
+                    &block_pool,
+                    prewarm.let_go,
+                    prewarm.until,
+                    AheadReason::prewarm,
+                );
             }
             if upkeep.provision > 0 {
                 let keep = now + block_pool.history_window().keep_alive;
                 for _ in 0..upkeep.provision {
-                    self.start_ahead(&block_pool, keep, AheadReason::provisioned);
+                    self.start_ahead(&block_pool, now, keep, AheadReason::provisioned);
                 }
             }
         }
     }
 
     /// Starts one instance of the block ahead of traffic (a pre-warm or a provisioned
-    /// instance) in a task of its own and parks it frozen until `expires`.
-    fn start_ahead(&self, block_pool: &Arc<BlockPool>, expires: Instant, reason: AheadReason) {
+    /// instance) in a task of its own and parks it frozen until `expires`, counted as idle
+    /// since `since`.
+    fn start_ahead(
+        &self,
+        block_pool: &Arc<BlockPool>,
+        since: Instant,
+        expires: Instant,
+        reason: AheadReason,
+    ) {
         block_pool.starting_ahead();
         let pool = self.clone();
         let block_pool = block_pool.clone();
         tokio::spawn(async move {
-            pool.start_and_park(&block_pool, expires, reason).await;
+            pool.start_and_park(&block_pool, since, expires, reason)
+                .await;
             block_pool.started_ahead();
         });
     }
 
+    /// A pre-warm is speculative: it takes no more than half of what the account has free
+    /// and evicts nothing (see [`Ledger::fits_speculative`]); when it does not fit it is
+    /// skipped, quietly, and the block's provisioning is not held back. A provisioned
+    /// (`min_warm`) instance is admitted like a cold start.
     async fn start_and_park(
         &self,
         block_pool: &BlockPool,
+        since: Instant,
         expires: Instant,
         reason: AheadReason,
     ) -> bool {
@@ -1232,12 +1306,29 @@ impl InstancePool {
         }
         let target = &block_pool.target;
         let account = self.inner.accounts.get(&target.account_id);
-        match self.start_instance(block_pool, &account).await {
+        let speculative = matches!(reason, AheadReason::prewarm);
+        match self.start_instance(block_pool, &account, speculative).await {
             Ok((instance, _init)) => {
-                block_pool.provision_succeeded();
+                if !speculative {
+                    block_pool.provision_succeeded();
+                }
                 self.inner.metrics.started_ahead(&block_pool.labels, reason);
-                self.park(block_pool, instance, expires).await;
+                self.park(block_pool, instance, since, expires).await;
                 true
+            }
+            Err(StartFailure::Host(
+                e @ (PoolError::InstanceQuota { .. } | PoolError::MemoryQuota { .. }),
+            )) if speculative => {
+                tracing::debug!(account = %target.account_id, project = %target.project, block = %target.block.name, error = %e, "pre-warm skipped: the account has too little room free");
+                false
+            }
+            Err(StartFailure::Host(e)) if speculative => {
+                tracing::warn!(account = %target.account_id, project = %target.project, block = %target.block.name, error = %e, "cannot pre-warm an instance");
+                false
+            }
+            Err(StartFailure::Init { error, .. }) if speculative => {
+                tracing::warn!(account = %target.account_id, project = %target.project, block = %target.block.name, error = %error.message, "a pre-warmed instance failed to load the block");
+                false
             }
             Err(StartFailure::Host(e)) => {
                 block_pool.provision_failed(Instant::now());
@@ -1271,16 +1362,27 @@ impl InstancePool {
                         continue;
                     }
                 };
-                let keep = Instant::now() + block_pool.history_window().keep_alive;
-                for _ in 0..block_pool.provision_deficit() {
+                let now = Instant::now();
+                let keep = now + block_pool.history_window().keep_alive;
+                // Every start of the deficit is counted as under way before the first
+                // begins, so the reaper's own top-up (which counts them) starts none twice.
+                let deficit = block_pool.provision_deficit();
+                for _ in 0..deficit {
                     block_pool.starting_ahead();
+                }
+                let mut pending = deficit;
+                while pending > 0 {
                     let started = pool
-                        .start_and_park(&block_pool, keep, AheadReason::provisioned)
+                        .start_and_park(&block_pool, now, keep, AheadReason::provisioned)
                         .await;
                     block_pool.started_ahead();
+                    pending -= 1;
                     if !started {
                         break;
                     }
+                }
+                for _ in 0..pending {
+                    block_pool.started_ahead();
                 }
             }
         });

@@ -237,6 +237,16 @@ impl Ledger {
         self.instances < self.quota.instances && self.memory_mb + memory_mb <= self.quota.memory_mb
     }
 
+    /// Whether a start ahead of traffic (an adaptive pre-warm) of `memory_mb` may go
+    /// ahead: it takes at most half of what the account has free, in instances and in
+    /// memory, so that speculation never fills an account and what it takes is idle (and
+    /// so evictable) before a cold start could need the room.
+    pub(crate) fn fits_speculative(&self, memory_mb: u64) -> bool {
+        let free_instances = self.quota.instances.saturating_sub(self.instances);
+        let free_mb = self.quota.memory_mb.saturating_sub(self.memory_mb);
+        free_instances >= 2 && memory_mb.saturating_mul(2) <= free_mb
+    }
+
     /// Whether one more instance of `memory_mb` would fit once `instances` instances
     /// holding `freed_mb` are gone.
     pub(crate) fn fits_after(&self, memory_mb: u64, instances: u32, freed_mb: u64) -> bool {
@@ -403,6 +413,33 @@ mod tests {
         // Never more than the burst, however long it waited.
         bucket.refill(&q, t0 + Duration::from_secs(3600));
         assert!((bucket.tokens - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_speculative_start_takes_at_most_half_of_what_is_free() {
+        let accounts = Accounts::new(Quota {
+            instances: 4,
+            memory_mb: 1024,
+            ..Quota::DEFAULT
+        });
+        let account = accounts.get("a");
+        let mut ledger = account.lock();
+        assert!(ledger.fits_speculative(512));
+        assert!(
+            !ledger.fits_speculative(513),
+            "more than half the free memory"
+        );
+        let _held = Reservation::take(&account, &mut ledger, 256);
+        let _held2 = Reservation::take(&account, &mut ledger, 256);
+        // 2 instances and 512 MB free: a 256 MB pre-warm leaves as much again.
+        assert!(ledger.fits_speculative(256));
+        assert!(!ledger.fits_speculative(257));
+        let _held3 = Reservation::take(&account, &mut ledger, 128);
+        // One instance free: a cold start fits, a pre-warm does not.
+        assert!(ledger.fits(128));
+        assert!(!ledger.fits_speculative(128));
+        // Reservations release under the account's lock: let it go first.
+        drop(ledger);
     }
 
     #[test]
